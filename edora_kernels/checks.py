@@ -1,0 +1,122 @@
+"""Argument checks for the public ops: every bad input fails here, naming the argument."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
+
+
+def _describe(name: str, t: torch.Tensor) -> str:
+    return f"{name} (shape {tuple(t.shape)}, {t.dtype}, {t.device})"
+
+
+def _require_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _require_shape(name: str, t: torch.Tensor, shape: tuple, meaning: str) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} ({meaning}), got {tuple(t.shape)}")
+
+
+def check_adapter_args(
+    x_name: str,
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    R: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling,
+    in_features: int,
+    out_features: int,
+) -> None:
+    """Checks shared by ``edora_linear`` and ``edora_epilogue``.
+
+    Cast rule: x (and weight, bias) fix the dtype of the output and of the big products; A, B, R
+    and magnitude may be any supported floating dtype (e.g. fp32 adapters on a bf16 model) and
+    are used in the compute dtype (fp32, or fp64 for fp64 inputs). Gradients come back in each
+    parameter's own dtype.
+    """
+    for name, t in (("A", A), ("B", B), ("R", R), ("magnitude", magnitude)):
+        _require_tensor(name, t)
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{_describe(x_name, x)}: dtype must be one of {SUPPORTED_DTYPES}")
+    if bias is not None:
+        _require_tensor("bias", bias)
+        _require_shape("bias", bias, (out_features,), "out_features")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match {x_name} dtype {x.dtype}")
+    if A.dim() != 2:
+        raise ValueError(f"A must be 2-D (rank, in_features), got shape {tuple(A.shape)}")
+    rank = A.shape[0]
+    if not 1 <= rank <= min(in_features, out_features):
+        raise ValueError(
+            f"rank (A.shape[0] = {rank}) must be in [1, min(in_features, out_features)] = "
+            f"[1, {min(in_features, out_features)}]"
+        )
+    _require_shape("A", A, (rank, in_features), "rank, in_features")
+    _require_shape("B", B, (out_features, rank), "out_features, rank")
+    _require_shape("R", R, (rank, rank), "rank, rank")
+    _require_shape("magnitude", magnitude, (out_features,), "out_features")
+    for name, t in (("A", A), ("B", B), ("R", R), ("magnitude", magnitude)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{_describe(name, t)}: dtype must be one of {SUPPORTED_DTYPES}")
+    tensors = {"bias": bias, "A": A, "B": B, "R": R, "magnitude": magnitude}
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(
+                f"all tensors must be on one device: {x_name} is on {x.device}, "
+                f"{name} is on {t.device}"
+            )
+    if isinstance(scaling, torch.Tensor) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling}")
+
+
+def check_frozen(grad_enabled: bool, **frozen: torch.Tensor) -> None:
+    """W0, A and B are frozen by design: backward computes no gradient for them."""
+    if not grad_enabled:
+        return
+    for name, t in frozen.items():
+        if t.requires_grad:
+            raise ValueError(
+                f"{name} requires grad, but EDoRA keeps it frozen and computes no gradient for "
+                f"it; call {name}.requires_grad_(False) (or pass {name}.detach())"
+            )
+
+
+def check_linear_args(x, weight, bias, A, B, R, magnitude, scaling, dropout, backend) -> None:
+    _require_tensor("x", x)
+    _require_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"last dim of x must equal in_features = weight.shape[1] = {in_features}, "
+            f"got x of shape {tuple(x.shape)}"
+        )
+    if weight.dtype != x.dtype:
+        raise TypeError(
+            f"weight dtype {weight.dtype} must match x dtype {x.dtype} (as in F.linear); "
+            f"cast x or the layer"
+        )
+    if weight.device != x.device:
+        raise ValueError(
+            f"all tensors must be on one device: x is on {x.device}, weight is on {weight.device}"
+        )
+    check_adapter_args("x", x, bias, A, B, R, magnitude, scaling, in_features, out_features)
+    check_dropout_backend(dropout, backend)
+
+
+def check_dropout_backend(dropout, backend) -> None:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")

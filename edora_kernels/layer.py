@@ -1,0 +1,208 @@
+"""``EDoRALinear``: a drop-in replacement for ``nn.Linear`` that calls the ``edora_linear`` op."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checks import check_dropout_backend
+from .norm import compute_dtype, norm_terms_uncached, row_norm
+from .ops import edora_linear
+from .svd import edora_factors
+
+
+def _adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    # Trainable tensors stay in fp32 on half-precision models (as PEFT's autocast_adapter_dtype):
+    # the optimizer needs the precision, and ‖W0‖ may exceed the fp16 range.
+    return compute_dtype(weight_dtype)
+
+
+class EDoRALinear(nn.Module):
+    """``y = m/‖W0 + s·BRA‖_row ⊙ (x W0ᵀ + s·x Aᵀ Rᵀ Bᵀ) + b`` with W0, b, A, B frozen.
+
+    Parameters: ``weight`` and ``bias`` (frozen), ``R`` and ``magnitude`` (trainable).
+    Buffers: ``A`` and ``B`` (frozen, saved with the adapter since SVD signs make them
+    non-reproducible). Build one with :meth:`from_linear`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float = 16.0,
+        *,
+        bias: bool = True,
+        dropout: float = 0.0,
+        detach_norm: bool = True,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank must be in [1, min(in_features, out_features)] = "
+                             f"[1, {min(in_features, out_features)}], got {rank}")
+        check_dropout_backend(dropout, backend)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.alpha, self.dropout = float(alpha), float(dropout)
+        self.detach_norm, self.backend = detach_norm, backend
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory),
+                                   requires_grad=False)
+        self.bias = (nn.Parameter(torch.zeros(out_features, **factory), requires_grad=False)
+                     if bias else None)
+        self.register_buffer("A", torch.zeros(rank, in_features, **factory))
+        self.register_buffer("B", torch.zeros(out_features, rank, **factory))
+        adapter = {"device": device, "dtype": _adapter_dtype(self.weight.dtype)}
+        self.R = nn.Parameter(torch.zeros(rank, rank, **adapter))
+        self.magnitude = nn.Parameter(torch.ones(out_features, **adapter))
+        self.merged = False
+        self.merge_norm: torch.Tensor | None = None  # the norm merge() divided by, for unmerge()
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: int,
+        alpha: float = 16.0,
+        *,
+        init: str = "svd",
+        split: str = "u",
+        sigma: float = 1e-5,
+        dropout: float = 0.0,
+        detach_norm: bool = True,
+        backend: str = "auto",
+        seed: int | None = None,
+    ) -> "EDoRALinear":
+        """Wrap ``linear`` (its weight and bias are shared, not copied) and initialise A, B, R, m.
+
+        ``init``: "svd" (exact truncated SVD) or "random" (the paper's ablation). ``split``: "u"
+        (B = U_r, A = U_rᵀ W0, the paper's choice) or "sqrt". ``sigma``: std of R's Gaussian init
+        (0 gives zeros). ``seed`` makes the random parts reproducible.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        A, B = edora_factors(linear.weight, rank, init=init, split=split, seed=seed)
+        return cls.from_factors(linear, A, B, alpha, sigma=sigma, dropout=dropout,
+                                detach_norm=detach_norm, backend=backend, seed=seed)
+
+    @classmethod
+    def from_factors(
+        cls,
+        linear: nn.Linear,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        alpha: float = 16.0,
+        *,
+        sigma: float = 1e-5,
+        dropout: float = 0.0,
+        detach_norm: bool = True,
+        backend: str = "auto",
+        seed: int | None = None,
+    ) -> "EDoRALinear":
+        """Like :meth:`from_linear` with precomputed factors (used by batched initialisation)."""
+        weight = linear.weight
+        out_features, in_features = weight.shape
+        rank = A.shape[0]
+        layer = cls(in_features, out_features, rank, alpha, bias=linear.bias is not None,
+                    dropout=dropout, detach_norm=detach_norm, backend=backend,
+                    device="meta")
+        layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        layer.bias = (None if linear.bias is None
+                      else nn.Parameter(linear.bias.detach(), requires_grad=False))
+        if tuple(A.shape) != (rank, in_features) or tuple(B.shape) != (out_features, rank):
+            raise ValueError(f"factors must be A ({rank}, {in_features}) and B ({out_features}, "
+                             f"{rank}); got A {tuple(A.shape)}, B {tuple(B.shape)}")
+        layer.A = A.detach().to(device=weight.device, dtype=weight.dtype).contiguous()
+        layer.B = B.detach().to(device=weight.device, dtype=weight.dtype).contiguous()
+        adapter = {"device": weight.device, "dtype": _adapter_dtype(weight.dtype)}
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=weight.device).manual_seed(seed + 1)
+        R = torch.randn(rank, rank, generator=gen, **adapter) * sigma
+        layer.R = nn.Parameter(R)
+        # m = ‖W0 + s·B R A‖ at init, so that g = 1 and the layer starts as the base layer.
+        cdt = compute_dtype(weight.dtype)
+        n = row_norm(norm_terms_uncached(weight, layer.A), layer.B.to(cdt) @ R.to(cdt),
+                     layer.scaling)
+        layer.magnitude = nn.Parameter(n.to(adapter["dtype"]))
+        return layer
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            if self.training and torch.is_grad_enabled() and self.R.requires_grad:
+                raise RuntimeError("EDoRALinear is merged: call unmerge() before training "
+                                   "(or eval() for inference)")
+            return F.linear(x, self.weight, self.bias)
+        return edora_linear(
+            x, self.weight, self.bias, self.A, self.B, self.R, self.magnitude, self.scaling,
+            dropout=self.dropout if self.training else 0.0,
+            detach_norm=self.detach_norm, backend=self.backend,
+        )
+
+    # --- merging ------------------------------------------------------------------------------
+
+    def _norm_and_direction(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cdt = compute_dtype(self.weight.dtype)
+        P = self.B.to(cdt) @ self.R.detach().to(cdt)
+        n = row_norm(norm_terms_uncached(self.weight, self.A), P, self.scaling)
+        return n, self.weight.detach().to(cdt) + self.scaling * (P @ self.A.to(cdt))
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``(m / ‖V‖)[:, None] · V`` with ``V = W0 + s·BRA``: the weight of the merged layer."""
+        if self.merged:
+            return self.weight.detach().clone()
+        n, V = self._norm_and_direction()
+        g = self.magnitude.detach().to(n.dtype) / n
+        return (g.unsqueeze(1) * V).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into ``weight`` so that forward is a plain ``F.linear``."""
+        if self.merged:
+            raise RuntimeError("EDoRALinear is already merged")
+        n, V = self._norm_and_direction()
+        self.merge_norm = n
+        self.weight.copy_((self.magnitude.to(n.dtype) / n).unsqueeze(1) * V)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore ``weight = W0`` using the norm cached by :meth:`merge`."""
+        if not self.merged:
+            raise RuntimeError("EDoRALinear is not merged")
+        n = self.merge_norm.to(self.weight.device)
+        m = self.magnitude.to(n.dtype)
+        zero = (m == 0).nonzero().flatten()
+        if zero.numel():
+            raise RuntimeError(f"cannot unmerge: magnitude is 0 for rows {zero[:8].tolist()}, "
+                               "so merge() erased those rows of W0")
+        cdt = n.dtype
+        delta = self.scaling * (self.B.to(cdt) @ self.R.to(cdt) @ self.A.to(cdt))
+        self.weight.copy_(self.weight.to(cdt) * (n / m).unsqueeze(1) - delta)
+        self.merge_norm = None
+        self.merged = False
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def get_extra_state(self) -> dict:
+        return {"merged": self.merged, "merge_norm": self.merge_norm}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.merged, self.merge_norm = bool(state["merged"]), state["merge_norm"]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}, "
+                f"bias={self.bias is not None}, detach_norm={self.detach_norm}, "
+                f"backend={self.backend!r}, merged={self.merged}")
