@@ -13,10 +13,11 @@ def forward(x, weight, bias, A, P, g, scaling, save):
     v = x @ A.to(dtype).T
     z = (x @ weight.T).addmm_(v, P.to(dtype).T, alpha=scaling)
     g = g.to(dtype)
+    # Without autograd z is not kept, so y overwrites it (same arithmetic, one buffer fewer).
+    out = None if save else z
+    y = torch.mul(z, g, out=out) if bias is None else torch.addcmul(bias, z, g, out=out)
     if not save:
-        y = z.mul_(g) if bias is None else z.mul_(g).add_(bias)
         return y, x.new_empty(0), x.new_empty(0)
-    y = z * g if bias is None else torch.addcmul(bias, z, g)
     return y, v, z
 
 

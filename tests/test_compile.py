@@ -1,0 +1,59 @@
+"""torch.library registration: opcheck, and torch.compile(fullgraph=True) without graph breaks."""
+import pytest
+import torch
+from helpers import make_problem, run_with_grads
+
+import edora_kernels  # noqa: F401  (registers the ops)
+from edora_kernels import EDoRALinear, edora_linear
+
+
+def _fwd_args(save):
+    args = make_problem(9, 20, 14, 4, dtype=torch.float64)
+    for k in ("x", "R", "magnitude"):
+        args[k].requires_grad_(save)
+    return (args["x"], args["weight"], args["bias"], args["A"], args["B"], args["R"],
+            args["magnitude"], args["scaling"], save)
+
+
+@pytest.mark.parametrize("detach_norm", [True, False])
+@pytest.mark.parametrize("save", [True, False])
+def test_opcheck_forward(save, detach_norm):
+    torch.library.opcheck(torch.ops.edora.linear_fwd.default,
+                          (*_fwd_args(save), detach_norm, "torch"))
+
+
+def test_opcheck_backward():
+    x, weight, bias, A, B, R, m, s, _ = _fwd_args(False)
+    _, v, z, n = torch.ops.edora.linear_fwd(x, weight, bias, A, B, R, m, s, True, True, "torch")
+    gy = torch.randn(9, 14, dtype=torch.float64)
+    for flags in ((True, True, True), (False, True, False), (True, False, True)):
+        torch.library.opcheck(torch.ops.edora.linear_bwd.default,
+                              (gy, weight, A, B, R, m, v, z, n, s, False, *flags, "torch"))
+
+
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_compile_fullgraph_matches_eager(detach_norm):
+    args = make_problem(12, 24, 18, 4)
+
+    def fn(**a):
+        return edora_linear(**a, detach_norm=detach_norm)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    y, grads = run_with_grads(fn, args)
+    y_c, grads_c = run_with_grads(compiled, args)
+    torch.testing.assert_close(y_c, y)
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name])
+
+
+def test_compile_layer_with_inductor():
+    torch.manual_seed(0)
+    layer = EDoRALinear.from_linear(torch.nn.Linear(24, 18), 4, seed=0)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    y = layer(x)
+    y_c = compiled(x)
+    torch.testing.assert_close(y_c, y)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    (gx_c,) = torch.autograd.grad(y_c.sum(), x)
+    torch.testing.assert_close(gx_c, gx)

@@ -1,0 +1,189 @@
+"""The ``edora_linear`` op (torch backend) against the dense reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close
+from helpers import as_float64, make_problem, reference_with_grads, run_with_grads
+
+from edora_kernels import edora_linear
+from edora_kernels.reference import edora_linear_reference
+
+SHAPES = [(77, 93), (130, 67)]  # (in, out): not multiples of 16, tall and wide
+RANKS = [1, 3, 8, 16, 64]
+ROWS = [0, 1, 37, 256]
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def op(**args):
+    return edora_linear(**args, backend="torch")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_rows", ROWS)
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference(shape, rank, n_rows, dtype):
+    args = make_problem(n_rows, *shape, rank, dtype=dtype, seed=rank + n_rows)
+    y, grads = run_with_grads(op, args)
+    y_ref, grads_ref = reference_with_grads(args)
+    assert y.dtype == dtype
+    assert_close(y, y_ref, dtype, "y")
+    for name in grads:
+        assert grads[name].dtype == dtype
+        assert_close(grads[name], grads_ref[name], dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_exact_norm_gradient_matches_reference(detach_norm):
+    args = make_problem(19, 45, 33, 5, dtype=torch.float64)
+    _, grads = run_with_grads(op, args, detach_norm=detach_norm)
+    _, grads_ref = reference_with_grads(args, detach_norm=detach_norm)
+    for name in grads:
+        assert_close(grads[name], grads_ref[name], torch.float64, f"d{name}")
+    if not detach_norm:  # the two modes must actually differ in dR
+        _, detached = run_with_grads(op, args, detach_norm=True)
+        assert (detached["R"] - grads["R"]).abs().max() > 1e-6
+
+
+def test_gradcheck_exact_norm():
+    args = make_problem(6, 11, 9, 3, dtype=torch.float64)
+    x, R, m = (args.pop(k).requires_grad_() for k in ("x", "R", "magnitude"))
+    fn = lambda x, R, m: op(x=x, R=R, magnitude=m, **args, detach_norm=False)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, R, m))
+
+
+def test_gradcheck_detached_norm():
+    """With the norm detached, the gradient in x and m is the true one; R's is checked against
+    the reference above (gradcheck would see the norm's dependence on R)."""
+    args = make_problem(6, 11, 9, 3, dtype=torch.float64)
+    x, m = (args.pop(k).requires_grad_() for k in ("x", "magnitude"))
+    fn = lambda x, m: op(x=x, magnitude=m, **args, detach_norm=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, m))
+
+
+def test_bias_gradient():
+    args = make_problem(7, 12, 10, 2, dtype=torch.float64)
+    bias = args["bias"].clone().requires_grad_()
+    y = op(**{**args, "bias": bias})
+    (gb,) = torch.autograd.grad(y.sum(), bias)
+    assert torch.equal(gb, torch.full_like(gb, 7.0))
+
+
+@pytest.mark.parametrize("lead", [(2, 3), (2, 1, 5), ()], ids=str)
+def test_leading_dims(lead):
+    args = make_problem(1, 20, 14, 4, dtype=torch.float64)
+    x = torch.randn(*lead, 20, dtype=torch.float64)
+    y = op(**{**args, "x": x})
+    expected = edora_linear_reference(**{**args, "x": x})
+    assert y.shape == (*lead, 14)
+    assert_close(y, expected, torch.float64)
+
+
+def test_non_contiguous_input():
+    args = make_problem(1, 24, 18, 4, dtype=torch.float32)
+    base = torch.randn(24, 40)
+    for x in (base.t(), torch.randn(40, 48)[:, ::2], torch.randn(3, 40, 24).transpose(0, 1)):
+        assert not x.is_contiguous()
+        expected = edora_linear_reference(**as_float64({**args, "x": x}))
+        assert_close(op(**{**args, "x": x}), expected, torch.float32)
+
+
+def test_empty_batch_gives_empty_output_and_zero_grads():
+    args = make_problem(0, 16, 12, 4)
+    y, grads = run_with_grads(op, args)
+    assert y.shape == (0, 12)
+    assert grads["x"].shape == (0, 16)
+    assert torch.equal(grads["R"], torch.zeros(4, 4))
+    assert torch.equal(grads["magnitude"], torch.zeros(12))
+
+
+def test_non_finite_input_propagates_like_linear():
+    args = make_problem(6, 16, 12, 4)
+    x = args["x"].clone()
+    x[1, 3], x[4, 0] = float("nan"), float("inf")
+    y = op(**{**args, "x": x})
+    base = F.linear(x, args["weight"], args["bias"])
+    assert torch.equal(torch.isnan(y[1]), torch.isnan(base[1]))
+    assert torch.equal(torch.isfinite(y), torch.isfinite(base))
+
+
+def test_zero_magnitude_entry_gives_bias_only():
+    args = make_problem(5, 16, 12, 4)
+    args["magnitude"][3] = 0.0
+    y, grads = run_with_grads(op, args)
+    assert torch.equal(y[:, 3], args["bias"][3].expand(5))
+    assert torch.isfinite(grads["magnitude"]).all()
+
+
+def test_fp16_row_norms_beyond_fp16_range():
+    """‖W0‖ > 65504 per row: the norm is taken in fp32 so g and y stay finite."""
+    args = make_problem(8, 256, 32, 4, dtype=torch.float16)
+    args["weight"] = (args["weight"].float() * 1e5).half()
+    args["x"] = args["x"] * 1e-3
+    args["magnitude"] = args["weight"].float().norm(dim=1)  # fp32 adapter tensors
+    assert args["magnitude"].min() > 65504
+    y = op(**args)
+    assert torch.isfinite(y).all()
+    assert_close(y, edora_linear_reference(**as_float64(args)), torch.float16)
+
+
+def test_fp32_adapter_on_half_model():
+    """The documented cast rule: adapters in fp32, base and x in bf16; output bf16, grads fp32."""
+    args = make_problem(9, 40, 24, 4, dtype=torch.bfloat16)
+    for k in ("A", "B", "R", "magnitude"):
+        args[k] = args[k].float()
+    y, grads = run_with_grads(op, args)
+    assert y.dtype == torch.bfloat16
+    assert grads["R"].dtype == grads["magnitude"].dtype == torch.float32
+    y_ref, grads_ref = reference_with_grads(args)
+    assert_close(y, y_ref, torch.bfloat16)
+    assert_close(grads["R"], grads_ref["R"], torch.bfloat16)
+
+
+def test_deterministic():
+    args = make_problem(64, 40, 24, 4)
+    first = run_with_grads(op, args)
+    second = run_with_grads(op, args)
+    assert torch.equal(first[0], second[0])
+    for name in first[1]:
+        assert torch.equal(first[1][name], second[1][name])
+
+
+def test_no_grad_path_matches_training_path():
+    args = make_problem(13, 40, 24, 4)
+    with torch.no_grad():
+        y_eval = op(**args)
+    y_train, _ = run_with_grads(op, args)
+    assert torch.equal(y_eval, y_train)
+
+
+def test_dropout_follows_peft_semantics():
+    args = make_problem(10, 30, 20, 4, dtype=torch.float64)
+    torch.manual_seed(5)
+    y, grads = run_with_grads(edora_linear, args, dropout=0.3, backend="torch")
+    torch.manual_seed(5)
+    y_ref, grads_ref = run_with_grads(edora_linear_reference, args, dropout=0.3)
+    assert_close(y, y_ref, torch.float64, "y")
+    for name in grads:
+        assert_close(grads[name], grads_ref[name], torch.float64, f"d{name}")
+
+
+def test_saved_for_backward_is_v_and_z_only():
+    """Backward keeps N·(out + r) elements plus O(out·r): never x, never an out×in tensor."""
+    n_rows, in_f, out_f, rank = 64, 96, 80, 8
+    args = make_problem(n_rows, in_f, out_f, rank)
+    x, R, m = (args[k].requires_grad_() for k in ("x", "R", "magnitude"))
+    inputs = {t.untyped_storage().data_ptr() for t in args.values() if isinstance(t, torch.Tensor)}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in inputs:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        op(**args)
+    assert x.untyped_storage().data_ptr() not in storages
+    assert max(storages.values()) < out_f * in_f * 4
+    assert sum(storages.values()) <= (n_rows * (out_f + rank) + 4 * out_f * rank) * 4
