@@ -1,12 +1,21 @@
 """edora_kernels: fused kernels for EDoRA fine-tuning.
 
-Public entry points: ``edora_linear`` (the op), ``EDoRALinear`` (the layer), ``backend_info``.
+Public entry points: ``edora_linear`` (the op), ``edora_epilogue`` (the op on any base layer),
+``EDoRALinear`` (the layer), ``backend_info``.
 The optional CUDA extension is never imported here; backends load on first use.
 """
 __version__ = "0.1.0"
 
 from .backends import info as backend_info  # noqa: E402
 from .layer import EDoRALinear  # noqa: E402
-from .ops import edora_linear  # noqa: E402
+from .norm import base_norm_terms  # noqa: E402
+from .ops import edora_epilogue, edora_linear  # noqa: E402
 
-__all__ = ["EDoRALinear", "backend_info", "edora_linear", "__version__"]
+__all__ = [
+    "EDoRALinear",
+    "backend_info",
+    "base_norm_terms",
+    "edora_epilogue",
+    "edora_linear",
+    "__version__",
+]

@@ -39,6 +39,13 @@ def norm_terms_uncached(weight: torch.Tensor, A: torch.Tensor) -> NormTerms:
     return NormTerms(c0=(w * w).sum(dim=1), C=w @ a.T, G=a @ a.T)
 
 
+def base_norm_terms(weight: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rowsum(W0 ⊙ W0), W0 Aᵀ)`` for :func:`edora_kernels.edora_epilogue`: compute once from
+    the (dequantised) base weight and keep; they change only when W0 or A do."""
+    terms = norm_terms_uncached(weight, A)
+    return terms.c0, terms.C
+
+
 class _Entry(NamedTuple):
     weight: weakref.ref
     A: weakref.ref

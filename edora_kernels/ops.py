@@ -1,9 +1,13 @@
-"""The public ``edora_linear`` op: validation, backend dispatch and the torch.library registration.
+"""The public ops: validation, backend dispatch and the torch.library registration.
 
-Two custom ops carry the work so that ``torch.compile(fullgraph=True)`` traces through without
-graph breaks: ``edora::linear_fwd`` returns y plus what backward keeps (v = x Aᵀ, z = x W0ᵀ +
-s·v Pᵀ, and the per-step norm n), ``edora::linear_bwd`` turns gy into dx, dR and dm. Both hand the
-N-sized work to a backend (see ``edora_kernels.backends``) and do the O(out·r²) rest here.
+Each op is a pair of custom ops so that ``torch.compile(fullgraph=True)`` traces through without
+graph breaks: the forward returns y plus what backward keeps (v = x Aᵀ, z = the pre-scale output
+and the per-step norm n), the backward turns gy into the input gradients. Both hand the N-sized
+work to a backend (see ``edora_kernels.backends``) and do the O(out·r²) rest here.
+
+- ``edora_linear``: dense frozen weight, ``z = x W0ᵀ + s·v Pᵀ``.
+- ``edora_epilogue``: any base layer, ``z = y0 − b + s·v Pᵀ`` with ``y0 = base(x)`` computed by
+  the caller; the base layer's own autograd takes ``dy0 = gy ⊙ g``.
 """
 
 import torch
@@ -11,81 +15,83 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from .checks import check_frozen, check_linear_args
-from .norm import compute_dtype, exact_norm_grad_P, norm_terms, row_norm
+from .checks import check_adapter_args, check_dropout_backend, check_frozen, check_linear_args
+from .norm import NormTerms, compute_dtype, exact_norm_grad_P, norm_terms, row_norm
 
 
-def _step_terms(weight, A, B, R, magnitude, scaling):
-    """Per-step small tensors in the compute dtype: terms, P = B R, n and g = m / n."""
-    cdt = compute_dtype(weight.dtype)
-    terms = norm_terms(weight, A)
+def _gate(terms: NormTerms, B, R, magnitude, scaling):
+    """P = B R, n and g = m / n in the compute dtype."""
+    cdt = terms.c0.dtype
     P = B.to(cdt) @ R.to(cdt)
     n = row_norm(terms, P, scaling)
-    return terms, P, n, magnitude.to(cdt) / n
+    return P, n, magnitude.to(cdt) / n
 
+
+def _epilogue_terms(c0, C, A):
+    cdt = c0.dtype
+    return NormTerms(c0, C.to(cdt), A.to(cdt) @ A.to(cdt).T)
+
+
+def _adapter_grads(t, v, colsum, terms, B, R, magnitude, n, scaling, detach_norm, need_dR,
+                   need_dm):
+    """dR = s·tᵀ v (+ the norm's share when not detached) and dm = colsum / n."""
+    cdt = n.dtype
+    dR = R.new_empty(0)
+    if need_dR:
+        dR_c = scaling * (t.to(cdt).T @ v.to(cdt))
+        if not detach_norm:
+            P = B.to(cdt) @ R.to(cdt)
+            grad_n = -magnitude.to(cdt) * colsum / (n * n)
+            dR_c = dR_c + B.to(cdt).T @ exact_norm_grad_P(terms, P, n, grad_n, scaling)
+        dR = dR_c.to(R.dtype)
+    dm = (colsum / n).to(magnitude.dtype) if need_dm else magnitude.new_empty(0)
+    return dR, dm
+
+
+def _fake_forward(rows_like, out_features, rank, save):
+    saved = lambda *shape: rows_like.new_empty(shape if save else (0,))  # noqa: E731
+    n_rows = rows_like.shape[0]
+    n = rows_like.new_empty(out_features, dtype=compute_dtype(rows_like.dtype))
+    return rows_like.new_empty(n_rows, out_features), saved(n_rows, rank), saved(
+        n_rows, out_features), n
+
+
+def _fake_adapter_grads(R, magnitude, need_dR, need_dm):
+    return (R.new_empty(R.shape if need_dR else (0,)),
+            magnitude.new_empty(magnitude.shape if need_dm else (0,)))
+
+
+# --- edora_linear -------------------------------------------------------------------------------
 
 @torch.library.custom_op("edora::linear_fwd", mutates_args=())
 def _linear_fwd(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    A: Tensor,
-    B: Tensor,
-    R: Tensor,
-    magnitude: Tensor,
-    scaling: float,
-    save: bool,
-    detach_norm: bool,
-    backend: str,
+    x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, R: Tensor,
+    magnitude: Tensor, scaling: float, save: bool, detach_norm: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _, P, n, g = _step_terms(weight, A, B, R, magnitude, scaling)
+    P, n, g = _gate(norm_terms(weight, A), B, R, magnitude, scaling)
     y, v, z = backends.load(backend).forward(x, weight, bias, A, P, g, scaling, save)
     return y, v, z, n
 
 
 @_linear_fwd.register_fake
 def _(x, weight, bias, A, B, R, magnitude, scaling, save, detach_norm, backend):
-    n_rows, (out_features, rank) = x.shape[0], B.shape
-    saved = lambda *shape: x.new_empty(shape if save else (0,))  # noqa: E731
-    n = x.new_empty(out_features, dtype=compute_dtype(x.dtype))
-    return x.new_empty(n_rows, out_features), saved(n_rows, rank), saved(n_rows, out_features), n
+    return _fake_forward(x, weight.shape[0], A.shape[0], save)
 
 
 @torch.library.custom_op("edora::linear_bwd", mutates_args=())
 def _linear_bwd(
-    gy: Tensor,
-    weight: Tensor,
-    A: Tensor,
-    B: Tensor,
-    R: Tensor,
-    magnitude: Tensor,
-    v: Tensor,
-    z: Tensor,
-    n: Tensor,
-    scaling: float,
-    detach_norm: bool,
-    need_dx: bool,
-    need_dR: bool,
-    need_dm: bool,
-    backend: str,
+    gy: Tensor, weight: Tensor, A: Tensor, B: Tensor, R: Tensor, magnitude: Tensor, v: Tensor,
+    z: Tensor, n: Tensor, scaling: float, detach_norm: bool, need_dx: bool, need_dR: bool,
+    need_dm: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     cdt = n.dtype
-    R_c, A_c = R.to(cdt), A.to(cdt)
     g = magnitude.to(cdt) / n
-    exact = need_dR and not detach_norm
+    need_colsum = need_dm or (need_dR and not detach_norm)
     dx, t, colsum = backends.load(backend).backward(
-        gy, weight, B, R_c @ A_c, g, z, scaling, need_dx, need_dR, need_dm or exact
+        gy, weight, B, R.to(cdt) @ A.to(cdt), g, z, scaling, need_dx, need_dR, need_colsum
     )
-    dR = R.new_empty(0)
-    if need_dR:
-        dR_c = scaling * (t.to(cdt).T @ v.to(cdt))
-        if exact:
-            terms = norm_terms(weight, A)
-            P = B.to(cdt) @ R_c
-            grad_n = -magnitude.to(cdt) * colsum / (n * n)
-            dR_c = dR_c + B.to(cdt).T @ exact_norm_grad_P(terms, P, n, grad_n, scaling)
-        dR = dR_c.to(R.dtype)
-    dm = (colsum / n).to(magnitude.dtype) if need_dm else magnitude.new_empty(0)
+    dR, dm = _adapter_grads(t, v, colsum, norm_terms(weight, A), B, R, magnitude, n, scaling,
+                            detach_norm, need_dR, need_dm)
     return dx, dR, dm
 
 
@@ -93,33 +99,26 @@ def _linear_bwd(
 def _(gy, weight, A, B, R, magnitude, v, z, n, scaling, detach_norm, need_dx, need_dR, need_dm,
       backend):
     dx = gy.new_empty((gy.shape[0], weight.shape[1]) if need_dx else (0,))
-    dR = R.new_empty(R.shape if need_dR else (0,))
-    dm = magnitude.new_empty(magnitude.shape if need_dm else (0,))
-    return dx, dR, dm
+    return dx, *_fake_adapter_grads(R, magnitude, need_dR, need_dm)
 
 
-def _setup_context(ctx, inputs, output):
+def _linear_setup_context(ctx, inputs, output):
     x, weight, bias, A, B, R, magnitude, scaling, save, detach_norm, backend = inputs
     _, v, z, n = output
     ctx.save_for_backward(weight, A, B, R, magnitude, v, z, n)
     ctx.scaling, ctx.detach_norm, ctx.backend = scaling, detach_norm, backend
 
 
-def _backward(ctx, gy, _gv, _gz, _gn):
+def _linear_backward(ctx, gy, _gv, _gz, _gn):
     weight, A, B, R, magnitude, v, z, n = ctx.saved_tensors
     need_dx, _, need_dbias, _, _, need_dR, need_dm = ctx.needs_input_grad[:7]
-    dx, dR, dm = _linear_bwd(
-        gy, weight, A, B, R, magnitude, v, z, n, ctx.scaling, ctx.detach_norm,
-        need_dx, need_dR, need_dm, ctx.backend,
-    )
-    dbias = gy.sum(0) if need_dbias else None
-    return (
-        dx if need_dx else None, None, dbias, None, None,
-        dR if need_dR else None, dm if need_dm else None, None, None, None, None,
-    )
+    dx, dR, dm = _linear_bwd(gy, weight, A, B, R, magnitude, v, z, n, ctx.scaling,
+                             ctx.detach_norm, need_dx, need_dR, need_dm, ctx.backend)
+    return (dx if need_dx else None, None, gy.sum(0) if need_dbias else None, None, None,
+            dR if need_dR else None, dm if need_dm else None, None, None, None, None)
 
 
-_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
 def edora_linear(
@@ -157,7 +156,6 @@ def edora_linear(
     check_frozen(grad_enabled, weight=weight, A=A, B=B)
     backend = backends.resolve(backend, x.device)
     scaling = float(scaling)
-    out_features = weight.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     if dropout > 0.0:
         # PEFT's semantics, y = x W0ᵀ + b + (g − 1)⊙(x̃ W0ᵀ) + g⊙s·x̃ Aᵀ Pᵀ, is the dense
@@ -166,8 +164,128 @@ def edora_linear(
         adapted = edora_linear(x_drop, weight, None, A, B, R, magnitude, scaling,
                                detach_norm=detach_norm, backend=backend)
         y = F.linear(x2, weight, bias) - F.linear(x_drop, weight) + adapted
-        return y.reshape(*x.shape[:-1], out_features)
-    trainable = [x, R, magnitude] + ([bias] if bias is not None else [])
-    save = grad_enabled and any(t.requires_grad for t in trainable)
-    y = _linear_fwd(x2, weight, bias, A, B, R, magnitude, scaling, save, detach_norm, backend)[0]
-    return y.reshape(*x.shape[:-1], out_features)
+    else:
+        save = grad_enabled and any(t is not None and t.requires_grad
+                                    for t in (x, R, magnitude, bias))
+        y = _linear_fwd(x2, weight, bias, A, B, R, magnitude, scaling, save, detach_norm,
+                        backend)[0]
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# --- edora_epilogue -----------------------------------------------------------------------------
+
+@torch.library.custom_op("edora::epilogue_fwd", mutates_args=())
+def _epilogue_fwd(
+    y0: Tensor, x: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, R: Tensor,
+    magnitude: Tensor, c0: Tensor, C: Tensor, scaling: float, save: bool, detach_norm: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    P, n, g = _gate(_epilogue_terms(c0, C, A), B, R, magnitude, scaling)
+    v = x @ A.to(x.dtype).T
+    y, z = backends.load(backend).epilogue(y0, v, bias, P, g, scaling, save)
+    return y, (v if save else v.new_empty(0)), z, n
+
+
+@_epilogue_fwd.register_fake
+def _(y0, x, bias, A, B, R, magnitude, c0, C, scaling, save, detach_norm, backend):
+    return _fake_forward(y0, y0.shape[1], A.shape[0], save)
+
+
+@torch.library.custom_op("edora::epilogue_bwd", mutates_args=())
+def _epilogue_bwd(
+    gy: Tensor, A: Tensor, B: Tensor, R: Tensor, magnitude: Tensor, c0: Tensor, C: Tensor,
+    v: Tensor, z: Tensor, n: Tensor, scaling: float, detach_norm: bool, need_dy0: bool,
+    need_dx: bool, need_dR: bool, need_dm: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    cdt = n.dtype
+    dtype = gy.dtype
+    gz = gy * (magnitude.to(cdt) / n).to(dtype)
+    t = gz @ B.to(dtype)
+    dx = (scaling * t) @ (R.to(cdt) @ A.to(cdt)).to(dtype) if need_dx else gy.new_empty(0)
+    colsum = torch.linalg.vecdot(gy.to(cdt), z.to(cdt), dim=0)
+    dR, dm = _adapter_grads(t, v, colsum, _epilogue_terms(c0, C, A), B, R, magnitude, n,
+                            scaling, detach_norm, need_dR, need_dm)
+    return (gz if need_dy0 else gy.new_empty(0)), dx, dR, dm
+
+
+@_epilogue_bwd.register_fake
+def _(gy, A, B, R, magnitude, c0, C, v, z, n, scaling, detach_norm, need_dy0, need_dx, need_dR,
+      need_dm):
+    dy0 = gy.new_empty(gy.shape if need_dy0 else (0,))
+    dx = gy.new_empty((gy.shape[0], A.shape[1]) if need_dx else (0,))
+    return dy0, dx, *_fake_adapter_grads(R, magnitude, need_dR, need_dm)
+
+
+def _epilogue_setup_context(ctx, inputs, output):
+    y0, x, bias, A, B, R, magnitude, c0, C, scaling, save, detach_norm, backend = inputs
+    _, v, z, n = output
+    ctx.save_for_backward(A, B, R, magnitude, c0, C, v, z, n)
+    ctx.scaling, ctx.detach_norm = scaling, detach_norm
+
+
+def _epilogue_backward(ctx, gy, _gv, _gz, _gn):
+    A, B, R, magnitude, c0, C, v, z, n = ctx.saved_tensors
+    need_dy0, need_dx, need_dbias, _, _, need_dR, need_dm = ctx.needs_input_grad[:7]
+    dy0, dx, dR, dm = _epilogue_bwd(gy, A, B, R, magnitude, c0, C, v, z, n, ctx.scaling,
+                                    ctx.detach_norm, need_dy0, need_dx, need_dR, need_dm)
+    dbias = None
+    if need_dbias:  # y depends on b directly (+b) and through z (−b): ∂y/∂b = 1 − g
+        dbias = (gy * (1 - magnitude.to(n.dtype) / n).to(gy.dtype)).sum(0)
+    return (dy0 if need_dy0 else None, dx if need_dx else None, dbias, None, None,
+            dR if need_dR else None, dm if need_dm else None, *([None] * 6))
+
+
+_epilogue_fwd.register_autograd(_epilogue_backward, setup_context=_epilogue_setup_context)
+
+
+def edora_epilogue(
+    y0: Tensor,
+    x: Tensor,
+    bias: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    R: Tensor,
+    magnitude: Tensor,
+    scaling: float,
+    *,
+    base_norm_sq: Tensor,
+    base_times_A: Tensor,
+    detach_norm: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """EDoRA on top of any base layer: ``y = g ⊙ (y0 − b + s·x Aᵀ Rᵀ Bᵀ) + b``.
+
+    For base layers that are not a dense weight (quantised, custom): ``y0 = base(x)`` (bias
+    included) is computed by the caller and its gradient ``gy ⊙ g`` flows back through the base
+    layer's own autograd. The norm needs two frozen terms of the (dequantised) base weight W0,
+    computed once with :func:`edora_kernels.base_norm_terms`: ``base_norm_sq = rowsum(W0 ⊙ W0)``
+    (out) and ``base_times_A = W0 Aᵀ`` (out×r). Other arguments as in :func:`edora_linear`.
+    """
+    for name, t in (("y0", y0), ("x", x)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    out_features, in_features = B.shape[0], x.shape[-1]
+    if tuple(y0.shape[:-1]) != tuple(x.shape[:-1]) or y0.shape[-1] != out_features:
+        raise ValueError(f"y0 must have shape {(*x.shape[:-1], out_features)} (x's leading dims, "
+                         f"out_features = B.shape[0]), got {tuple(y0.shape)}")
+    if y0.dtype != x.dtype or y0.device != x.device:
+        raise TypeError(f"y0 ({y0.dtype}, {y0.device}) must match x ({x.dtype}, {x.device})")
+    check_adapter_args("y0", y0, bias, A, B, R, magnitude, scaling, in_features, out_features)
+    for name, t, shape in (("base_norm_sq", base_norm_sq, (out_features,)),
+                           ("base_times_A", base_times_A, (out_features, A.shape[0]))):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must have shape {shape}, got {got}")
+    check_dropout_backend(0.0, backend)
+    grad_enabled = torch.is_grad_enabled()
+    check_frozen(grad_enabled, A=A, B=B)
+    backend = backends.resolve(backend, x.device)
+    cdt = compute_dtype(x.dtype)
+    save = grad_enabled and any(t is not None and t.requires_grad
+                                for t in (y0, x, R, magnitude, bias))
+    y = _epilogue_fwd(
+        y0.reshape(-1, out_features), x.reshape(-1, in_features), bias, A, B, R, magnitude,
+        base_norm_sq.detach().to(cdt), base_times_A.detach().to(cdt), float(scaling), save,
+        detach_norm, backend,
+    )[0]
+    return y.reshape(y0.shape)

@@ -2,6 +2,7 @@
 
     forward(x, weight, bias, A, P, g, scaling, save) -> (y, v, z)
     backward(gy, weight, B, RA, g, z, scaling, need_dx, need_t, need_colsum) -> (dx, t, colsum)
+    epilogue(y0, v, bias, P, g, scaling, save) -> (y, z)       z = y0 − b + s·v Pᵀ
 
 x is N×in, P = B R (out×r) and RA = R A (r×in) in the compute dtype, g = m/n (out) in the
 compute dtype; v = x Aᵀ, z = x W0ᵀ + s·v Pᵀ, t = (gy ⊙ g) B, colsum = Σ_i gy ⊙ z in the compute
@@ -88,7 +89,7 @@ def resolve(name: str, device: torch.device) -> str:
 
 @lru_cache(maxsize=None)
 def load(name: str) -> SimpleNamespace:
-    """The backend's ``forward`` and ``backward`` (see the contract above)."""
+    """The backend's ``forward``, ``backward`` and ``epilogue`` (see the contract above)."""
     if name == "torch":
         from . import torch_backend as fwd_mod
         bwd_mod = fwd_mod
@@ -98,4 +99,5 @@ def load(name: str) -> SimpleNamespace:
     else:
         from . import cuda as fwd_mod
         bwd_mod = fwd_mod
-    return SimpleNamespace(forward=fwd_mod.forward, backward=bwd_mod.backward)
+    return SimpleNamespace(forward=fwd_mod.forward, backward=bwd_mod.backward,
+                           epilogue=fwd_mod.epilogue)

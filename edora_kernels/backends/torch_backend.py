@@ -9,16 +9,24 @@ import torch
 
 
 def forward(x, weight, bias, A, P, g, scaling, save):
-    dtype = x.dtype
-    v = x @ A.to(dtype).T
-    z = (x @ weight.T).addmm_(v, P.to(dtype).T, alpha=scaling)
+    v = x @ A.to(x.dtype).T
+    y, z = _rescale(x @ weight.T, v, bias, P, g, scaling, save)
+    return y, (v if save else x.new_empty(0)), z
+
+
+def epilogue(y0, v, bias, P, g, scaling, save):
+    return _rescale(y0.clone() if bias is None else y0 - bias, v, bias, P, g, scaling, save)
+
+
+def _rescale(z, v, bias, P, g, scaling, save):
+    """``z += s·v Pᵀ`` in place, then ``y = g ⊙ z + b``; z itself is returned only when saved."""
+    dtype = z.dtype
+    z.addmm_(v, P.to(dtype).T, alpha=scaling)
     g = g.to(dtype)
     # Without autograd z is not kept, so y overwrites it (same arithmetic, one buffer fewer).
     out = None if save else z
     y = torch.mul(z, g, out=out) if bias is None else torch.addcmul(bias, z, g, out=out)
-    if not save:
-        return y, x.new_empty(0), x.new_empty(0)
-    return y, v, z
+    return y, (z if save else z.new_empty(0))
 
 
 def backward(gy, weight, B, RA, g, z, scaling, need_dx, need_t, need_colsum):
