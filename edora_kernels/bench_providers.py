@@ -1,0 +1,166 @@
+"""The contenders of the op benchmark, each built from one ``Case`` and run the same way.
+
+A ``Runner`` wraps ``y = fn(x)``: mode "fwd" is the inference forward (``no_grad``), mode
+"fwd+bwd" a training step of the layer (x requires grad, the trainable tensors get gradients
+from the fixed ``gy``). PEFT's layers get ``lora_A = A`` and ``lora_B = B R`` (and DoRA's
+magnitude ``m``), so that PEFT DoRA computes the very function EDoRA does and PEFT LoRA the same
+adapter without the magnitude/direction split.
+"""
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backends import info as backend_info
+from .bench_cases import Case
+from .ops import edora_linear
+from .reference import edora_linear_reference
+
+MODES = ("fwd", "fwd+bwd")
+KERNEL_BACKENDS = ("triton", "cuda")  # timed on CUDA only: the Triton interpreter is far too slow
+EDORA_FAMILY = ("reference", "torch", "triton", "cuda", "compiled")
+
+
+class Unavailable(Exception):
+    """A provider that cannot run here; the message says why (printed as a note)."""
+
+
+@dataclass
+class Runner:
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    x: torch.Tensor
+    gy: torch.Tensor
+    trainable: list[torch.Tensor]
+    state: list[torch.Tensor] = field(default_factory=list)  # held by the model anyway
+
+    def reset(self) -> None:
+        for t in [self.x, *self.trainable]:
+            t.grad = None
+
+    def step(self, mode: str) -> torch.Tensor:
+        if mode == "fwd":
+            with torch.no_grad():
+                return self.fn(self.x)
+        y = self.fn(self.x)
+        y.backward(self.gy)
+        return y
+
+    def outputs(self, mode: str) -> list[torch.Tensor]:
+        """y, and in "fwd+bwd" dx and the trainable tensors' gradients."""
+        self.reset()
+        y = self.step(mode).detach()
+        if mode == "fwd":
+            return [y]
+        return [y, self.x.grad, *(t.grad for t in self.trainable)]
+
+
+def _leaf(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(requires_grad)
+
+
+def _frozen(case: Case) -> Runner:
+    w, b = case.weight, case.bias
+    return Runner("frozen", lambda x: F.linear(x, w, b), _leaf(case.x, True), case.gy, [],
+                  [w, b])
+
+
+def _edora(name: str, case: Case, op: Callable) -> Runner:
+    R, m = _leaf(case.R, True), _leaf(case.magnitude, True)
+    frozen = (case.weight, case.bias, case.A, case.B)
+
+    def fn(x):
+        return op(x, *frozen, R, m, case.scaling)
+
+    return Runner(name, fn, _leaf(case.x, True), case.gy, [R, m], [*frozen, R, m])
+
+
+def _backend(name: str) -> Callable[[Case], Runner]:
+    def build(case: Case) -> Runner:
+        state = backend_info()[name]
+        if not state["available"]:
+            raise Unavailable(f"backend {name}: {state['reason']}")
+        if name in KERNEL_BACKENDS and case.x.device.type != "cuda":
+            raise Unavailable(f"{name} is timed on CUDA only (on CPU it runs in the Triton "
+                              "interpreter, a correctness tool far too slow to time)")
+
+        def op(*args):
+            return edora_linear(*args, backend=name)
+
+        return _edora(name, case, op)
+
+    return build
+
+
+def _compiled(case: Case) -> Runner:
+    def op(*args):
+        return edora_linear(*args, backend="torch")
+
+    # fullgraph: a graph break would time something other than the traced op.
+    return _edora("compiled", case, torch.compile(op, fullgraph=True))
+
+
+class _OneLinear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+def _peft(use_dora: bool) -> Callable[[Case], Runner]:
+    name = "peft_dora" if use_dora else "peft_lora"
+
+    def build(case: Case) -> Runner:
+        if importlib.util.find_spec("peft") is None:
+            raise Unavailable("peft is not installed (pip install peft)")
+        from peft import LoraConfig, get_peft_model
+
+        _, in_f, out_f, rank = case.dims
+        linear = nn.Linear(in_f, out_f, bias=case.bias is not None,
+                           device=case.x.device, dtype=case.x.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(case.weight)
+            if case.bias is not None:
+                linear.bias.copy_(case.bias)
+        config = LoraConfig(r=rank, lora_alpha=case.scaling * rank, lora_dropout=0.0,
+                            target_modules=["linear"], use_dora=use_dora)
+        layer = get_peft_model(_OneLinear(linear), config).base_model.model.linear
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(case.A)
+            layer.lora_B["default"].weight.copy_(case.B @ case.R)
+            if use_dora:
+                layer.lora_magnitude_vector["default"].weight.copy_(case.magnitude)
+        if abs(layer.scaling["default"] - case.scaling) > 1e-12 * case.scaling:
+            raise RuntimeError(f"PEFT scaling {layer.scaling['default']} != {case.scaling}")
+        trainable = [p for p in layer.parameters() if p.requires_grad]
+        return Runner(name, layer, _leaf(case.x, True), case.gy, trainable,
+                      list(layer.parameters()))
+
+    return build
+
+
+BUILDERS: dict[str, Callable[[Case], Runner]] = {
+    "frozen": _frozen,
+    "reference": lambda case: _edora("reference", case, edora_linear_reference),
+    "peft_lora": _peft(use_dora=False),
+    "peft_dora": _peft(use_dora=True),
+    "torch": _backend("torch"),
+    "triton": _backend("triton"),
+    "cuda": _backend("cuda"),
+    "compiled": _compiled,
+}
+PROVIDERS = tuple(BUILDERS)
+
+
+def oracle_name(provider: str) -> str:
+    """Whose float64 run a provider's results (y, dx, parameter gradients) are compared with:
+    the naive EDoRA reference for every EDoRA implementation (same parameters R, m), the
+    provider's own float64 run for the others (PEFT trains other tensors)."""
+    return "reference" if provider in EDORA_FAMILY else provider
