@@ -1,0 +1,60 @@
+"""``edora-kernels plot``: the latest run of each kernel in a benchmark CSV as bar charts of the
+ratio to the baseline (the frozen linear for the op), one panel per kernel and mode, one group
+of bars per case, one bar per provider with its p20-p80 range."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from .bench_io import read_rows
+
+
+def _latest_ratio_rows(rows: list[dict]) -> list[dict]:
+    latest: dict[str, str] = {}
+    for row in rows:
+        latest[row["kernel"]] = max(latest.get(row["kernel"], ""), row["timestamp"])
+    return [r for r in rows if r["metric"].startswith("ratio_to_")
+            and r["timestamp"] == latest[r["kernel"]]]
+
+
+def plot_csv(csv_path: str | Path, out: str | Path | None = None) -> Path:
+    """Write the PNG (default: next to the CSV) and return its path."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    rows = _latest_ratio_rows(read_rows(csv_path))
+    if not rows:
+        raise ValueError(f"{csv_path} has no ratio_to_* rows to plot")
+    panels: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        panels[(row["kernel"], row["mode"])].append(row)
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.6 * len(panels)), squeeze=False)
+    for ax, ((kernel, mode), panel) in zip(axes[:, 0], panels.items()):
+        cases = list(dict.fromkeys(r["x"] for r in panel))
+        providers = list(dict.fromkeys(r["provider"] for r in panel))
+        width = 0.8 / len(providers)
+        for k, provider in enumerate(providers):
+            by_case = {r["x"]: r for r in panel if r["provider"] == provider}
+            xs = [i + (k - (len(providers) - 1) / 2) * width
+                  for i, c in enumerate(cases) if c in by_case]
+            mids = [by_case[c]["p50"] for c in cases if c in by_case]
+            spread = [[by_case[c]["p50"] - by_case[c]["p20"] for c in cases if c in by_case],
+                      [by_case[c]["p80"] - by_case[c]["p50"] for c in cases if c in by_case]]
+            bars = ax.bar(xs, mids, width, yerr=spread, capsize=2, label=provider)
+            ax.bar_label(bars, labels=[f"{m:.2f}" for m in mids], fontsize=7, padding=2)
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(cases)), cases)
+        baseline = panel[0]["metric"].removeprefix("ratio_to_")
+        ax.set_ylabel(f"time / {baseline} (lower is better)")
+        ax.set_title(f"{kernel}, {mode}, {panel[0]['dtype']}")
+        ax.legend(fontsize=8, ncols=min(len(providers), 6), loc="upper left")
+        ax.set_ylim(0, max(r["p80"] for r in panel) * 1.25)
+    fig.suptitle(f"{rows[0]['device']}  (bars: p50, whiskers: p20-p80)")
+    fig.tight_layout()
+    out = Path(out) if out is not None else Path(csv_path).with_suffix(".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
