@@ -7,6 +7,7 @@ to ``<out>/bench_<device>_<time>.json``.
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,10 +43,16 @@ class Result:
     max_error: float | None = None
 
 
+def _load_average() -> list[float] | None:
+    # Other processes' load is the main source of noise on shared machines: keep it with the run.
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 @dataclass
 class Run:
     """One invocation: its results, notes for the reader and the settings it ran with."""
     settings: dict
+    load_average: list[float] | None = field(default_factory=_load_average)
     device: str = field(default_factory=device_name)
     versions: str = field(default_factory=versions)
     timestamp: str = field(default_factory=timestamp)
@@ -90,6 +97,7 @@ def save(run: Run, out_dir: str | Path) -> tuple[Path, Path]:
     json_path = write_json(out_dir / f"{stem}_{compact_time}.json", {
         "device": run.device, "versions": run.versions, "timestamp": run.timestamp,
         "settings": run.settings, "notes": run.notes,
+        "load_average": {"start": run.load_average, "end": _load_average()},
         "results": [asdict(r) for r in run.results], "rows": rows(run),
     })
     return csv_path, json_path

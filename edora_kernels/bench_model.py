@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -89,20 +90,13 @@ def _with_edora(base: nn.Module, cfg: ModelConfig, backend: str) -> nn.Module:
         from .model import apply_edora
     except ImportError as err:
         raise RuntimeError(f"--model needs edora_kernels.model.apply_edora ({err})") from None
-    from .layer import EDoRALinear
-
     model = copy.deepcopy(base)
-    apply_edora(model, target_modules=list(TARGETS), rank=cfg.rank, alpha=cfg.alpha,
-                backend=backend)
-    # Train exactly what PEFT trains: the adapters, nothing of the base model.
-    model.requires_grad_(False)
-    layers = [m for m in model.modules() if isinstance(m, EDoRALinear)]
-    if len(layers) != len(TARGETS) * cfg.layers:
-        raise RuntimeError(f"apply_edora replaced {len(layers)} linears, expected "
+    # apply_edora leaves only R and magnitude trainable: what PEFT trains, the adapters only.
+    summary = apply_edora(model, target_modules=list(TARGETS), rank=cfg.rank, alpha=cfg.alpha,
+                          seed=0, progress=False, backend=backend)
+    if len(summary.layers) != len(TARGETS) * cfg.layers:
+        raise RuntimeError(f"apply_edora replaced {len(summary.layers)} linears, expected "
                            f"{len(TARGETS) * cfg.layers} ({', '.join(TARGETS)} per block)")
-    for layer in layers:
-        layer.R.requires_grad_(True)
-        layer.magnitude.requires_grad_(True)
     return model
 
 
@@ -111,7 +105,11 @@ def _with_peft(base: nn.Module, cfg: ModelConfig, use_dora: bool) -> nn.Module:
 
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
                         target_modules=list(TARGETS), use_dora=use_dora)
-    return get_peft_model(copy.deepcopy(base), config)
+    with warnings.catch_warnings():
+        # PEFT reads a property that transformers 5 deprecates; noise for benchmark users.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
+                                category=FutureWarning)
+        return get_peft_model(copy.deepcopy(base), config)
 
 
 def _build(name: str, base: nn.Module, cfg: ModelConfig) -> nn.Module:
