@@ -1,0 +1,1 @@
+"""Bridges to adapter libraries (PEFT first)."""
