@@ -1,21 +1,34 @@
 """edora_kernels: fused kernels for EDoRA fine-tuning.
 
 Public entry points: ``edora_linear`` (the op), ``edora_epilogue`` (the op on any base layer),
-``EDoRALinear`` (the layer), ``backend_info``.
+``EDoRALinear`` (the layer), ``apply_edora`` and the adapter save/load (whole models),
+``randomized_svd`` (the batched initialiser), ``backend_info``.
 The optional CUDA extension is never imported here; backends load on first use.
 """
 __version__ = "0.1.0"
 
 from .backends import info as backend_info  # noqa: E402
 from .layer import EDoRALinear  # noqa: E402
+from .model import (  # noqa: E402
+    apply_edora,
+    edora_state_dict,
+    load_edora_state_dict,
+    save_edora,
+)
 from .norm import base_norm_terms  # noqa: E402
 from .ops import edora_epilogue, edora_linear  # noqa: E402
+from .svd import randomized_svd  # noqa: E402
 
 __all__ = [
     "EDoRALinear",
+    "apply_edora",
     "backend_info",
     "base_norm_terms",
     "edora_epilogue",
     "edora_linear",
+    "edora_state_dict",
+    "load_edora_state_dict",
+    "randomized_svd",
+    "save_edora",
     "__version__",
 ]
