@@ -1,0 +1,265 @@
+"""Ahead-of-time compile checks of the Triton kernels for sm_80 and sm_90, no GPU needed (DESIGN §8).
+
+Every config the autotuner may pick (the prune filter's shape-independent candidates per
+architecture, dtype and padded rank) is compiled with ``triton.compile`` for the real
+``JITFunction``s, specialised the way the JIT specialises aligned contiguous tensors; the
+bundled ``cuobjdump --dump-resource-usage`` then reports registers, spills and shared memory.
+
+The compiles run in two worker processes (one per architecture) started from this file without
+TRITON_INTERPRET: under the interpreter ``@triton.jit`` yields interpreted functions, which
+cannot be compiled, and the modules pick their GPU config lists only when not interpreting.
+
+Each GEMM config is compiled at R_PAD = 16 (the common rank) and at the largest padded rank the
+prune filter lets it serve (the most registers and shared memory it can meet).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CSV_PATH = ROOT / "bench" / "results" / "triton_aot_resources.csv"
+ARCHS = (80, 90)
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block, bytes
+# fp32 runs in the kernels only where torch allows TF32 (else on the torch path).
+DTYPES = ("bfloat16", "float16", "float32")
+KERNELS = ("forward", "dx", "colsum", "epilogue")
+GEMM_KERNELS = ("forward", "dx")
+R_PADS = (16, 32, 64, 128)
+FIELDS = ("arch", "kernel", "dtype", "r_pad", "block_m", "block_n", "block_k", "group_m",
+          "num_warps", "num_stages", "regs", "stack", "local", "static_shared", "dynamic_shared",
+          "wgmma", "cp_async", "tma")
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker side: runs without TRITON_INTERPRET
+# ------------------------------------------------------------------------------------------------
+
+def _torch_dtype(name):
+    import torch
+    return getattr(torch, name)
+
+
+def _specialize(fn, args: dict):
+    """(signature, constexprs, attrs) as the JIT derives them from these arguments.
+
+    Tensors: pointer type, 16-byte divisibility when aligned. Ints: 1 becomes the constexpr 1,
+    multiples of 16 get divisibility 16. Floats: fp32. Constexpr parameters: their values.
+    """
+    import torch
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(fn.params):
+        name, value = param.name, args[param.name]
+        if param.is_constexpr or (isinstance(value, int) and not isinstance(value, bool)
+                                  and value == 1):
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + names[value.dtype]
+            aligned = value.data_ptr() % 16 == 0
+        elif isinstance(value, bool):
+            signature[name], aligned = "u1", False
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            aligned = value % 16 == 0
+        elif isinstance(value, float):
+            signature[name], aligned = "fp32", False
+        else:
+            raise TypeError(f"{fn.__name__}: cannot specialise {name}={value!r}")
+        if aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def _problem_args(kernel: str, dtype: str, r_pad: int) -> tuple:
+    """(JITFunction, launch arguments) for an aligned, contiguous problem with rank r_pad."""
+    import torch
+
+    from edora_kernels.backends import triton_bwd, triton_fwd
+    dt, f32 = _torch_dtype(dtype), torch.float32
+    M, K, N, R = 256, 512, 384, r_pad  # sizes only matter through their divisibility
+    e = lambda *shape, d=dt: torch.empty(*shape, dtype=d)  # noqa: E731
+    if kernel == "forward":
+        args = triton_fwd.fwd_args(e(M, K), e(N, K), e(N), e(R, K), e(N, R, d=f32), e(N, d=f32),
+                                   0.5, True, e(M, N), e(M, R), e(M, N))
+        fn = triton_fwd.edora_fwd_kernel.fn
+    elif kernel == "dx":
+        args = triton_bwd.dx_args(e(M, N), e(N, K), e(N, R), e(R, K, d=f32), e(N, d=f32),
+                                  0.5, True, True, e(M, K), e(M, R))
+        fn = triton_bwd.edora_dx_kernel.fn
+    elif kernel == "epilogue":
+        args = triton_fwd.epilogue_args(e(M, N), e(M, R), e(N), e(N, R, d=f32), e(N, d=f32),
+                                        0.5, True, e(M, N), e(M, N))
+        fn = triton_fwd.edora_epilogue_kernel.fn
+    else:
+        args = triton_bwd.colsum_args(e(M, N), e(M, N), e(4, N, d=f32), 64)
+        fn = triton_bwd.colsum_partials_kernel
+    return fn, args
+
+
+def _jobs(arch: int):
+    """(kernel, dtype, r_pad, config): every config the autotuner may pick on ``arch``."""
+    import torch
+
+    from edora_kernels.backends import triton_bwd, triton_fwd
+    for dtype in DTYPES:
+        elt = torch.empty(0, dtype=_torch_dtype(dtype)).element_size()
+        for config in triton_fwd.gemm_configs(arch):
+            served = [rp for rp in R_PADS
+                      if any(config is c for c in triton_fwd.gemm_candidates(arch, elt, rp))]
+            for r_pad in sorted({served[0], served[-1]} if served else ()):
+                for kernel in GEMM_KERNELS:
+                    yield kernel, dtype, r_pad, config
+        for config in triton_fwd.EPILOGUE_CONFIGS:
+            for r_pad in (R_PADS[0], R_PADS[-1]):
+                yield "epilogue", dtype, r_pad, config
+        yield "colsum", dtype, 0, triton_bwd.COLSUM_CONFIG
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    return {k: int(v) for k, v in usage.items()}
+
+
+def _compile_all(arch: int) -> list[dict]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from edora_kernels.backends import triton_fwd
+    assert not triton_fwd.INTERPRET, "the AOT worker must run without TRITON_INTERPRET"
+    rows = []
+    for kernel, dtype, r_pad, config in _jobs(arch):
+        fn, args = _problem_args(kernel, dtype, r_pad or 16)
+        args.update(config.kwargs)
+        signature, constexprs, attrs = _specialize(fn, args)
+        compiled = triton.compile(
+            ASTSource(fn, signature, constexprs, attrs),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+        )
+        usage = _resource_usage(compiled.asm["cubin"])
+        ptx = compiled.asm["ptx"]
+        kw = config.kwargs
+        rows.append(dict(
+            arch=arch, kernel=kernel, dtype=dtype, r_pad=r_pad,
+            block_m=kw["BLOCK_M"], block_n=kw["BLOCK_N"], block_k=kw.get("BLOCK_K", 0),
+            group_m=kw.get("GROUP_M", 0), num_warps=config.num_warps,
+            num_stages=config.num_stages, regs=usage["REG"], stack=usage["STACK"],
+            local=usage["LOCAL"], static_shared=usage["SHARED"],
+            dynamic_shared=compiled.metadata.shared,
+            wgmma="wgmma.mma_async" in ptx, cp_async="cp.async" in ptx,
+            tma="cp.async.bulk.tensor" in ptx,
+        ))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Test side
+# ------------------------------------------------------------------------------------------------
+
+def _print_table(rows):
+    header = (f"{'arch':>4} {'kernel':<8} {'dtype':<12} {'r_pad':>5} {'tile':>12} {'w':>2} "
+              f"{'s':>2} {'regs':>4} {'spill':>5} {'shared':>7} {'wgmma':>5} {'async':>5}")
+    print("\n" + header)
+    for r in rows:
+        tile = f"{r['block_m']}x{r['block_n']}x{r['block_k']}"
+        print(f"{r['arch']:>4} {r['kernel']:<8} {r['dtype']:<12} {r['r_pad']:>5} {tile:>12} "
+              f"{r['num_warps']:>2} {r['num_stages']:>2} {r['regs']:>4} "
+              f"{r['stack'] + r['local']:>5} {r['static_shared'] + r['dynamic_shared']:>7} "
+              f"{'yes' if r['wgmma'] else 'no':>5} {'yes' if r['cp_async'] else 'no':>5}")
+
+
+@pytest.fixture(scope="module")
+def aot_rows():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    workers = [
+        subprocess.Popen([sys.executable, __file__, str(arch)], env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for arch in ARCHS
+    ]
+    rows = []
+    for arch, worker in zip(ARCHS, workers):
+        out, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, f"sm_{arch} AOT worker failed:\n{err[-4000:]}"
+        rows += json.loads(out.strip().splitlines()[-1])
+    _print_table(rows)
+    CSV_PATH.parent.mkdir(parents=True, exist_ok=True)
+    with CSV_PATH.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def _select(rows, arch, kernel, dtype):
+    found = [r for r in rows if (r["arch"], r["kernel"], r["dtype"]) == (arch, kernel, dtype)]
+    assert found, f"nothing compiled for sm_{arch} {kernel} {dtype}"
+    return found
+
+
+def _label(r):
+    return (f"sm_{r['arch']} {r['kernel']} {r['dtype']} r_pad={r['r_pad']} "
+            f"{r['block_m']}x{r['block_n']}x{r['block_k']} w{r['num_warps']} s{r['num_stages']}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_spills_and_shared_memory_fits(aot_rows, arch, kernel, dtype):
+    for r in _select(aot_rows, arch, kernel, dtype):
+        assert r["stack"] == 0 and r["local"] == 0, f"{_label(r)} spills: {r}"
+        shared = r["static_shared"] + r["dynamic_shared"]
+        assert shared <= SMEM_LIMIT[arch], f"{_label(r)} needs {shared} B shared memory"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", GEMM_KERNELS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gemm_kernels_pipeline_and_use_wgmma_on_hopper(aot_rows, arch, kernel, dtype):
+    for r in _select(aot_rows, arch, kernel, dtype):
+        if r["num_stages"] > 1:
+            assert r["cp_async"] or r["tma"], f"{_label(r)} is not pipelined"
+        if arch == 90:
+            assert r["wgmma"], f"{_label(r)} does not use wgmma"
+
+
+def test_every_candidate_config_compiled(aot_rows):
+    """Each config of each architecture's list appears for every dtype it may be picked for."""
+    sys.path.insert(0, str(ROOT))
+    from edora_kernels.backends import triton_fwd
+    for arch in ARCHS:
+        for dtype in DTYPES:
+            for kernel in GEMM_KERNELS:
+                tiles = {(r["block_m"], r["block_n"], r["block_k"], r["num_warps"],
+                          r["num_stages"]) for r in _select(aot_rows, arch, kernel, dtype)}
+                elt = 4 if dtype == "float32" else 2
+                for r_pad in R_PADS:
+                    for c in triton_fwd.gemm_candidates(arch, elt, r_pad):
+                        kw = c.kwargs
+                        key = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps,
+                               c.num_stages)
+                        assert key in tiles, f"sm_{arch} {kernel} {dtype}: {key} not compiled"
+    assert CSV_PATH.exists()
+
+
+if __name__ == "__main__":
+    # Worker: compile everything for one architecture, print the rows as JSON on the last line.
+    print(json.dumps(_compile_all(int(sys.argv[1]))))
