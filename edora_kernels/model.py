@@ -21,9 +21,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import check_dropout_backend
 from .layer import EDoRALinear
 from .norm import compute_dtype
-from .svd import INITS, edora_factors
+from .svd import INITS, SPLITS, edora_factors
 
 # Working memory of one chunk of the batched initialisation. 1 GiB holds 16 fp32 copies of a
 # 4096×4096 weight (plus sketches), enough for the GEMMs to run at full speed on CPU and GPU.
@@ -171,6 +172,10 @@ def apply_edora(
     if not isinstance(memory_budget_bytes, int) or memory_budget_bytes < 1:
         raise ValueError(f"memory_budget_bytes must be a positive int, got {memory_budget_bytes!r}")
     split = layer_kwargs.pop("split", "u")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    # Checked here, not in the first EDoRALinear, so that a typo costs no factorisation.
+    check_dropout_backend(layer_kwargs.get("dropout", 0.0), layer_kwargs.get("backend", "auto"))
     targets = _find_targets(model, target_modules)
     too_small = [f"{n} ({m.out_features}×{m.in_features})" for n, m in targets
                  if rank > min(m.in_features, m.out_features)]

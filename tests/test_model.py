@@ -133,6 +133,8 @@ def test_no_match_lists_module_names(base):
     (["query"], {"rank": 33}, ValueError, "rank 33 exceeds"),
     (["query"], {"rank": 2, "lr": 1.0}, TypeError, r"unexpected keyword arguments \['lr'\]"),
     (["query"], {"rank": 2, "init": "pca"}, ValueError, "init must be one of"),
+    (["query"], {"rank": 2, "split": "half"}, ValueError, "split must be one of"),
+    (["query"], {"rank": 2, "dropout": 1.0}, ValueError, r"dropout must be in \[0, 1\)"),
     (["LayerNorm"], {"rank": 2}, ValueError, "not nn.Linear.*LayerNorm"),
     ([], {"rank": 2}, TypeError, "target_modules must be"),
 ])
