@@ -1,0 +1,484 @@
+"""Initialisation benchmark: batched ``randomized_svd`` against per-layer ``torch.linalg.svd``,
+``torch.svd_lowrank`` and scikit-learn's ``TruncatedSVD`` (what the paper's code runs).
+
+    python bench/bench_init.py                      # RoBERTa-base targets, CPU fp32, r = 16
+    python bench/bench_init.py --orth               # Householder QR vs Cholesky-QR variants
+    python bench/bench_init.py --llama7b            # 224 LLaMA-7B matrices, CUDA (bf16 model)
+    python bench/bench_init.py --llama7b --shrink 16 --device cpu   # smoke test of that path
+
+RoBERTa-base with the paper's targets (query, value, attention.output.dense, output.dense) has 48
+matrices, as nn.Linear weights (out × in): 36 of 768×768 and 12 of 768×3072 (the block's
+``output.dense`` maps the 3072-wide intermediate back to 768). LLaMA-7B has per block four
+4096×4096 (q, k, v, o), two 11008×4096 (gate, up) and one 4096×11008 (down), 32 blocks.
+
+Weights are synthetic but shaped like trained ones: a Gaussian bulk (what random init leaves,
+Marchenko–Pastur) plus 64 power-law spikes (what training adds). Speed does not depend on the
+values; accuracy does, and a flat random matrix would flatter every method.
+
+Accuracy per layer: residual ratio ``‖W − U_r U_rᵀ W‖_F / ‖W − W_r‖_F`` (1 is optimal; the
+optimum comes from float64 ``torch.linalg.svdvals``) and the largest relative error of the top-r
+singular values. Providers are timed in turns (``bench_timing.round_robin``), so load from other
+processes lands on all of them alike. Rows are appended to ``<out>/bench_<device>.csv`` in the
+project's one schema (``bench_io.BENCH_COLUMNS``); the run is written to
+``<out>/init_<device>_<time>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edora_kernels.bench_io import (
+    append_rows,
+    device_name,
+    device_slug,
+    timestamp,
+    versions,
+    write_json,
+)
+from edora_kernels.bench_timing import quantiles, round_robin, synchronize
+from edora_kernels.model import apply_edora
+from edora_kernels.svd import randomized_svd
+
+KERNEL = "init_svd"
+ROBERTA_BASE = {"768x768": ((768, 768), 36), "768x3072": ((768, 3072), 12)}
+LLAMA_BLOCK = {  # name: (out_features, in_features)
+    "q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
+    "o_proj": (4096, 4096), "gate_proj": (11008, 4096), "up_proj": (11008, 4096),
+    "down_proj": (4096, 11008),
+}
+LLAMA_BLOCKS = 32
+SPIKES = 64
+SKLEARN = "sklearn.TruncatedSVD(n_iter=10)"
+DECAYS = (0.8, 0.6, 0.4)  # --orth: spectra σ_i = c^i whose sketches have κ ≈ c^-(k-1)
+
+# A provider maps the list of weights to one (U_r, S_r) per weight, in order.
+Factoriser = Callable[[list[torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+# --- weights ---------------------------------------------------------------------------------
+
+
+def llm_like(m: int, n: int, gen: torch.Generator, device) -> torch.Tensor:
+    """An fp32 m×n matrix: Gaussian bulk with singular values in about [1 ± √(min/max)] plus
+    ``SPIKES`` outliers 8·(1+i)^-0.6 (8 down to 0.66) on random orthonormal directions."""
+    W = torch.randn(m, n, generator=gen, device=device) / math.sqrt(max(m, n))
+    U = torch.linalg.qr(torch.randn(m, SPIKES, generator=gen, device=device)).Q
+    V = torch.linalg.qr(torch.randn(n, SPIKES, generator=gen, device=device)).Q
+    s = 8.0 * (1.0 + torch.arange(SPIKES, device=device)) ** -0.6
+    return W.addmm_(U * s, V.mT)
+
+
+# --- providers -------------------------------------------------------------------------------
+
+
+def rsvd_batched(rank: int, oversample: int, n_iter: int) -> Factoriser:
+    """One ``randomized_svd`` call per shape group (stacking included in the time)."""
+    def run(weights):
+        groups: dict[tuple, list[int]] = {}
+        for i, w in enumerate(weights):
+            groups.setdefault(tuple(w.shape), []).append(i)
+        out: list = [None] * len(weights)
+        for seed, idx in enumerate(groups.values()):
+            U, S, _ = randomized_svd(torch.stack([weights[i] for i in idx]).float(), rank,
+                                     oversample=oversample, n_iter=n_iter, seed=seed)
+            for j, i in enumerate(idx):
+                out[i] = (U[j], S[j])
+        return out
+    return run
+
+
+def exact_svd(rank: int) -> Factoriser:
+    def run(weights):
+        out = []
+        for w in weights:
+            U, S, _ = torch.linalg.svd(w.float(), full_matrices=False)
+            out.append((U[:, :rank], S[:rank]))
+        return out
+    return run
+
+
+def svd_lowrank(rank: int, q: int, niter: int) -> Factoriser:
+    def run(weights):
+        out = []
+        for w in weights:
+            U, S, _ = torch.svd_lowrank(w.float(), q=q, niter=niter)
+            out.append((U[:, :rank], S[:rank]))
+        return out
+    return run
+
+
+def sklearn_truncated_svd(rank: int) -> Factoriser:
+    """What the paper's code runs: ``TruncatedSVD(r, n_iter=10).fit`` on ``Wᵀ`` as numpy, whose
+    ``components_`` are then the left singular vectors of W. Only ``fit`` is timed (the paper's
+    code also transforms and reconstructs), so this is a lower bound of its cost."""
+    from sklearn.decomposition import TruncatedSVD
+
+    def run(weights):
+        out = []
+        for w in weights:
+            svd = TruncatedSVD(n_components=rank, n_iter=10, random_state=0)
+            svd.fit(w.float().cpu().T.numpy())
+            out.append((torch.from_numpy(svd.components_.T.copy()),
+                        torch.from_numpy(svd.singular_values_.copy())))
+        return out
+    return run
+
+
+# --- accuracy --------------------------------------------------------------------------------
+
+
+@dataclass
+class Accuracy:
+    residual_ratio_mean: float
+    residual_ratio_max: float
+    sigma_rel_error_max: float
+
+
+def exact_spectra(weights: list[torch.Tensor], rank: int) -> list[tuple[float, torch.Tensor]]:
+    """Per weight: the optimal rank-r residual ‖W − W_r‖_F and the exact top-r values (fp64)."""
+    out = []
+    for w in weights:
+        s = torch.linalg.svdvals(w.double())
+        out.append((s[rank:].norm().item(), s[:rank].cpu()))
+    return out
+
+
+def accuracy(weights, factors, spectra) -> Accuracy:
+    ratios, sigma_errors = [], []
+    for w, (U, S), (optimal, s_exact) in zip(weights, factors, spectra):
+        W64, U64 = w.double(), U.to(device=w.device, dtype=torch.float64)
+        ratios.append(((W64 - U64 @ (U64.mT @ W64)).norm() / optimal).item())
+        sigma_errors.append(((S.double().cpu() - s_exact).abs() / s_exact).max().item())
+    return Accuracy(sum(ratios) / len(ratios), max(ratios), max(sigma_errors))
+
+
+# --- one benchmark ---------------------------------------------------------------------------
+
+
+@dataclass
+class Entry:
+    provider: str
+    mode: str
+    seconds: list[float]
+    speedup: list[float] | None  # per round: the baseline's time / this provider's
+    accuracy: Accuracy | None
+
+
+def measure(providers: dict[str, tuple[str, Callable]], weights, spectra, device, repeats,
+            warmup, baseline: str | None) -> list[Entry]:
+    calls = {name: (lambda: None, lambda fn=fn: fn(weights)) for name, (_, fn) in
+             providers.items()}
+    samples = round_robin(calls, device, repeats, warmup)
+    entries = []
+    for name, (mode, fn) in providers.items():
+        torch.manual_seed(0)  # torch.svd_lowrank draws from the global generator
+        acc = accuracy(weights, fn(weights), spectra) if spectra is not None else None
+        speedup = ([b / s for b, s in zip(samples[baseline], samples[name])]
+                   if baseline in samples else None)
+        entries.append(Entry(name, mode, samples[name], speedup, acc))
+    return entries
+
+
+def rows(entries: list[Entry], x: str, shape: str, dtype: str, device: torch.device,
+         baseline: str | None) -> list[dict]:
+    common = {"kernel": KERNEL, "x": x, "shape": shape, "dtype": dtype,
+              "device": device_name(device), "versions": versions() + _sklearn_version(),
+              "timestamp": timestamp()}
+    out = []
+    for e in entries:
+        metrics = [("time_s", "s", quantiles(e.seconds))]
+        if e.speedup is not None:
+            metrics.append((f"speedup_vs_{baseline}", "x", quantiles(e.speedup)))
+        if e.accuracy is not None:
+            for metric, value in asdict(e.accuracy).items():
+                metrics.append((metric, "ratio" if "ratio" in metric else "relative",
+                                (value,) * 3))
+        for metric, unit, (p50, p20, p80) in metrics:
+            out.append({**common, "provider": e.provider, "mode": e.mode, "metric": metric,
+                        "unit": unit, "p50": p50, "p20": p20, "p80": p80})
+    return out
+
+
+def _sklearn_version() -> str:
+    try:
+        import sklearn
+    except ImportError:
+        return ";scikit-learn=none"
+    return f";scikit-learn={sklearn.__version__}"
+
+
+def table(entries: list[Entry], baseline_label: str) -> str:
+    header = ["provider", "mode", "time s p50 [p20-p80]", f"speedup vs {baseline_label}",
+              "residual ratio mean / max", "top-r σ rel. err max"]
+    lines = [header]
+    for e in entries:
+        p50, p20, p80 = quantiles(e.seconds)
+        line = [e.provider, e.mode, f"{p50:.3f} [{p20:.3f}-{p80:.3f}]",
+                "-" if e.speedup is None else f"{quantiles(e.speedup)[0]:.1f}x"]
+        if e.accuracy is None:
+            line += ["-", "-"]
+        else:
+            a = e.accuracy
+            line += [f"{a.residual_ratio_mean:.5f} / {a.residual_ratio_max:.5f}",
+                     f"{a.sigma_rel_error_max:.1e}"]
+        lines.append(line)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def save(out_dir: Path, device: torch.device, all_rows: list[dict], payload: dict) -> None:
+    stem = device_slug(device)
+    csv_path = append_rows(out_dir / f"bench_{stem}.csv", all_rows)
+    stamp = all_rows[0]["timestamp"].replace("-", "").replace(":", "")
+    json_path = write_json(out_dir / f"init_{stem}_{stamp}.json", {**payload, "rows": all_rows})
+    print(f"appended {len(all_rows)} rows to {csv_path}; run written to {json_path}")
+
+
+def load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+# --- RoBERTa-base ----------------------------------------------------------------------------
+
+
+def bench_roberta(args, device) -> None:
+    gen = torch.Generator(device=device).manual_seed(0)
+    weights = [llm_like(*shape, gen, device)
+               for shape, count in ROBERTA_BASE.values() for _ in range(count)]
+    print(f"{len(weights)} RoBERTa-base-shaped weights on {device_name(device)}; exact spectra "
+          "(float64, untimed) ...", file=sys.stderr)
+    spectra = exact_spectra(weights, args.rank)
+    r = args.rank
+    providers = {
+        "edora_kernels.randomized_svd(p=10,q=4)": ("batched", rsvd_batched(r, 10, 4)),
+        "edora_kernels.randomized_svd(p=10,q=1)": ("batched", rsvd_batched(r, 10, 1)),
+        "torch.linalg.svd": ("per-layer", exact_svd(r)),
+        f"torch.svd_lowrank(q={r + 10},niter=4)": ("per-layer", svd_lowrank(r, r + 10, 4)),
+        f"torch.svd_lowrank(q={r},niter=2)": ("per-layer", svd_lowrank(r, r, 2)),
+        SKLEARN: ("per-layer", sklearn_truncated_svd(r)),
+    }
+    start_load = load_average()
+    entries = measure(providers, weights, spectra, device, args.repeats, args.warmup, SKLEARN)
+    shape = "layers=48;768x768=36;768x3072=12;rank=%d;weights=bulk+%d-spike" % (r, SPIKES)
+    print(f"device: {device_name(device)}   load average at start: {start_load}")
+    print(table(entries, "sklearn"))
+    all_rows = rows(entries, "roberta-base-48", shape, "float32", device, "sklearn")
+    save(Path(args.out), device, all_rows, {
+        "case": "roberta-base-48", "settings": vars(args), "device": device_name(device),
+        "load_average": {"start": start_load, "end": load_average()},
+        "entries": [asdict(e) for e in entries]})
+
+
+# --- LLaMA-7B --------------------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    def __init__(self, linears: dict[str, nn.Linear]):
+        super().__init__()
+        for name, linear in linears.items():
+            setattr(self, name, linear)
+
+
+def llama_container(linears: list[dict[str, nn.Linear]]) -> nn.Module:
+    """A fresh module tree over the same nn.Linear objects, for apply_edora to rewrite."""
+    model = nn.Module()
+    model.layers = nn.ModuleList(_Block(block) for block in linears)
+    return model
+
+
+def bench_llama(args, device) -> None:
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    shapes = {name: (out // args.shrink, inp // args.shrink)
+              for name, (out, inp) in LLAMA_BLOCK.items()}
+    linears = []
+    for _ in range(LLAMA_BLOCKS):
+        block = {}
+        for name, (out, inp) in shapes.items():
+            linear = nn.Linear(inp, out, bias=False, device="meta")
+            linear.weight = nn.Parameter(llm_like(out, inp, gen, device).to(dtype),
+                                         requires_grad=False)
+            block[name] = linear
+        linears.append(block)
+    weights = [block[name].weight for block in linears for name in LLAMA_BLOCK]
+    r = args.rank
+    randomized_svd(torch.randn(2, 64, 48, device=device), 4)  # library start-up, not timed
+    synchronize(device)
+
+    def end_to_end(_weights):
+        apply_edora(llama_container(linears), list(LLAMA_BLOCK), r, progress=False, seed=0)
+
+    providers = {
+        "edora_kernels.apply_edora": ("model", end_to_end),
+        "edora_kernels.randomized_svd(p=10,q=4)": ("batched", rsvd_batched(r, 10, 4)),
+        f"torch.svd_lowrank(q={r + 10},niter=4)": ("per-layer", svd_lowrank(r, r + 10, 4)),
+    }
+    # Accuracy on one matrix of each shape (exact SVDs of all 224 would dominate the run).
+    sample = [linears[0][name].weight for name in ("q_proj", "gate_proj", "down_proj")]
+    spectra = exact_spectra(sample, r)
+    start_load = load_average()
+    samples = round_robin({name: (lambda: None, lambda fn=fn: fn(weights))
+                           for name, (_, fn) in providers.items()}, device, args.repeats,
+                          args.warmup)
+    baseline = f"torch.svd_lowrank(q={r + 10},niter=4)"
+    entries = []
+    for name, (mode, fn) in providers.items():
+        acc = None if mode == "model" else accuracy(sample, fn(sample), spectra)
+        speedup = [b / s for b, s in zip(samples[baseline], samples[name])]
+        entries.append(Entry(name, mode, samples[name], speedup, acc))
+    x = "llama-7b-224" if args.shrink == 1 else f"llama-7b-224-shrink{args.shrink}"
+    shape = ";".join(f"{n}={o}x{i}" for n, (o, i) in shapes.items())
+    shape += f";blocks={LLAMA_BLOCKS};rank={r};weights=bulk+{SPIKES}-spike"
+    print(f"device: {device_name(device)}   load average at start: {start_load}")
+    print(table(entries, "svd_lowrank(q=r+10)"))
+    total = quantiles(samples["edora_kernels.apply_edora"])[0]
+    print(f"apply_edora on {len(weights)} matrices: {total:.2f} s (target <= 10 s on a GPU)")
+    all_rows = rows(entries, x, shape, args.dtype, device, "svd_lowrank")
+    save(Path(args.out), device, all_rows, {
+        "case": x, "settings": vars(args), "device": device_name(device),
+        "load_average": {"start": start_load, "end": load_average()},
+        "entries": [asdict(e) for e in entries]})
+
+
+# --- orthonormalisation ----------------------------------------------------------------------
+
+
+def householder(Y):
+    return torch.linalg.qr(Y).Q
+
+
+def _cholqr_pass(Y, shift: bool, gram_dtype):
+    G = (Y.to(gram_dtype).mT @ Y.to(gram_dtype))
+    if shift:  # Fukaya et al. (2020): s = 11 (m k + k(k+1)) u ‖Y‖², making G + sI safely SPD
+        m, k = Y.shape[-2:]
+        u = torch.finfo(Y.dtype).eps / 2
+        s = 11 * (m * k + k * (k + 1)) * u * G.diagonal(dim1=-2, dim2=-1).sum(-1)
+        G = G + s[..., None, None] * torch.eye(k, dtype=G.dtype, device=G.device)
+    L, info = torch.linalg.cholesky_ex(G)
+    if (info > 0).any():  # breakdown: reported as an infinite orthogonality error
+        return torch.full_like(Y, float("inf"))
+    return torch.linalg.solve_triangular(L.mT.to(Y.dtype), Y, upper=True, left=False)
+
+
+def cholqr2_shifted(Y):
+    return _cholqr_pass(_cholqr_pass(Y, True, Y.dtype), False, Y.dtype)
+
+
+def cholqr3_shifted(Y):
+    return _cholqr_pass(cholqr2_shifted(Y), False, Y.dtype)
+
+
+def cholqr2_fp64_gram(Y):
+    return _cholqr_pass(_cholqr_pass(Y, False, torch.float64), False, torch.float64)
+
+
+def bench_orth(args, device) -> None:
+    """Time each orthonormalisation on the sketches randomized_svd orthonormalises for the 48
+    RoBERTa-base matrices, and its loss of orthogonality on ill-conditioned sketches."""
+    k = args.rank + 10
+    n_iter = 4
+    # Per group, per call: 1 + n_iter sketches of the long side, n_iter of the short side
+    # (wide weights are factorised transposed, so both groups' long side comes first).
+    sketches = [((36, 768, k), 1 + n_iter), ((36, 768, k), n_iter),
+                ((12, 3072, k), 1 + n_iter), ((12, 768, k), n_iter)]
+    gen = torch.Generator(device=device).manual_seed(0)
+    Ys = [(torch.randn(*shape, generator=gen, device=device), calls) for shape, calls in sketches]
+    methods = {"householder_qr": householder, "cholqr2_shifted": cholqr2_shifted,
+               "cholqr3_shifted": cholqr3_shifted, "cholqr2_fp64_gram": cholqr2_fp64_gram}
+
+    def sweep(fn):
+        for Y, calls in Ys:
+            for _ in range(calls):
+                fn(Y)
+
+    full = rsvd_batched(args.rank, 10, n_iter)
+    weights = [torch.randn(*shape, generator=gen, device=device)
+               for shape, count in ROBERTA_BASE.values() for _ in range(count)]
+    calls = {name: (lambda: None, lambda fn=fn: sweep(fn)) for name, fn in methods.items()}
+    calls["randomized_svd (whole call)"] = (lambda: None, lambda: full(weights))
+    samples = round_robin(calls, device, args.repeats, args.warmup)
+
+    # Ill-conditioned sketches: Y = W Ω for W with σ_i = c^i, κ(Y) ≈ c^-(k-1).
+    errors = {}
+    for c in DECAYS:
+        m, n = 768, 768
+        Uo = torch.linalg.qr(torch.randn(m, n, generator=gen, device=device,
+                                         dtype=torch.float64)).Q
+        Vo = torch.linalg.qr(torch.randn(n, n, generator=gen, device=device,
+                                         dtype=torch.float64)).Q
+        W = ((Uo * c ** torch.arange(n, device=device, dtype=torch.float64)) @ Vo.mT).float()
+        Y = W @ torch.randn(n, k, generator=gen, device=device)
+        cond = torch.linalg.cond(Y.double()).item()
+        for name, fn in methods.items():
+            Q = fn(Y).double()
+            err = (Q.mT @ Q - torch.eye(k, device=device, dtype=torch.float64)).abs().max()
+            errors[(name, c)] = (err.item(), cond)
+
+    whole = quantiles(samples["randomized_svd (whole call)"])[0]
+    print(f"device: {device_name(device)}   load average: {load_average()}")
+    print(f"orthonormalisation per randomized_svd call on the 48 RoBERTa-base matrices "
+          f"(k = {k}, n_iter = {n_iter}); the whole call takes {whole * 1e3:.1f} ms")
+    print(f"{'method':20s} {'ms p50 [p20-p80]':24s} {'share':>6s}   ‖QᵀQ − I‖max at "
+          + "  ".join(f"σ_i={c}^i (κ={errors[('householder_qr', c)][1]:.0e})"
+                      for c in DECAYS))
+    out_rows = []
+    for name in methods:
+        p50, p20, p80 = quantiles(samples[name])
+        errs = "  ".join(f"{errors[(name, c)][0]:24.1e}" for c in DECAYS)
+        print(f"{name:20s} {p50 * 1e3:7.2f} [{p20 * 1e3:.2f}-{p80 * 1e3:.2f}]{'':6s} "
+              f"{p50 / whole:6.1%}   {errs}")
+        common = {"kernel": "orthonormalise", "provider": name, "mode": "batched",
+                  "x": "roberta-base-48-sketches", "shape": f"k={k};n_iter={n_iter}",
+                  "dtype": "float32", "device": device_name(device),
+                  "versions": versions(), "timestamp": timestamp()}
+        out_rows.append({**common, "metric": "time_ms", "unit": "ms",
+                         "p50": p50 * 1e3, "p20": p20 * 1e3, "p80": p80 * 1e3})
+        for c in DECAYS:
+            e = errors[(name, c)][0]
+            out_rows.append({**common, "metric": f"orth_error_sigma_{c}^i", "unit": "max abs",
+                             "p50": e, "p20": e, "p80": e})
+    save(Path(args.out), device, out_rows, {"case": "orthonormalisation",
+                                            "settings": vars(args),
+                                            "device": device_name(device)})
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--llama7b", action="store_true",
+                        help="the 224 LLaMA-7B matrices through apply_edora (default device cuda)")
+    parser.add_argument("--orth", action="store_true",
+                        help="measure the orthonormalisation choices instead")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu; cuda with "
+                        "--llama7b)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                        help="--llama7b model dtype (computation is fp32 either way)")
+    parser.add_argument("--shrink", type=int, default=1,
+                        help="--llama7b: divide every dimension by this (smoke tests)")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if args.llama7b else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("CUDA is not available here; pass --device cpu (with --shrink for --llama7b)")
+    if args.orth:
+        bench_orth(args, device)
+    elif args.llama7b:
+        bench_llama(args, device)
+    else:
+        bench_roberta(args, device)
+
+
+if __name__ == "__main__":
+    main()
