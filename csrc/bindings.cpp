@@ -96,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> rescale(const at::Tensor& base, const at::Ten
   // With overwrite_base, base is a temporary of the caller: it becomes z, or y when z is not kept.
   at::Tensor y = overwrite_base && !save ? base : at::empty_like(base);
   at::Tensor z = !save ? base.new_empty({0}) : overwrite_base ? base : at::empty_like(base);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(base.get_device()).stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(base.device().index()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "edora_rescale", [&] {
     using Acc = edora::acc_t<typename CudaType<scalar_t>::type>;
     check_launch(fn, edora::launch_rescale(
@@ -124,8 +124,8 @@ std::tuple<at::Tensor, at::Tensor> grad_scale_colsum(const at::Tensor& gy, const
   // The partial sums live only until the second pass: the caching allocator reuses the block.
   at::Tensor partial =
       g.new_empty({need_colsum ? edora::colsum_partial_rows(n_rows) : 0, n_cols});
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(gy.get_device()).stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "edora_grad_scale_colsum", [&] {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(gy.device().index()).stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "edora_grad_colsum", [&] {
     using Acc = edora::acc_t<typename CudaType<scalar_t>::type>;
     check_launch(fn, edora::launch_grad_scale_colsum(
                          data<scalar_t>(gy), g.data_ptr<Acc>(),

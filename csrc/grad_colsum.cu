@@ -3,6 +3,7 @@
 //
 // Deterministic: each block writes the partial sum of its rows (a fixed order within the block),
 // then a second pass adds the partials in row-block order. No float atomics.
+#include <algorithm>
 #include <climits>
 
 #include "convert.cuh"
@@ -30,7 +31,8 @@ __global__ void __launch_bounds__(kThreadsX * kThreadsY)
   const int ty = threadIdx.y;
   const int64_t col = int64_t(blockIdx.x) * kThreadsX + tx;
   const int64_t row_begin = int64_t(blockIdx.y) * rows_per_block;
-  const int64_t row_end = min(n_rows, row_begin + rows_per_block);
+  const int64_t row_end =
+      row_begin + rows_per_block < n_rows ? row_begin + rows_per_block : n_rows;
 
   // --- gz and this thread's share of the column sum
   Acc sum = 0;
@@ -92,9 +94,9 @@ cudaError_t launch_grad_scale_colsum(const T* gy, const acc_t<T>* g, const T* z,
   }
   if (colsum != nullptr) {
     // A grid-stride loop covers any n_cols; 1024 blocks fill every current GPU.
-    const int64_t blocks = min(ceil_div(n_cols, kFinalizeThreads), int64_t(1024));
-    colsum_finalize_kernel<acc_t<T>><<<static_cast<unsigned>(blocks), kFinalizeThreads, 0, stream>>>(
-        partial, n_rows > 0 ? n_partial : 0, n_cols, colsum);
+    const int64_t blocks = std::min<int64_t>(ceil_div(n_cols, kFinalizeThreads), 1024);
+    colsum_finalize_kernel<acc_t<T>><<<static_cast<unsigned>(blocks), kFinalizeThreads, 0,
+                                       stream>>>(partial, n_partial, n_cols, colsum);
     return cudaGetLastError();
   }
   return cudaSuccess;

@@ -22,7 +22,7 @@ from edora_kernels import _C
 
 
 def _compute(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` contiguous in the kernels' accumulator dtype for ``like`` (fp64 for fp64, else fp32)."""
+    """``t`` contiguous in the kernels' accumulator dtype: fp64 for fp64 ``like``, else fp32."""
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     return t.to(dtype).contiguous()
 
