@@ -1,4 +1,4 @@
-// Element <-> accumulator conversions shared by the kernels (device code only).
+// Shared by the .cu files: element <-> accumulator conversions (device) and ceil_div (host).
 #pragma once
 
 #include <cuda_bf16.h>
