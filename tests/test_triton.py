@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from conftest import TOLERANCE, assert_close
 
-from edora_kernels import edora_linear
+from edora_kernels import base_norm_terms, edora_epilogue, edora_linear
 from edora_kernels.tolerances import normalised_error
 from edora_kernels.backends import torch_backend, triton_bwd, triton_fwd
 from edora_kernels.reference import edora_linear_reference
@@ -300,6 +300,21 @@ def test_epilogue_matches_reference(dtype, rank, n, save):
         assert z.numel() == 0
     # and it is EDoRA's output when y0 is the dense base layer's
     assert_close(y, reference(p, torch.zeros(n, out_f, dtype=torch.float64))[0], dtype, "vs ref")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_epilogue_op(dtype):
+    """edora_epilogue(..., backend="triton"): its forward runs the epilogue kernel."""
+    p = make_problem(37, *SHAPES[0], 3, dtype, seed=53)
+    c0, C = base_norm_terms(p["weight"], p["A"])
+    x = p["x"].detach().requires_grad_()
+    R, m = p["R"].detach().requires_grad_(), p["magnitude"].detach().requires_grad_()
+    y = edora_epilogue(torch.nn.functional.linear(x, p["weight"], p["bias"]), x, p["bias"],
+                       p["A"], p["B"], R, m, SCALING, base_norm_sq=c0, base_times_A=C,
+                       backend="triton")
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
+    actual = (y.detach(),) + torch.autograd.grad(y, (x, R, m), gy)
+    check_all(actual, reference(p, gy), dtype, f"edora_epilogue {dtype}")
 
 
 # ------------------------------------------------------------------------------------------------

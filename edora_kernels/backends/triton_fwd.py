@@ -481,15 +481,11 @@ def epilogue(y0, v, bias, P, g, scaling, save):
     y0 (N×out) is the base layer's output including its bias, v = x Aᵀ (N×r) in y0's dtype,
     bias (out) in y0's dtype or None, P = B R (out×r) and g = m/n (out) in the compute dtype.
     y and z come back in y0's dtype; z is empty unless ``save``. Inputs named by
-    ``use_torch_path`` are computed with composed torch ops.
+    ``use_torch_path`` take the torch backend's code path.
     """
     N, R = y0.shape[0], v.shape[1]
     if use_torch_path(y0.dtype, R):
-        z = y0 - bias if bias is not None else y0.clone()
-        z.addmm_(v.to(y0.dtype), P.to(y0.dtype).T, alpha=scaling)
-        g = g.to(y0.dtype)
-        y = z * g if bias is None else torch.addcmul(bias, z, g)
-        return y, z if save else y0.new_empty(0)
+        return torch_backend.epilogue(y0, v, bias, P, g, scaling, save)
     out = y0.shape[1]
     y = y0.new_empty(N, out)
     z = y0.new_empty(N, out) if save else y0.new_empty(0)

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The one prepared script for a GPU machine (DESIGN §8): H100/H200, Python 3.12, torch 2.11,
+# triton 3.6, peft preinstalled, no network. Run from anywhere:
+#
+#     OUT=/some/dir bash bench/gpu_check.sh
+#
+# Installs the package from this working tree (offline), runs the GPU-marked tests, the backend
+# self-check and the forward / forward+backward benchmark of the issue. Everything it prints goes
+# to $OUT/gpu_check.log; the benchmark writes its CSV/JSON into $OUT. Each step has its own time
+# limit and the limits add up to under 6 minutes; a failing step does not stop the later ones,
+# and the exit status is that of the first failure.
+#
+# GPU_CHECK_BUILD_CUDA=1 also builds the optional CUDA extension (nvcc, about a minute or two).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+exec > >(tee -a "$LOG") 2>&1
+
+status=0
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, remember the first failure
+    local name=$1 limit=$2
+    shift 2
+    echo
+    echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s)"
+    local start=$SECONDS rc=0
+    timeout --kill-after=10 "$limit" "$@" || rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - start))s"
+    if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi
+}
+
+echo "=== gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
+git rev-parse --short HEAD 2>/dev/null || true
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+
+# Offline install: no dependency resolution, the installed setuptools/torch, no downloads.
+if [ "${GPU_CHECK_BUILD_CUDA:-0}" = "1" ]; then
+    export EDORA_BUILD_CUDA=1
+else
+    export EDORA_SKIP_CUDA_BUILD=1
+fi
+step install 60 python -m pip install --no-deps --no-build-isolation --no-index -q -e .
+if ! python -c "import edora_kernels" 2>/dev/null; then
+    echo "editable install unavailable: using the working tree on PYTHONPATH"
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+step info 20 python -m edora_kernels info
+step "gpu tests" 100 python -m pytest -m gpu -q -rs tests
+step check 40 python -m edora_kernels check
+step bench 130 python -m edora_kernels bench --tokens 8192 \
+    --shapes 4096x4096,4096x11008,11008x4096 --ranks 16,64 --dtype bfloat16 \
+    --modes fwd,fwd+bwd --compile --out "$OUT"
+
+echo
+echo "=== gpu_check done in ${SECONDS}s, exit $status; results in $OUT"
+ls -l "$OUT"
+exit "$status"
