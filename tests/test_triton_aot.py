@@ -1,4 +1,4 @@
-"""Ahead-of-time compile checks of the Triton kernels for sm_80 and sm_90, no GPU needed (DESIGN §8).
+"""Ahead-of-time compile checks of the Triton kernels for sm_80 and sm_90 without a GPU (DESIGN §8).
 
 Every config the autotuner may pick (the prune filter's shape-independent candidates per
 architecture, dtype and padded rank) is compiled with ``triton.compile`` for the real
@@ -33,6 +33,9 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block,
 DTYPES = ("bfloat16", "float16", "float32")
 KERNELS = ("forward", "dx", "colsum", "epilogue")
 GEMM_KERNELS = ("forward", "dx")
+# The other specialisations the launchers produce, compiled once (bf16, first candidate, r 16):
+# inference forward without bias, a transposed x (no unit stride), dx without t, t alone.
+VARIANTS = ("forward:eval", "forward:strided", "dx:no-t", "dx:t-only")
 R_PADS = (16, 32, 64, 128)
 FIELDS = ("arch", "kernel", "dtype", "r_pad", "block_m", "block_n", "block_k", "group_m",
           "num_warps", "num_stages", "regs", "stack", "local", "static_shared", "dynamic_shared",
@@ -88,13 +91,17 @@ def _problem_args(kernel: str, dtype: str, r_pad: int) -> tuple:
     dt, f32 = _torch_dtype(dtype), torch.float32
     M, K, N, R = 256, 512, 384, r_pad  # sizes only matter through their divisibility
     e = lambda *shape, d=dt: torch.empty(*shape, dtype=d)  # noqa: E731
-    if kernel == "forward":
-        args = triton_fwd.fwd_args(e(M, K), e(N, K), e(N), e(R, K), e(N, R, d=f32), e(N, d=f32),
-                                   0.5, True, e(M, N), e(M, R), e(M, N))
+    if kernel.startswith("forward"):
+        x = e(K, M).T if kernel == "forward:strided" else e(M, K)
+        train = kernel != "forward:eval"
+        args = triton_fwd.fwd_args(x, e(N, K), e(N) if train else None, e(R, K),
+                                   e(N, R, d=f32), e(N, d=f32), 0.5, train, e(M, N), e(M, R),
+                                   e(M, N))
         fn = triton_fwd.edora_fwd_kernel.fn
-    elif kernel == "dx":
+    elif kernel.startswith("dx"):
+        need_dx, need_t = kernel != "dx:t-only", kernel != "dx:no-t"
         args = triton_bwd.dx_args(e(M, N), e(N, K), e(N, R), e(R, K, d=f32), e(N, d=f32),
-                                  0.5, True, True, e(M, K), e(M, R))
+                                  0.5, need_dx, need_t, e(M, K), e(M, R))
         fn = triton_bwd.edora_dx_kernel.fn
     elif kernel == "epilogue":
         args = triton_fwd.epilogue_args(e(M, N), e(M, R), e(N), e(N, R, d=f32), e(N, d=f32),
@@ -123,6 +130,8 @@ def _jobs(arch: int):
             for r_pad in (R_PADS[0], R_PADS[-1]):
                 yield "epilogue", dtype, r_pad, config
         yield "colsum", dtype, 0, triton_bwd.COLSUM_CONFIG
+    for variant in VARIANTS:
+        yield variant, "bfloat16", 16, triton_fwd.gemm_candidates(arch, 2, 16)[0]
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -175,12 +184,12 @@ def _compile_all(arch: int) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 def _print_table(rows):
-    header = (f"{'arch':>4} {'kernel':<8} {'dtype':<12} {'r_pad':>5} {'tile':>12} {'w':>2} "
+    header = (f"{'arch':>4} {'kernel':<15} {'dtype':<12} {'r_pad':>5} {'tile':>12} {'w':>2} "
               f"{'s':>2} {'regs':>4} {'spill':>5} {'shared':>7} {'wgmma':>5} {'async':>5}")
     print("\n" + header)
     for r in rows:
         tile = f"{r['block_m']}x{r['block_n']}x{r['block_k']}"
-        print(f"{r['arch']:>4} {r['kernel']:<8} {r['dtype']:<12} {r['r_pad']:>5} {tile:>12} "
+        print(f"{r['arch']:>4} {r['kernel']:<15} {r['dtype']:<12} {r['r_pad']:>5} {tile:>12} "
               f"{r['num_warps']:>2} {r['num_stages']:>2} {r['regs']:>4} "
               f"{r['stack'] + r['local']:>5} {r['static_shared'] + r['dynamic_shared']:>7} "
               f"{'yes' if r['wgmma'] else 'no':>5} {'yes' if r['cp_async'] else 'no':>5}")
@@ -239,6 +248,14 @@ def test_gemm_kernels_pipeline_and_use_wgmma_on_hopper(aot_rows, arch, kernel, d
             assert r["cp_async"] or r["tma"], f"{_label(r)} is not pipelined"
         if arch == 90:
             assert r["wgmma"], f"{_label(r)} does not use wgmma"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flag_variants_compile_without_spills(aot_rows, arch):
+    for variant in VARIANTS:
+        for r in _select(aot_rows, arch, variant, "bfloat16"):
+            assert r["stack"] == 0 and r["local"] == 0, f"{_label(r)} spills: {r}"
+            assert r["cp_async"] or r["tma"], f"{_label(r)} is not pipelined"
 
 
 def test_every_candidate_config_compiled(aot_rows):

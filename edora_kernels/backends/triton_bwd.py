@@ -170,7 +170,8 @@ def colsum_slabs(M: int, N: int, device: torch.device) -> tuple[int, int]:
     """(rows per slab, number of slabs): a function of the shape and the device only."""
     block_m, block_n = COLSUM_CONFIG.kwargs["BLOCK_M"], COLSUM_CONFIG.kwargs["BLOCK_N"]
     if device.type == "cuda":
-        programs = COLSUM_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        programs = COLSUM_PROGRAMS_PER_SM * sms
     else:
         programs = COLSUM_PROGRAMS_INTERPRET
     row_blocks = triton.cdiv(M, block_m)

@@ -491,5 +491,6 @@ def epilogue(y0, v, bias, P, g, scaling, save):
     z = y0.new_empty(N, out) if save else y0.new_empty(0)
     if N == 0:
         return y, z
-    edora_epilogue_kernel[tiles_grid(N, out)](**epilogue_args(y0, v, bias, P, g, scaling, save, y, z))
+    args = epilogue_args(y0, v, bias, P, g, scaling, save, y, z)
+    edora_epilogue_kernel[tiles_grid(N, out)](**args)
     return y, z
