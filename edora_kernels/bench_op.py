@@ -44,7 +44,7 @@ def default_config(device: torch.device) -> OpConfig:
             modes=list(MODES), repeats=30, warmup=5, device=device)
     return OpConfig(tokens=[2048], shapes=[(1024, 1024), (512, 2048)], ranks=[16],
                     dtype=torch.float32, providers=list(DEFAULT_PROVIDERS), modes=list(MODES),
-                    repeats=15, warmup=3, device=device)
+                    repeats=25, warmup=3, device=device)
 
 
 def _max_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:

@@ -81,6 +81,9 @@ def _dtype(text: str) -> torch.dtype:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import report
 
+    if args.threads is not None:
+        # Before anything runs: the thread count is part of the CPU's name in the results.
+        torch.set_num_threads(args.threads)
     device = default_device()
     settings = {k: (str(v) if isinstance(v, torch.dtype) else v)
                 for k, v in vars(args).items() if k != "func"}
@@ -158,6 +161,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--warmup", type=int, help="untimed calls per provider first")
     p.add_argument("--compile", action="store_true",
                    help="add 'compiled': torch.compile(fullgraph=True) of the torch backend")
+    p.add_argument("--threads", type=_positive_int,
+                   help="CPU threads for torch (default: torch's choice); on a shared machine "
+                        "one thread per process is less disturbed by other processes")
     p.add_argument("--out", default="bench/results", help="results folder (default: %(default)s)")
     p.add_argument("--model", nargs="?", const="auto", choices=["auto", *MODEL_PRESETS],
                    help="time one training step of a small Llama instead of the op "
