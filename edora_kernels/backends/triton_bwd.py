@@ -37,7 +37,7 @@ from .triton_fwd import (
     use_torch_path,
 )
 
-# Fixed (see the module docstring): 32 rows × 128 columns per step, 16-byte loads per thread.
+# Fixed (see the module docstring): 32 rows × 128 columns per step.
 COLSUM_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_stages=1, num_warps=4)
 # Row slabs per column block: enough programs to fill the device a few times over.
 COLSUM_PROGRAMS_PER_SM = 4
