@@ -68,7 +68,7 @@ def default_model_config(device: torch.device, preset: str = "auto") -> ModelCon
     on_gpu = device.type == "cuda"
     providers = ["peft_lora", "peft_dora", "torch"] + (["triton", "cuda"] if on_gpu else [])
     return ModelConfig(preset=preset, **MODEL_PRESETS[preset], rank=16, providers=providers,
-                       repeats=20 if on_gpu else 6, warmup=3 if on_gpu else 2, device=device)
+                       repeats=20 if on_gpu else 15, warmup=3 if on_gpu else 2, device=device)
 
 
 def _base_model(cfg: ModelConfig) -> nn.Module:

@@ -8,6 +8,10 @@ from pathlib import Path
 
 from .bench_io import read_rows
 
+# The EDoRA backends by what they are; other providers keep their names.
+LABELS = {"torch": "EDoRA torch", "triton": "EDoRA triton", "cuda": "EDoRA cuda",
+          "compiled": "EDoRA torch.compile"}
+
 
 def _latest_ratio_rows(rows: list[dict]) -> list[dict]:
     latest: dict[str, str] = {}
@@ -30,11 +34,15 @@ def plot_csv(csv_path: str | Path, out: str | Path | None = None) -> Path:
     for row in rows:
         panels[(row["kernel"], row["mode"])].append(row)
 
+    # One colour per provider in every panel.
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = {p: palette[i % len(palette)]
+               for i, p in enumerate(dict.fromkeys(r["provider"] for r in rows))}
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.6 * len(panels)), squeeze=False)
     for ax, ((kernel, mode), panel) in zip(axes[:, 0], panels.items()):
         cases = list(dict.fromkeys(r["x"] for r in panel))
         providers = list(dict.fromkeys(r["provider"] for r in panel))
-        width = 0.8 / len(providers)
+        width = 0.8 / max(len(providers), 5)  # a lone case keeps bars of a readable width
         for k, provider in enumerate(providers):
             by_case = {r["x"]: r for r in panel if r["provider"] == provider}
             xs = [i + (k - (len(providers) - 1) / 2) * width
@@ -42,10 +50,12 @@ def plot_csv(csv_path: str | Path, out: str | Path | None = None) -> Path:
             mids = [by_case[c]["p50"] for c in cases if c in by_case]
             spread = [[by_case[c]["p50"] - by_case[c]["p20"] for c in cases if c in by_case],
                       [by_case[c]["p80"] - by_case[c]["p50"] for c in cases if c in by_case]]
-            bars = ax.bar(xs, mids, width, yerr=spread, capsize=2, label=provider)
+            bars = ax.bar(xs, mids, width, yerr=spread, capsize=2, color=colours[provider],
+                          label=LABELS.get(provider, provider))
             ax.bar_label(bars, labels=[f"{m:.2f}" for m in mids], fontsize=7, padding=2)
         ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(cases)), cases)
+        ax.set_xlim(-0.5, len(cases) - 0.5)
         baseline = panel[0]["metric"].removeprefix("ratio_to_")
         ax.set_ylabel(f"time / {baseline} (lower is better)")
         ax.set_title(f"{kernel}, {mode}, {panel[0]['dtype']}")
