@@ -6,6 +6,7 @@ from other processes lands on all of them alike; ratios are then taken round by 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -69,23 +70,29 @@ def quantiles(values: Iterable[float]) -> tuple[float, float, float]:
 
 
 def saved_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs.
+    """Bytes of the distinct storages autograd keeps for backward of ``fn()``'s output.
 
-    Storages of ``exclude`` (weights, adapter parameters: memory the model holds anyway) are not
-    counted; a storage saved twice, or through several views, counts once.
+    Counted while the output (and so its graph) is alive, and only tensors the graph still
+    holds then: a tensor saved by a graph branch that was dropped during the forward is not
+    kept for backward. Storages of ``exclude`` (weights, adapter parameters: memory the model
+    holds anyway) are not counted; a storage saved twice, or through several views, counts once.
     """
     skip = {t.untyped_storage().data_ptr() for t in exclude if t is not None}
-    seen: dict[int, int] = {}
+    packed: list[weakref.ref] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
+        packed.append(weakref.ref(t))
+        return t  # the graph holds this very object: alive exactly as long as it is needed
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
+        output = fn()
+    sizes = {}
+    for ref in packed:
+        t = ref()
+        if t is not None and t.untyped_storage().data_ptr() not in skip:
+            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    del output
+    return sum(sizes.values())
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
