@@ -5,14 +5,21 @@ the product, so A is exact even when U_r is approximate); ``split="sqrt"`` gives
 ``B = U_r √Σ_r``, ``A = √Σ_r V_rᵀ`` instead. Everything here accepts a batch ``(*, m, n)`` and
 computes in fp32 (fp64 for fp64 input).
 
-``randomized_svd`` is the Halko–Martinsson–Tropp range finder, batched over leading dims.
-Orthonormalisation is Householder QR (``torch.linalg.qr``), chosen by measurement on the 2-core
-CPU this was developed on (``python bench/bench_init.py --orth``): for the 48 RoBERTa-base sketches
-it costs about the same as shifted Cholesky-QR2 (~7 ms vs ~6 ms per sweep, a fifth of a
-randomized_svd call either way), while Cholesky-QR2 in fp32 loses orthogonality (‖QᵀQ − I‖ ~ 0.1)
-once the sketch's condition number passes ~u^(-1/2) ≈ 3e3, which fast-decaying spectra reach;
-forming the Gram matrix in fp64 repairs that but is then slower than Householder on CPU.
-Householder also stays orthonormal for rank-deficient inputs (e.g. a zero matrix).
+``randomized_svd`` is a Halko–Martinsson–Tropp range finder, batched over leading dims, in its
+block-Krylov form (HMT §4.6): every block of the power iteration is kept, and the Rayleigh–Ritz
+step reuses the Wᵀ-products already made. Measured on RoBERTa-base's 48 target matrices (bulk +
+power-law spikes, r = 16, 2-core CPU, ``bench/bench_init.py``), it reaches scikit-learn's
+``TruncatedSVD(n_iter=10)`` residual with 12 passes over W of 16 columns, where plain subspace
+iteration needs 22 passes of 26 columns (p = 10, q = 10); at p = 10, q = 4 subspace iteration
+is both slower and less accurate than the defaults here (p = 0, q = 5), which is why they differ
+from DESIGN §6's p ≈ 10 (oversampling matters for subspace iteration; depth does it here).
+
+Orthonormalisation is Householder QR (``torch.linalg.qr``), chosen by measurement
+(``bench/bench_init.py --orth``): per call on the 48 RoBERTa-base matrices it takes 21 ms of
+350 ms; shifted Cholesky-QR2 takes 16 ms but loses orthogonality (‖QᵀQ − I‖ = 3e-3) at a block
+condition number of 4e3 and breaks down at 6e6, which fast-decaying spectra reach; shifted
+Cholesky-QR3 (22 ms) also breaks down there; Cholesky-QR2 with an fp64 Gram matrix is robust but
+slower (29 ms). Householder also stays orthonormal for rank-deficient inputs.
 """
 from __future__ import annotations
 
@@ -24,9 +31,13 @@ from .norm import compute_dtype
 
 INITS = ("rsvd", "svd", "random")
 SPLITS = ("u", "sqrt")
+# randomized_svd's defaults, chosen by measurement (see the module docstring): a block of exactly
+# ``rank`` columns and five Krylov steps.
+DEFAULT_OVERSAMPLE = 0
+DEFAULT_N_ITER = 5
 
 
-def _check_matrix(W: torch.Tensor, rank: int) -> None:
+def _check_matrix(W: torch.Tensor, rank: int, *, finite: bool = True) -> None:
     if not isinstance(W, torch.Tensor) or W.dim() < 2:
         shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
         raise ValueError(f"W must be a tensor of shape (*, m, n) with at least 2 dims, got {shape}")
@@ -39,8 +50,22 @@ def _check_matrix(W: torch.Tensor, rank: int) -> None:
     if not 1 <= rank <= min(m, n):
         raise ValueError(f"rank must be in [1, min(m, n)] = [1, {min(m, n)}] for W of shape "
                          f"{tuple(W.shape)}, got {rank}")
-    if not torch.isfinite(W).all():
+    if finite:
+        _require_finite(W, W)
+
+
+def _require_finite(t: torch.Tensor, W: torch.Tensor) -> None:
+    """Raise if ``t`` (W itself, or a sketch W Ω that is non-finite whenever W is) is not finite.
+
+    Checking the sketch instead of W saves a full pass over W (torch.isfinite on CPU makes three);
+    only on failure is W itself checked, to tell NaN/Inf from overflow.
+    """
+    if torch.isfinite(t).all():
+        return
+    if t is W or not torch.isfinite(W).all():
         raise ValueError(f"W (shape {tuple(W.shape)}) contains NaN or Inf; cannot factorise it")
+    raise ValueError(f"W (shape {tuple(W.shape)}, max |W| = {W.abs().max().item():.3g}) "
+                     f"overflows {compute_dtype(W.dtype)} in W·Ω; scale it down")
 
 
 def _check_nonnegative_int(name: str, value) -> None:
@@ -60,45 +85,103 @@ def _orthonormalize(Y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(Y, mode="reduced").Q
 
 
+def _orthonormalize_against(Y: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the part of ``Y`` (batch, m, b) outside span(K), K orthonormal."""
+    for _ in range(2):  # block Gram–Schmidt, twice: orthogonal to K to rounding
+        Y = Y - K @ (K.mT @ Y)
+    Q = _orthonormalize(Y)
+    # When Y lies (partly) inside span(K) — W of low rank, an invariant subspace reached — the QR
+    # above blows rounding up into directions inside span(K). Householder QR of [K, Y] returns an
+    # orthonormal complement of K in every case, so those matrices take that slower route. The
+    # bound is tight because the errors of all blocks add up in U (measured: ~1 eps normally).
+    tol = 4 * torch.finfo(Y.dtype).eps
+    lost = (K.mT @ Q).abs().amax(dim=(-2, -1)) > tol
+    if lost.any():
+        Q[lost] = _orthonormalize(torch.cat([K[lost], Y[lost]], dim=-1))[..., K.shape[-1]:]
+    return Q
+
+
+def _top_svd_of_transpose(X: torch.Tensor, rank: int):
+    """``(Ub, S, Vb)``, the top-``rank`` SVD ``Xᵀ ≈ Ub diag(S) Vbᵀ`` of a tall (batch, n, d) X.
+
+    For fp32 X, from the eigenvectors of the d×d Gram matrix XᵀX formed in fp64 (squaring in fp64
+    loses nothing fp32 holds) and a QR of X·Ub for the other side: about twice as fast on CPU as
+    LAPACK's SVD of X, and both factors come out orthonormal. fp64 X takes the SVD.
+    """
+    if X.dtype == torch.float64:
+        Vb, S, Ubh = torch.linalg.svd(X, full_matrices=False)
+        return Ubh[..., :rank, :].mT, S[..., :rank], Vb[..., :rank]
+    X64 = X.double()
+    eigenvalues, E = torch.linalg.eigh(X64.mT @ X64)  # ascending
+    E = E[..., -rank:].flip(-1)
+    S = eigenvalues[..., -rank:].flip(-1).clamp_min(0).sqrt()
+    Vb, R = torch.linalg.qr(X64 @ E)  # columns σ_i v_i, made orthonormal; keep their signs
+    Vb = Vb * torch.where(R.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).unsqueeze(-2)
+    return E.to(X.dtype), S.to(X.dtype), Vb.to(X.dtype)
+
+
 def randomized_svd(
     W: torch.Tensor,
     rank: int,
     *,
-    oversample: int = 10,
-    n_iter: int = 4,
+    oversample: int = DEFAULT_OVERSAMPLE,
+    n_iter: int = DEFAULT_N_ITER,
     seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank-``rank`` truncated SVD ``W ≈ U diag(S) Vh`` by randomised range finding.
+    """Rank-``rank`` truncated SVD ``W ≈ U diag(S) Vh`` by a randomised block-Krylov range finder.
 
     ``W``: ``(*, m, n)``, any floating dtype; computed in fp32 (fp64 for fp64 input) and returned
-    in that dtype as contiguous ``U (*, m, rank)``, ``S (*, rank)`` (descending) and
-    ``Vh (*, rank, n)``.
-    Each matrix of the batch gets its own Gaussian test matrix of ``k = rank + oversample`` columns
-    (capped at ``min(m, n)``); ``n_iter`` power iterations follow, re-orthonormalising after every
-    product with W or Wᵀ. ``seed`` makes the result deterministic (on a given device and thread
-    count); ``None`` draws from torch's global generator. Wide matrices are factorised through
-    their transpose so that the final small SVD is ``k × min(m, n)``.
+    in that dtype as contiguous ``U (*, m, rank)`` and ``Vh (*, rank, n)`` with orthonormal
+    columns/rows and ``S (*, rank)`` descending. Each matrix of the batch gets its own Gaussian
+    test matrix Ω of ``b = rank + oversample`` columns. ``n_iter`` steps each apply Wᵀ then W to
+    the newest block, re-orthonormalising after every product, and every block is kept: the
+    range is the block Krylov space [WΩ, (WWᵀ)WΩ, …, (WWᵀ)^n_iter WΩ] of dimension
+    ``(n_iter + 1)·b`` (HMT §4.6; for tall W the same is built from Wᵀ, so that the basis lives
+    on the shorter side), and the Rayleigh–Ritz step reuses the products already made, so that
+    there are ``2·n_iter + 2`` passes over W in all. When that dimension would reach
+    ``min(m, n)`` the exact SVD is as cheap and is returned instead. ``seed`` makes the result
+    deterministic on a given device and thread count; ``None`` draws from torch's global
+    generator.
     """
-    _check_matrix(W, rank)
     _check_nonnegative_int("oversample", oversample)
     _check_nonnegative_int("n_iter", n_iter)
+    _check_matrix(W, rank, finite=False)
     Wc = W.detach().to(compute_dtype(W.dtype))
-    wide = Wc.shape[-2] < Wc.shape[-1]
-    if wide:
-        Wc = Wc.mT
-    *batch, m, n = Wc.shape  # m >= n from here on
-    k = min(rank + oversample, n)
+    *batch, m, n = Wc.shape
+    short = min(m, n)
+    b = min(rank + oversample, short)
+    if (n_iter + 1) * b >= short:
+        _require_finite(Wc, Wc)
+        U, S, Vh = torch.linalg.svd(Wc, full_matrices=False)
+        return (U[..., :rank].contiguous(), S[..., :rank].contiguous(),
+                Vh[..., :rank, :].contiguous())
+
+    # The Krylov basis K lives on the shorter side: fewer rows to re-orthogonalise.
+    tall = m > n
+    Wo = (Wc.mT if tall else Wc).reshape(-1, short, max(m, n))
+    d = (n_iter + 1) * b
     gen = _generator(Wc.device, seed)
-    omega = torch.randn(*batch, n, k, generator=gen, device=Wc.device, dtype=Wc.dtype)
-    Q = _orthonormalize(Wc @ omega)
-    for _ in range(n_iter):
-        Q = _orthonormalize(Wc @ _orthonormalize(Wc.mT @ Q))
-    Ub, S, Vh = torch.linalg.svd(Q.mT @ Wc, full_matrices=False)
-    U = Q @ Ub[..., :rank]
-    S, Vh = S[..., :rank], Vh[..., :rank, :]
-    if wide:
+    omega = torch.randn(Wo.shape[0], Wo.shape[-1], b, generator=gen, device=Wc.device,
+                        dtype=Wc.dtype)
+    K = Wo.new_empty(Wo.shape[0], short, d)
+    X = Wo.new_empty(Wo.shape[0], Wo.shape[-1], d)  # X = Woᵀ K, so that Kᵀ Wo = Xᵀ comes free
+    Y = Wo @ omega
+    _require_finite(Y, W)
+    Q = _orthonormalize(Y)
+    K[..., :b] = Q
+    for i in range(1, n_iter + 1):
+        X[..., (i - 1) * b:i * b] = Xi = Wo.mT @ Q
+        Q = _orthonormalize_against(Wo @ _orthonormalize(Xi), K[..., :i * b])
+        K[..., i * b:(i + 1) * b] = Q
+    X[..., n_iter * b:] = Wo.mT @ Q
+    # Rayleigh–Ritz: Kᵀ Wo = Xᵀ = Ub S Vbᵀ, so Wo ≈ (K Ub) S Vbᵀ.
+    Ub, S, Vb = _top_svd_of_transpose(X, rank)
+    U = K @ Ub
+    Vh = Vb.mT
+    if tall:
         U, Vh = Vh.mT, U.mT
-    return U.contiguous(), S.contiguous(), Vh.contiguous()
+    return (U.reshape(*batch, m, rank).contiguous(), S.reshape(*batch, rank),
+            Vh.reshape(*batch, rank, n).contiguous())
 
 
 def edora_factors(
@@ -108,8 +191,8 @@ def edora_factors(
     init: str = "rsvd",
     split: str = "u",
     seed: int | None = None,
-    oversample: int = 10,
-    n_iter: int = 4,
+    oversample: int = DEFAULT_OVERSAMPLE,
+    n_iter: int = DEFAULT_N_ITER,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, B)`` of shapes ``(*, rank, n)`` and ``(*, m, rank)`` for ``W`` of shape ``(*, m, n)``.
 
@@ -122,7 +205,7 @@ def edora_factors(
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    _check_matrix(W, rank)
+    _check_matrix(W, rank, finite=init != "rsvd")  # randomized_svd checks its sketch instead
     Wc = W.detach().to(compute_dtype(W.dtype))
     *batch, m, n = Wc.shape
     if init == "random":
