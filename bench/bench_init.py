@@ -18,7 +18,8 @@ values; accuracy does, and a flat random matrix would flatter every method.
 Accuracy per layer: residual ratio ``‖W − U_r U_rᵀ W‖_F / ‖W − W_r‖_F`` (1 is optimal; the
 optimum comes from float64 ``torch.linalg.svdvals``) and the largest relative error of the top-r
 singular values. Providers are timed in turns (``bench_timing.round_robin``), so load from other
-processes lands on all of them alike. Rows are appended to ``<out>/bench_<device>.csv`` in the
+processes lands on all of them alike, each call after an untimed pause that lets the previous
+library's BLAS threads go idle. Rows are appended to ``<out>/bench_<device>.csv`` in the
 project's one schema (``bench_io.BENCH_COLUMNS``); the run is written to
 ``<out>/init_<device>_<time>.json``.
 """
@@ -28,6 +29,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,7 +47,7 @@ from edora_kernels.bench_io import (
 )
 from edora_kernels.bench_timing import quantiles, round_robin, synchronize
 from edora_kernels.model import apply_edora
-from edora_kernels.svd import randomized_svd
+from edora_kernels.svd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLE, randomized_svd
 
 KERNEL = "init_svd"
 ROBERTA_BASE = {"768x768": ((768, 768), 36), "768x3072": ((768, 3072), 12)}
@@ -57,6 +59,7 @@ LLAMA_BLOCK = {  # name: (out_features, in_features)
 LLAMA_BLOCKS = 32
 SPIKES = 64
 SKLEARN = "sklearn.TruncatedSVD(n_iter=10)"
+PAUSE_S = 0.5
 DECAYS = (0.8, 0.6, 0.4)  # --orth: spectra σ_i = c^i whose sketches have κ ≈ c^-(k-1)
 
 # A provider maps the list of weights to one (U_r, S_r) per weight, in order.
@@ -172,10 +175,15 @@ class Entry:
     accuracy: Accuracy | None
 
 
+def pause() -> None:
+    # Untimed, before every timed call: OpenBLAS (under numpy/scikit-learn) keeps its threads
+    # spinning for a while after a call, which on a small CPU slows whatever runs next.
+    time.sleep(PAUSE_S)
+
+
 def measure(providers: dict[str, tuple[str, Callable]], weights, spectra, device, repeats,
             warmup, baseline: str | None) -> list[Entry]:
-    calls = {name: (lambda: None, lambda fn=fn: fn(weights)) for name, (_, fn) in
-             providers.items()}
+    calls = {name: (pause, lambda fn=fn: fn(weights)) for name, (_, fn) in providers.items()}
     samples = round_robin(calls, device, repeats, warmup)
     entries = []
     for name, (mode, fn) in providers.items():
@@ -259,9 +267,13 @@ def bench_roberta(args, device) -> None:
           "(float64, untimed) ...", file=sys.stderr)
     spectra = exact_spectra(weights, args.rank)
     r = args.rank
+    # Ours at the defaults (p=0, q=5), one step deeper, shallower (q=3: the accuracy of
+    # svd_lowrank(q=r+10, niter=4)), and at the HMT subspace-iteration defaults p=10, q=4.
     providers = {
-        "edora_kernels.randomized_svd(p=10,q=4)": ("batched", rsvd_batched(r, 10, 4)),
-        "edora_kernels.randomized_svd(p=10,q=1)": ("batched", rsvd_batched(r, 10, 1)),
+        f"edora_kernels.randomized_svd(p={p},q={q})": ("batched", rsvd_batched(r, p, q))
+        for p, q in ((DEFAULT_OVERSAMPLE, DEFAULT_N_ITER), (0, 6), (0, 3), (10, 4))
+    }
+    providers |= {
         "torch.linalg.svd": ("per-layer", exact_svd(r)),
         f"torch.svd_lowrank(q={r + 10},niter=4)": ("per-layer", svd_lowrank(r, r + 10, 4)),
         f"torch.svd_lowrank(q={r},niter=2)": ("per-layer", svd_lowrank(r, r, 2)),
@@ -318,16 +330,17 @@ def bench_llama(args, device) -> None:
     def end_to_end(_weights):
         apply_edora(llama_container(linears), list(LLAMA_BLOCK), r, progress=False, seed=0)
 
+    p, q = DEFAULT_OVERSAMPLE, DEFAULT_N_ITER
     providers = {
         "edora_kernels.apply_edora": ("model", end_to_end),
-        "edora_kernels.randomized_svd(p=10,q=4)": ("batched", rsvd_batched(r, 10, 4)),
+        f"edora_kernels.randomized_svd(p={p},q={q})": ("batched", rsvd_batched(r, p, q)),
         f"torch.svd_lowrank(q={r + 10},niter=4)": ("per-layer", svd_lowrank(r, r + 10, 4)),
     }
     # Accuracy on one matrix of each shape (exact SVDs of all 224 would dominate the run).
     sample = [linears[0][name].weight for name in ("q_proj", "gate_proj", "down_proj")]
     spectra = exact_spectra(sample, r)
     start_load = load_average()
-    samples = round_robin({name: (lambda: None, lambda fn=fn: fn(weights))
+    samples = round_robin({name: (pause, lambda fn=fn: fn(weights))
                            for name, (_, fn) in providers.items()}, device, args.repeats,
                           args.warmup)
     baseline = f"torch.svd_lowrank(q={r + 10},niter=4)"
@@ -385,12 +398,12 @@ def cholqr2_fp64_gram(Y):
 def bench_orth(args, device) -> None:
     """Time each orthonormalisation on the sketches randomized_svd orthonormalises for the 48
     RoBERTa-base matrices, and its loss of orthogonality on ill-conditioned sketches."""
-    k = args.rank + 10
-    n_iter = 4
-    # Per group, per call: 1 + n_iter sketches of the long side, n_iter of the short side
-    # (wide weights are factorised transposed, so both groups' long side comes first).
+    k = args.rank + DEFAULT_OVERSAMPLE
+    n_iter = DEFAULT_N_ITER
+    # Per call: the Krylov blocks live on the short side (768 for both groups), 1 + n_iter of
+    # them, and n_iter Wᵀ-products on the long side are orthonormalised in between.
     sketches = [((36, 768, k), 1 + n_iter), ((36, 768, k), n_iter),
-                ((12, 3072, k), 1 + n_iter), ((12, 768, k), n_iter)]
+                ((12, 768, k), 1 + n_iter), ((12, 3072, k), n_iter)]
     gen = torch.Generator(device=device).manual_seed(0)
     Ys = [(torch.randn(*shape, generator=gen, device=device), calls) for shape, calls in sketches]
     methods = {"householder_qr": householder, "cholqr2_shifted": cholqr2_shifted,
@@ -401,11 +414,11 @@ def bench_orth(args, device) -> None:
             for _ in range(calls):
                 fn(Y)
 
-    full = rsvd_batched(args.rank, 10, n_iter)
+    full = rsvd_batched(args.rank, DEFAULT_OVERSAMPLE, n_iter)
     weights = [torch.randn(*shape, generator=gen, device=device)
                for shape, count in ROBERTA_BASE.values() for _ in range(count)]
-    calls = {name: (lambda: None, lambda fn=fn: sweep(fn)) for name, fn in methods.items()}
-    calls["randomized_svd (whole call)"] = (lambda: None, lambda: full(weights))
+    calls = {name: (pause, lambda fn=fn: sweep(fn)) for name, fn in methods.items()}
+    calls["randomized_svd (whole call)"] = (pause, lambda: full(weights))
     samples = round_robin(calls, device, args.repeats, args.warmup)
 
     # Ill-conditioned sketches: Y = W Ω for W with σ_i = c^i, κ(Y) ≈ c^-(k-1).

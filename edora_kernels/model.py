@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .checks import check_dropout_backend
 from .layer import EDoRALinear
 from .norm import compute_dtype
-from .svd import INITS, SPLITS, edora_factors
+from .svd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLE, INITS, SPLITS, edora_factors
 
 # Working memory of one chunk of the batched initialisation. 1 GiB holds 16 fp32 copies of a
 # 4096×4096 weight (plus sketches), enough for the GEMMs to run at full speed on CPU and GPU.
@@ -113,9 +113,12 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 def _bytes_per_matrix(m: int, n: int, rank: int, dtype: torch.dtype, init: str) -> int:
     """Peak working memory of one matrix in a batched init (a conservative estimate)."""
     item = torch.finfo(compute_dtype(dtype)).bits // 8
-    k = min(rank + 10, m, n)
-    copies = {"rsvd": 1, "svd": 4, "random": 1}[init]  # LAPACK SVD needs U, Vh and workspace
-    return item * (copies * m * n + 4 * (m + n) * k)
+    if init == "svd":  # the stacked copy, U, Vh and LAPACK's workspace
+        return item * 4 * m * n
+    # The stacked copy, then randomized_svd's Krylov basis and Wᵀ-products (d columns each,
+    # one of them also in fp64) and the blocks in flight.
+    d = (DEFAULT_N_ITER + 1) * (rank + DEFAULT_OVERSAMPLE)
+    return item * m * n + 16 * (m + n) * d
 
 
 def _freeze_all_but_adapters(model: nn.Module) -> None:
@@ -216,10 +219,14 @@ def _chunk_factors(chunk, shape, dtype, device, rank, init, split, seed):
     stack = torch.empty(len(chunk), m, n, device=device, dtype=compute_dtype(dtype))
     for i, (_, linear) in enumerate(chunk):
         stack[i].copy_(linear.weight)
-    bad = (~torch.isfinite(stack).flatten(1).all(dim=1)).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(f"weights of {_quote([chunk[i][0] for i in bad])} contain NaN or Inf")
-    return edora_factors(stack, rank, init=init, split=split, seed=seed)
+    try:
+        return edora_factors(stack, rank, init=init, split=split, seed=seed)
+    except ValueError:
+        # Name the layers: the batched call can only point at the stack.
+        bad = [chunk[i][0] for i in range(len(chunk)) if not torch.isfinite(stack[i]).all()]
+        if bad:
+            raise ValueError(f"weights of {_quote(bad)} contain NaN or Inf") from None
+        raise
 
 
 # --- adapter state -----------------------------------------------------------------------------
