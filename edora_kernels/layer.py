@@ -73,7 +73,7 @@ class EDoRALinear(nn.Module):
         rank: int,
         alpha: float = 16.0,
         *,
-        init: str = "svd",
+        init: str = "rsvd",
         split: str = "u",
         sigma: float = 1e-5,
         dropout: float = 0.0,
@@ -83,7 +83,7 @@ class EDoRALinear(nn.Module):
     ) -> "EDoRALinear":
         """Wrap ``linear`` (its weight and bias are shared, not copied) and initialise A, B, R, m.
 
-        ``init``: "svd" (exact truncated SVD) or "random" (the paper's ablation). ``split``: "u"
+        ``init``: "rsvd" (randomised SVD), "svd" (exact) or "random" (ablation). ``split``: "u"
         (B = U_r, A = U_rᵀ W0, the paper's choice) or "sqrt". ``sigma``: std of R's Gaussian init
         (0 gives zeros). ``seed`` makes the random parts reproducible.
         """
