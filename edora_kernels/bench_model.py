@@ -157,14 +157,15 @@ def run_model_bench(cfg: ModelConfig, settings: dict) -> Run:
     if importlib.util.find_spec("transformers") is None:
         raise RuntimeError("--model needs transformers (pip install transformers)")
     run = Run(settings=settings)
-    providers = [BASELINE] + [p for p in cfg.providers if p != BASELINE]
-    for name in providers:
+    providers = []
+    for name in [BASELINE] + [p for p in cfg.providers if p != BASELINE]:
         why = _why_unavailable(name, cfg.device)
-        if why is not None:
-            if name == BASELINE:
-                raise RuntimeError(f"the baseline {BASELINE} cannot run: {why}")
+        if why is None:
+            providers.append(name)
+        elif name == BASELINE:
+            raise RuntimeError(f"the baseline {BASELINE} cannot run: {why}")
+        else:
             run.notes.append(f"skipped {name}: {why}")
-    providers = [p for p in providers if _why_unavailable(p, cfg.device) is None]
 
     base = _base_model(cfg)
     gen = torch.Generator().manual_seed(0)
