@@ -15,11 +15,13 @@ is both slower and less accurate than the defaults here (p = 0, q = 5), which is
 from DESIGN §6's p ≈ 10 (oversampling matters for subspace iteration; depth does it here).
 
 Orthonormalisation is Householder QR (``torch.linalg.qr``), chosen by measurement
-(``bench/bench_init.py --orth``): per call on the 48 RoBERTa-base matrices it takes 21 ms of
-350 ms; shifted Cholesky-QR2 takes 16 ms but loses orthogonality (‖QᵀQ − I‖ = 3e-3) at a block
-condition number of 4e3 and breaks down at 6e6, which fast-decaying spectra reach; shifted
-Cholesky-QR3 (22 ms) also breaks down there; Cholesky-QR2 with an fp64 Gram matrix is robust but
-slower (29 ms). Householder also stays orthonormal for rank-deficient inputs.
+(``bench/bench_init.py --orth``, two runs): per call on the 48 RoBERTa-base matrices it takes
+21–22 ms of ~360 ms. Shifted Cholesky-QR2 took 16 ms in one run and 32 ms in the other, and it
+loses orthogonality (‖QᵀQ − I‖ = 3e-3) at a block condition number of 4e3 and breaks down at 6e6,
+which fast-decaying spectra reach; shifted Cholesky-QR3 (22–46 ms) breaks down there too;
+Cholesky-QR2 with an fp64 Gram matrix is robust but slower (29–47 ms). At best Cholesky-QR would
+save 2% of a call on this CPU, at the price of a fallback path; Householder also stays
+orthonormal for rank-deficient inputs. (On a GPU the balance may differ: rerun ``--orth``.)
 """
 from __future__ import annotations
 
