@@ -58,10 +58,14 @@ def target_linears(model):
             if isinstance(m, nn.Linear) and n.endswith(suffixes)}
 
 
-def test_outputs_at_init_equal_the_base_model(base, input_ids):
-    model, _ = edora_copy(base, sigma=0.0, seed=0)
+@pytest.mark.parametrize("init", ["rsvd", "svd", "random"])
+def test_outputs_at_init_equal_the_base_model(base, input_ids, init):
+    model, _ = edora_copy(base, init=init, sigma=0.0, seed=0)
     assert_close(outputs(model, input_ids), outputs(base, input_ids).double(), torch.float32,
-                 "last_hidden_state, R = 0")
+                 f"last_hidden_state, R = 0, init={init}")
+    layer = model.encoder.layer[0].attention.self.query
+    if init != "random":  # B = U_r: orthonormal columns
+        assert (layer.B.mT @ layer.B - torch.eye(RANK)).abs().max() < 1e-5
 
 
 def test_default_sigma_moves_outputs_by_about_sigma(base, input_ids):
