@@ -26,8 +26,8 @@ from .layer import EDoRALinear
 from .norm import compute_dtype
 from .svd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLE, INITS, SPLITS, edora_factors
 
-# Working memory of one chunk of the batched initialisation. 1 GiB holds 16 fp32 copies of a
-# 4096×4096 weight (plus sketches), enough for the GEMMs to run at full speed on CPU and GPU.
+# Working memory of one chunk of the batched initialisation. 1 GiB holds a dozen fp32 copies of
+# a 4096×4096 weight with their Krylov blocks: enough for the GEMMs to run at full speed.
 DEFAULT_MEMORY_BUDGET = 1 << 30
 ADAPTER_TENSORS = ("A", "B", "R", "magnitude")
 FORMAT = "edora_kernels.adapter"
@@ -290,8 +290,9 @@ def load_edora_state_dict(
 
     EDoRA layers already in the model receive the tensors (copied, cast to their dtype and
     device; ``requires_grad`` untouched). Given a file, plain ``nn.Linear`` modules named in its
-    config are first rebuilt as EDoRA layers from the saved A and B (no SVD is run), and the model
-    is then frozen as :func:`apply_edora` leaves it. Nothing is changed unless every check passes:
+    config are first rebuilt as EDoRA layers from the saved A and B (no SVD is run; rank, alpha,
+    dropout and detach_norm from the file, backend "auto"), and the model is then frozen as
+    :func:`apply_edora` leaves it. Nothing is changed unless every check passes:
     mis-shaped tensors and an alpha that differs from the file's always raise, and with ``strict``
     so do missing and unexpected keys, each listed by name. Returns the tolerated
     ``(missing_keys, unexpected_keys)``.
