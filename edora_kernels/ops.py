@@ -107,9 +107,12 @@ def _linear_setup_context(ctx, inputs, output):
     _, v, z, n = output
     ctx.save_for_backward(weight, A, B, R, magnitude, v, z, n)
     ctx.scaling, ctx.detach_norm, ctx.backend = scaling, detach_norm, backend
+    ctx.set_materialize_grads(False)  # v, z, n get no gradient: skip the N×out zero fill
 
 
 def _linear_backward(ctx, gy, _gv, _gz, _gn):
+    if gy is None:  # grads are not materialised: y did not reach the loss
+        return (None,) * 11
     weight, A, B, R, magnitude, v, z, n = ctx.saved_tensors
     need_dx, _, need_dbias, _, _, need_dR, need_dm = ctx.needs_input_grad[:7]
     dx, dR, dm = _linear_bwd(gy, weight, A, B, R, magnitude, v, z, n, ctx.scaling,
@@ -221,9 +224,12 @@ def _epilogue_setup_context(ctx, inputs, output):
     _, v, z, n = output
     ctx.save_for_backward(A, B, R, magnitude, c0, C, v, z, n)
     ctx.scaling, ctx.detach_norm = scaling, detach_norm
+    ctx.set_materialize_grads(False)
 
 
 def _epilogue_backward(ctx, gy, _gv, _gz, _gn):
+    if gy is None:  # grads are not materialised: y did not reach the loss
+        return (None,) * 13
     A, B, R, magnitude, c0, C, v, z, n = ctx.saved_tensors
     need_dy0, need_dx, need_dbias, _, _, need_dR, need_dm = ctx.needs_input_grad[:7]
     dy0, dx, dR, dm = _epilogue_bwd(gy, A, B, R, magnitude, c0, C, v, z, n, ctx.scaling,
