@@ -7,7 +7,7 @@
 # Installs the package from this working tree (offline), runs the GPU-marked tests, the backend
 # self-check and the forward / forward+backward benchmark of the issue. Everything it prints goes
 # to $OUT/gpu_check.log; the benchmark writes its CSV/JSON into $OUT. Each step has its own time
-# limit and the limits add up to under 6 minutes; a failing step does not stop the later ones,
+# limit (they add up to under 8 minutes); a failing step does not stop the later ones,
 # and the exit status is that of the first failure.
 #
 # GPU_CHECK_BUILD_CUDA=1 also builds the optional CUDA extension (nvcc, about a minute or two).
@@ -53,6 +53,7 @@ step check 40 python -m edora_kernels check
 step bench 130 python -m edora_kernels bench --tokens 8192 \
     --shapes 4096x4096,4096x11008,11008x4096 --ranks 16,64 --dtype bfloat16 \
     --modes fwd,fwd+bwd --compile --out "$OUT"
+step "init llama7b" 120 python bench/bench_init.py --llama7b --out "$OUT"
 
 echo
 echo "=== gpu_check done in ${SECONDS}s, exit $status; results in $OUT"
