@@ -13,7 +13,7 @@ import sys
 import torch
 
 from . import __version__, backend_info
-from .bench_io import default_device, device_name
+from .bench.io import default_device, device_name
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -79,7 +79,7 @@ def _dtype(text: str) -> torch.dtype:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import report
+    from .bench.results import report
 
     if args.threads is not None:
         # Before anything runs: the thread count is part of the CPU's name in the results.
@@ -88,7 +88,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     settings = {k: (str(v) if isinstance(v, torch.dtype) else v)
                 for k, v in vars(args).items() if k != "func"}
     if args.model is not None:
-        from .bench_model import default_model_config, run_model_bench
+        from .bench.model_step import default_model_config, run_model_bench
 
         cfg = default_model_config(device, args.model)
         for key in ("dtype", "repeats", "warmup"):
@@ -100,7 +100,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             cfg.providers = args.providers
         run = run_model_bench(cfg, settings)
     else:
-        from .bench_op import default_config, run_op_bench
+        from .bench.op import default_config, run_op_bench
 
         cfg = default_config(device)
         for key in ("tokens", "shapes", "ranks", "dtype", "providers", "modes", "repeats",
@@ -115,7 +115,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .bench_plot import plot_csv
+    from .bench.plot import plot_csv
 
     path = plot_csv(args.csv, args.out)
     print(f"wrote {path}")
@@ -137,8 +137,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub) -> None:
-    from .bench_model import MODEL_PRESETS, MODEL_PROVIDERS
-    from .bench_providers import MODES, PROVIDERS
+    from .bench.model_step import MODEL_PRESETS, MODEL_PROVIDERS
+    from .bench.providers import MODES, PROVIDERS
 
     p = sub.add_parser(
         "bench", help="time the op (or a model training step) against the frozen linear, PEFT "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends import info as backend_info
-from .bench_cases import Case, make_case
+from .testing import Case, make_case
 from .ops import edora_linear
 from .reference import edora_linear_reference
 from .tolerances import TOLERANCE, normalised_error, within_tolerance

@@ -8,7 +8,7 @@ import torch
 
 from edora_kernels import backends
 from edora_kernels.backends import torch_backend
-from edora_kernels.bench_io import BENCH_COLUMNS, append_rows
+from edora_kernels.bench.io import BENCH_COLUMNS, append_rows
 from edora_kernels.cli import main
 from edora_kernels.tolerances import TOLERANCE
 

@@ -87,7 +87,8 @@ def _problem_args(kernel: str, dtype: str, r_pad: int) -> tuple:
     """(JITFunction, launch arguments) for an aligned, contiguous problem with rank r_pad."""
     import torch
 
-    from edora_kernels.backends import triton_bwd, triton_fwd
+    from edora_kernels.backends.triton import bwd as triton_bwd
+    from edora_kernels.backends.triton import fwd as triton_fwd
     dt, f32 = _torch_dtype(dtype), torch.float32
     M, K, N, R = 256, 512, 384, r_pad  # sizes only matter through their divisibility
     e = lambda *shape, d=dt: torch.empty(*shape, dtype=d)  # noqa: E731
@@ -117,7 +118,8 @@ def _jobs(arch: int):
     """(kernel, dtype, r_pad, config): every config the autotuner may pick on ``arch``."""
     import torch
 
-    from edora_kernels.backends import triton_bwd, triton_fwd
+    from edora_kernels.backends.triton import bwd as triton_bwd
+    from edora_kernels.backends.triton import fwd as triton_fwd
     for dtype in DTYPES:
         elt = torch.empty(0, dtype=_torch_dtype(dtype)).element_size()
         for config in triton_fwd.gemm_configs(arch):
@@ -151,7 +153,7 @@ def _compile_all(arch: int) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from edora_kernels.backends import triton_fwd
+    from edora_kernels.backends.triton import fwd as triton_fwd
     assert not triton_fwd.INTERPRET, "the AOT worker must run without TRITON_INTERPRET"
     rows = []
     for kernel, dtype, r_pad, config in _jobs(arch):
@@ -261,7 +263,7 @@ def test_flag_variants_compile_without_spills(aot_rows, arch):
 def test_every_candidate_config_compiled(aot_rows):
     """Each config of each architecture's list appears for every dtype it may be picked for."""
     sys.path.insert(0, str(ROOT))
-    from edora_kernels.backends import triton_fwd
+    from edora_kernels.backends.triton import fwd as triton_fwd
     for arch in ARCHS:
         for dtype in DTYPES:
             for kernel in GEMM_KERNELS:

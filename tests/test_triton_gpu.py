@@ -9,7 +9,7 @@ from conftest import assert_close, requires_cuda
 from test_triton import SCALING, check_all, check_op, make_problem, reference, run, small_terms
 
 from edora_kernels import edora_linear
-from edora_kernels.backends import triton_fwd
+from edora_kernels.backends.triton import fwd as triton_fwd
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 BF16 = torch.bfloat16

@@ -94,8 +94,8 @@ def load(name: str) -> SimpleNamespace:
         from . import torch_backend as fwd_mod
         bwd_mod = fwd_mod
     elif name == "triton":
-        from . import triton_bwd as bwd_mod
-        from . import triton_fwd as fwd_mod
+        from .triton import bwd as bwd_mod
+        from .triton import fwd as fwd_mod
     else:
         from . import cuda as fwd_mod
         bwd_mod = fwd_mod

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edora_kernels.bench_io import (
+from .io import (
     append_rows,
     device_name,
     device_slug,
@@ -45,9 +45,9 @@ from edora_kernels.bench_io import (
     versions,
     write_json,
 )
-from edora_kernels.bench_timing import quantiles, round_robin, synchronize
-from edora_kernels.model import apply_edora
-from edora_kernels.svd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLE, randomized_svd
+from .timing import quantiles, round_robin, synchronize
+from ..model import apply_edora
+from ..svd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLE, randomized_svd
 
 KERNEL = "init_svd"
 ROBERTA_BASE = {"768x768": ((768, 768), 36), "768x3072": ((768, 3072), 12)}

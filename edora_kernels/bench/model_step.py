@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .bench import Result, Run, progress_bar
-from .bench_timing import peak_bytes, round_robin, saved_bytes
-from .tolerances import normalised_error
+from .results import Result, Run, progress_bar
+from .timing import peak_bytes, round_robin, saved_bytes
+from ..tolerances import normalised_error
 
 KERNEL = "llama_train_step"
 MODE = "step"
@@ -87,7 +87,7 @@ def _base_model(cfg: ModelConfig) -> nn.Module:
 
 def _with_edora(base: nn.Module, cfg: ModelConfig, backend: str) -> nn.Module:
     try:
-        from .model import apply_edora
+        from ..model import apply_edora
     except ImportError as err:
         raise RuntimeError(f"--model needs edora_kernels.model.apply_edora ({err})") from None
     model = copy.deepcopy(base)
@@ -119,7 +119,7 @@ def _build(name: str, base: nn.Module, cfg: ModelConfig) -> nn.Module:
 
 
 def _why_unavailable(name: str, device: torch.device) -> str | None:
-    from .backends import info as backend_info
+    from ..backends import info as backend_info
 
     if name not in MODEL_PROVIDERS:
         return f"not a model-step provider (choose from {', '.join(MODEL_PROVIDERS)})"

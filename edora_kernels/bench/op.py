@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .bench import FLOP_NOTE, GEMMS_PER_MODE, Result, Run, progress_bar
-from .bench_cases import Case, make_case
-from .bench_providers import BUILDERS, MODES, Runner, Unavailable, oracle_name
-from .bench_timing import peak_bytes, round_robin, saved_bytes
-from .tolerances import normalised_error
+from .results import FLOP_NOTE, GEMMS_PER_MODE, Result, Run, progress_bar
+from ..testing import Case, make_case
+from .providers import BUILDERS, MODES, Runner, Unavailable, oracle_name
+from .timing import peak_bytes, round_robin, saved_bytes
+from ..tolerances import normalised_error
 
 KERNEL = "edora_linear"
 BASELINE = "frozen"

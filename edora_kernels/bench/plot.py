@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from .bench_io import read_rows
+from .io import read_rows
 
 # The EDoRA backends by what they are; other providers keep their names.
 LABELS = {"torch": "EDoRA torch", "triton": "EDoRA triton", "cuda": "EDoRA cuda",

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import info as backend_info
-from .bench_cases import Case
-from .ops import edora_linear
-from .reference import edora_linear_reference
+from ..backends import info as backend_info
+from ..testing import Case
+from ..ops import edora_linear
+from ..reference import edora_linear_reference
 
 MODES = ("fwd", "fwd+bwd")
 KERNEL_BACKENDS = ("triton", "cuda")  # timed on CUDA only: the Triton interpreter is far too slow

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .bench_io import append_rows, device_name, device_slug, timestamp, versions, write_json
-from .bench_timing import quantiles
+from .io import append_rows, device_name, device_slug, timestamp, versions, write_json
+from .timing import quantiles
 
 MIB = 2 ** 20
 # TFLOP/s counts the frozen base GEMMs only, 2·N·in·out each: one in the forward, two in forward

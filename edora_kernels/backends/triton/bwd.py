@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import torch_backend
-from .triton_fwd import (
+from .. import torch_backend
+from .fwd import (
     GEMM_CONFIG_INTERPRET,
     GEMM_CONFIGS_SM80,
     GEMM_CONFIGS_SM90,

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import torch_backend
+from .. import torch_backend
 
 # Read once, like ``triton.jit`` does when it decides between compiling and interpreting.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
