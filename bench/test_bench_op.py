@@ -9,10 +9,10 @@ as providers side by side.
 import pytest
 import torch
 
-from edora_kernels.testing import make_case
 from edora_kernels.bench.io import default_device
 from edora_kernels.bench.providers import BUILDERS, MODES, Unavailable
 from edora_kernels.bench.timing import synchronize
+from edora_kernels.testing import make_case
 
 DEVICE = default_device()
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

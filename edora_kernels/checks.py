@@ -95,7 +95,8 @@ def check_linear_args(x, weight, bias, A, B, R, magnitude, scaling, dropout, bac
     _require_tensor("x", x)
     _require_tensor("weight", weight)
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
+        raise ValueError("weight must be 2-D (out_features, in_features), got "
+                         f"{tuple(weight.shape)}")
     out_features, in_features = weight.shape
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from .backends import info as backend_info
-from .testing import Case, make_case
 from .ops import edora_linear
 from .reference import edora_linear_reference
+from .testing import Case, make_case
 from .tolerances import TOLERANCE, normalised_error, within_tolerance
 
 # (N, in, out, r, bias, detach_norm): sizes off every power of two, r from 1 to 16, an empty

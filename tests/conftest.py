@@ -16,10 +16,12 @@ from edora_kernels.tolerances import TOLERANCE, normalised_error  # noqa: E402  
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = ""):
-    """``actual`` (computed in ``dtype``) against the float64 ``expected``, by the table in edora_kernels.tolerances."""
+    """``actual`` (computed in ``dtype``) against the float64 ``expected``, by the one table
+    (edora_kernels.tolerances)."""
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     err = normalised_error(actual, expected)  # NaN when finiteness differs
-    assert err <= TOLERANCE[dtype], f"{what}: normalised error {err:.3g} > {TOLERANCE[dtype]:.3g} ({dtype})"
+    assert err <= TOLERANCE[dtype], (
+        f"{what}: normalised error {err:.3g} > {TOLERANCE[dtype]:.3g} ({dtype})")
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

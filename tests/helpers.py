@@ -37,7 +37,7 @@ TRAINABLE = ("x", "R", "magnitude")
 
 
 def run_with_grads(fn, args, gy_seed=1, **kwargs):
-    """``fn(**args)`` with x, R, magnitude requiring grad; returns y and their grads for a fixed gy."""
+    """``fn(**args)`` with x, R, magnitude requiring grad; y and their grads for a fixed gy."""
     args = {k: (v.detach().clone().requires_grad_(k in TRAINABLE) if isinstance(v, torch.Tensor)
                 else v) for k, v in args.items()}
     y = fn(**args, **kwargs)

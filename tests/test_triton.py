@@ -11,11 +11,11 @@ import triton.language as tl
 from conftest import TOLERANCE, assert_close
 
 from edora_kernels import base_norm_terms, edora_epilogue, edora_linear
-from edora_kernels.tolerances import normalised_error
 from edora_kernels.backends import torch_backend
 from edora_kernels.backends.triton import bwd as triton_bwd
 from edora_kernels.backends.triton import fwd as triton_fwd
 from edora_kernels.reference import edora_linear_reference
+from edora_kernels.tolerances import normalised_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SCALING = 2.0

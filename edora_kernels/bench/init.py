@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..model import apply_edora
+from ..svd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLE, randomized_svd
 from .io import (
     append_rows,
     device_name,
@@ -46,8 +48,6 @@ from .io import (
     write_json,
 )
 from .timing import quantiles, round_robin, synchronize
-from ..model import apply_edora
-from ..svd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLE, randomized_svd
 
 KERNEL = "init_svd"
 ROBERTA_BASE = {"768x768": ((768, 768), 36), "768x3072": ((768, 3072), 12)}

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..tolerances import normalised_error
 from .results import Result, Run, progress_bar
 from .timing import peak_bytes, round_robin, saved_bytes
-from ..tolerances import normalised_error
 
 KERNEL = "llama_train_step"
 MODE = "step"

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .results import FLOP_NOTE, GEMMS_PER_MODE, Result, Run, progress_bar
 from ..testing import Case, make_case
-from .providers import BUILDERS, MODES, Runner, Unavailable, oracle_name
-from .timing import peak_bytes, round_robin, saved_bytes
 from ..tolerances import normalised_error
+from .providers import BUILDERS, MODES, Runner, Unavailable, oracle_name
+from .results import FLOP_NOTE, GEMMS_PER_MODE, Result, Run, progress_bar
+from .timing import peak_bytes, round_robin, saved_bytes
 
 KERNEL = "edora_linear"
 BASELINE = "frozen"

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backends import info as backend_info
-from ..testing import Case
 from ..ops import edora_linear
 from ..reference import edora_linear_reference
+from ..testing import Case
 
 MODES = ("fwd", "fwd+bwd")
 KERNEL_BACKENDS = ("triton", "cuda")  # timed on CUDA only: the Triton interpreter is far too slow

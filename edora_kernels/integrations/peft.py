@@ -84,7 +84,8 @@ def apply_edora_from_lora_config(
     if not names:
         raise ValueError(f"LoraConfig.target_modules={config.target_modules!r} (exclude_modules="
                          f"{getattr(config, 'exclude_modules', None)!r}) selects no nn.Linear of "
-                         f"{type(model).__name__}; its linear layers are {_linear_names(model)[:12]}")
+                         f"{type(model).__name__}; its linear layers are "
+                         f"{_linear_names(model)[:12]}")
     summary = apply_edora(model, names, rank, alpha, init=init, seed=seed, progress=progress,
                           dropout=config.lora_dropout, **layer_kwargs)
     to_save = getattr(config, "modules_to_save", None) or []
