@@ -5,8 +5,9 @@ import math
 
 import torch
 
+from .backends import CHOICES as BACKEND_NAMES
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
 
 
 def _describe(name: str, t: torch.Tensor) -> str:

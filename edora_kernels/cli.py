@@ -13,6 +13,7 @@ import sys
 import torch
 
 from . import __version__, backend_info
+from .backends import NAMES
 from .bench.io import default_device, device_name
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
@@ -184,8 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(func=cmd_plot)
     check = sub.add_parser("check", help="self-test every available backend against the "
                            "reference; exit status 1 on any mismatch")
-    check.add_argument("--backends", type=_csv_list(str, "backend names like torch,triton"),
-                       help="check only these (default: every available one)")
+    check.add_argument("--backends",
+                       type=_csv_list(str, f"backend names from {', '.join(NAMES)}"),
+                       help=f"check only these, from {', '.join(NAMES)} (default: every "
+                            "available one)")
     check.set_defaults(func=cmd_check)
     return parser
 

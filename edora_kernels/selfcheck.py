@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .backends import BACKENDS
 from .backends import info as backend_info
 from .ops import edora_linear
 from .reference import edora_linear_reference
@@ -24,7 +25,6 @@ CASES = (
     (256, 96, 200, 8, True, False),
     (0, 33, 17, 1, True, True),
 )
-FP64_BACKENDS = ("torch",)
 
 
 @dataclass
@@ -54,7 +54,7 @@ def _outputs(op, case: Case, detach_norm: bool) -> dict[str, torch.Tensor]:
 
 
 def _dtypes(backend: str, device: torch.device) -> list[torch.dtype]:
-    dtypes = [torch.float64] if backend in FP64_BACKENDS else []
+    dtypes = [torch.float64] if BACKENDS[backend].fp64 else []
     dtypes.append(torch.float32)
     if device.type == "cuda":
         dtypes += [torch.float16, torch.bfloat16]

@@ -8,54 +8,103 @@ x is N×in, P = B R (out×r) and RA = R A (r×in) in the compute dtype, g = m/n 
 compute dtype; v = x Aᵀ, z = x W0ᵀ + s·v Pᵀ, t = (gy ⊙ g) B, colsum = Σ_i gy ⊙ z in the compute
 dtype. Unneeded outputs are returned as empty tensors. Everything O(out·r²) or smaller (norm, dR,
 dm) is shared code in ``edora_kernels.ops``.
+
+``BACKENDS`` is the one registry: the auto order, the names the op and the CLI accept, the
+benchmark providers and the plot labels are all derived from it. Adding a backend is one entry
+here plus its module (which defines ``forward``, ``backward`` and ``epilogue``).
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from types import SimpleNamespace
 
 import torch
 
 ENV_VAR = "EDORA_BACKEND"
-# Preference order for backend="auto" on a CUDA device; CPU tensors always use "torch".
-_CUDA_PREFERENCE = ("triton", "cuda", "torch")
 
 
 def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _probe_torch() -> str | None:
+    return None
+
+
+def _probe_triton() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not (torch.cuda.is_available() or _triton_interpreting()):
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+    return None
+
+
+def _probe_cuda() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        importlib.import_module("edora_kernels._C")
+    except ImportError as err:
+        return f"the CUDA extension is not built ({err})"
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend: where its code lives, where it runs, and how the tools name it."""
+
+    name: str
+    module: str                       # defines forward, backward, epilogue (the contract above)
+    description: str
+    label: str                        # benchmark tables and plots
+    devices: tuple[str, ...]          # device types it runs on natively (and is timed on)
+    fp64: bool                        # computes float64 inputs in float64 itself
+    auto_priority: int                # lower runs first under backend="auto" on CUDA
+    probe: Callable[[], str | None]   # None when it can run in this process, else why not
+
+    def runs_on(self, device: torch.device) -> bool:
+        return device.type in self.devices
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("torch", "edora_kernels.backends.torch_backend",
+            "composed ATen ops; the CPU path and the semantics anchor", "EDoRA torch",
+            devices=("cpu", "cuda"), fp64=True, auto_priority=2, probe=_probe_torch),
+    Backend("triton", "edora_kernels.backends.triton",
+            "fused Triton kernels (forward, epilogue, dx, deterministic column sums)",
+            "EDoRA triton", devices=("cuda",), fp64=False, auto_priority=0,
+            probe=_probe_triton),
+    Backend("cuda", "edora_kernels.backends.cuda",
+            "the CUDA C++ extension (csrc/) with cuBLAS GEMMs through ATen", "EDoRA cuda",
+            devices=("cuda",), fp64=True, auto_priority=1, probe=_probe_cuda),
+)}
+NAMES = tuple(BACKENDS)
+CHOICES = ("auto", *NAMES)  # what the op's ``backend=`` accepts
+# backend="auto" on a CUDA device tries these in turn; CPU tensors always use "torch".
+AUTO_ORDER = tuple(sorted(NAMES, key=lambda n: BACKENDS[n].auto_priority))
+CPU_BACKEND = "torch"
+
+
 @lru_cache(maxsize=None)
 def _why_unavailable(name: str) -> str | None:
     """None when the backend can run in this process, else the reason it cannot."""
-    if name == "torch":
-        return None
-    if name == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed"
-        if not (torch.cuda.is_available() or _triton_interpreting()):
-            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
-        return None
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            return "no CUDA device"
-        try:
-            importlib.import_module("edora_kernels._C")
-        except ImportError as err:
-            return f"the CUDA extension is not built ({err})"
-        return None
-    raise ValueError(f"unknown backend {name!r}")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; known: {', '.join(NAMES)}")
+    return BACKENDS[name].probe()
 
 
 def info() -> dict[str, dict]:
     """Each backend, whether it can run here, and why not."""
     result = {}
-    for name in ("torch", "triton", "cuda"):
+    for name, backend in BACKENDS.items():
         reason = _why_unavailable(name)
-        result[name] = {"available": reason is None, "reason": reason or "ok"}
+        result[name] = {"available": reason is None, "reason": reason or "ok",
+                        "description": backend.description}
     return result
 
 
@@ -63,11 +112,10 @@ def _usable_on(name: str, device: torch.device) -> str | None:
     reason = _why_unavailable(name)
     if reason is not None:
         return reason
-    if name == "cuda" and device.type != "cuda":
-        return f"it needs CUDA tensors, got tensors on {device}"
-    if name == "triton" and device.type != "cuda" and not _triton_interpreting():
-        return f"it needs CUDA tensors (or TRITON_INTERPRET=1), got tensors on {device}"
-    return None
+    backend = BACKENDS[name]
+    if backend.runs_on(device) or (name == "triton" and _triton_interpreting()):
+        return None
+    return f"it needs tensors on {' or '.join(backend.devices)}, got tensors on {device}"
 
 
 def resolve(name: str, device: torch.device) -> str:
@@ -79,8 +127,8 @@ def resolve(name: str, device: torch.device) -> str:
         name = os.environ.get(ENV_VAR, "auto")
     if name == "auto":
         if device.type != "cuda":
-            return "torch"
-        return next(b for b in _CUDA_PREFERENCE if _usable_on(b, device) is None)
+            return CPU_BACKEND
+        return next(b for b in AUTO_ORDER if _usable_on(b, device) is None)
     reason = _usable_on(name, device)
     if reason is not None:
         raise RuntimeError(f"backend {name!r} is not usable: {reason}")
@@ -90,14 +138,6 @@ def resolve(name: str, device: torch.device) -> str:
 @lru_cache(maxsize=None)
 def load(name: str) -> SimpleNamespace:
     """The backend's ``forward``, ``backward`` and ``epilogue`` (see the contract above)."""
-    if name == "torch":
-        from . import torch_backend as fwd_mod
-        bwd_mod = fwd_mod
-    elif name == "triton":
-        from .triton import bwd as bwd_mod
-        from .triton import fwd as fwd_mod
-    else:
-        from . import cuda as fwd_mod
-        bwd_mod = fwd_mod
-    return SimpleNamespace(forward=fwd_mod.forward, backward=bwd_mod.backward,
-                           epilogue=fwd_mod.epilogue)
+    module = importlib.import_module(BACKENDS[name].module)
+    return SimpleNamespace(forward=module.forward, backward=module.backward,
+                           epilogue=module.epilogue)

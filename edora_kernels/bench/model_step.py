@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..backends import BACKENDS, NAMES
 from ..tolerances import normalised_error
 from .results import Result, Run, progress_bar
 from .timing import peak_bytes, round_robin, saved_bytes
@@ -19,7 +20,7 @@ KERNEL = "llama_train_step"
 MODE = "step"
 BASELINE = "peft_lora"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-EDORA_PROVIDERS = ("torch", "triton", "cuda")
+EDORA_PROVIDERS = NAMES
 MODEL_PROVIDERS = ("peft_lora", "peft_dora", *EDORA_PROVIDERS)
 
 # Llama-shaped, small enough to build in seconds: "tiny" for 2 CPU cores, "small" for one GPU,
@@ -66,7 +67,7 @@ def default_model_config(device: torch.device, preset: str = "auto") -> ModelCon
     if preset == "auto":
         preset = "small" if device.type == "cuda" else "tiny"
     on_gpu = device.type == "cuda"
-    providers = ["peft_lora", "peft_dora", "torch"] + (["triton", "cuda"] if on_gpu else [])
+    providers = ["peft_lora", "peft_dora"] + [n for n in NAMES if BACKENDS[n].runs_on(device)]
     return ModelConfig(preset=preset, **MODEL_PRESETS[preset], rank=16, providers=providers,
                        repeats=20 if on_gpu else 15, warmup=3 if on_gpu else 2, device=device)
 
@@ -125,9 +126,9 @@ def _why_unavailable(name: str, device: torch.device) -> str | None:
         return f"not a model-step provider (choose from {', '.join(MODEL_PROVIDERS)})"
     if name.startswith("peft") and importlib.util.find_spec("peft") is None:
         return "peft is not installed (pip install peft)"
-    if name in ("triton", "cuda"):
-        if device.type != "cuda":
-            return "benchmarked on CUDA only"
+    if name in BACKENDS:
+        if not BACKENDS[name].runs_on(device):
+            return f"benchmarked on {', '.join(BACKENDS[name].devices)} only"
         state = backend_info()[name]
         return None if state["available"] else state["reason"]
     return None

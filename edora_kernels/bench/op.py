@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..backends import NAMES
 from ..testing import Case, make_case
 from ..tolerances import normalised_error
 from .providers import BUILDERS, MODES, Runner, Unavailable, oracle_name
@@ -14,7 +15,7 @@ from .timing import peak_bytes, round_robin, saved_bytes
 
 KERNEL = "edora_linear"
 BASELINE = "frozen"
-DEFAULT_PROVIDERS = ("frozen", "reference", "peft_lora", "peft_dora", "torch", "triton", "cuda")
+DEFAULT_PROVIDERS = ("frozen", "reference", "peft_lora", "peft_dora", *NAMES)
 
 
 @dataclass

@@ -7,10 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .io import read_rows
-
-# The EDoRA backends by what they are; other providers keep their names.
-LABELS = {"torch": "EDoRA torch", "triton": "EDoRA triton", "cuda": "EDoRA cuda",
-          "compiled": "EDoRA torch.compile"}
+from .providers import LABELS
 
 
 def _latest_ratio_rows(rows: list[dict]) -> list[dict]:

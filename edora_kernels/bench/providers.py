@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backends import BACKENDS, NAMES
 from ..backends import info as backend_info
 from ..ops import edora_linear
 from ..reference import edora_linear_reference
 from ..testing import Case
 
 MODES = ("fwd", "fwd+bwd")
-KERNEL_BACKENDS = ("triton", "cuda")  # timed on CUDA only: the Triton interpreter is far too slow
-EDORA_FAMILY = ("reference", "torch", "triton", "cuda", "compiled")
+EDORA_FAMILY = ("reference", *NAMES, "compiled")
 
 
 class Unavailable(Exception):
@@ -85,9 +85,9 @@ def _backend(name: str) -> Callable[[Case], Runner]:
         state = backend_info()[name]
         if not state["available"]:
             raise Unavailable(f"backend {name}: {state['reason']}")
-        if name in KERNEL_BACKENDS and case.x.device.type != "cuda":
-            raise Unavailable(f"{name} is timed on CUDA only (on CPU it runs in the Triton "
-                              "interpreter, a correctness tool far too slow to time)")
+        if not BACKENDS[name].runs_on(case.x.device):
+            raise Unavailable(f"{name} is timed on {', '.join(BACKENDS[name].devices)} only "
+                              "(elsewhere it runs, if at all, in an emulator too slow to time)")
 
         def op(*args):
             return edora_linear(*args, backend=name)
@@ -151,12 +151,13 @@ BUILDERS: dict[str, Callable[[Case], Runner]] = {
     "reference": lambda case: _edora("reference", case, edora_linear_reference),
     "peft_lora": _peft(use_dora=False),
     "peft_dora": _peft(use_dora=True),
-    "torch": _backend("torch"),
-    "triton": _backend("triton"),
-    "cuda": _backend("cuda"),
+    **{name: _backend(name) for name in NAMES},
     "compiled": _compiled,
 }
 PROVIDERS = tuple(BUILDERS)
+# How tables and plots name each provider: the EDoRA backends by what they are.
+LABELS = {name: name for name in PROVIDERS} | {n: b.label for n, b in BACKENDS.items()} | {
+    "compiled": "EDoRA torch.compile"}
 
 
 def oracle_name(provider: str) -> str:
