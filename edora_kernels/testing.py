@@ -1,7 +1,9 @@
-"""Random EDoRA problems for the benchmark and the self-check: one layer's tensors plus a gy.
+"""Random EDoRA problems: one layer's tensors plus a fixed upstream gradient.
 
-The adapter is set to a "mid-training" state (R well away from zero, magnitude off the initial
-row norms) so that every term of the op moves the output and a wrong term cannot hide.
+The one problem builder of the project: the tests, ``edora-kernels check`` and the benchmarks all
+draw their problems here. The adapter is set to a "mid-training" state (R well away from zero,
+magnitude off the initial row norms) so that every term of the op moves the output and a wrong
+term cannot hide.
 """
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+ADAPTER_TENSORS = ("A", "B", "R", "magnitude")
+
 
 @dataclass(frozen=True)
 class Case:
-    x: torch.Tensor                # (N, in), the bench dtype
+    x: torch.Tensor                # (N, in), the problem's dtype
     weight: torch.Tensor           # (out, in), frozen
     bias: torch.Tensor | None      # (out,), frozen
     A: torch.Tensor                # (r, in), frozen
@@ -32,23 +36,35 @@ class Case:
         cast = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "scaling"}
         return replace(self, **{k: None if t is None else t.to(dtype) for k, t in cast.items()})
 
+    def op_args(self) -> dict:
+        """The keyword arguments of ``edora_linear``: x, weight, bias, A, B, R, magnitude,
+        scaling."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "gy"}
+
 
 def make_case(
     tokens: int,
     in_features: int,
     out_features: int,
     rank: int,
-    dtype: torch.dtype,
-    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
     *,
     alpha: float = 16.0,
     bias: bool = True,
     seed: int = 0,
+    adapter_dtype: torch.dtype | None = None,
 ) -> Case:
-    """A layer like a trained model's: B with orthonormal columns and A = Bᵀ W0 (DESIGN §1's
-    structure, without paying for an SVD of big shapes). Drawn in float64, then cast, so that
-    every dtype sees the same values."""
+    """A layer like a trained model's: B with orthonormal columns and A = Bᵀ W0 (the structure
+    the SVD initialiser gives, without paying for an SVD of big shapes). R is scaled so that the
+    low-rank update ``s·B R A`` is a sizeable fraction of W0's top-r part whatever alpha and r.
+
+    Drawn in float64, then cast, so that every dtype sees the same values. ``adapter_dtype``
+    (default: ``dtype``) is the dtype of A, B, R and magnitude, e.g. fp32 adapters on a bf16
+    model.
+    """
     gen = torch.Generator().manual_seed(seed)
+    scaling = alpha / rank
 
     def randn(*shape, std=1.0):
         return torch.randn(*shape, generator=gen, dtype=torch.float64) * std
@@ -56,7 +72,7 @@ def make_case(
     weight = randn(out_features, in_features, std=in_features ** -0.5)
     B = torch.linalg.qr(randn(out_features, rank)).Q
     A = B.T @ weight
-    R = randn(rank, rank, std=0.3 / rank ** 0.5)
+    R = randn(rank, rank, std=0.5 / (abs(scaling) * rank ** 0.5 or 1.0))
     magnitude = weight.norm(dim=1) * (1.0 + 0.1 * randn(out_features))
     tensors = {
         "x": randn(tokens, in_features),
@@ -65,6 +81,9 @@ def make_case(
         "A": A, "B": B, "R": R, "magnitude": magnitude,
         "gy": randn(tokens, out_features),
     }
-    return Case(scaling=alpha / rank, **{
-        k: None if t is None else t.to(device=device, dtype=dtype) for k, t in tensors.items()
+    adapter_dtype = adapter_dtype or dtype
+    return Case(scaling=scaling, **{
+        k: None if t is None else t.to(device=device,
+                                       dtype=adapter_dtype if k in ADAPTER_TENSORS else dtype)
+        for k, t in tensors.items()
     })

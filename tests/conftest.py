@@ -1,4 +1,4 @@
-"""Shared test set-up: the Triton interpreter on CPU-only machines, the tolerance check.
+"""Shared test set-up and fixtures; helper functions live in tests/helpers.py.
 
 TRITON_INTERPRET must be set before any ``@triton.jit`` runs, so it is set here, first. On a
 machine with a CUDA device the kernels compile for real and the GPU-marked tests run.
@@ -10,18 +10,30 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from edora_kernels.tolerances import TOLERANCE, normalised_error  # noqa: E402  (the one table)
 
+@pytest.fixture(scope="module")
+def interpreter_bf16_dot():
+    """Test-only shim: the interpreter's tl.dot multiplies bf16 bit patterns as integers
+    (triton issue 11584). Upcast bf16 operands to fp32 there; the kernels stay untouched."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        yield
+        return
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+    original = InterpreterBuilder.create_dot
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = ""):
-    """``actual`` (computed in ``dtype``) against the float64 ``expected``, by the one table
-    (edora_kernels.tolerances)."""
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    err = normalised_error(actual, expected)  # NaN when finiteness differs
-    assert err <= TOLERANCE[dtype], (
-        f"{what}: normalised error {err:.3g} > {TOLERANCE[dtype]:.3g} ({dtype})")
+    def as_float32(handle):
+        return (handle.data.astype(np.uint32) << 16).view(np.float32)
 
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if tl.bfloat16 not in (a.dtype, b.dtype):
+            return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+        product = np.matmul(as_float32(a), as_float32(b), dtype=d.data.dtype)
+        return TensorHandle(product + d.data, d.dtype.scalar)
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(InterpreterBuilder, "create_dot", create_dot)
+        yield

@@ -1,32 +1,25 @@
-"""Problem builders shared by the tests: realistic scales, every tensor on request in any dtype."""
+"""Helpers shared by the tests: the tolerance check, gradients of a fixed gy, GPU skips.
+
+Problems come from the project's one builder, ``edora_kernels.testing.make_case``.
+"""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from edora_kernels.reference import edora_linear_reference
+from edora_kernels.tolerances import TOLERANCE, normalised_error
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def make_problem(n_rows, in_features, out_features, rank, *, dtype=torch.float32, seed=0,
-                 bias=True, device="cpu"):
-    """A dict of op arguments with O(1) outputs, built in float64 then rounded to ``dtype``.
-
-    R is far from its init so that the low-rank term matters; magnitude is ‖W0‖ ± 20%.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    f64 = {"dtype": torch.float64}
-    W = torch.randn(out_features, in_features, generator=gen, **f64) / in_features**0.5
-    args = {
-        "x": torch.randn(n_rows, in_features, generator=gen, **f64),
-        "weight": W,
-        "bias": torch.randn(out_features, generator=gen, **f64) if bias else None,
-        "A": torch.randn(rank, in_features, generator=gen, **f64) / in_features**0.5,
-        "B": torch.randn(out_features, rank, generator=gen, **f64) / rank**0.5,
-        "R": 0.3 * torch.randn(rank, rank, generator=gen, **f64),
-        "magnitude": W.norm(dim=1) * (0.8 + 0.4 * torch.rand(out_features, generator=gen, **f64)),
-        "scaling": 2.0 / rank,
-    }
-    return {k: (v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) else v)
-            for k, v in args.items()}
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = ""):
+    """``actual`` (computed in ``dtype``) against the float64 ``expected``, by the one table
+    (edora_kernels.tolerances)."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = normalised_error(actual, expected)  # NaN when finiteness differs
+    assert err <= TOLERANCE[dtype], (
+        f"{what}: normalised error {err:.3g} > {TOLERANCE[dtype]:.3g} ({dtype})")
 
 
 def as_float64(args):

@@ -1,13 +1,13 @@
 """Every bad input fails before any work, with a message naming the argument."""
 import pytest
 import torch
-from helpers import make_problem
 
 from edora_kernels import edora_linear
+from edora_kernels.testing import make_case
 
 
 def call(**changes):
-    args = make_problem(4, 12, 10, 3)
+    args = make_case(4, 12, 10, 3).op_args()
     args.update(changes)
     return edora_linear(**args)
 
@@ -46,7 +46,7 @@ def test_bad_input_raises_with_a_clear_message(changes, error, words):
 
 @pytest.mark.parametrize("name", ["weight", "A", "B"])
 def test_frozen_tensor_requiring_grad_raises(name):
-    args = make_problem(4, 12, 10, 3)
+    args = make_case(4, 12, 10, 3).op_args()
     args[name].requires_grad_()
     with pytest.raises(ValueError, match=f"{name} requires grad.*frozen"):
         edora_linear(**args)
@@ -61,7 +61,7 @@ def test_frozen_tensor_requiring_grad_raises(name):
 ])
 def test_bad_options(kwargs, words):
     with pytest.raises(ValueError) as info:
-        edora_linear(**make_problem(4, 12, 10, 3), **kwargs)
+        edora_linear(**make_case(4, 12, 10, 3).op_args(), **kwargs)
     for word in words:
         assert word in str(info.value)
 
@@ -69,10 +69,10 @@ def test_bad_options(kwargs, words):
 def test_unusable_backend_says_why(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="backend 'cuda' is not usable: .*"):
-        edora_linear(**make_problem(4, 12, 10, 3), backend="cuda")
+        edora_linear(**make_case(4, 12, 10, 3).op_args(), backend="cuda")
 
 
 def test_env_var_overrides_auto(monkeypatch):
     monkeypatch.setenv("EDORA_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match="backend 'cuda' is not usable"):
-        edora_linear(**make_problem(4, 12, 10, 3))
+        edora_linear(**make_case(4, 12, 10, 3).op_args())

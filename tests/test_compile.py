@@ -1,14 +1,15 @@
 """torch.library registration: opcheck, and torch.compile(fullgraph=True) without graph breaks."""
 import pytest
 import torch
-from helpers import make_problem, run_with_grads
+from helpers import run_with_grads
 
 import edora_kernels  # noqa: F401  (registers the ops)
 from edora_kernels import EDoRALinear, edora_linear
+from edora_kernels.testing import make_case
 
 
 def _fwd_args(save):
-    args = make_problem(9, 20, 14, 4, dtype=torch.float64)
+    args = make_case(9, 20, 14, 4, dtype=torch.float64).op_args()
     for k in ("x", "R", "magnitude"):
         args[k].requires_grad_(save)
     return (args["x"], args["weight"], args["bias"], args["A"], args["B"], args["R"],
@@ -33,7 +34,7 @@ def test_opcheck_backward():
 
 @pytest.mark.parametrize("detach_norm", [True, False])
 def test_compile_fullgraph_matches_eager(detach_norm):
-    args = make_problem(12, 24, 18, 4)
+    args = make_case(12, 24, 18, 4).op_args()
 
     def fn(**a):
         return edora_linear(**a, detach_norm=detach_norm)

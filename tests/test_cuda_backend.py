@@ -16,11 +16,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOLERANCE, assert_close, normalised_error, requires_cuda
-from helpers import make_problem, reference_with_grads, run_with_grads
+from helpers import assert_close, reference_with_grads, requires_cuda, run_with_grads
 
 from edora_kernels import backend_info, base_norm_terms, edora_epilogue, edora_linear
 from edora_kernels.reference import edora_linear_reference
+from edora_kernels.testing import make_case
+from edora_kernels.tolerances import TOLERANCE, normalised_error
 
 try:
     from edora_kernels import _C
@@ -57,8 +58,8 @@ def epilogue(x, weight, bias, A, B, R, magnitude, scaling, backend="cuda", **kwa
 
 
 def problem(n_rows, in_features, out_features, rank, dtype, **kwargs):
-    return make_problem(n_rows, in_features, out_features, rank, dtype=dtype, device="cuda",
-                        **kwargs)
+    return make_case(n_rows, in_features, out_features, rank, dtype=dtype, device="cuda",
+                        **kwargs).op_args()
 
 
 def check_against_reference(fn, args, dtype, **kwargs):
@@ -258,7 +259,7 @@ def _gate(args):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_forward_and_epilogue_logic_on_cpu(cuda_backend_on_cpu, save, bias):
     from edora_kernels.backends import torch_backend
-    args = make_problem(9, 20, 14, 3, dtype=torch.float64, bias=bias)
+    args = make_case(9, 20, 14, 3, dtype=torch.float64, bias=bias).op_args()
     P, g = _gate(args)
     x = torch.randn(9, 40, dtype=torch.float64)[:, ::2]  # not contiguous
     fwd = (x, args["weight"], args["bias"], args["A"], P, g, args["scaling"], save)
@@ -287,7 +288,7 @@ def test_forward_and_epilogue_logic_on_cpu(cuda_backend_on_cpu, save, bias):
                          ids=["all", "dx", "t", "colsum", "none"])
 def test_backward_logic_on_cpu(cuda_backend_on_cpu, need):
     from edora_kernels.backends import torch_backend
-    args = make_problem(9, 20, 14, 3, dtype=torch.float64)
+    args = make_case(9, 20, 14, 3, dtype=torch.float64).op_args()
     P, g = _gate(args)
     RA = args["R"] @ args["A"]
     gy = torch.randn(14, 9, dtype=torch.float64).T  # not contiguous

@@ -2,10 +2,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
-from helpers import make_problem, reference_with_grads, run_with_grads
+from helpers import assert_close, reference_with_grads, run_with_grads
 
 from edora_kernels import base_norm_terms, edora_epilogue
+from edora_kernels.testing import make_case
 
 
 def epilogue_on_dense_base(x, weight, bias, A, B, R, magnitude, scaling, **kwargs):
@@ -20,7 +20,7 @@ def epilogue_on_dense_base(x, weight, bias, A, B, R, magnitude, scaling, **kwarg
 @pytest.mark.parametrize("detach_norm", [True, False])
 @pytest.mark.parametrize("n_rows, rank", [(0, 3), (1, 1), (37, 16), (64, 64)])
 def test_matches_reference(n_rows, rank, detach_norm, dtype):
-    args = make_problem(n_rows, 77, 93, rank, dtype=dtype, seed=rank)
+    args = make_case(n_rows, 77, 93, rank, dtype=dtype, seed=rank).op_args()
     y, grads = run_with_grads(epilogue_on_dense_base, args, detach_norm=detach_norm)
     y_ref, grads_ref = reference_with_grads(args, detach_norm=detach_norm)
     assert_close(y, y_ref, dtype, "y")
@@ -29,7 +29,7 @@ def test_matches_reference(n_rows, rank, detach_norm, dtype):
 
 
 def test_gradcheck_including_bias():
-    args = make_problem(5, 11, 9, 3, dtype=torch.float64)
+    args = make_case(5, 11, 9, 3, dtype=torch.float64).op_args()
     x, R, m, b = (args.pop(k).requires_grad_() for k in ("x", "R", "magnitude", "bias"))
     fn = lambda x, R, m, b: epilogue_on_dense_base(x, bias=b, R=R, magnitude=m, **args,  # noqa
                                                     detach_norm=False)
@@ -37,7 +37,7 @@ def test_gradcheck_including_bias():
 
 
 def test_three_dim_input_and_no_grad():
-    args = make_problem(1, 20, 14, 4)
+    args = make_case(1, 20, 14, 4).op_args()
     x = torch.randn(2, 3, 20)
     y = epilogue_on_dense_base(**{**args, "x": x})
     assert y.shape == (2, 3, 14)
@@ -46,7 +46,7 @@ def test_three_dim_input_and_no_grad():
 
 
 def test_opcheck():
-    args = make_problem(6, 12, 10, 3, dtype=torch.float64)
+    args = make_case(6, 12, 10, 3, dtype=torch.float64).op_args()
     c0, C = base_norm_terms(args["weight"], args["A"])
     x = args["x"].requires_grad_()
     y0 = F.linear(x, args["weight"], args["bias"]).detach().requires_grad_()
@@ -62,7 +62,7 @@ def test_opcheck():
     ({"y0": torch.randn(4, 10, dtype=torch.float64)}, ["y0 (torch.float64, cpu) must match x"]),
 ])
 def test_bad_input(changes, words):
-    args = make_problem(4, 12, 10, 3)
+    args = make_case(4, 12, 10, 3).op_args()
     c0, C = base_norm_terms(args["weight"], args["A"])
     call = {"y0": F.linear(args["x"], args["weight"], args["bias"]), "base_norm_sq": c0,
             "base_times_A": C, **{k: v for k, v in args.items() if k != "weight"}}

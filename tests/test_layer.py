@@ -3,7 +3,7 @@ import io
 
 import pytest
 import torch
-from conftest import assert_close
+from helpers import assert_close
 from torch import nn
 
 from edora_kernels import EDoRALinear

@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close
+from helpers import assert_close
 from safetensors.torch import save_file
 from torch import nn
 

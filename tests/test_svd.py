@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from conftest import assert_close, requires_cuda
+from helpers import assert_close, requires_cuda
 from torch import nn
 
 from edora_kernels.layer import EDoRALinear

@@ -3,19 +3,17 @@
 Without a GPU these run in the Triton interpreter (conftest sets TRITON_INTERPRET=1) on small,
 deliberately odd shapes; with a GPU the same tests run the compiled kernels on it.
 """
-import numpy as np
 import pytest
 import torch
 import triton
-import triton.language as tl
-from conftest import TOLERANCE, assert_close
+from helpers import assert_close
 
 from edora_kernels import base_norm_terms, edora_epilogue, edora_linear
 from edora_kernels.backends import torch_backend
 from edora_kernels.backends.triton import bwd as triton_bwd
 from edora_kernels.backends.triton import fwd as triton_fwd
 from edora_kernels.reference import edora_linear_reference
-from edora_kernels.tolerances import normalised_error
+from edora_kernels.tolerances import TOLERANCE, normalised_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SCALING = 2.0
@@ -23,28 +21,8 @@ SCALING = 2.0
 SHAPES = ((97, 75), (70, 131))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def interpreter_bf16_dot():
-    """Test-only shim: the interpreter's tl.dot multiplies bf16 bit patterns as integers
-    (triton issue 11584). Upcast bf16 operands to fp32 there; the kernels stay untouched."""
-    if not triton_fwd.INTERPRET:
-        yield
-        return
-    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
-    original = InterpreterBuilder.create_dot
-
-    def as_float32(handle):
-        return (handle.data.astype(np.uint32) << 16).view(np.float32)
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if tl.bfloat16 not in (a.dtype, b.dtype):
-            return original(self, a, b, d, input_precision, max_num_imprecise_acc)
-        product = np.matmul(as_float32(a), as_float32(b), dtype=d.data.dtype)
-        return TensorHandle(product + d.data, d.dtype.scalar)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(InterpreterBuilder, "create_dot", create_dot)
-        yield
+# The interpreter's bf16 dot is broken; conftest's shim upcasts its operands (kernels untouched).
+pytestmark = pytest.mark.usefixtures("interpreter_bf16_dot")
 
 
 def make_problem(n, in_f, out_f, rank, dtype, adapter_dtype=None, bias=True, seed=0):

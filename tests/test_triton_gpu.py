@@ -5,7 +5,7 @@ those of ``test_triton``; there the same checks run on odd small shapes.
 """
 import pytest
 import torch
-from conftest import assert_close, requires_cuda
+from helpers import assert_close, requires_cuda
 from test_triton import SCALING, check_all, check_op, make_problem, reference, run, small_terms
 
 from edora_kernels import edora_linear
