@@ -2,17 +2,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, reference_with_grads, run_with_grads
+from helpers import assert_close, epilogue_on_dense_base, reference_with_grads, run_with_grads
 
 from edora_kernels import base_norm_terms, edora_epilogue
 from edora_kernels.testing import make_case
-
-
-def epilogue_on_dense_base(x, weight, bias, A, B, R, magnitude, scaling, **kwargs):
-    """The epilogue fed by a plain F.linear base: must equal edora_linear exactly in math."""
-    c0, C = base_norm_terms(weight, A)
-    return edora_epilogue(F.linear(x, weight, bias), x, bias, A, B, R, magnitude, scaling,
-                          base_norm_sq=c0, base_times_A=C, backend="torch", **kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],

@@ -20,19 +20,16 @@ import triton
 import triton.language as tl
 
 from .. import torch_backend
-from .fwd import (
+from .common import add_lowrank, lowrank_mainloop, store_tile, tile_coords
+from .configs import (
     GEMM_CONFIG_INTERPRET,
     GEMM_CONFIGS_SM80,
     GEMM_CONFIGS_SM90,
     INTERPRET,
-    add_lowrank,
     input_precision,
-    lowrank_mainloop,
     m_bucket,
     prune_gemm,
     r_pad,
-    store_tile,
-    tile_coords,
     tiles_grid,
     use_torch_path,
 )

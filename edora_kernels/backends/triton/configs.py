@@ -1,0 +1,181 @@
+"""Launch configurations of the Triton kernels and the rules that pick them.
+
+Per-architecture candidate tiles, the shared-memory and register model that prunes them (also
+used by the ahead-of-time checks, where no device is at hand), the token-count bucket the
+autotuner keys on, and the TF32 / fallback rules that decide which inputs the kernels take.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+# Read once, like ``triton.jit`` does when it decides between compiling and interpreting.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_RANK = 128  # largest rank the kernels take; larger ranks use the torch backend
+MIN_R_PAD = 16  # tl.dot needs every dimension ≥ 16
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs
+# ------------------------------------------------------------------------------------------------
+
+def _gemm_config(block_m, block_n, block_k, stages, warps, group_m=8):
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
+        num_stages=stages, num_warps=warps,
+    )
+
+
+# Candidates for the two fused GEMMs (forward, dx), per architecture family. Hopper (sm_90) gets
+# wgmma-sized tiles (a warpgroup owns 64 rows); Ampere (sm_80/86/89) mma.sync tiles with fewer
+# accumulator registers per thread, 64×128 with 8 warps for ranks above 64. BLOCK_K = 32
+# variants keep fp32 (TF32) inputs inside shared memory.
+GEMM_CONFIGS_SM90 = [
+    _gemm_config(128, 256, 64, 3, 8),
+    _gemm_config(128, 128, 64, 4, 8),
+    _gemm_config(128, 128, 32, 3, 8),
+    _gemm_config(64, 128, 64, 4, 4),
+]
+GEMM_CONFIGS_SM80 = [
+    _gemm_config(128, 128, 32, 4, 8),
+    _gemm_config(64, 128, 32, 4, 4),
+    _gemm_config(64, 128, 32, 3, 8),
+    _gemm_config(64, 64, 32, 4, 4),
+]
+# The interpreter runs one program at a time in numpy: one small, fixed config, no tuning.
+GEMM_CONFIG_INTERPRET = _gemm_config(64, 64, 32, 1, 4)
+
+EPILOGUE_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}, num_stages=1, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_stages=1, num_warps=8),
+]
+EPILOGUE_CONFIG_INTERPRET = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8},
+                                          num_stages=1, num_warps=4)
+
+# Shared memory per block on each architecture family (opt-in maximum), used when no device is
+# at hand (ahead-of-time checks); on a device the driver's own figure is used.
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# fp32 accumulator registers per thread allowed (main + rank accumulator), measured with the
+# ahead-of-time checks: past this the main loop's operands or the epilogue's temporaries spill.
+# mma.sync (Ampere) holds operand fragments in registers as well; wgmma reads them from shared.
+ACC_REG_BUDGET = {80: 88, 90: 136}
+
+
+def gemm_configs(arch: int) -> list:
+    """The candidate list of the GEMM kernels for a compute capability (major·10 + minor)."""
+    return GEMM_CONFIGS_SM90 if arch >= 90 else GEMM_CONFIGS_SM80
+
+
+def gemm_smem_bytes(config, arch: int, elt_size: int, r_pad: int) -> int:
+    """Operand tiles (x or gy, W0, the rank-r factor) in flight — num_stages buffers with
+    Hopper's async wgmma pipeline, num_stages − 1 with Ampere's cp.async one — plus the rank
+    accumulator's trip through shared memory on its way to the epilogue product."""
+    kw = config.kwargs
+    per_stage = kw["BLOCK_K"] * (kw["BLOCK_M"] + kw["BLOCK_N"] + r_pad) * elt_size
+    buffers = config.num_stages if arch >= 90 else max(config.num_stages - 1, 1)
+    return buffers * per_stage + kw["BLOCK_M"] * r_pad * elt_size
+
+
+def gemm_acc_regs(config, r_pad: int) -> float:
+    """fp32 accumulator registers per thread: BLOCK_M×(BLOCK_N + R_PAD) over the threads."""
+    kw = config.kwargs
+    return kw["BLOCK_M"] * (kw["BLOCK_N"] + r_pad) / (32 * config.num_warps)
+
+
+def gemm_candidates(arch: int, elt_size: int, r_pad: int, smem_limit: int | None = None) -> list:
+    """Every config the autotuner may pick on ``arch`` for this dtype size and padded rank.
+
+    The shape-independent part of the prune filter: shared memory within the chip's limit and
+    the accumulators within the register budget. Never empty: the config needing the least
+    shared memory is the fallback.
+    """
+    family = 90 if arch >= 90 else 80
+    limit = SMEM_LIMIT[family] if smem_limit is None else smem_limit
+    configs = gemm_configs(arch)
+    kept = [
+        c for c in configs
+        if gemm_smem_bytes(c, arch, elt_size, r_pad) <= limit
+        and gemm_acc_regs(c, r_pad) <= ACC_REG_BUDGET[family]
+    ]
+    return kept or [min(configs, key=lambda c: gemm_smem_bytes(c, arch, elt_size, r_pad))]
+
+
+def fit_to_problem(configs: list, m_bucket: int, n: int) -> list:
+    """Drop tiles far larger than the problem (a 128-row tile for 8 tokens); never empties."""
+    n_bucket = triton.next_power_of_2(max(n, 1))
+    smallest_m = min(c.kwargs["BLOCK_M"] for c in configs)
+    smallest_n = min(c.kwargs["BLOCK_N"] for c in configs)
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_M"] <= max(m_bucket, smallest_m)
+        and c.kwargs["BLOCK_N"] <= max(n_bucket, smallest_n)
+    ]
+    return kept or configs[-1:]
+
+
+def device_arch_and_smem(t: torch.Tensor) -> tuple[int, int]:
+    major, minor = torch.cuda.get_device_capability(t.device)
+    props = triton.runtime.driver.active.utils.get_device_properties(t.device.index or 0)
+    return major * 10 + minor, props["max_shared_mem"]
+
+
+def prune_gemm(configs, named_args, **kwargs):
+    """``early_config_prune`` of the GEMM kernels: this device's family, resources, problem size."""
+    args = {**named_args, **kwargs}
+    arch, smem = device_arch_and_smem(args["c_ptr"])
+    elt_size = args["a_ptr"].element_size()
+    allowed = gemm_candidates(arch, elt_size, args["R_PAD"], smem)
+    kept = [c for c in configs if any(c is a for a in allowed)]
+    return fit_to_problem(kept, args["M_BUCKET"], args["N"])
+
+
+def prune_epilogue(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    return fit_to_problem(list(configs), args["M_BUCKET"], args["N"])
+
+
+def m_bucket(m: int) -> int:
+    """The token count as the autotuner sees it: next power of two in [16, 8192]."""
+    return min(max(triton.next_power_of_2(max(m, 1)), 16), 8192)
+
+
+def r_pad(rank: int) -> int:
+    return max(triton.next_power_of_2(rank), MIN_R_PAD)
+
+
+def tf32_allowed() -> bool:
+    """torch's switch for TF32 in fp32 matmuls; the new ``fp32_precision`` API wins when set."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if precision != "none":
+        return precision == "tf32"
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # torch refuses to read the legacy flag after mixed API use
+        return False
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """tl.dot precision: TF32 for fp32 on a GPU (the fp32 kernels run only where torch allows
+    TF32, see ``use_torch_path``), exact in the interpreter."""
+    return "tf32" if dtype == torch.float32 and not INTERPRET else "ieee"
+
+
+def use_torch_path(dtype: torch.dtype, rank: int) -> bool:
+    """Inputs the kernels leave to the torch backend's code path:
+
+    - fp64: a checking dtype, no tensor cores;
+    - fp32 where torch forbids TF32: Triton's exact fp32 dot runs on the FMA units and spills
+      at these tiles; cuBLAS SGEMM is the better kernel and keeps torch's numerics;
+    - ranks above MAX_RANK: the rank accumulator would not fit next to the main tile.
+    """
+    if dtype == torch.float64 or rank > MAX_RANK:
+        return True
+    return dtype == torch.float32 and not INTERPRET and not tf32_allowed()
+
+
+
+def tiles_grid(M, N):
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+

@@ -1,0 +1,118 @@
+"""Epilogue-only Triton kernel, for base layers that are not a dense weight (docs/DESIGN.md §5).
+
+Given ``y0 = base(x)`` and ``v = x Aᵀ``: ``z = y0 − b + s·v·Pᵀ`` and ``y = g ⊙ z + b`` in one
+pass over y0.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .. import torch_backend
+from .common import add_lowrank, scale_shift, store_tile, tile_coords
+from .configs import (
+    EPILOGUE_CONFIG_INTERPRET,
+    EPILOGUE_CONFIGS,
+    INTERPRET,
+    input_precision,
+    m_bucket,
+    prune_epilogue,
+    r_pad,
+    tiles_grid,
+    use_torch_path,
+)
+
+
+@triton.autotune(
+    configs=[EPILOGUE_CONFIG_INTERPRET] if INTERPRET else EPILOGUE_CONFIGS,
+    key=["M_BUCKET", "N", "R_PAD"],
+    prune_configs_by={"early_config_prune": prune_epilogue},
+)
+@triton.jit
+def edora_epilogue_kernel(
+    # inputs: y0 = base(x) (M×N), v = x·Aᵀ (M×R), P = B R (N×R), g (N), bias (N)
+    y0_ptr, v_ptr, p_ptr, g_ptr, bias_ptr,
+    # outputs: y and z (M×N)
+    c_ptr, z_ptr,
+    M, N, R, M_BUCKET,
+    stride_y0m, stride_y0n,
+    stride_vm, stride_vr,
+    stride_pn, stride_pr,
+    stride_cm, stride_cn,
+    stride_zm, stride_zn,
+    scaling,
+    R_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # --- this program's tile
+    pid_m, pid_n = tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    col0 = pid_n * BLOCK_N
+    rows = M - pid_m * BLOCK_M
+    cols = N - col0
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    row_mask = offs_m[:, None] < rows
+    col_mask = offs_n < cols
+
+    # --- loads: y0 − b in fp32, v in its own dtype (it feeds the rank-r product)
+    z0 = tl.load(y0_ptr + row0 * stride_y0m + offs_m[:, None] * stride_y0m
+                 + (col0 + offs_n)[None, :] * stride_y0n,
+                 mask=row_mask & col_mask[None, :], other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z0 -= tl.load(bias_ptr + col0 + offs_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    v = tl.load(v_ptr + row0 * stride_vm + offs_m[:, None] * stride_vm
+                + offs_r[None, :] * stride_vr,
+                mask=row_mask & (offs_r[None, :] < R), other=0.0)
+
+    # --- z = y0 − b + s·v·Pᵀ, y = g ⊙ z + b
+    z = add_lowrank(z0, v, p_ptr + col0 * stride_pn, stride_pr, stride_pn,
+                    cols, R, scaling, R_PAD, BLOCK_N, INPUT_PRECISION)
+    if SAVE:
+        store_tile(z_ptr + row0 * stride_zm + col0 * stride_zn, z, stride_zm, stride_zn,
+                   rows, cols, BLOCK_M, BLOCK_N)
+    y = scale_shift(z, g_ptr + col0, bias_ptr + col0, cols, HAS_BIAS, BLOCK_N)
+    store_tile(c_ptr + row0 * stride_cm + col0 * stride_cn, y, stride_cm, stride_cn,
+               rows, cols, BLOCK_M, BLOCK_N)
+
+
+
+def epilogue_args(y0, v, bias, P, g, scaling, save, y, z) -> dict:
+    """Arguments of ``edora_epilogue_kernel`` except the config's."""
+    (M, N), R = y0.shape, v.shape[1]
+    return dict(
+        y0_ptr=y0, v_ptr=v, p_ptr=P, g_ptr=g, bias_ptr=bias if bias is not None else y,
+        c_ptr=y, z_ptr=z if save else y,
+        M=M, N=N, R=R, M_BUCKET=m_bucket(M),
+        stride_y0m=y0.stride(0), stride_y0n=y0.stride(1),
+        stride_vm=v.stride(0), stride_vr=v.stride(1),
+        stride_pn=P.stride(0), stride_pr=P.stride(1),
+        stride_cm=y.stride(0), stride_cn=y.stride(1),
+        stride_zm=z.stride(0) if save else 0, stride_zn=z.stride(1) if save else 0,
+        scaling=float(scaling),
+        R_PAD=r_pad(R), HAS_BIAS=bias is not None, SAVE=bool(save),
+        INPUT_PRECISION=input_precision(y0.dtype),
+    )
+
+
+def epilogue(y0, v, bias, P, g, scaling, save):
+    """``z = y0 − b + s·v·Pᵀ`` and ``y = g ⊙ z + b`` in one kernel; returns ``(y, z)``.
+
+    y0 (N×out) is the base layer's output including its bias, v = x Aᵀ (N×r) in y0's dtype,
+    bias (out) in y0's dtype or None, P = B R (out×r) and g = m/n (out) in the compute dtype.
+    y and z come back in y0's dtype; z is empty unless ``save``. Inputs named by
+    ``use_torch_path`` take the torch backend's code path.
+    """
+    N, R = y0.shape[0], v.shape[1]
+    if use_torch_path(y0.dtype, R):
+        return torch_backend.epilogue(y0, v, bias, P, g, scaling, save)
+    out = y0.shape[1]
+    y = y0.new_empty(N, out)
+    z = y0.new_empty(N, out) if save else y0.new_empty(0)
+    if N == 0:
+        return y, z
+    args = epilogue_args(y0, v, bias, P, g, scaling, save, y, z)
+    edora_epilogue_kernel[tiles_grid(N, out)](**args)
+    return y, z
