@@ -1,4 +1,4 @@
-"""Fused Triton backward for EDoRA (DESIGN §3, §4).
+"""Fused Triton backward for EDoRA (docs/DESIGN.md §3, §5).
 
 dx, one kernel with the forward's structure: each program owns a BLOCK_M×BLOCK_N tile of dx; one
 loop over ``out`` loads gy with g folded in (gz = gy ⊙ g) and accumulates ``gz·W0`` and
@@ -47,25 +47,25 @@ COLSUM_PROGRAMS_INTERPRET = 4
 
 @triton.autotune(
     configs=[GEMM_CONFIG_INTERPRET] if INTERPRET else GEMM_CONFIGS_SM90 + GEMM_CONFIGS_SM80,
-    key=["M_BUCKET", "N", "K", "R_PAD", "NEED_DX"],
+    key=["M_BUCKET", "N", "K", "RANK_PAD", "NEED_DX"],
     prune_configs_by={"early_config_prune": prune_gemm},
 )
 @triton.jit
 def edora_dx_kernel(
-    # inputs: gy (M×K), g (K), W0 (K×N), B (K×R), R A (R×N)
-    a_ptr, g_ptr, w_ptr, lr_ptr, q_ptr,
-    # outputs: dx (M×N), t (M×R)
-    c_ptr, t_ptr,
-    # sizes: M tokens, N = in, K = out, R = rank; M_BUCKET only keys the autotuner
-    M, N, K, R, M_BUCKET,
-    stride_am, stride_ak,
+    # inputs: gy (M×K), g (K), W0 (K×N), B (K×RANK), R A (RANK×N)
+    gy_ptr, g_ptr, w_ptr, b_ptr, ra_ptr,
+    # outputs: dx (M×N), t (M×RANK)
+    dx_ptr, t_ptr,
+    # sizes: M tokens, N = in, K = out; M_BUCKET only keys the autotuner
+    M, N, K, RANK, M_BUCKET,
+    stride_gym, stride_gyk,
     stride_wk, stride_wn,
-    stride_lk, stride_lr,
-    stride_qr, stride_qn,
-    stride_cm, stride_cn,
+    stride_bk, stride_br,
+    stride_rar, stride_ran,
+    stride_dxm, stride_dxn,
     stride_tm, stride_tr,
     scaling,
-    R_PAD: tl.constexpr, NEED_DX: tl.constexpr, NEED_T: tl.constexpr,
+    RANK_PAD: tl.constexpr, NEED_DX: tl.constexpr, NEED_T: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -82,24 +82,25 @@ def edora_dx_kernel(
 
     # --- gz·W0 and t = gz·B in one pass over K, gz = gy ⊙ g formed as gy is loaded
     acc, t = lowrank_mainloop(
-        a_ptr + row0 * stride_am, stride_am, stride_ak,
-        g_ptr,
-        w_ptr + col0 * stride_wn, stride_wk, stride_wn,
-        lr_ptr, stride_lk, stride_lr,
-        rows, cols, K, R,
-        NEED_DX, True, R_PAD, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
+        gy_ptr + row0 * stride_gym, stride_gym, stride_gyk,  # lhs = gy
+        g_ptr,                                               # k-scale = g (gz = gy ⊙ g)
+        w_ptr + col0 * stride_wn, stride_wk, stride_wn,      # main = W0 (K × N)
+        b_ptr, stride_bk, stride_br,                         # rank = B (K × RANK)
+        rows, cols, K, RANK,
+        NEED_DX, True, RANK_PAD, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
     )
-    t = t.to(a_ptr.dtype.element_ty)
+    t = t.to(gy_ptr.dtype.element_ty)
 
     # --- epilogue: dx = gz·W0 + s·t·(R A)
     if NEED_DX:
-        dx = add_lowrank(acc, t, q_ptr + col0 * stride_qn, stride_qr, stride_qn,
-                         cols, R, scaling, R_PAD, BLOCK_N, INPUT_PRECISION)
-        store_tile(c_ptr + row0 * stride_cm + col0 * stride_cn, dx, stride_cm, stride_cn,
+        dx = add_lowrank(acc, t, ra_ptr + col0 * stride_ran, stride_rar, stride_ran,  # Q = R A
+                         cols, RANK, scaling, RANK_PAD, BLOCK_N, INPUT_PRECISION)
+        store_tile(dx_ptr + row0 * stride_dxm + col0 * stride_dxn, dx, stride_dxm, stride_dxn,
                    rows, cols, BLOCK_M, BLOCK_N)
     if NEED_T:
         if pid_n == 0:
-            store_tile(t_ptr + row0 * stride_tm, t, stride_tm, stride_tr, rows, R, BLOCK_M, R_PAD)
+            store_tile(t_ptr + row0 * stride_tm, t, stride_tm, stride_tr, rows, RANK,
+                       BLOCK_M, RANK_PAD)
 
 
 @triton.jit
@@ -143,22 +144,22 @@ def colsum_partials_kernel(
 
 def dx_args(gy, weight, B, RA, g, scaling, need_dx, need_t, dx, t) -> dict:
     """Arguments of ``edora_dx_kernel`` except the config's; also used by the AOT checks."""
-    (M, K), N, R = gy.shape, weight.shape[1], B.shape[1]
+    (M, K), N, rank = gy.shape, weight.shape[1], B.shape[1]
     # Unused pointers point at an output that is written: never dereferenced, typed like gy.
-    c = dx if need_dx else t
-    t_out = t if need_t else c
+    dx_out = dx if need_dx else t
+    t_out = t if need_t else dx_out
     return dict(
-        a_ptr=gy, g_ptr=g, w_ptr=weight, lr_ptr=B, q_ptr=RA,
-        c_ptr=c, t_ptr=t_out,
-        M=M, N=N, K=K, R=R, M_BUCKET=m_bucket(M),
-        stride_am=gy.stride(0), stride_ak=gy.stride(1),
+        gy_ptr=gy, g_ptr=g, w_ptr=weight, b_ptr=B, ra_ptr=RA,
+        dx_ptr=dx_out, t_ptr=t_out,
+        M=M, N=N, K=K, RANK=rank, M_BUCKET=m_bucket(M),
+        stride_gym=gy.stride(0), stride_gyk=gy.stride(1),
         stride_wk=weight.stride(0), stride_wn=weight.stride(1),
-        stride_lk=B.stride(0), stride_lr=B.stride(1),
-        stride_qr=RA.stride(0), stride_qn=RA.stride(1),
-        stride_cm=dx.stride(0) if need_dx else 0, stride_cn=dx.stride(1) if need_dx else 0,
+        stride_bk=B.stride(0), stride_br=B.stride(1),
+        stride_rar=RA.stride(0), stride_ran=RA.stride(1),
+        stride_dxm=dx.stride(0) if need_dx else 0, stride_dxn=dx.stride(1) if need_dx else 0,
         stride_tm=t.stride(0) if need_t else 0, stride_tr=t.stride(1) if need_t else 0,
         scaling=float(scaling),
-        R_PAD=r_pad(R), NEED_DX=bool(need_dx), NEED_T=bool(need_t),
+        RANK_PAD=r_pad(rank), NEED_DX=bool(need_dx), NEED_T=bool(need_t),
         INPUT_PRECISION=input_precision(gy.dtype),
     )
 
@@ -207,14 +208,14 @@ def colsum(gy, z, compute_dtype):
 def backward(gy, weight, B, RA, g, z, scaling, need_dx, need_t, need_colsum):
     """The backend contract's backward: ``(dx, t, colsum)``, unneeded ones empty.
 
-    Inputs named by ``triton_fwd.use_torch_path`` take the torch backend's code path.
+    Inputs named by ``configs.use_torch_path`` take the torch backend's code path.
     """
     if use_torch_path(gy.dtype, B.shape[1]):
         return torch_backend.backward(gy, weight, B, RA, g, z, scaling, need_dx, need_t,
                                       need_colsum)
-    (M, _), N, R = gy.shape, weight.shape[1], B.shape[1]
+    (M, _), N, rank = gy.shape, weight.shape[1], B.shape[1]
     dx = gy.new_empty(M, N) if need_dx else gy.new_empty(0)
-    t = gy.new_empty(M, R) if need_t else gy.new_empty(0)
+    t = gy.new_empty(M, rank) if need_t else gy.new_empty(0)
     if M > 0 and (need_dx or need_t):
         if need_dx:
             grid = tiles_grid(M, N)

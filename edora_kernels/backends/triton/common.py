@@ -21,70 +21,71 @@ def tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
 
 @triton.jit
 def lowrank_mainloop(
-    # left operand (x or gy), offset to the tile's first row: rows × K
-    a_ptr, stride_am, stride_ak,
-    # per-k scale folded into the left operand as it is loaded (g), read when SCALE_K
+    # left operand (x forward, gy in dx), offset to the tile's first row: rows × K
+    lhs_ptr, stride_lm, stride_lk,
+    # per-k scale folded into the left operand as it is loaded (g in dx), read when SCALE_K
     kscale_ptr,
-    # right operand, offset to the tile's first column: K × cols
-    b_ptr, stride_bk, stride_bn,
-    # rank-r right operand (Aᵀ or B): K × R
-    l_ptr, stride_lk, stride_lr,
+    # main right operand (W0ᵀ forward, W0 in dx), offset to the tile's first column: K × cols
+    main_ptr, stride_mk, stride_mn,
+    # rank-r right operand (Aᵀ forward, B in dx): K × RANK
+    rank_ptr, stride_rk, stride_rr,
     # valid rows and columns of this tile, reduction length, rank
-    rows, cols, K, R,
-    HAS_MAIN: tl.constexpr, SCALE_K: tl.constexpr, R_PAD: tl.constexpr,
+    rows, cols, K, RANK,
+    HAS_MAIN: tl.constexpr, SCALE_K: tl.constexpr, RANK_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """One pass over K accumulating ``a·b`` (BLOCK_M×BLOCK_N, when HAS_MAIN) and ``a·l``
-    (BLOCK_M×R_PAD) in fp32: the left tile is loaded once for both products."""
-    dtype = a_ptr.dtype.element_ty
+    """One pass over K accumulating ``lhs·main`` (BLOCK_M×BLOCK_N, when HAS_MAIN) and
+    ``lhs·rank`` (BLOCK_M×RANK_PAD) in fp32: the left tile is loaded once for both products."""
+    dtype = lhs_ptr.dtype.element_ty
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, R_PAD)
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    l_ptrs = l_ptr + offs_k[:, None] * stride_lk + offs_r[None, :] * stride_lr
+    offs_r = tl.arange(0, RANK_PAD)
+    lhs_ptrs = lhs_ptr + offs_m[:, None] * stride_lm + offs_k[None, :] * stride_lk
+    main_ptrs = main_ptr + offs_k[:, None] * stride_mk + offs_n[None, :] * stride_mn
+    rank_ptrs = rank_ptr + offs_k[:, None] * stride_rk + offs_r[None, :] * stride_rr
     row_mask = offs_m[:, None] < rows
     col_mask = offs_n[None, :] < cols
-    rank_mask = offs_r[None, :] < R
+    rank_mask = offs_r[None, :] < RANK
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_lr = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    acc_rank = tl.zeros((BLOCK_M, RANK_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         # --- loads; out-of-range k read as 0 so partial tiles add nothing
         k_mask = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=row_mask & k_mask[None, :], other=0.0)
+        lhs = tl.load(lhs_ptrs, mask=row_mask & k_mask[None, :], other=0.0)
         if SCALE_K:
             scale = tl.load(kscale_ptr + k0 + offs_k, mask=k_mask, other=0.0)
-            a = (a.to(tl.float32) * scale[None, :]).to(dtype)
-        lr = tl.load(l_ptrs, mask=k_mask[:, None] & rank_mask, other=0.0).to(dtype)
+            lhs = (lhs.to(tl.float32) * scale[None, :]).to(dtype)
+        rank_tile = tl.load(rank_ptrs, mask=k_mask[:, None] & rank_mask, other=0.0).to(dtype)
         # --- products
-        acc_lr = tl.dot(a, lr, acc_lr, input_precision=INPUT_PRECISION)
+        acc_rank = tl.dot(lhs, rank_tile, acc_rank, input_precision=INPUT_PRECISION)
         if HAS_MAIN:
-            b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask, other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-            b_ptrs += BLOCK_K * stride_bk
-        a_ptrs += BLOCK_K * stride_ak
-        l_ptrs += BLOCK_K * stride_lk
-    return acc, acc_lr
+            main = tl.load(main_ptrs, mask=k_mask[:, None] & col_mask, other=0.0)
+            acc = tl.dot(lhs, main, acc, input_precision=INPUT_PRECISION)
+            main_ptrs += BLOCK_K * stride_mk
+        lhs_ptrs += BLOCK_K * stride_lk
+        rank_ptrs += BLOCK_K * stride_rk
+    return acc, acc_rank
 
 
 @triton.jit
 def add_lowrank(
-    acc, lr,
-    # Q, an R × cols slice offset to the tile's first column (Pᵀ in the forward, R A in dx)
+    acc, low,
+    # Q, a RANK × cols slice offset to the tile's first column (Pᵀ in the forward, R A in dx)
     q_ptr, stride_qr, stride_qn,
-    cols, R, scaling,
-    R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    cols, RANK, scaling,
+    RANK_PAD: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """``acc + s·lr·Q`` with lr rounded to Q's operand dtype first, as the torch backend stores v
-    and t; s is folded into the small Q tile instead of the BLOCK_M×BLOCK_N result."""
-    offs_r = tl.arange(0, R_PAD)
+    """``acc + s·low·Q`` for the rank-r rows ``low`` (v forward, t in dx), already rounded to the
+    operand dtype as the torch backend stores v and t; s is folded into the small Q tile instead
+    of the BLOCK_M×BLOCK_N result."""
+    offs_r = tl.arange(0, RANK_PAD)
     offs_n = tl.arange(0, BLOCK_N)
     q = tl.load(q_ptr + offs_r[:, None] * stride_qr + offs_n[None, :] * stride_qn,
-                mask=(offs_r[:, None] < R) & (offs_n[None, :] < cols), other=0.0)
-    q = (q.to(tl.float32) * scaling).to(lr.dtype)
-    return tl.dot(lr, q, acc, input_precision=INPUT_PRECISION)
+                mask=(offs_r[:, None] < RANK) & (offs_n[None, :] < cols), other=0.0)
+    q = (q.to(tl.float32) * scaling).to(low.dtype)
+    return tl.dot(low, q, acc, input_precision=INPUT_PRECISION)
 
 
 @triton.jit

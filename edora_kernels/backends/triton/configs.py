@@ -14,7 +14,7 @@ import triton
 # Read once, like ``triton.jit`` does when it decides between compiling and interpreting.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_RANK = 128  # largest rank the kernels take; larger ranks use the torch backend
-MIN_R_PAD = 16  # tl.dot needs every dimension ≥ 16
+MIN_RANK_PAD = 16  # tl.dot needs every dimension ≥ 16
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def gemm_smem_bytes(config, arch: int, elt_size: int, r_pad: int) -> int:
 
 
 def gemm_acc_regs(config, r_pad: int) -> float:
-    """fp32 accumulator registers per thread: BLOCK_M×(BLOCK_N + R_PAD) over the threads."""
+    """fp32 accumulator registers per thread: BLOCK_M×(BLOCK_N + RANK_PAD) over the threads."""
     kw = config.kwargs
     return kw["BLOCK_M"] * (kw["BLOCK_N"] + r_pad) / (32 * config.num_warps)
 
@@ -124,9 +124,10 @@ def device_arch_and_smem(t: torch.Tensor) -> tuple[int, int]:
 def prune_gemm(configs, named_args, **kwargs):
     """``early_config_prune`` of the GEMM kernels: this device's family, resources, problem size."""
     args = {**named_args, **kwargs}
-    arch, smem = device_arch_and_smem(args["c_ptr"])
-    elt_size = args["a_ptr"].element_size()
-    allowed = gemm_candidates(arch, elt_size, args["R_PAD"], smem)
+    # W0 shares the dtype of the left operand (x or gy) in both GEMM kernels.
+    arch, smem = device_arch_and_smem(args["w_ptr"])
+    elt_size = args["w_ptr"].element_size()
+    allowed = gemm_candidates(arch, elt_size, args["RANK_PAD"], smem)
     kept = [c for c in configs if any(c is a for a in allowed)]
     return fit_to_problem(kept, args["M_BUCKET"], args["N"])
 
@@ -142,7 +143,7 @@ def m_bucket(m: int) -> int:
 
 
 def r_pad(rank: int) -> int:
-    return max(triton.next_power_of_2(rank), MIN_R_PAD)
+    return max(triton.next_power_of_2(rank), MIN_RANK_PAD)
 
 
 def tf32_allowed() -> bool:

@@ -25,23 +25,23 @@ from .configs import (
 
 @triton.autotune(
     configs=[EPILOGUE_CONFIG_INTERPRET] if INTERPRET else EPILOGUE_CONFIGS,
-    key=["M_BUCKET", "N", "R_PAD"],
+    key=["M_BUCKET", "N", "RANK_PAD"],
     prune_configs_by={"early_config_prune": prune_epilogue},
 )
 @triton.jit
 def edora_epilogue_kernel(
-    # inputs: y0 = base(x) (M×N), v = x·Aᵀ (M×R), P = B R (N×R), g (N), bias (N)
+    # inputs: y0 = base(x) (M×N), v = x·Aᵀ (M×RANK), P = B R (N×RANK), g (N), bias (N)
     y0_ptr, v_ptr, p_ptr, g_ptr, bias_ptr,
     # outputs: y and z (M×N)
-    c_ptr, z_ptr,
-    M, N, R, M_BUCKET,
+    y_ptr, z_ptr,
+    M, N, RANK, M_BUCKET,
     stride_y0m, stride_y0n,
     stride_vm, stride_vr,
     stride_pn, stride_pr,
-    stride_cm, stride_cn,
+    stride_ym, stride_yn,
     stride_zm, stride_zn,
     scaling,
-    R_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
+    RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -53,7 +53,7 @@ def edora_epilogue_kernel(
     cols = N - col0
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R_PAD)
+    offs_r = tl.arange(0, RANK_PAD)
     row_mask = offs_m[:, None] < rows
     col_mask = offs_n < cols
 
@@ -65,34 +65,34 @@ def edora_epilogue_kernel(
         z0 -= tl.load(bias_ptr + col0 + offs_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     v = tl.load(v_ptr + row0 * stride_vm + offs_m[:, None] * stride_vm
                 + offs_r[None, :] * stride_vr,
-                mask=row_mask & (offs_r[None, :] < R), other=0.0)
+                mask=row_mask & (offs_r[None, :] < RANK), other=0.0)
 
     # --- z = y0 − b + s·v·Pᵀ, y = g ⊙ z + b
-    z = add_lowrank(z0, v, p_ptr + col0 * stride_pn, stride_pr, stride_pn,
-                    cols, R, scaling, R_PAD, BLOCK_N, INPUT_PRECISION)
+    z = add_lowrank(z0, v, p_ptr + col0 * stride_pn, stride_pr, stride_pn,  # Q = Pᵀ
+                    cols, RANK, scaling, RANK_PAD, BLOCK_N, INPUT_PRECISION)
     if SAVE:
         store_tile(z_ptr + row0 * stride_zm + col0 * stride_zn, z, stride_zm, stride_zn,
                    rows, cols, BLOCK_M, BLOCK_N)
     y = scale_shift(z, g_ptr + col0, bias_ptr + col0, cols, HAS_BIAS, BLOCK_N)
-    store_tile(c_ptr + row0 * stride_cm + col0 * stride_cn, y, stride_cm, stride_cn,
+    store_tile(y_ptr + row0 * stride_ym + col0 * stride_yn, y, stride_ym, stride_yn,
                rows, cols, BLOCK_M, BLOCK_N)
 
 
 
 def epilogue_args(y0, v, bias, P, g, scaling, save, y, z) -> dict:
     """Arguments of ``edora_epilogue_kernel`` except the config's."""
-    (M, N), R = y0.shape, v.shape[1]
+    (M, N), rank = y0.shape, v.shape[1]
     return dict(
         y0_ptr=y0, v_ptr=v, p_ptr=P, g_ptr=g, bias_ptr=bias if bias is not None else y,
-        c_ptr=y, z_ptr=z if save else y,
-        M=M, N=N, R=R, M_BUCKET=m_bucket(M),
+        y_ptr=y, z_ptr=z if save else y,
+        M=M, N=N, RANK=rank, M_BUCKET=m_bucket(M),
         stride_y0m=y0.stride(0), stride_y0n=y0.stride(1),
         stride_vm=v.stride(0), stride_vr=v.stride(1),
         stride_pn=P.stride(0), stride_pr=P.stride(1),
-        stride_cm=y.stride(0), stride_cn=y.stride(1),
+        stride_ym=y.stride(0), stride_yn=y.stride(1),
         stride_zm=z.stride(0) if save else 0, stride_zn=z.stride(1) if save else 0,
         scaling=float(scaling),
-        R_PAD=r_pad(R), HAS_BIAS=bias is not None, SAVE=bool(save),
+        RANK_PAD=r_pad(rank), HAS_BIAS=bias is not None, SAVE=bool(save),
         INPUT_PRECISION=input_precision(y0.dtype),
     )
 
@@ -105,8 +105,8 @@ def epilogue(y0, v, bias, P, g, scaling, save):
     y and z come back in y0's dtype; z is empty unless ``save``. Inputs named by
     ``use_torch_path`` take the torch backend's code path.
     """
-    N, R = y0.shape[0], v.shape[1]
-    if use_torch_path(y0.dtype, R):
+    N, rank = y0.shape[0], v.shape[1]
+    if use_torch_path(y0.dtype, rank):
         return torch_backend.epilogue(y0, v, bias, P, g, scaling, save)
     out = y0.shape[1]
     y = y0.new_empty(N, out)

@@ -28,26 +28,26 @@ from .configs import (
 
 @triton.autotune(
     configs=[GEMM_CONFIG_INTERPRET] if INTERPRET else GEMM_CONFIGS_SM90 + GEMM_CONFIGS_SM80,
-    key=["M_BUCKET", "N", "K", "R_PAD"],
+    key=["M_BUCKET", "N", "K", "RANK_PAD"],
     prune_configs_by={"early_config_prune": prune_gemm},
 )
 @triton.jit
 def edora_fwd_kernel(
-    # inputs: x (M×K), W0 (N×K), A (R×K), P = B R (N×R), g (N), bias (N)
-    a_ptr, w_ptr, lr_ptr, p_ptr, g_ptr, bias_ptr,
-    # outputs: y and z (M×N), v (M×R)
-    c_ptr, z_ptr, v_ptr,
-    # sizes: M tokens, N = out, K = in, R = rank; M_BUCKET only keys the autotuner
-    M, N, K, R, M_BUCKET,
-    stride_am, stride_ak,
+    # inputs: x (M×K), W0 (N×K), A (RANK×K), P = B R (N×RANK), g (N), bias (N)
+    x_ptr, w_ptr, a_ptr, p_ptr, g_ptr, bias_ptr,
+    # outputs: y and z (M×N), v (M×RANK)
+    y_ptr, z_ptr, v_ptr,
+    # sizes: M tokens, N = out, K = in; M_BUCKET only keys the autotuner
+    M, N, K, RANK, M_BUCKET,
+    stride_xm, stride_xk,
     stride_wn, stride_wk,
-    stride_lr, stride_lk,
+    stride_ar, stride_ak,
     stride_pn, stride_pr,
-    stride_cm, stride_cn,
+    stride_ym, stride_yn,
     stride_zm, stride_zn,
     stride_vm, stride_vr,
     scaling,
-    R_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
+    RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -60,48 +60,49 @@ def edora_fwd_kernel(
 
     # --- z₀ = x·W0ᵀ and v = x·Aᵀ in one pass over K
     acc, v = lowrank_mainloop(
-        a_ptr + row0 * stride_am, stride_am, stride_ak,
+        x_ptr + row0 * stride_xm, stride_xm, stride_xk,      # lhs = x, no k-scale
         g_ptr,
-        w_ptr + col0 * stride_wn, stride_wk, stride_wn,
-        lr_ptr, stride_lk, stride_lr,
-        rows, cols, K, R,
-        True, False, R_PAD, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
+        w_ptr + col0 * stride_wn, stride_wk, stride_wn,      # main = W0ᵀ (K × N view of W0)
+        a_ptr, stride_ak, stride_ar,                         # rank = Aᵀ (K × RANK view of A)
+        rows, cols, K, RANK,
+        True, False, RANK_PAD, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
     )
 
     # --- epilogue: z = z₀ + s·v·Pᵀ, y = g ⊙ z + b; z is stored before y is formed so the two
     # tiles are never live together
-    v = v.to(a_ptr.dtype.element_ty)
-    z = add_lowrank(acc, v, p_ptr + col0 * stride_pn, stride_pr, stride_pn,
-                    cols, R, scaling, R_PAD, BLOCK_N, INPUT_PRECISION)
+    v = v.to(x_ptr.dtype.element_ty)
+    z = add_lowrank(acc, v, p_ptr + col0 * stride_pn, stride_pr, stride_pn,  # Q = Pᵀ
+                    cols, RANK, scaling, RANK_PAD, BLOCK_N, INPUT_PRECISION)
     if SAVE:
         store_tile(z_ptr + row0 * stride_zm + col0 * stride_zn, z, stride_zm, stride_zn,
                    rows, cols, BLOCK_M, BLOCK_N)
         if pid_n == 0:
-            store_tile(v_ptr + row0 * stride_vm, v, stride_vm, stride_vr, rows, R, BLOCK_M, R_PAD)
+            store_tile(v_ptr + row0 * stride_vm, v, stride_vm, stride_vr, rows, RANK,
+                       BLOCK_M, RANK_PAD)
     y = scale_shift(z, g_ptr + col0, bias_ptr + col0, cols, HAS_BIAS, BLOCK_N)
-    store_tile(c_ptr + row0 * stride_cm + col0 * stride_cn, y, stride_cm, stride_cn,
+    store_tile(y_ptr + row0 * stride_ym + col0 * stride_yn, y, stride_ym, stride_yn,
                rows, cols, BLOCK_M, BLOCK_N)
 
 
 
 def fwd_args(x, weight, bias, A, P, g, scaling, save, y, v, z) -> dict:
     """Arguments of ``edora_fwd_kernel`` except the config's; also used by the AOT checks."""
-    (M, K), N, R = x.shape, weight.shape[0], A.shape[0]
+    (M, K), N, rank = x.shape, weight.shape[0], A.shape[0]
     # Unused pointers point at y: never dereferenced, and typed like a real output.
     return dict(
-        a_ptr=x, w_ptr=weight, lr_ptr=A, p_ptr=P, g_ptr=g,
+        x_ptr=x, w_ptr=weight, a_ptr=A, p_ptr=P, g_ptr=g,
         bias_ptr=bias if bias is not None else y,
-        c_ptr=y, z_ptr=z if save else y, v_ptr=v if save else y,
-        M=M, N=N, K=K, R=R, M_BUCKET=m_bucket(M),
-        stride_am=x.stride(0), stride_ak=x.stride(1),
+        y_ptr=y, z_ptr=z if save else y, v_ptr=v if save else y,
+        M=M, N=N, K=K, RANK=rank, M_BUCKET=m_bucket(M),
+        stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_wn=weight.stride(0), stride_wk=weight.stride(1),
-        stride_lr=A.stride(0), stride_lk=A.stride(1),
+        stride_ar=A.stride(0), stride_ak=A.stride(1),
         stride_pn=P.stride(0), stride_pr=P.stride(1),
-        stride_cm=y.stride(0), stride_cn=y.stride(1),
+        stride_ym=y.stride(0), stride_yn=y.stride(1),
         stride_zm=z.stride(0) if save else 0, stride_zn=z.stride(1) if save else 0,
         stride_vm=v.stride(0) if save else 0, stride_vr=v.stride(1) if save else 0,
         scaling=float(scaling),
-        R_PAD=r_pad(R), HAS_BIAS=bias is not None, SAVE=bool(save),
+        RANK_PAD=r_pad(rank), HAS_BIAS=bias is not None, SAVE=bool(save),
         INPUT_PRECISION=input_precision(x.dtype),
     )
 
@@ -113,9 +114,9 @@ def forward(x, weight, bias, A, P, g, scaling, save):
     """
     if use_torch_path(x.dtype, A.shape[0]):
         return torch_backend.forward(x, weight, bias, A, P, g, scaling, save)
-    (M, _), N, R = x.shape, weight.shape[0], A.shape[0]
+    (M, _), N, rank = x.shape, weight.shape[0], A.shape[0]
     y = x.new_empty(M, N)
-    v = x.new_empty(M, R) if save else x.new_empty(0)
+    v = x.new_empty(M, rank) if save else x.new_empty(0)
     z = x.new_empty(M, N) if save else x.new_empty(0)
     if M == 0:
         return y, v, z
