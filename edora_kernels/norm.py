@@ -1,4 +1,5 @@
-"""Closed-form row norm of ``V = W0 + s·B R A`` that never forms the out×in matrix (DESIGN §2).
+"""Closed-form row norm of ``V = W0 + s·B R A`` that never forms the out×in matrix
+(docs/DESIGN.md §2).
 
 Everything that touches the frozen weight is folded into three small terms, computed once per
 (weight, A) pair in fp32 and cached:

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="module")
 def interpreter_bf16_dot():
     """Test-only shim: the interpreter's tl.dot multiplies bf16 bit patterns as integers
-    (triton issue 11584). Upcast bf16 operands to fp32 there; the kernels stay untouched."""
+    (triton-lang/triton#11584). Upcast bf16 operands to fp32 there; the kernels stay untouched."""
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         yield
         return

@@ -33,7 +33,7 @@ class OpConfig:
 
 
 def default_config(device: torch.device) -> OpConfig:
-    """Sized to the device. CPU: issue 2's measurement (fp32, N=2048, 1024×1024, r=16) plus a
+    """Sized to the device. CPU: the reference measurement (fp32, N=2048, 1024×1024, r=16) plus a
     narrow-and-tall shape, under 2 minutes on 2 cores. GPU: LLaMA-7B and 13B layer shapes in
     bf16 at N=8192 (attention projection, MLP up, MLP down)."""
     if device.type == "cuda":
