@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The one prepared script for a GPU machine (DESIGN §8): H100/H200, Python 3.12, torch 2.11,
-# triton 3.6, peft preinstalled, no network. Run from anywhere:
+# The one prepared script for a GPU machine (docs/DESIGN.md §7): H100/H200, Python 3.12,
+# torch 2.11, triton 3.6, peft preinstalled, no network. Run from anywhere:
 #
 #     OUT=/some/dir bash bench/gpu_check.sh
 #
 # Installs the package from this working tree (offline), runs the GPU-marked tests, the backend
-# self-check and the forward / forward+backward benchmark of the issue. Everything it prints goes
-# to $OUT/gpu_check.log; the benchmark writes its CSV/JSON into $OUT. Each step has its own time
-# limit (they add up to under 8 minutes); a failing step does not stop the later ones,
-# and the exit status is that of the first failure.
+# self-check, the forward / forward+backward op benchmark and the LLaMA-7B initialiser benchmark.
+# Everything it prints goes to $OUT/gpu_check.log; the benchmarks write their CSV/JSON into $OUT.
+# Each step has its own time limit (they add up to under 8 minutes); a failing step does not stop
+# the later ones, and the exit status is that of the first failure.
 #
 # GPU_CHECK_BUILD_CUDA=1 also builds the optional CUDA extension (nvcc, about a minute or two).
 set -euo pipefail
@@ -41,19 +41,19 @@ if [ "${GPU_CHECK_BUILD_CUDA:-0}" = "1" ]; then
 else
     export EDORA_SKIP_CUDA_BUILD=1
 fi
-step install 60 python -m pip install --no-deps --no-build-isolation --no-index -q -e .
-if ! python -c "import edora_kernels" 2>/dev/null; then
+step install 60 python3 -m pip install --no-deps --no-build-isolation --no-index -q -e .
+if ! python3 -c "import edora_kernels" 2>/dev/null; then
     echo "editable install unavailable: using the working tree on PYTHONPATH"
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-step info 20 python -m edora_kernels info
-step "gpu tests" 100 python -m pytest -m gpu -q -rs tests
-step check 40 python -m edora_kernels check
-step bench 130 python -m edora_kernels bench --tokens 8192 \
+step info 20 python3 -m edora_kernels info
+step "gpu tests" 100 python3 -m pytest -m gpu -q -rs tests
+step check 40 python3 -m edora_kernels check
+step bench 130 python3 -m edora_kernels bench --tokens 8192 \
     --shapes 4096x4096,4096x11008,11008x4096 --ranks 16,64 --dtype bfloat16 \
     --modes fwd,fwd+bwd --compile --out "$OUT"
-step "init llama7b" 120 python bench/bench_init.py --llama7b --out "$OUT"
+step "init llama7b" 120 python3 -m edora_kernels bench --init --init-llama7b --out "$OUT"
 
 echo
 echo "=== gpu_check done in ${SECONDS}s, exit $status; results in $OUT"

@@ -9,6 +9,7 @@ as providers side by side.
 import pytest
 import torch
 
+from edora_kernels.bench import providers
 from edora_kernels.bench.io import default_device
 from edora_kernels.bench.providers import BUILDERS, MODES, Unavailable
 from edora_kernels.bench.timing import synchronize
@@ -18,7 +19,9 @@ DEVICE = default_device()
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 # (N, in, out, r): a square layer, and a wide one with a larger rank.
 SHAPES = [(512, 256, 256, 8), (256, 512, 1024, 16)]
-PROVIDERS = ["frozen", "reference", "peft_lora", "peft_dora", "torch", "triton", "cuda"]
+# From the registry, so that a new backend is benchmarked here too. Not "compiled": each of its
+# cases would first wait for a torch.compile.
+PROVIDERS = [name for name in providers.PROVIDERS if name != "compiled"]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}_{}x{}_r{}".format(*s))

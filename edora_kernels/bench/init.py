@@ -1,10 +1,10 @@
 """Initialisation benchmark: batched ``randomized_svd`` against per-layer ``torch.linalg.svd``,
 ``torch.svd_lowrank`` and scikit-learn's ``TruncatedSVD`` (what the paper's code runs).
 
-    python bench/bench_init.py                      # RoBERTa-base targets, CPU fp32, r = 16
-    python bench/bench_init.py --orth               # Householder QR vs Cholesky-QR variants
-    python bench/bench_init.py --llama7b            # 224 LLaMA-7B matrices, CUDA (bf16 model)
-    python bench/bench_init.py --llama7b --shrink 16 --device cpu   # smoke test of that path
+    edora-kernels bench --init                   # RoBERTa-base targets, CPU fp32, r = 16
+    edora-kernels bench --init --init-orth       # Householder QR vs Cholesky-QR variants
+    edora-kernels bench --init --init-llama7b    # 224 LLaMA-7B matrices, CUDA (bf16 model)
+    edora-kernels bench --init --init-llama7b --init-shrink 16 --init-device cpu   # smoke test
 
 RoBERTa-base with the paper's targets (query, value, attention.output.dense, output.dense) has 48
 matrices, as nn.Linear weights (out × in): 36 of 768×768 and 12 of 768×3072 (the block's
@@ -17,15 +17,14 @@ values; accuracy does, and a flat random matrix would flatter every method.
 
 Accuracy per layer: residual ratio ``‖W − U_r U_rᵀ W‖_F / ‖W − W_r‖_F`` (1 is optimal; the
 optimum comes from float64 ``torch.linalg.svdvals``) and the largest relative error of the top-r
-singular values. Providers are timed in turns (``bench_timing.round_robin``), so load from other
+singular values. Providers are timed in turns (``timing.round_robin``), so load from other
 processes lands on all of them alike, each call after an untimed pause that lets the previous
 library's BLAS threads go idle. Rows are appended to ``<out>/bench_<device>.csv`` in the
-project's one schema (``bench_io.BENCH_COLUMNS``); the run is written to
-``<out>/init_<device>_<time>.json``.
+project's one schema (``io.BENCH_COLUMNS``); the run is written to
+``<out>/init_<device>_<time>.json`` (both by ``io.save_run``).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -39,14 +38,7 @@ from torch import nn
 
 from ..model import apply_edora
 from ..svd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLE, randomized_svd
-from .io import (
-    append_rows,
-    device_name,
-    device_slug,
-    timestamp,
-    versions,
-    write_json,
-)
+from .io import device_name, save_run, timestamp, versions
 from .timing import quantiles, round_robin, synchronize
 
 KERNEL = "init_svd"
@@ -57,10 +49,11 @@ LLAMA_BLOCK = {  # name: (out_features, in_features)
     "down_proj": (4096, 11008),
 }
 LLAMA_BLOCKS = 32
+CASES = ("roberta", "llama7b", "orth")
 SPIKES = 64
 SKLEARN = "sklearn.TruncatedSVD(n_iter=10)"
 PAUSE_S = 0.5
-DECAYS = (0.8, 0.6, 0.4)  # --orth: spectra σ_i = c^i whose sketches have κ ≈ c^-(k-1)
+DECAYS = (0.8, 0.6, 0.4)  # --init-orth: spectra σ_i = c^i whose sketches have κ ≈ c^-(k-1)
 
 # A provider maps the list of weights to one (U_r, S_r) per weight, in order.
 Factoriser = Callable[[list[torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]
@@ -201,7 +194,7 @@ def measure(providers: dict[str, tuple[str, Callable]], weights, spectra, device
 def rows(entries: list[Entry], x: str, shape: str, dtype: str, device: torch.device,
          baseline: str | None) -> list[dict]:
     common = {"kernel": KERNEL, "x": x, "shape": shape, "dtype": dtype,
-              "device": device_name(device), "versions": versions() + _sklearn_version(),
+              "device": device_name(device), "versions": versions(("scikit-learn",)),
               "timestamp": timestamp()}
     out = []
     for e in entries:
@@ -216,14 +209,6 @@ def rows(entries: list[Entry], x: str, shape: str, dtype: str, device: torch.dev
             out.append({**common, "provider": e.provider, "mode": e.mode, "metric": metric,
                         "unit": unit, "p50": p50, "p20": p20, "p80": p80})
     return out
-
-
-def _sklearn_version() -> str:
-    try:
-        import sklearn
-    except ImportError:
-        return ";scikit-learn=none"
-    return f";scikit-learn={sklearn.__version__}"
 
 
 def table(entries: list[Entry], baseline_label: str) -> str:
@@ -247,12 +232,12 @@ def table(entries: list[Entry], baseline_label: str) -> str:
     return "\n".join(text)
 
 
-def save(out_dir: Path, device: torch.device, all_rows: list[dict], payload: dict) -> None:
-    stem = device_slug(device)
-    csv_path = append_rows(out_dir / f"bench_{stem}.csv", all_rows)
-    stamp = all_rows[0]["timestamp"].replace("-", "").replace(":", "")
-    json_path = write_json(out_dir / f"init_{stem}_{stamp}.json", {**payload, "rows": all_rows})
+def save(out_dir, device: torch.device, all_rows: list[dict], payload: dict
+         ) -> tuple[Path, Path]:
+    csv_path, json_path = save_run(out_dir, all_rows, payload, device=device, json_prefix="init",
+                                   stamp=all_rows[0]["timestamp"])
     print(f"appended {len(all_rows)} rows to {csv_path}; run written to {json_path}")
+    return csv_path, json_path
 
 
 def load_average() -> list[float] | None:
@@ -262,14 +247,15 @@ def load_average() -> list[float] | None:
 # --- RoBERTa-base ----------------------------------------------------------------------------
 
 
-def bench_roberta(args, device) -> None:
+def bench_roberta(device: torch.device, out_dir, *, rank: int, repeats: int, warmup: int,
+                  settings: dict) -> tuple[Path, Path]:
     gen = torch.Generator(device=device).manual_seed(0)
     weights = [llm_like(*shape, gen, device)
                for shape, count in ROBERTA_BASE.values() for _ in range(count)]
     print(f"{len(weights)} RoBERTa-base-shaped weights on {device_name(device)}; exact spectra "
           "(float64, untimed) ...", file=sys.stderr)
-    spectra = exact_spectra(weights, args.rank)
-    r = args.rank
+    spectra = exact_spectra(weights, rank)
+    r = rank
     # Ours at the defaults (p=0, q=5), one step deeper, shallower (q=3: the accuracy of
     # svd_lowrank(q=r+10, niter=4)), and at the HMT subspace-iteration defaults p=10, q=4.
     providers = {
@@ -283,13 +269,13 @@ def bench_roberta(args, device) -> None:
         SKLEARN: ("per-layer", sklearn_truncated_svd(r)),
     }
     start_load = load_average()
-    entries = measure(providers, weights, spectra, device, args.repeats, args.warmup, SKLEARN)
+    entries = measure(providers, weights, spectra, device, repeats, warmup, SKLEARN)
     shape = "layers=48;768x768=36;768x3072=12;rank=%d;weights=bulk+%d-spike" % (r, SPIKES)
     print(f"device: {device_name(device)}   load average at start: {start_load}")
     print(table(entries, "sklearn"))
     all_rows = rows(entries, "roberta-base-48", shape, "float32", device, "sklearn")
-    save(Path(args.out), device, all_rows, {
-        "case": "roberta-base-48", "settings": vars(args), "device": device_name(device),
+    return save(out_dir, device, all_rows, {
+        "case": "roberta-base-48", "settings": settings, "device": device_name(device),
         "load_average": {"start": start_load, "end": load_average()},
         "entries": [asdict(e) for e in entries]})
 
@@ -311,10 +297,10 @@ def llama_container(linears: list[dict[str, nn.Linear]]) -> nn.Module:
     return model
 
 
-def bench_llama(args, device) -> None:
-    dtype = getattr(torch, args.dtype)
+def bench_llama(device: torch.device, out_dir, *, rank: int, repeats: int, warmup: int,
+                dtype: torch.dtype, shrink: int, settings: dict) -> tuple[Path, Path]:
     gen = torch.Generator(device=device).manual_seed(0)
-    shapes = {name: (out // args.shrink, inp // args.shrink)
+    shapes = {name: (out // shrink, inp // shrink)
               for name, (out, inp) in LLAMA_BLOCK.items()}
     linears = []
     for _ in range(LLAMA_BLOCKS):
@@ -326,7 +312,7 @@ def bench_llama(args, device) -> None:
             block[name] = linear
         linears.append(block)
     weights = [block[name].weight for block in linears for name in LLAMA_BLOCK]
-    r = args.rank
+    r = rank
     randomized_svd(torch.randn(2, 64, 48, device=device), 4)  # library start-up, not timed
     synchronize(device)
 
@@ -344,24 +330,23 @@ def bench_llama(args, device) -> None:
     spectra = exact_spectra(sample, r)
     start_load = load_average()
     samples = round_robin({name: (pause, lambda fn=fn: fn(weights))
-                           for name, (_, fn) in providers.items()}, device, args.repeats,
-                          args.warmup)
+                           for name, (_, fn) in providers.items()}, device, repeats, warmup)
     baseline = f"torch.svd_lowrank(q={r + 10},niter=4)"
     entries = []
     for name, (mode, fn) in providers.items():
         acc = None if mode == "model" else accuracy(sample, fn(sample), spectra)
         speedup = [b / s for b, s in zip(samples[baseline], samples[name])]
         entries.append(Entry(name, mode, samples[name], speedup, acc))
-    x = "llama-7b-224" if args.shrink == 1 else f"llama-7b-224-shrink{args.shrink}"
+    x = "llama-7b-224" if shrink == 1 else f"llama-7b-224-shrink{shrink}"
     shape = ";".join(f"{n}={o}x{i}" for n, (o, i) in shapes.items())
     shape += f";blocks={LLAMA_BLOCKS};rank={r};weights=bulk+{SPIKES}-spike"
     print(f"device: {device_name(device)}   load average at start: {start_load}")
     print(table(entries, "svd_lowrank(q=r+10)"))
     total = quantiles(samples["edora_kernels.apply_edora"])[0]
     print(f"apply_edora on {len(weights)} matrices: {total:.2f} s (target <= 10 s on a GPU)")
-    all_rows = rows(entries, x, shape, args.dtype, device, "svd_lowrank")
-    save(Path(args.out), device, all_rows, {
-        "case": x, "settings": vars(args), "device": device_name(device),
+    all_rows = rows(entries, x, shape, str(dtype).removeprefix("torch."), device, "svd_lowrank")
+    return save(out_dir, device, all_rows, {
+        "case": x, "settings": settings, "device": device_name(device),
         "load_average": {"start": start_load, "end": load_average()},
         "entries": [asdict(e) for e in entries]})
 
@@ -398,10 +383,11 @@ def cholqr2_fp64_gram(Y):
     return _cholqr_pass(_cholqr_pass(Y, False, torch.float64), False, torch.float64)
 
 
-def bench_orth(args, device) -> None:
+def bench_orth(device: torch.device, out_dir, *, rank: int, repeats: int, warmup: int,
+               settings: dict) -> tuple[Path, Path]:
     """Time each orthonormalisation on the sketches randomized_svd orthonormalises for the 48
     RoBERTa-base matrices, and its loss of orthogonality on ill-conditioned sketches."""
-    k = args.rank + DEFAULT_OVERSAMPLE
+    k = rank + DEFAULT_OVERSAMPLE
     n_iter = DEFAULT_N_ITER
     # Per call: the Krylov blocks live on the short side (768 for both groups), 1 + n_iter of
     # them, and n_iter Wᵀ-products on the long side are orthonormalised in between.
@@ -417,12 +403,12 @@ def bench_orth(args, device) -> None:
             for _ in range(calls):
                 fn(Y)
 
-    full = rsvd_batched(args.rank, DEFAULT_OVERSAMPLE, n_iter)
+    full = rsvd_batched(rank, DEFAULT_OVERSAMPLE, n_iter)
     weights = [torch.randn(*shape, generator=gen, device=device)
                for shape, count in ROBERTA_BASE.values() for _ in range(count)]
     calls = {name: (pause, lambda fn=fn: sweep(fn)) for name, fn in methods.items()}
     calls["randomized_svd (whole call)"] = (pause, lambda: full(weights))
-    samples = round_robin(calls, device, args.repeats, args.warmup)
+    samples = round_robin(calls, device, repeats, warmup)
 
     # Ill-conditioned sketches: Y = W Ω for W with σ_i = c^i, κ(Y) ≈ c^-(k-1).
     errors = {}
@@ -447,7 +433,7 @@ def bench_orth(args, device) -> None:
     print(f"{'method':20s} {'ms p50 [p20-p80]':24s} {'share':>6s}   ‖QᵀQ − I‖max at "
           + "  ".join(f"σ_i={c}^i (κ={errors[('householder_qr', c)][1]:.0e})"
                       for c in DECAYS))
-    out_rows = []
+    out_rows, stamp = [], timestamp()  # one per run: the stamp names the run in the CSV
     for name in methods:
         p50, p20, p80 = quantiles(samples[name])
         errs = "  ".join(f"{errors[(name, c)][0]:24.1e}" for c in DECAYS)
@@ -456,45 +442,40 @@ def bench_orth(args, device) -> None:
         common = {"kernel": "orthonormalise", "provider": name, "mode": "batched",
                   "x": "roberta-base-48-sketches", "shape": f"k={k};n_iter={n_iter}",
                   "dtype": "float32", "device": device_name(device),
-                  "versions": versions(), "timestamp": timestamp()}
+                  "versions": versions(), "timestamp": stamp}
         out_rows.append({**common, "metric": "time_ms", "unit": "ms",
                          "p50": p50 * 1e3, "p20": p20 * 1e3, "p80": p80 * 1e3})
         for c in DECAYS:
             e = errors[(name, c)][0]
             out_rows.append({**common, "metric": f"orth_error_sigma_{c}^i", "unit": "max abs",
                              "p50": e, "p20": e, "p80": e})
-    save(Path(args.out), device, out_rows, {"case": "orthonormalisation",
-                                            "settings": vars(args),
+    return save(out_dir, device, out_rows, {"case": "orthonormalisation", "settings": settings,
                                             "device": device_name(device)})
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--llama7b", action="store_true",
-                        help="the 224 LLaMA-7B matrices through apply_edora (default device cuda)")
-    parser.add_argument("--orth", action="store_true",
-                        help="measure the orthonormalisation choices instead")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu; cuda with "
-                        "--llama7b)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                        help="--llama7b model dtype (computation is fp32 either way)")
-    parser.add_argument("--shrink", type=int, default=1,
-                        help="--llama7b: divide every dimension by this (smoke tests)")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if args.llama7b else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("CUDA is not available here; pass --device cpu (with --shrink for --llama7b)")
-    if args.orth:
-        bench_orth(args, device)
-    elif args.llama7b:
-        bench_llama(args, device)
-    else:
-        bench_roberta(args, device)
+def default_init_device(case: str) -> torch.device:
+    """The LLaMA-7B case is sized for a GPU; the others are CPU benchmarks."""
+    return torch.device("cuda" if case == "llama7b" else "cpu")
 
 
-if __name__ == "__main__":
-    main()
+def run_init_bench(case: str, out_dir, *, device: torch.device | None = None, rank: int = 16,
+                   repeats: int = 3, warmup: int = 1, dtype: torch.dtype = torch.bfloat16,
+                   shrink: int = 1, settings: dict | None = None) -> tuple[Path, Path]:
+    """Run one case of ``CASES`` and save it under ``out_dir``; return the CSV and JSON paths.
+
+    ``dtype`` (the model's) and ``shrink`` (every dimension divided by it) are the LLaMA-7B
+    case's. The JSON's settings are ``settings`` (e.g. the command line's) with these arguments'
+    values over them, defaults included.
+    """
+    if case not in CASES:
+        raise ValueError(f"unknown init case {case!r}; expected one of {', '.join(CASES)}")
+    device = torch.device(device) if device is not None else default_init_device(case)
+    settings = {**(settings or {}), "case": case, "device": str(device), "rank": rank,
+                "repeats": repeats, "warmup": warmup, "dtype": str(dtype).removeprefix("torch."),
+                "shrink": shrink, "out": str(out_dir)}
+    common = {"rank": rank, "repeats": repeats, "warmup": warmup, "settings": settings}
+    if case == "orth":
+        return bench_orth(device, out_dir, **common)
+    if case == "llama7b":
+        return bench_llama(device, out_dir, dtype=dtype, shrink=shrink, **common)
+    return bench_roberta(device, out_dir, **common)

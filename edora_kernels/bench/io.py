@@ -70,6 +70,22 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
     return path
 
 
+def save_run(out_dir: str | os.PathLike, rows: list[dict], payload: dict, *, stamp: str,
+             device: torch.device | None = None, json_prefix: str = "bench") -> tuple[Path, Path]:
+    """Append ``rows`` to ``<out_dir>/bench_<device>.csv`` and write ``payload`` with the rows
+    to ``<out_dir>/<json_prefix>_<device>_<stamp>.json``; return both paths.
+
+    Every benchmark shares the one CSV per device (one schema); the JSON keeps the whole run.
+    ``stamp`` is the run's ``timestamp()``, put into the file name without separators.
+    """
+    out_dir, slug = Path(out_dir), device_slug(device)
+    csv_path = append_rows(out_dir / f"bench_{slug}.csv", rows)
+    compact = stamp.replace("-", "").replace(":", "").replace(".", "")
+    json_path = write_json(out_dir / f"{json_prefix}_{slug}_{compact}.json",
+                           {**payload, "rows": rows})
+    return csv_path, json_path
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -98,16 +114,18 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def versions() -> str:
-    """``name=version`` pairs of the packages that decide the numbers, ``;``-separated."""
-    parts = []
-    for name in _VERSIONED:
+def versions(extra: tuple[str, ...] = ()) -> str:
+    """``name=version`` pairs of the packages that decide the numbers, ``;``-separated;
+    ``extra`` names further distributions (as pip spells them) a benchmark depends on."""
+    def version(name: str) -> str:
         try:
-            parts.append(f"{name}={importlib.metadata.version(name)}")
+            return f"{name}={importlib.metadata.version(name)}"
         except importlib.metadata.PackageNotFoundError:
-            parts.append(f"{name}=none")
-    parts.append(f"cuda={torch.version.cuda or 'none'}")
-    return ";".join(parts)
+            return f"{name}=none"
+
+    # extras after cuda: where the init benchmark's rows have always had scikit-learn.
+    return ";".join([*map(version, _VERSIONED), f"cuda={torch.version.cuda or 'none'}",
+                     *map(version, extra)])
 
 
 def timestamp() -> str:
