@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .io import append_rows, device_name, device_slug, timestamp, versions, write_json
+from .io import device_name, save_run, timestamp, versions
 from .timing import quantiles
 
 MIB = 2 ** 20
@@ -90,17 +90,12 @@ def rows(run: Run) -> list[dict]:
 
 def save(run: Run, out_dir: str | Path) -> tuple[Path, Path]:
     """Append the run's rows to the device's CSV and write the run's JSON; return both paths."""
-    out_dir = Path(out_dir)
-    stem = f"bench_{device_slug()}"
-    csv_path = append_rows(out_dir / f"{stem}.csv", rows(run))
-    compact_time = run.timestamp.replace("-", "").replace(":", "").replace(".", "")
-    json_path = write_json(out_dir / f"{stem}_{compact_time}.json", {
+    return save_run(out_dir, rows(run), {
         "device": run.device, "versions": run.versions, "timestamp": run.timestamp,
         "settings": run.settings, "notes": run.notes,
         "load_average": {"start": run.load_average, "end": _load_average()},
-        "results": [asdict(r) for r in run.results], "rows": rows(run),
-    })
-    return csv_path, json_path
+        "results": [asdict(r) for r in run.results],
+    }, stamp=run.timestamp)
 
 
 def _spread(p50: float, p20: float, p80: float, fmt: str) -> str:
