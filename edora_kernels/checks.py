@@ -74,6 +74,10 @@ def check_adapter_args(
                 f"all tensors must be on one device: {x_name} is on {x.device}, "
                 f"{name} is on {t.device}"
             )
+    if torch.compiler.is_compiling():
+        # dynamo turns a Python float that changes between calls into a symbolic one, with no
+        # value to test; the eager call before compiling saw a real one
+        return
     if isinstance(scaling, torch.Tensor) or not isinstance(scaling, (int, float)):
         raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
     if not math.isfinite(scaling):
@@ -122,3 +126,18 @@ def check_dropout_backend(dropout, backend) -> None:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+
+
+def check_norm_terms(terms, weight: torch.Tensor, A: torch.Tensor) -> None:
+    """Precomputed norm terms: a (c0, C, G) triple of float64 tensors on W0's device, shaped
+    (out,), (out, r), (r, r)."""
+    out_features, rank = weight.shape[0], A.shape[0]
+    if not isinstance(terms, tuple) or len(terms) != 3:
+        raise TypeError(f"norm_terms must be a NormTerms(c0, C, G) triple, got "
+                        f"{type(terms).__name__}")
+    for name, t, shape in zip(("c0", "C", "G"), terms,
+                              ((out_features,), (out_features, rank), (rank, rank))):
+        _require_tensor(f"norm_terms.{name}", t)
+        if tuple(t.shape) != shape or t.dtype != torch.float64 or t.device != weight.device:
+            raise ValueError(f"norm_terms.{name} must be float64 of shape {shape} on "
+                             f"{weight.device}, got {_describe(name, t)}")

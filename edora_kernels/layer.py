@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_dropout_backend
-from .norm import compute_dtype, norm_terms_uncached, row_norm
+from .norm import compute_dtype, compute_norm_terms, row_norm
 from .ops import edora_linear
 from .svd import edora_factors
 
@@ -130,7 +130,7 @@ class EDoRALinear(nn.Module):
         layer.R = nn.Parameter(R)
         # m = ‖W0 + s·B R A‖ at init, so that g = 1 and the layer starts as the base layer.
         cdt = compute_dtype(weight.dtype)
-        n = row_norm(norm_terms_uncached(weight, layer.A), layer.B.to(cdt) @ R.to(cdt),
+        n = row_norm(compute_norm_terms(weight, layer.A), layer.B.to(cdt) @ R.to(cdt),
                      layer.scaling)
         layer.magnitude = nn.Parameter(n.to(adapter["dtype"]))
         return layer
@@ -154,7 +154,7 @@ class EDoRALinear(nn.Module):
     def _norm_and_direction(self) -> tuple[torch.Tensor, torch.Tensor]:
         cdt = compute_dtype(self.weight.dtype)
         P = self.B.to(cdt) @ self.R.detach().to(cdt)
-        n = row_norm(norm_terms_uncached(self.weight, self.A), P, self.scaling)
+        n = row_norm(compute_norm_terms(self.weight, self.A), P, self.scaling)
         return n, self.weight.detach().to(cdt) + self.scaling * (P @ self.A.to(cdt))
 
     @torch.no_grad()

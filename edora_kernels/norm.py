@@ -1,14 +1,22 @@
 """Closed-form row norm of ``V = W0 + s·B R A`` that never forms the out×in matrix
 (docs/DESIGN.md §2).
 
-Everything that touches the frozen weight is folded into three small terms, computed once per
-(weight, A) pair in fp32 and cached:
+Everything that touches the frozen weight is folded into three small terms, computed in float64
+from W0 and A once per (W0, A) pair:
 
     c0 = rowsum(W0 ⊙ W0)  (out)      C = W0 Aᵀ  (out×r)      G = A Aᵀ  (r×r)
 
 so that with ``P = B R`` each step costs O(out·r²):
 
     n² = c0 + 2s·rowsum(P ⊙ C) + s²·rowsum((P G) ⊙ P)
+
+The sum cancels when ‖V_j‖ ≪ ‖W0_j‖ (an adapter that nearly removes a row): in fp32 the error of
+n² is about 1e-7·c0, larger than n² itself once the ratio falls near 3e-4. The terms and the
+combination therefore stay in float64 — O(out·r²) work per step, negligible next to the layer's
+GEMMs — and only g = m/n is rounded to the compute dtype.
+
+Who owns the terms: the layer that owns W0 and A (``NormTermsCache``), rebuilt whenever a stamp of
+either tensor changes; the functional op takes them as an argument or computes them per call.
 """
 from __future__ import annotations
 
@@ -18,80 +26,52 @@ from typing import NamedTuple
 import torch
 
 # n² is clamped here before the square root: a zero row stays finite instead of dividing by 0.
-NORM_SQ_FLOOR = 1e-12
-_CACHE_SIZE = 256
+NORM_SQ_FLOOR = 1e-24
+TERMS_DTYPE = torch.float64
+# W0 is read in row chunks of at most this many float64 bytes: the fp64 copy of a 4096×11008
+# weight would be 344 MiB.
+_CHUNK_BYTES = 64 << 20
 
 
 class NormTerms(NamedTuple):
-    c0: torch.Tensor  # (out,)
-    C: torch.Tensor   # (out, r)
-    G: torch.Tensor   # (r, r)
+    c0: torch.Tensor  # (out,)    float64
+    C: torch.Tensor   # (out, r)  float64
+    G: torch.Tensor   # (r, r)    float64
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Precision of n, g and the epilogue: fp64 for fp64 inputs, fp32 otherwise."""
+    """Precision of g and the epilogue: fp64 for fp64 inputs, fp32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def norm_terms_uncached(weight: torch.Tensor, A: torch.Tensor) -> NormTerms:
-    cdt = compute_dtype(weight.dtype)
-    w = weight.detach().to(cdt)
-    a = A.detach().to(cdt)
-    return NormTerms(c0=(w * w).sum(dim=1), C=w @ a.T, G=a @ a.T)
+def compute_norm_terms(weight: torch.Tensor, A: torch.Tensor) -> NormTerms:
+    """``c0, C, G`` in float64. Cost: one read of W0, ``out·in·(r + 1)`` fp64 multiply-adds and
+    at most 64 MiB of temporaries."""
+    a = A.detach().to(TERMS_DTYPE)
+    rows = max(1, _CHUNK_BYTES // (8 * max(weight.shape[1], 1)))
+    c0, C = [], []
+    for chunk in weight.detach().split(rows):
+        w = chunk.to(TERMS_DTYPE)
+        c0.append((w * w).sum(dim=1))
+        C.append(w @ a.T)
+    if not c0:  # out = 0
+        return NormTerms(a.new_zeros(0), a.new_zeros(0, a.shape[0]), a @ a.T)
+    return NormTerms(torch.cat(c0), torch.cat(C), a @ a.T)
 
 
 def base_norm_terms(weight: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rowsum(W0 ⊙ W0), W0 Aᵀ)`` for :func:`edora_kernels.edora_epilogue`: compute once from
-    the (dequantised) base weight and keep; they change only when W0 or A do."""
-    terms = norm_terms_uncached(weight, A)
+    """``(rowsum(W0 ⊙ W0), W0 Aᵀ)`` in float64 for :func:`edora_kernels.edora_epilogue`: compute
+    once from the (dequantised) base weight and keep; they change only when W0 or A do."""
+    terms = compute_norm_terms(weight, A)
     return terms.c0, terms.C
 
 
-class _Entry(NamedTuple):
-    weight: weakref.ref
-    A: weakref.ref
-    stamp: tuple
-    terms: NormTerms
-
-
-_cache: dict[tuple[int, int], _Entry] = {}
-
-
-def _stamp(t: torch.Tensor) -> tuple:
-    # The version counter moves on every in-place write (optimizer step, load_state_dict, copy_);
-    # data_ptr and shape catch a ``.data`` swap.
-    return (t._version, t.data_ptr(), tuple(t.shape), t.dtype, t.device)
-
-
-def norm_terms(weight: torch.Tensor, A: torch.Tensor) -> NormTerms:
-    """The cached ``c0, C, G`` for this exact (weight, A) pair, recomputed when either changes.
-
-    Entries are keyed by object identity through weak references, so a freed tensor can never
-    hand its terms to a new one that happens to reuse its address.
-    """
-    if weight.is_inference() or A.is_inference():
-        return norm_terms_uncached(weight, A)  # inference tensors carry no version counter
-    key = (id(weight), id(A))
-    stamp = (_stamp(weight), _stamp(A))
-    entry = _cache.get(key)
-    if entry is not None and entry.weight() is weight and entry.A() is A and entry.stamp == stamp:
-        return entry.terms
-    terms = norm_terms_uncached(weight, A)
-    if len(_cache) >= _CACHE_SIZE:
-        _cache.pop(next(iter(_cache)))
-    _cache[key] = _Entry(weakref.ref(weight), weakref.ref(A), stamp, terms)
-    return terms
-
-
-def clear_cache() -> None:
-    _cache.clear()
-
-
 def row_norm(terms: NormTerms, P: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``n = ‖W0 + s·P A‖`` per row from the cached terms; P = B R in the compute dtype.
+    """``n = ‖W0 + s·P A‖`` per row, in float64; P = B R (cast to float64 here).
 
-    Differentiable in P through plain autograd (used by the dropout path and tests).
+    Differentiable in P through plain autograd (the composed path and the tests use that).
     """
+    P = P.to(TERMS_DTYPE)
     n_sq = (
         terms.c0
         + (2.0 * scaling) * (P * terms.C).sum(dim=1)
@@ -103,6 +83,62 @@ def row_norm(terms: NormTerms, P: torch.Tensor, scaling: float) -> torch.Tensor:
 def exact_norm_grad_P(
     terms: NormTerms, P: torch.Tensor, n: torch.Tensor, grad_n: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """``∂L/∂P`` through the norm: row j is ``(∂L/∂n_j / n_j)·(s C_j + s² (P G)_j)``; O(out·r²)."""
-    coeff = (grad_n / n).unsqueeze(1)
+    """``∂L/∂P`` through the norm: row j is ``(∂L/∂n_j / n_j)·(s C_j + s² (P G)_j)``; O(out·r²),
+    float64."""
+    P = P.to(TERMS_DTYPE)
+    coeff = (grad_n.to(TERMS_DTYPE) / n).unsqueeze(1)
     return coeff * (scaling * terms.C + (scaling * scaling) * (P @ terms.G))
+
+
+# --- ownership ------------------------------------------------------------------------------------
+
+def _stamp(t: torch.Tensor) -> tuple:
+    """What identifies the values of ``t`` without reading them: its storage (held weakly, so a
+    freed storage whose address is reused never matches), where it starts, its layout, and the
+    version counter that every in-place write through autograd's view of it moves."""
+    return (weakref.ref(t.untyped_storage()), t.data_ptr(), t._version, tuple(t.shape),
+            t.stride(), t.dtype, t.device)
+
+
+def _same(stamp: tuple, t: torch.Tensor) -> bool:
+    return stamp[0]() is t.untyped_storage() and stamp[1:] == _stamp(t)[1:]
+
+
+class NormTermsCache:
+    """The norm terms of one (W0, A) pair, held by the module that owns W0 and A.
+
+    ``get`` returns the stored terms while both tensors carry the stamps they had when the terms
+    were computed, and recomputes otherwise: after an optimizer-style in-place write, a
+    ``load_state_dict``, a ``.to()``/``.half()``, a ``.data = ...`` swap. Writes that bypass the
+    version counter (``weight.data.mul_()``, writes through a numpy view) cannot be seen:
+    call :func:`edora_kernels.refresh_norm_terms` after them, or run with ``EDORA_VERIFY_NORM=1``
+    to catch them. The stored entry is replaced in a single assignment, so concurrent callers see
+    either the old or the new entry, never a mix; the terms die with their owner.
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple[tuple, tuple, NormTerms] | None = None
+
+    def get(self, weight: torch.Tensor, A: torch.Tensor) -> NormTerms:
+        if weight.is_inference() or A.is_inference():
+            return compute_norm_terms(weight, A)  # inference tensors carry no version counter
+        entry = self._entry
+        if entry is not None and _same(entry[0], weight) and _same(entry[1], A):
+            return entry[2]
+        stamps = (_stamp(weight), _stamp(A))  # taken before reading: a racing write re-stamps
+        terms = compute_norm_terms(weight, A)
+        self._entry = (*stamps, terms)
+        return terms
+
+    def clear(self) -> None:
+        self._entry = None
+
+    # A copy or a pickle starts empty: its weights are other tensors.
+    def __deepcopy__(self, memo) -> "NormTermsCache":
+        return NormTermsCache()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._entry = None

@@ -15,43 +15,56 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from .checks import check_adapter_args, check_dropout_backend, check_frozen, check_linear_args
-from .norm import NormTerms, compute_dtype, exact_norm_grad_P, norm_terms, row_norm
+from .checks import (
+    check_adapter_args,
+    check_dropout_backend,
+    check_frozen,
+    check_linear_args,
+    check_norm_terms,
+)
+from .norm import (
+    TERMS_DTYPE,
+    NormTerms,
+    compute_dtype,
+    compute_norm_terms,
+    exact_norm_grad_P,
+    row_norm,
+)
 
 
-def _gate(terms: NormTerms, B, R, magnitude, scaling):
-    """P = B R, n and g = m / n in the compute dtype."""
-    cdt = terms.c0.dtype
-    P = B.to(cdt) @ R.to(cdt)
+def _gate(terms: NormTerms, B, R, magnitude, scaling, cdt):
+    """P = B R and n in float64 (docs/DESIGN.md §2), g = m / n rounded to the compute dtype."""
+    P = B.to(TERMS_DTYPE) @ R.to(TERMS_DTYPE)
     n = row_norm(terms, P, scaling)
-    return P, n, magnitude.to(cdt) / n
+    return P, n, (magnitude.to(TERMS_DTYPE) / n).to(cdt)
 
 
 def _epilogue_terms(c0, C, A):
-    cdt = c0.dtype
-    return NormTerms(c0, C.to(cdt), A.to(cdt) @ A.to(cdt).T)
+    a = A.to(TERMS_DTYPE)
+    return NormTerms(c0, C, a @ a.T)
 
 
 def _adapter_grads(t, v, colsum, terms, B, R, magnitude, n, scaling, detach_norm, need_dR,
                    need_dm):
-    """dR = s·tᵀ v (+ the norm's share when not detached) and dm = colsum / n."""
-    cdt = n.dtype
+    """dR = s·tᵀ v (+ the norm's share when not detached) and dm = colsum / n; the O(out·r²)
+    norm parts in float64."""
     dR = R.new_empty(0)
     if need_dR:
-        dR_c = scaling * (t.to(cdt).T @ v.to(cdt))
+        dR_c = scaling * (t.to(colsum.dtype).T @ v.to(colsum.dtype))
         if not detach_norm:
-            P = B.to(cdt) @ R.to(cdt)
-            grad_n = -magnitude.to(cdt) * colsum / (n * n)
-            dR_c = dR_c + B.to(cdt).T @ exact_norm_grad_P(terms, P, n, grad_n, scaling)
+            f64 = TERMS_DTYPE
+            P = B.to(f64) @ R.to(f64)
+            grad_n = -magnitude.to(f64) * colsum.to(f64) / (n * n)
+            dR_c = dR_c + B.to(f64).T @ exact_norm_grad_P(terms, P, n, grad_n, scaling)
         dR = dR_c.to(R.dtype)
-    dm = (colsum / n).to(magnitude.dtype) if need_dm else magnitude.new_empty(0)
+    dm = (colsum.to(n.dtype) / n).to(magnitude.dtype) if need_dm else magnitude.new_empty(0)
     return dR, dm
 
 
 def _fake_forward(rows_like, out_features, rank, save):
     saved = lambda *shape: rows_like.new_empty(shape if save else (0,))  # noqa: E731
     n_rows = rows_like.shape[0]
-    n = rows_like.new_empty(out_features, dtype=compute_dtype(rows_like.dtype))
+    n = rows_like.new_empty(out_features, dtype=TERMS_DTYPE)
     return rows_like.new_empty(n_rows, out_features), saved(n_rows, rank), saved(
         n_rows, out_features), n
 
@@ -66,59 +79,65 @@ def _fake_adapter_grads(R, magnitude, need_dR, need_dm):
 @torch.library.custom_op("edora::linear_fwd", mutates_args=())
 def _linear_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, R: Tensor,
-    magnitude: Tensor, scaling: float, save: bool, detach_norm: bool, backend: str,
+    magnitude: Tensor, c0: Tensor, C: Tensor, G: Tensor, scaling: float, save: bool,
+    detach_norm: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    P, n, g = _gate(norm_terms(weight, A), B, R, magnitude, scaling)
-    y, v, z = backends.load(backend).forward(x, weight, bias, A, P, g, scaling, save)
+    cdt = compute_dtype(x.dtype)
+    P, n, g = _gate(NormTerms(c0, C, G), B, R, magnitude, scaling, cdt)
+    y, v, z = backends.load(backend).forward(x, weight, bias, A, P.to(cdt), g, scaling, save)
     return y, v, z, n
 
 
 @_linear_fwd.register_fake
-def _(x, weight, bias, A, B, R, magnitude, scaling, save, detach_norm, backend):
+def _(x, weight, bias, A, B, R, magnitude, c0, C, G, scaling, save, detach_norm, backend):
     return _fake_forward(x, weight.shape[0], A.shape[0], save)
 
 
 @torch.library.custom_op("edora::linear_bwd", mutates_args=())
 def _linear_bwd(
     gy: Tensor, weight: Tensor, A: Tensor, B: Tensor, R: Tensor, magnitude: Tensor, v: Tensor,
-    z: Tensor, n: Tensor, scaling: float, detach_norm: bool, need_dx: bool, need_dR: bool,
-    need_dm: bool, backend: str,
+    z: Tensor, n: Tensor, C: Tensor, G: Tensor, scaling: float, detach_norm: bool,
+    need_dx: bool, need_dR: bool, need_dm: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    cdt = n.dtype
-    g = magnitude.to(cdt) / n
+    cdt = compute_dtype(gy.dtype)
+    g = (magnitude.to(n.dtype) / n).to(cdt)
     need_colsum = need_dm or (need_dR and not detach_norm)
     dx, t, colsum = backends.load(backend).backward(
         gy, weight, B, R.to(cdt) @ A.to(cdt), g, z, scaling, need_dx, need_dR, need_colsum
     )
-    dR, dm = _adapter_grads(t, v, colsum, norm_terms(weight, A), B, R, magnitude, n, scaling,
+    dR, dm = _adapter_grads(t, v, colsum, NormTerms(None, C, G), B, R, magnitude, n, scaling,
                             detach_norm, need_dR, need_dm)
     return dx, dR, dm
 
 
 @_linear_bwd.register_fake
-def _(gy, weight, A, B, R, magnitude, v, z, n, scaling, detach_norm, need_dx, need_dR, need_dm,
-      backend):
+def _(gy, weight, A, B, R, magnitude, v, z, n, C, G, scaling, detach_norm, need_dx, need_dR,
+      need_dm, backend):
     dx = gy.new_empty((gy.shape[0], weight.shape[1]) if need_dx else (0,))
     return dx, *_fake_adapter_grads(R, magnitude, need_dR, need_dm)
 
 
 def _linear_setup_context(ctx, inputs, output):
-    x, weight, bias, A, B, R, magnitude, scaling, save, detach_norm, backend = inputs
+    (x, weight, bias, A, B, R, magnitude, c0, C, G, scaling, save, detach_norm,
+     backend) = inputs
     _, v, z, n = output
-    ctx.save_for_backward(weight, A, B, R, magnitude, v, z, n)
+    # Backward reads C and G only for the norm's share of dR (detach_norm=False).
+    if detach_norm:
+        C, G = C.new_empty(0), G.new_empty(0)
+    ctx.save_for_backward(weight, A, B, R, magnitude, v, z, n, C, G)
     ctx.scaling, ctx.detach_norm, ctx.backend = scaling, detach_norm, backend
     ctx.set_materialize_grads(False)  # v, z, n get no gradient: skip the N×out zero fill
 
 
 def _linear_backward(ctx, gy, _gv, _gz, _gn):
     if gy is None:  # grads are not materialised: y did not reach the loss
-        return (None,) * 11
-    weight, A, B, R, magnitude, v, z, n = ctx.saved_tensors
+        return (None,) * 14
+    weight, A, B, R, magnitude, v, z, n, C, G = ctx.saved_tensors
     need_dx, _, need_dbias, _, _, need_dR, need_dm = ctx.needs_input_grad[:7]
-    dx, dR, dm = _linear_bwd(gy, weight, A, B, R, magnitude, v, z, n, ctx.scaling,
+    dx, dR, dm = _linear_bwd(gy, weight, A, B, R, magnitude, v, z, n, C, G, ctx.scaling,
                              ctx.detach_norm, need_dx, need_dR, need_dm, ctx.backend)
     return (dx if need_dx else None, None, gy.sum(0) if need_dbias else None, None, None,
-            dR if need_dR else None, dm if need_dm else None, None, None, None, None)
+            dR if need_dR else None, dm if need_dm else None, *([None] * 7))
 
 
 _linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
@@ -137,6 +156,7 @@ def edora_linear(
     dropout: float = 0.0,
     detach_norm: bool = True,
     backend: str = "auto",
+    norm_terms: NormTerms | None = None,
 ) -> Tensor:
     """EDoRA linear: ``y = m/‖W0 + s·BRA‖_row ⊙ (x W0ᵀ + s·x Aᵀ Rᵀ Bᵀ) + b``.
 
@@ -149,30 +169,73 @@ def edora_linear(
         dropout: PEFT's dropout on the adapter input, always applied when > 0 (pass 0 in eval).
         detach_norm: treat the row norm as a constant in backward (DoRA §4.3), as PEFT does.
         backend: "auto", "torch", "triton" or "cuda"; ``EDORA_BACKEND`` overrides "auto".
+        norm_terms: the float64 ``NormTerms(c0, C, G)`` of (weight, A), e.g. from
+            ``edora_kernels.norm.compute_norm_terms`` or a layer's cache. When None they are
+            computed here, every call: one read of W0 and out·in·(r + 1) fp64 multiply-adds.
 
     Weight, A and B get no gradient. Adapter tensors may be in another floating dtype than x
-    (e.g. fp32 R and magnitude on a bf16 model): n, g and the epilogue run in fp32 (fp64 for
-    fp64 input) and the output has x's dtype.
+    (e.g. fp32 R and magnitude on a bf16 model): n is float64, g and the epilogue run in fp32
+    (fp64 for fp64 input) and the output has x's dtype. Forward-mode AD (``torch.func.jvp``,
+    ``torch.autograd.forward_ad``) and other functorch transforms run a composed-ATen version of
+    the same formula.
     """
     check_linear_args(x, weight, bias, A, B, R, magnitude, scaling, dropout, backend)
     grad_enabled = torch.is_grad_enabled()
     check_frozen(grad_enabled, weight=weight, A=A, B=B)
+    if norm_terms is None:
+        norm_terms = compute_norm_terms(weight, A)
+    else:
+        check_norm_terms(norm_terms, weight, A)
     backend = backends.resolve(backend, x.device)
-    scaling = float(scaling)
+    scaling = float(scaling) if not isinstance(scaling, torch.SymFloat) else scaling
     x2 = x.reshape(-1, x.shape[-1])
-    if dropout > 0.0:
+    if _transformed(x2, weight, bias, R, magnitude):
+        y = _composed_linear(x2, weight, bias, A, B, R, magnitude, scaling, norm_terms,
+                             dropout, detach_norm)
+    elif dropout > 0.0:
         # PEFT's semantics, y = x W0ᵀ + b + (g − 1)⊙(x̃ W0ᵀ) + g⊙s·x̃ Aᵀ Pᵀ, is the dense
         # base output plus the op on x̃ minus x̃'s base product.
         x_drop = F.dropout(x2, p=dropout, training=True)
         adapted = edora_linear(x_drop, weight, None, A, B, R, magnitude, scaling,
-                               detach_norm=detach_norm, backend=backend)
+                               detach_norm=detach_norm, backend=backend, norm_terms=norm_terms)
         y = F.linear(x2, weight, bias) - F.linear(x_drop, weight) + adapted
     else:
         save = grad_enabled and any(t is not None and t.requires_grad
                                     for t in (x, R, magnitude, bias))
-        y = _linear_fwd(x2, weight, bias, A, B, R, magnitude, scaling, save, detach_norm,
-                        backend)[0]
+        y = _linear_fwd(x2, weight, bias, A, B, R, magnitude, *norm_terms, scaling, save,
+                        detach_norm, backend)[0]
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _transformed(*tensors) -> bool:
+    """True under forward-mode AD or a functorch transform (jvp, vmap, grad): the custom ops
+    define reverse mode only, so these take the composed path instead of a silent zero
+    tangent."""
+    if torch.compiler.is_compiling():
+        return False
+    present = [t for t in tensors if t is not None]
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in present):
+        return True
+    if torch.autograd.forward_ad._current_level < 0:  # no dual level entered
+        return False
+    return any(torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in present)
+
+
+def _composed_linear(x, weight, bias, A, B, R, magnitude, scaling, terms, dropout, detach_norm):
+    """The op's formula in differentiable ATen calls (both AD modes), same precisions: n from the
+    float64 terms, g and the epilogue in the compute dtype."""
+    dtype, cdt = x.dtype, compute_dtype(x.dtype)
+    P = B.to(TERMS_DTYPE) @ R.to(TERMS_DTYPE)
+    n = row_norm(terms, P, scaling)
+    g = (magnitude.to(TERMS_DTYPE) / (n.detach() if detach_norm else n)).to(cdt)
+    x_in = F.dropout(x, p=dropout, training=True) if dropout > 0.0 else x
+    base = F.linear(x_in, weight)
+    z = base + scaling * F.linear(F.linear(x_in, A.to(dtype)), P.to(dtype))
+    if dropout > 0.0:
+        y = F.linear(x, weight, bias).to(cdt) - base.to(cdt) + g * z.to(cdt)
+    else:
+        y = g * z.to(cdt) + (0.0 if bias is None else bias.to(cdt))
+    return y.to(dtype)
 
 
 # --- edora_epilogue -----------------------------------------------------------------------------
@@ -183,9 +246,10 @@ def _epilogue_fwd(
     magnitude: Tensor, c0: Tensor, C: Tensor, scaling: float, save: bool, detach_norm: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    P, n, g = _gate(_epilogue_terms(c0, C, A), B, R, magnitude, scaling)
+    cdt = compute_dtype(y0.dtype)
+    P, n, g = _gate(_epilogue_terms(c0, C, A), B, R, magnitude, scaling, cdt)
     v = x @ A.to(x.dtype).T
-    y, z = backends.load(backend).epilogue(y0, v, bias, P, g, scaling, save)
+    y, z = backends.load(backend).epilogue(y0, v, bias, P.to(cdt), g, scaling, save)
     return y, (v if save else v.new_empty(0)), z, n
 
 
@@ -200,9 +264,9 @@ def _epilogue_bwd(
     v: Tensor, z: Tensor, n: Tensor, scaling: float, detach_norm: bool, need_dy0: bool,
     need_dx: bool, need_dR: bool, need_dm: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    cdt = n.dtype
+    cdt = compute_dtype(gy.dtype)
     dtype = gy.dtype
-    gz = gy * (magnitude.to(cdt) / n).to(dtype)
+    gz = gy * (magnitude.to(n.dtype) / n).to(dtype)
     t = gz @ B.to(dtype)
     dx = (scaling * t) @ (R.to(cdt) @ A.to(cdt)).to(dtype) if need_dx else gy.new_empty(0)
     colsum = torch.linalg.vecdot(gy.to(cdt), z.to(cdt), dim=0)
@@ -286,12 +350,11 @@ def edora_epilogue(
     grad_enabled = torch.is_grad_enabled()
     check_frozen(grad_enabled, A=A, B=B)
     backend = backends.resolve(backend, x.device)
-    cdt = compute_dtype(x.dtype)
     save = grad_enabled and any(t is not None and t.requires_grad
                                 for t in (y0, x, R, magnitude, bias))
     y = _epilogue_fwd(
         y0.reshape(-1, out_features), x.reshape(-1, in_features), bias, A, B, R, magnitude,
-        base_norm_sq.detach().to(cdt), base_times_A.detach().to(cdt), float(scaling), save,
-        detach_norm, backend,
+        base_norm_sq.detach().to(TERMS_DTYPE), base_times_A.detach().to(TERMS_DTYPE),
+        float(scaling), save, detach_norm, backend,
     )[0]
     return y.reshape(y0.shape)

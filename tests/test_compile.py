@@ -5,6 +5,7 @@ from helpers import run_with_grads
 
 import edora_kernels  # noqa: F401  (registers the ops)
 from edora_kernels import EDoRALinear, edora_linear
+from edora_kernels.norm import compute_norm_terms
 from edora_kernels.testing import make_case
 
 
@@ -12,8 +13,9 @@ def _fwd_args(save):
     args = make_case(9, 20, 14, 4, dtype=torch.float64).op_args()
     for k in ("x", "R", "magnitude"):
         args[k].requires_grad_(save)
+    terms = compute_norm_terms(args["weight"], args["A"])
     return (args["x"], args["weight"], args["bias"], args["A"], args["B"], args["R"],
-            args["magnitude"], args["scaling"], save)
+            args["magnitude"], *terms, args["scaling"], save)
 
 
 @pytest.mark.parametrize("detach_norm", [True, False])
@@ -24,12 +26,14 @@ def test_opcheck_forward(save, detach_norm):
 
 
 def test_opcheck_backward():
-    x, weight, bias, A, B, R, m, s, _ = _fwd_args(False)
-    _, v, z, n = torch.ops.edora.linear_fwd(x, weight, bias, A, B, R, m, s, True, True, "torch")
+    x, weight, bias, A, B, R, m, c0, C, G, s, _ = _fwd_args(False)
+    _, v, z, n = torch.ops.edora.linear_fwd(x, weight, bias, A, B, R, m, c0, C, G, s, True, True,
+                                            "torch")
     gy = torch.randn(9, 14, dtype=torch.float64)
     for flags in ((True, True, True), (False, True, False), (True, False, True)):
         torch.library.opcheck(torch.ops.edora.linear_bwd.default,
-                              (gy, weight, A, B, R, m, v, z, n, s, False, *flags, "torch"))
+                              (gy, weight, A, B, R, m, v, z, n, C, G, s, False, *flags,
+                               "torch"))
 
 
 @pytest.mark.parametrize("detach_norm", [True, False])
@@ -58,3 +62,14 @@ def test_compile_layer_with_inductor():
     (gx,) = torch.autograd.grad(y.sum(), x)
     (gx_c,) = torch.autograd.grad(y_c.sum(), x)
     torch.testing.assert_close(gx_c, gx)
+
+
+def test_compile_with_a_changing_python_float_scaling():
+    """Dynamo turns a Python float that changes between calls into a symbolic float: the
+    argument checks must accept it, and each call must use its own value."""
+    args = make_case(6, 16, 12, 4).op_args()
+    args.pop("scaling")
+    compiled = torch.compile(edora_linear, fullgraph=True, backend="aot_eager")
+    for scaling in (0.5, 2.0, 3.0):
+        torch.testing.assert_close(compiled(**args, scaling=scaling),
+                                   edora_linear(**args, scaling=scaling))

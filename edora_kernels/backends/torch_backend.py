@@ -19,10 +19,13 @@ def epilogue(y0, v, bias, P, g, scaling, save):
 
 
 def _rescale(z, v, bias, P, g, scaling, save):
-    """``z += s·v Pᵀ`` in place, then ``y = g ⊙ z + b``; z itself is returned only when saved."""
+    """``z += s·v Pᵀ`` in place, then ``y = g ⊙ z + b`` in g's dtype (fp32 for half inputs, as
+    the kernels' epilogue: g is never rounded to half); z is returned only when saved."""
     dtype = z.dtype
     z.addmm_(v, P.to(dtype).T, alpha=scaling)
-    g = g.to(dtype)
+    if g.dtype != dtype:
+        y = torch.mul(z, g) if bias is None else torch.addcmul(bias.to(g.dtype), z, g)
+        return y.to(dtype), (z if save else z.new_empty(0))
     # Without autograd z is not kept, so y overwrites it (same arithmetic, one buffer fewer).
     out = None if save else z
     y = torch.mul(z, g, out=out) if bias is None else torch.addcmul(bias, z, g, out=out)
