@@ -8,7 +8,7 @@ The optional CUDA extension is never imported here; backends load on first use.
 __version__ = "0.1.0"
 
 from .backends import info as backend_info  # noqa: E402
-from .layer import EDoRALinear  # noqa: E402
+from .layer import EDoRALinear, refresh_norm_terms  # noqa: E402
 from .model import (  # noqa: E402
     apply_edora,
     edora_state_dict,
@@ -29,6 +29,7 @@ __all__ = [
     "edora_state_dict",
     "load_edora_state_dict",
     "randomized_svd",
+    "refresh_norm_terms",
     "save_edora",
     "__version__",
 ]

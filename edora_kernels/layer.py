@@ -1,14 +1,21 @@
 """``EDoRALinear``: a drop-in replacement for ``nn.Linear`` that calls the ``edora_linear`` op."""
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_dropout_backend
-from .norm import compute_dtype, compute_norm_terms, row_norm
+from .norm import NormTermsCache, compute_dtype, compute_norm_terms, row_norm
 from .ops import edora_linear
 from .svd import edora_factors
+
+# Recompute the norm terms on every forward and compare with the cached ones (debugging writes
+# that bypass the version counter); read at each forward so a test or a session can flip it.
+VERIFY_NORM_ENV = "EDORA_VERIFY_NORM"
 
 
 def _adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -44,6 +51,8 @@ class EDoRALinear(nn.Module):
             raise ValueError(f"rank must be in [1, min(in_features, out_features)] = "
                              f"[1, {min(in_features, out_features)}], got {rank}")
         check_dropout_backend(dropout, backend)
+        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.alpha, self.dropout = float(alpha), float(dropout)
@@ -58,7 +67,10 @@ class EDoRALinear(nn.Module):
         self.R = nn.Parameter(torch.zeros(rank, rank, **adapter))
         self.magnitude = nn.Parameter(torch.ones(out_features, **adapter))
         self.merged = False
-        self.merge_norm: torch.Tensor | None = None  # the norm merge() divided by, for unmerge()
+        # (R, m, n) as merge() used them: unmerge() inverts exactly that, whatever happened to
+        # the parameters in between (an optimizer step on leftover gradients, a load).
+        self._merge_snapshot: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.norm_cache = NormTermsCache()
 
     @property
     def scaling(self) -> float:
@@ -139,15 +151,48 @@ class EDoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            if self.training and torch.is_grad_enabled() and self.R.requires_grad:
-                raise RuntimeError("EDoRALinear is merged: call unmerge() before training "
-                                   "(or eval() for inference)")
+            if torch.is_grad_enabled() and (self.R.requires_grad or self.magnitude.requires_grad):
+                raise RuntimeError(
+                    "EDoRALinear is merged, so R and magnitude would get no gradient: call "
+                    "unmerge() before training, or run under torch.no_grad() / freeze them")
             return F.linear(x, self.weight, self.bias)
         return edora_linear(
             x, self.weight, self.bias, self.A, self.B, self.R, self.magnitude, self.scaling,
             dropout=self.dropout if self.training else 0.0,
-            detach_norm=self.detach_norm, backend=self.backend,
+            detach_norm=self.detach_norm, backend=self.backend, norm_terms=self.norm_terms(),
         )
+
+    # --- norm terms -----------------------------------------------------------------------------
+
+    def norm_terms(self):
+        """The float64 norm terms of (weight, A), cached here and recomputed when either tensor
+        changes (docs/DESIGN.md §2); None under torch.compile, where the op computes them in the
+        graph (a cache keyed on storages and version counters cannot be traced)."""
+        if torch.compiler.is_compiling():
+            return None
+        terms = self.norm_cache.get(self.weight, self.A)
+        if os.environ.get(VERIFY_NORM_ENV, "0") not in ("", "0"):
+            fresh = compute_norm_terms(self.weight, self.A)
+            for name, cached, exact in zip(terms._fields, terms, fresh):
+                if not torch.allclose(cached, exact, rtol=1e-12, atol=0):
+                    raise RuntimeError(
+                        f"{self._display_name()}: cached norm term {name} is stale (weight or "
+                        "A was written without moving its version counter, e.g. through "
+                        "`.data`); call edora_kernels.refresh_norm_terms(model) after such "
+                        "writes")
+        return terms
+
+    def refresh_norm_terms(self) -> None:
+        """Forget the cached norm terms; the next forward recomputes them from weight and A."""
+        self.norm_cache.clear()
+
+    def _display_name(self) -> str:
+        return getattr(self, "adapted_name", None) or f"EDoRALinear({self.extra_repr()})"
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.half()/.cuda(): the cached terms belong to the old tensors; free them now.
+        self.norm_cache.clear()
+        return super()._apply(fn, recurse)
 
     # --- merging ------------------------------------------------------------------------------
 
@@ -168,41 +213,66 @@ class EDoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into ``weight`` so that forward is a plain ``F.linear``."""
+        """Fold the adapter into ``weight`` (in place) so that forward is a plain ``F.linear``.
+
+        Refused when a magnitude entry is 0: that row of W0 would be erased and
+        :meth:`unmerge` could not restore it.
+        """
         if self.merged:
             raise RuntimeError("EDoRALinear is already merged")
+        zero = (self.magnitude == 0).nonzero().flatten()
+        if zero.numel():
+            raise RuntimeError(f"cannot merge: magnitude is 0 for rows {zero[:8].tolist()}; "
+                               "merging would erase those rows of W0 for good")
         n, V = self._norm_and_direction()
-        self.merge_norm = n
+        self._merge_snapshot = (self.R.detach().clone(), self.magnitude.detach().clone(), n)
         self.weight.copy_((self.magnitude.to(n.dtype) / n).unsqueeze(1) * V)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore ``weight = W0`` using the norm cached by :meth:`merge`."""
+        """Restore ``weight = W0`` from the (R, m, n) that :meth:`merge` used."""
         if not self.merged:
             raise RuntimeError("EDoRALinear is not merged")
-        n = self.merge_norm.to(self.weight.device)
-        m = self.magnitude.to(n.dtype)
-        zero = (m == 0).nonzero().flatten()
-        if zero.numel():
-            raise RuntimeError(f"cannot unmerge: magnitude is 0 for rows {zero[:8].tolist()}, "
-                               "so merge() erased those rows of W0")
+        R, m, n = (t.to(self.weight.device) for t in self._merge_snapshot)
         cdt = n.dtype
-        delta = self.scaling * (self.B.to(cdt) @ self.R.to(cdt) @ self.A.to(cdt))
-        self.weight.copy_(self.weight.to(cdt) * (n / m).unsqueeze(1) - delta)
-        self.merge_norm = None
+        delta = self.scaling * (self.B.to(cdt) @ R.to(cdt) @ self.A.to(cdt))
+        self.weight.copy_(self.weight.to(cdt) * (n / m.to(cdt)).unsqueeze(1) - delta)
+        self._merge_snapshot = None
         self.merged = False
 
     # --- state ----------------------------------------------------------------------------------
 
-    def get_extra_state(self) -> dict:
-        return {"merged": self.merged, "merge_norm": self.merge_norm}
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            # A state dict always holds W0 (and only tensors): a merged layer writes the weight
+            # that unmerge() would restore, so the file loads into any layer, merged or not.
+            R, m, n = self._merge_snapshot
+            cdt = n.dtype
+            delta = self.scaling * (self.B.to(cdt) @ R.to(cdt) @ self.A.to(cdt))
+            w0 = self.weight.detach().to(cdt) * (n / m.to(cdt)).unsqueeze(1) - delta
+            destination[prefix + "weight"] = w0.to(self.weight.dtype)
 
-    def set_extra_state(self, state: dict) -> None:
-        self.merged, self.merge_norm = bool(state["merged"]), state["merge_norm"]
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # What is loaded is W0 and an adapter: the layer is unmerged afterwards.
+        if self.merged and prefix + "weight" in state_dict:
+            self.merged, self._merge_snapshot = False, None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}, "
                 f"bias={self.bias is not None}, detach_norm={self.detach_norm}, "
                 f"backend={self.backend!r}, merged={self.merged}")
+
+
+def refresh_norm_terms(module: nn.Module) -> int:
+    """Drop the cached norm terms of every EDoRA layer in ``module`` (itself included), so the
+    next forward recomputes them. Needed only after writes the version counter cannot see:
+    ``layer.weight.data.mul_(…)``, ``.data.copy_``, in-place initialisers run on ``.data``, writes
+    through a numpy view. Returns how many layers were refreshed."""
+    layers = [m for m in module.modules() if isinstance(m, EDoRALinear)]
+    for layer in layers:
+        layer.refresh_norm_terms()
+    return len(layers)

@@ -71,7 +71,8 @@ def test_merge_unmerge_round_trip():
     layer.merge()
     assert layer.merged
     assert torch.equal(layer.weight, merged_weight)
-    torch.testing.assert_close(layer.eval()(x), before, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x), before, rtol=1e-5, atol=1e-5)
     layer.unmerge()
     assert not layer.merged
     torch.testing.assert_close(layer.weight, weight, rtol=1e-5, atol=1e-6)
@@ -85,12 +86,16 @@ def test_merge_errors():
     layer.merge()
     with pytest.raises(RuntimeError, match="already merged"):
         layer.merge()
-    with pytest.raises(RuntimeError, match="unmerge\\(\\) before training"):
-        layer.train()(torch.randn(2, 40))
+    # R and m would silently get no gradient, in train and in eval mode alike
+    for mode in (layer.train, layer.eval):
+        with pytest.raises(RuntimeError, match="unmerge\\(\\) before training"):
+            mode()(torch.randn(2, 40))
+    layer.unmerge()
     with torch.no_grad():
         layer.magnitude[2] = 0.0
     with pytest.raises(RuntimeError, match="magnitude is 0 for rows \\[2\\]"):
-        layer.unmerge()
+        layer.merge()
+    assert not layer.merged
 
 
 def test_state_dict_round_trip_is_exact():
@@ -106,15 +111,37 @@ def test_state_dict_round_trip_is_exact():
     assert torch.equal(fresh(x), layer(x))
 
 
-def test_merged_state_survives_save_and_load():
+def test_state_dict_of_a_merged_layer_holds_w0_and_only_tensors():
+    """A merged layer saves W0 and the adapter (what an unmerged layer saves): the file loads
+    into any layer and gives the same outputs; nothing but tensors (sharders, accelerate)."""
     layer = make_layer()
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(5, 40)
+    expected = layer(x).detach()
     layer.merge()
+    state = layer.state_dict()
+    assert all(isinstance(t, torch.Tensor) for t in state.values())
+    torch.testing.assert_close(state["weight"], w0, rtol=1e-5, atol=1e-6)
     fresh = EDoRALinear(40, 30, 4)
-    fresh.load_state_dict(layer.state_dict())
-    assert fresh.merged
-    fresh.unmerge()
+    fresh.load_state_dict(state)
+    assert not fresh.merged
+    torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-5)
+    # loading into a merged layer leaves it unmerged, holding what was loaded
+    layer.load_state_dict(state)
+    assert not layer.merged
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unmerge_restores_w0_after_an_optimizer_step_in_between():
+    """merge → step with leftover gradients → unmerge: W0 comes back from what merge used."""
+    layer = make_layer()
+    w0 = layer.weight.detach().clone()
+    layer(torch.randn(4, 40)).sum().backward()  # leftover grads on R and m
+    optimizer = torch.optim.SGD([layer.R, layer.magnitude], lr=0.5)
+    layer.merge()
+    optimizer.step()
     layer.unmerge()
-    assert torch.equal(fresh.weight, layer.weight)
+    torch.testing.assert_close(layer.weight, w0, rtol=1e-5, atol=1e-6)
 
 
 def test_to_dtype_and_backward():
