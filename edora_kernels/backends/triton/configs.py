@@ -57,10 +57,12 @@ EPILOGUE_CONFIG_INTERPRET = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_
 # Shared memory per block on each architecture family (opt-in maximum), used when no device is
 # at hand (ahead-of-time checks); on a device the driver's own figure is used.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-# fp32 accumulator registers per thread allowed (main + rank accumulator), measured with the
-# ahead-of-time checks: past this the main loop's operands or the epilogue's temporaries spill.
-# mma.sync (Ampere) holds operand fragments in registers as well; wgmma reads them from shared.
-ACC_REG_BUDGET = {80: 88, 90: 136}
+# fp32 accumulator registers per thread allowed (main + rank accumulator), per architecture
+# family and operand size, measured with the ahead-of-time checks under triton 3.6 and 3.8: past
+# this the main loop's operands or the epilogue's temporaries spill. mma.sync (Ampere) holds
+# operand fragments in registers as well, twice as many for TF32 (32-bit) operands; wgmma reads
+# them from shared memory.
+ACC_REG_BUDGET = {(80, 2): 88, (80, 4): 76, (90, 2): 136, (90, 4): 136}
 
 
 def gemm_configs(arch: int) -> list:
@@ -97,7 +99,7 @@ def gemm_candidates(arch: int, elt_size: int, r_pad: int, smem_limit: int | None
     kept = [
         c for c in configs
         if gemm_smem_bytes(c, arch, elt_size, r_pad) <= limit
-        and gemm_acc_regs(c, r_pad) <= ACC_REG_BUDGET[family]
+        and gemm_acc_regs(c, r_pad) <= ACC_REG_BUDGET[family, elt_size]
     ]
     return kept or [min(configs, key=lambda c: gemm_smem_bytes(c, arch, elt_size, r_pad))]
 
