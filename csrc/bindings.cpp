@@ -75,10 +75,9 @@ void check_launch(const char* fn, cudaError_t err) {
               cudaGetErrorString(err));
 }
 
-std::tuple<at::Tensor, at::Tensor> rescale(const at::Tensor& base, const at::Tensor& v,
-                                           const at::Tensor& P, const at::Tensor& g,
-                                           const std::optional<at::Tensor>& bias, double scaling,
-                                           bool subtract_bias, bool save, bool overwrite_base) {
+at::Tensor rescale(const at::Tensor& base, const at::Tensor& v, const at::Tensor& P,
+                   const at::Tensor& g, const std::optional<at::Tensor>& bias, double scaling,
+                   bool subtract_bias, bool overwrite_base) {
   constexpr const char* fn = "rescale";
   check_main(fn, "base", base);
   const int64_t n_rows = base.size(0), n_cols = base.size(1);
@@ -93,9 +92,8 @@ std::tuple<at::Tensor, at::Tensor> rescale(const at::Tensor& base, const at::Ten
   if (bias.has_value()) check_like(fn, "bias", *bias, base, dtype, {n_cols});
 
   const c10::cuda::CUDAGuard guard(base.device());
-  // With overwrite_base, base is a temporary of the caller: it becomes z, or y when z is not kept.
-  at::Tensor y = overwrite_base && !save ? base : at::empty_like(base);
-  at::Tensor z = !save ? base.new_empty({0}) : overwrite_base ? base : at::empty_like(base);
+  // With overwrite_base, base is a temporary of the caller: it becomes y.
+  at::Tensor y = overwrite_base ? base : at::empty_like(base);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(base.device().index()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "edora_rescale", [&] {
     using Acc = edora::acc_t<typename CudaType<scalar_t>::type>;
@@ -103,20 +101,22 @@ std::tuple<at::Tensor, at::Tensor> rescale(const at::Tensor& base, const at::Ten
                          data<scalar_t>(base), data<scalar_t>(v), P.data_ptr<Acc>(),
                          g.data_ptr<Acc>(), bias.has_value() ? data<scalar_t>(*bias) : nullptr,
                          subtract_bias, static_cast<Acc>(scaling), n_rows, n_cols, rank,
-                         data<scalar_t>(y), save ? data<scalar_t>(z) : nullptr, stream));
+                         data<scalar_t>(y), stream));
   });
-  return {y, z};
+  return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> grad_scale_colsum(const at::Tensor& gy, const at::Tensor& g,
-                                                     const at::Tensor& z, bool need_gz,
-                                                     bool need_colsum) {
+                                                     const at::Tensor& y,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     bool need_gz, bool need_colsum) {
   constexpr const char* fn = "grad_scale_colsum";
   check_main(fn, "gy", gy);
   const int64_t n_rows = gy.size(0), n_cols = gy.size(1);
   const auto dtype = gy.scalar_type();
   check_like(fn, "g", g, gy, accumulator_dtype(dtype), {n_cols});
-  if (need_colsum) check_like(fn, "z", z, gy, dtype, {n_rows, n_cols});
+  if (need_colsum) check_like(fn, "y", y, gy, dtype, {n_rows, n_cols});
+  if (need_colsum && bias.has_value()) check_like(fn, "bias", *bias, gy, dtype, {n_cols});
 
   const c10::cuda::CUDAGuard guard(gy.device());
   at::Tensor gz = need_gz ? at::empty_like(gy) : gy.new_empty({0});
@@ -129,7 +129,9 @@ std::tuple<at::Tensor, at::Tensor> grad_scale_colsum(const at::Tensor& gy, const
     using Acc = edora::acc_t<typename CudaType<scalar_t>::type>;
     check_launch(fn, edora::launch_grad_scale_colsum(
                          data<scalar_t>(gy), g.data_ptr<Acc>(),
-                         need_colsum ? data<scalar_t>(z) : nullptr, n_rows, n_cols,
+                         need_colsum ? data<scalar_t>(y) : nullptr,
+                         need_colsum && bias.has_value() ? data<scalar_t>(*bias) : nullptr,
+                         n_rows, n_cols,
                          need_gz ? data<scalar_t>(gz) : nullptr,
                          need_colsum ? partial.data_ptr<Acc>() : nullptr,
                          need_colsum ? colsum.data_ptr<Acc>() : nullptr, stream));
@@ -142,17 +144,17 @@ std::tuple<at::Tensor, at::Tensor> grad_scale_colsum(const at::Tensor& gy, const
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Hand-written CUDA kernels of edora_kernels (the 'cuda' backend).";
   m.def("rescale", &rescale,
-        "Fused epilogue: z = base - [bias] + scaling * v @ P.T, y = g * z + bias; returns (y, z) "
-        "with z empty unless save. base, v, bias: N x out, N x r, out in one dtype; P (out x r) "
-        "and g (out) in float32 (float64 for float64 base). overwrite_base reuses base as z "
-        "(save) or y.",
+        "Fused epilogue: returns y = g * (base - [bias] + scaling * v @ P.T) + bias. base, v, "
+        "bias: N x out, N x r, out in one dtype; P (out x r) and g (out) in float32 (float64 for "
+        "float64 base). overwrite_base writes y into base.",
         py::arg("base"), py::arg("v"), py::arg("P"), py::arg("g"), py::arg("bias"),
-        py::arg("scaling"), py::arg("subtract_bias"), py::arg("save"), py::arg("overwrite_base"),
+        py::arg("scaling"), py::arg("subtract_bias"), py::arg("overwrite_base"),
         py::call_guard<py::gil_scoped_release>());
   m.def("grad_scale_colsum", &grad_scale_colsum,
-        "Backward, gy side: returns (gz = gy * g, colsum = sum over rows of gy * z), each empty "
-        "unless needed. colsum is deterministic (fixed-order two-pass reduction) and in g's "
-        "dtype.",
-        py::arg("gy"), py::arg("g"), py::arg("z"), py::arg("need_gz"), py::arg("need_colsum"),
+        "Backward, gy side: returns (gz = gy * g, colsum = sum over rows of gy * (y - bias)), "
+        "each empty unless needed. colsum is deterministic (fixed-order two-pass reduction) and "
+        "in g's dtype.",
+        py::arg("gy"), py::arg("g"), py::arg("y"), py::arg("bias"), py::arg("need_gz"),
+        py::arg("need_colsum"),
         py::call_guard<py::gil_scoped_release>());
 }

@@ -23,14 +23,13 @@ template <typename T>
 using acc_t = typename Accumulator<T>::type;
 
 // Fused epilogue, per element of the n_rows × n_cols output (base and v: N×out and N×r, P: out×r):
-//     z = base − [b] + s·v Pᵀ,   y = g ⊙ z + b.
+//     y = g ⊙ (base − [b] + s·v Pᵀ) + b.
 // `bias` may be null; it is subtracted from base only with `subtract_bias` (base = y0 = x W0ᵀ + b).
-// `z` may be null (not saved). `y` or `z` may be the `base` buffer itself: every element is read
-// and then written by the same thread.
+// `y` may be the `base` buffer itself: every element is read and then written by the same thread.
 template <typename T>
 cudaError_t launch_rescale(const T* base, const T* v, const acc_t<T>* P, const acc_t<T>* g,
                            const T* bias, bool subtract_bias, acc_t<T> scaling, int64_t n_rows,
-                           int64_t n_cols, int64_t rank, T* y, T* z, cudaStream_t stream);
+                           int64_t n_cols, int64_t rank, T* y, cudaStream_t stream);
 
 // The column sums are reduced in two fixed-order passes: one partial sum per block of rows, then
 // the partials in row-block order. Rows per block depend on n_rows only, never on the device, so
@@ -50,13 +49,13 @@ inline int64_t colsum_partial_rows(int64_t n_rows) {
   return (n_rows + per_block - 1) / per_block;
 }
 
-// Backward, gy side (gy and z: n_rows × n_cols):
-//     gz = gy ⊙ g                 when `gz` is not null (the input of the dx and t GEMMs),
-//     colsum = Σ_rows gy ⊙ z      when `colsum` is not null, with `partial` a workspace of
-//                                 colsum_partial_rows(n_rows) × n_cols accumulators.
+// Backward, gy side (gy and the forward's output y: n_rows × n_cols; bias: n_cols or null):
+//     gz = gy ⊙ g                     when `gz` is not null (the input of the dx and t GEMMs),
+//     colsum = Σ_rows gy ⊙ (y − b)    when `colsum` is not null, with `partial` a workspace of
+//                                     colsum_partial_rows(n_rows) × n_cols accumulators.
 template <typename T>
-cudaError_t launch_grad_scale_colsum(const T* gy, const acc_t<T>* g, const T* z, int64_t n_rows,
-                                     int64_t n_cols, T* gz, acc_t<T>* partial, acc_t<T>* colsum,
-                                     cudaStream_t stream);
+cudaError_t launch_grad_scale_colsum(const T* gy, const acc_t<T>* g, const T* y, const T* bias,
+                                     int64_t n_rows, int64_t n_cols, T* gz, acc_t<T>* partial,
+                                     acc_t<T>* colsum, cudaStream_t stream);
 
 }  // namespace edora

@@ -1,5 +1,5 @@
 // Backward, gy side: gz = gy ⊙ g (the input of the dx and t GEMMs) fused with the column sums
-// Σ_rows gy ⊙ z that give dm (and the exact-norm term of dR).
+// Σ_rows gy ⊙ (y − b) = g ⊙ Σ_rows gy ⊙ z that give dm (and the exact-norm term of dR).
 //
 // Deterministic: each block writes the partial sum of its rows (a fixed order within the block),
 // then a second pass adds the partials in row-block order. No float atomics.
@@ -21,7 +21,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreadsX * kThreadsY)
     grad_scale_colsum_kernel(const T* __restrict__ gy,         // n_rows × n_cols
                              const acc_t<T>* __restrict__ g,   // n_cols
-                             const T* __restrict__ z,          // n_rows × n_cols, or null
+                             const T* __restrict__ y,          // n_rows × n_cols, or null
+                             const T* __restrict__ bias,       // n_cols, or null
                              int64_t n_rows, int64_t n_cols, int64_t rows_per_block,
                              T* __restrict__ gz,               // n_rows × n_cols, or null
                              acc_t<T>* __restrict__ partial) { // row blocks × n_cols, or null
@@ -38,12 +39,13 @@ __global__ void __launch_bounds__(kThreadsX * kThreadsY)
   Acc sum = 0;
   if (col < n_cols) {
     const Acc gc = g[col];
+    const Acc bc = bias != nullptr ? to_acc(bias[col]) : Acc(0);
 #pragma unroll 4
     for (int64_t row = row_begin + ty; row < row_end; row += kThreadsY) {
       const int64_t idx = row * n_cols + col;
       const Acc d = to_acc(gy[idx]);
       if (gz != nullptr) gz[idx] = from_acc<T>(d * gc);
-      if (partial != nullptr) sum += d * to_acc(z[idx]);
+      if (partial != nullptr) sum += d * (to_acc(y[idx]) - bc);
     }
   }
   if (partial == nullptr) return;  // the same for the whole block, so no thread waits below
@@ -76,9 +78,9 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 }  // namespace
 
 template <typename T>
-cudaError_t launch_grad_scale_colsum(const T* gy, const acc_t<T>* g, const T* z, int64_t n_rows,
-                                     int64_t n_cols, T* gz, acc_t<T>* partial, acc_t<T>* colsum,
-                                     cudaStream_t stream) {
+cudaError_t launch_grad_scale_colsum(const T* gy, const acc_t<T>* g, const T* y, const T* bias,
+                                     int64_t n_rows, int64_t n_cols, T* gz, acc_t<T>* partial,
+                                     acc_t<T>* colsum, cudaStream_t stream) {
   if (n_cols == 0) return cudaSuccess;
   if (colsum == nullptr) partial = nullptr;
   const int64_t n_partial = colsum_partial_rows(n_rows);
@@ -88,7 +90,7 @@ cudaError_t launch_grad_scale_colsum(const T* gy, const acc_t<T>* g, const T* z,
     // n_partial ≤ kColsumMaxBlocks, well inside grid y's 65535.
     const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(n_partial));
     grad_scale_colsum_kernel<T><<<grid, dim3(kThreadsX, kThreadsY), 0, stream>>>(
-        gy, g, z, n_rows, n_cols, colsum_rows_per_block(n_rows), gz, partial);
+        gy, g, y, bias, n_rows, n_cols, colsum_rows_per_block(n_rows), gz, partial);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -104,8 +106,8 @@ cudaError_t launch_grad_scale_colsum(const T* gy, const acc_t<T>* g, const T* z,
 
 #define EDORA_INSTANTIATE_GRAD(T)                                                             \
   template cudaError_t launch_grad_scale_colsum<T>(const T*, const acc_t<T>*, const T*,       \
-                                                   int64_t, int64_t, T*, acc_t<T>*, acc_t<T>*, \
-                                                   cudaStream_t);
+                                                   const T*, int64_t, int64_t, T*, acc_t<T>*,  \
+                                                   acc_t<T>*, cudaStream_t);
 EDORA_INSTANTIATE_GRAD(float)
 EDORA_INSTANTIATE_GRAD(double)
 EDORA_INSTANTIATE_GRAD(__half)

@@ -1,9 +1,9 @@
-// Fused epilogue of the EDoRA forward: z = base − [b] + s·v Pᵀ, y = g ⊙ z + b.
+// Fused epilogue of the EDoRA forward: y = g ⊙ (base − [b] + s·v Pᵀ) + b.
 //
 // base is x W0ᵀ (from cuBLAS) or y0 = base_layer(x). The rank-r term is a dot of length r per
 // output element; it is computed as a small tiled GEMM so that v and P are read once per tile
-// instead of once per element, and it never goes through the output dtype: z and y are rounded
-// once, from fp32 (fp64 for double).
+// instead of once per element, and it never goes through the output dtype: y is rounded once,
+// from fp32 (fp64 for double). z is not stored: backward reads y (docs/DESIGN.md §3).
 #include <climits>
 
 #include "convert.cuh"
@@ -26,15 +26,14 @@ static_assert(kK == kThreadsX, "one rank per thread of a warp when loading the t
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    rescale_kernel(const T* base,                       // n_rows × n_cols, may alias y or z
+    rescale_kernel(const T* base,                       // n_rows × n_cols, may alias y
                    const T* __restrict__ v,             // n_rows × rank
                    const acc_t<T>* __restrict__ P,      // n_cols × rank
                    const acc_t<T>* __restrict__ g,      // n_cols
                    const T* __restrict__ bias,          // n_cols or null
                    bool subtract_bias, acc_t<T> scaling, int64_t n_rows, int64_t n_cols,
                    int64_t rank,
-                   T* y,                                // n_rows × n_cols
-                   T* z) {                              // n_rows × n_cols or null
+                   T* y) {                              // n_rows × n_cols
   using Acc = acc_t<T>;
   // The +1 column spreads the P tile's column reads (one per thread of a warp) over the banks.
   __shared__ Acc v_tile[kRows][kK + 1];
@@ -75,7 +74,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
   }
 
-  // --- z = base − b + s·acc, y = g ⊙ z + b
+  // --- y = g ⊙ (base − b + s·acc) + b
 #pragma unroll
   for (int q = 0; q < kRowsPerThread; ++q) {
     const int64_t row = row0 + ty + q * kThreadsY;
@@ -88,7 +87,6 @@ __global__ void __launch_bounds__(kThreads)
       Acc zv = to_acc(base[idx]);
       if (subtract_bias) zv -= b;
       zv += scaling * acc[q][c];
-      if (z != nullptr) z[idx] = from_acc<T>(zv);
       y[idx] = from_acc<T>(g[col] * zv + b);
     }
   }
@@ -99,7 +97,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 cudaError_t launch_rescale(const T* base, const T* v, const acc_t<T>* P, const acc_t<T>* g,
                            const T* bias, bool subtract_bias, acc_t<T> scaling, int64_t n_rows,
-                           int64_t n_cols, int64_t rank, T* y, T* z, cudaStream_t stream) {
+                           int64_t n_cols, int64_t rank, T* y, cudaStream_t stream) {
   if (n_rows == 0 || n_cols == 0) return cudaSuccess;
   // Rows go on grid x (up to 2^31 − 1 blocks), columns on grid y (up to 65535).
   const int64_t row_blocks = ceil_div(n_rows, kRows);
@@ -107,14 +105,14 @@ cudaError_t launch_rescale(const T* base, const T* v, const acc_t<T>* P, const a
   if (row_blocks > INT_MAX || col_blocks > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(col_blocks));
   rescale_kernel<T><<<grid, dim3(kThreadsX, kThreadsY), 0, stream>>>(
-      base, v, P, g, bias, subtract_bias, scaling, n_rows, n_cols, rank, y, z);
+      base, v, P, g, bias, subtract_bias, scaling, n_rows, n_cols, rank, y);
   return cudaGetLastError();
 }
 
 #define EDORA_INSTANTIATE_RESCALE(T)                                                          \
   template cudaError_t launch_rescale<T>(const T*, const T*, const acc_t<T>*, const acc_t<T>*, \
                                          const T*, bool, acc_t<T>, int64_t, int64_t, int64_t,  \
-                                         T*, T*, cudaStream_t);
+                                         T*, cudaStream_t);
 EDORA_INSTANTIATE_RESCALE(float)
 EDORA_INSTANTIATE_RESCALE(double)
 EDORA_INSTANTIATE_RESCALE(__half)

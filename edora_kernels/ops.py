@@ -1,9 +1,10 @@
 """The public ops: validation, backend dispatch and the torch.library registration.
 
 Each op is a pair of custom ops so that ``torch.compile(fullgraph=True)`` traces through without
-graph breaks: the forward returns y plus what backward keeps (v = x Aᵀ, z = the pre-scale output
-and the per-step norm n), the backward turns gy into the input gradients. Both hand the N-sized
-work to a backend (see ``edora_kernels.backends``) and do the O(out·r²) rest here.
+graph breaks: the forward returns y plus what backward keeps (v = x Aᵀ, the per-step norm n, and
+the pre-scale output z only for columns with m = 0), the backward turns gy into the input
+gradients, reading y itself for the magnitude's (docs/DESIGN.md §3). Both hand the N-sized work
+to a backend (see ``edora_kernels.backends``) and do the O(out·r²) rest here.
 
 - ``edora_linear``: dense frozen weight, ``z = x W0ᵀ + s·v Pᵀ``.
 - ``edora_epilogue``: any base layer, ``z = y0 − b + s·v Pᵀ`` with ``y0 = base(x)`` computed by
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
+from .backends import torch_backend
 from .checks import (
     check_adapter_args,
     check_dropout_backend,
@@ -44,34 +46,74 @@ def _epilogue_terms(c0, C, A):
     return NormTerms(c0, C, a @ a.T)
 
 
-def _adapter_grads(t, v, colsum, terms, B, R, magnitude, n, scaling, detach_norm, need_dR,
-                   need_dm):
-    """dR = s·tᵀ v (+ the norm's share when not detached) and dm = colsum / n; the O(out·r²)
-    norm parts in float64."""
+def _zero_columns(magnitude, save, n_rows, z_columns):
+    """Where m = 0, g = 0 and y = b holds no trace of z, which dm needs: forward keeps those
+    columns of z (``z_columns(idx)``, N×k; k is 0 unless a magnitude entry is exactly 0).
+
+    Finding them reads m on the host: one device sync per training forward.
+    """
+    idx = magnitude.new_empty(0, dtype=torch.long)
+    if not save:
+        return idx, magnitude.new_empty(0, 0)
+    idx = (magnitude == 0).nonzero().flatten()
+    if idx.numel() == 0:
+        return idx, magnitude.new_empty(n_rows, 0)
+    return idx, z_columns(idx)
+
+
+def _fake_zero_columns(rows_like, save):
+    idx = rows_like.new_empty(0, dtype=torch.long)
+    if not save:
+        return idx, rows_like.new_empty(0, 0)
+    k = torch.library.get_ctx().new_dynamic_size()
+    return rows_like.new_empty(k, dtype=torch.long), rows_like.new_empty(rows_like.shape[0], k)
+
+
+def _adapter_grads(gy, t, v, colsum, zero_idx, zcols, terms, B, R, magnitude, n, scaling,
+                   detach_norm, need_dR, need_dm):
+    """dR = s·tᵀ v (+ the norm's share when not detached) and dm; the O(out·r²) parts in
+    float64.
+
+    ``colsum = Σ_rows gy ⊙ (y − b) = g ⊙ Σ_rows gy ⊙ z``, so ``S = Σ gy ⊙ z = colsum·n/m`` and
+    ``dm = S/n``, ``∂L/∂n = −m·S/n²``; where m = 0, S comes from the z columns forward kept.
+    """
+    f64 = TERMS_DTYPE
+    S = None
+    if need_dm or (need_dR and not detach_norm):
+        m = magnitude.to(f64)
+        S = colsum.to(f64) * n / torch.where(m == 0, 1.0, m)
+        if zero_idx.numel():
+            zsum = (gy[:, zero_idx].to(f64) * zcols.to(f64)).sum(0)
+            S = S.index_copy(0, zero_idx, zsum)
     dR = R.new_empty(0)
     if need_dR:
-        dR_c = scaling * (t.to(colsum.dtype).T @ v.to(colsum.dtype))
+        dR_c = scaling * (t.to(f64).T @ v.to(f64))
         if not detach_norm:
-            f64 = TERMS_DTYPE
             P = B.to(f64) @ R.to(f64)
-            grad_n = -magnitude.to(f64) * colsum.to(f64) / (n * n)
+            grad_n = -magnitude.to(f64) * S / (n * n)
             dR_c = dR_c + B.to(f64).T @ exact_norm_grad_P(terms, P, n, grad_n, scaling)
         dR = dR_c.to(R.dtype)
-    dm = (colsum.to(n.dtype) / n).to(magnitude.dtype) if need_dm else magnitude.new_empty(0)
+    dm = (S / n).to(magnitude.dtype) if need_dm else magnitude.new_empty(0)
     return dR, dm
-
-
-def _fake_forward(rows_like, out_features, rank, save):
-    saved = lambda *shape: rows_like.new_empty(shape if save else (0,))  # noqa: E731
-    n_rows = rows_like.shape[0]
-    n = rows_like.new_empty(out_features, dtype=TERMS_DTYPE)
-    return rows_like.new_empty(n_rows, out_features), saved(n_rows, rank), saved(
-        n_rows, out_features), n
 
 
 def _fake_adapter_grads(R, magnitude, need_dR, need_dm):
     return (R.new_empty(R.shape if need_dR else (0,)),
             magnitude.new_empty(magnitude.shape if need_dm else (0,)))
+
+
+def _saved_tensors(ctx, op: str):
+    """``ctx.saved_tensors`` with autograd's in-place error made specific: backward reads y."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as err:
+        if "modified by an inplace operation" not in str(err):
+            raise
+        raise RuntimeError(
+            f"{op}: a tensor its backward needs was modified in place after the forward — "
+            "usually its output y (an in-place activation such as ReLU(inplace=True), y += ..., "
+            "y.mul_()); EDoRA's backward reads y for the magnitude gradient. Apply such ops out "
+            "of place (F.relu(y), y = y + ...)") from err
 
 
 # --- edora_linear -------------------------------------------------------------------------------
@@ -81,38 +123,46 @@ def _linear_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, R: Tensor,
     magnitude: Tensor, c0: Tensor, C: Tensor, G: Tensor, scaling: float, save: bool,
     detach_norm: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     cdt = compute_dtype(x.dtype)
     P, n, g = _gate(NormTerms(c0, C, G), B, R, magnitude, scaling, cdt)
-    y, v, z = backends.load(backend).forward(x, weight, bias, A, P.to(cdt), g, scaling, save)
-    return y, v, z, n
+    y, v = backends.load(backend).forward(x, weight, bias, A, P.to(cdt), g, scaling, save)
+    zero_idx, zcols = _zero_columns(
+        magnitude, save, x.shape[0],
+        lambda idx: torch.addmm(F.linear(x, weight[idx]), v, P[idx].to(x.dtype).T,
+                                alpha=scaling))
+    return y, v, n, zero_idx, zcols
 
 
 @_linear_fwd.register_fake
 def _(x, weight, bias, A, B, R, magnitude, c0, C, G, scaling, save, detach_norm, backend):
-    return _fake_forward(x, weight.shape[0], A.shape[0], save)
+    n_rows, out_features, rank = x.shape[0], weight.shape[0], A.shape[0]
+    v = x.new_empty((n_rows, rank) if save else (0,))
+    n = x.new_empty(out_features, dtype=TERMS_DTYPE)
+    return x.new_empty(n_rows, out_features), v, n, *_fake_zero_columns(x, save)
 
 
 @torch.library.custom_op("edora::linear_bwd", mutates_args=())
 def _linear_bwd(
-    gy: Tensor, weight: Tensor, A: Tensor, B: Tensor, R: Tensor, magnitude: Tensor, v: Tensor,
-    z: Tensor, n: Tensor, C: Tensor, G: Tensor, scaling: float, detach_norm: bool,
-    need_dx: bool, need_dR: bool, need_dm: bool, backend: str,
+    gy: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, R: Tensor,
+    magnitude: Tensor, y: Tensor, v: Tensor, n: Tensor, zero_idx: Tensor, zcols: Tensor,
+    C: Tensor, G: Tensor, scaling: float, detach_norm: bool, need_dx: bool, need_dR: bool,
+    need_dm: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     cdt = compute_dtype(gy.dtype)
     g = (magnitude.to(n.dtype) / n).to(cdt)
     need_colsum = need_dm or (need_dR and not detach_norm)
     dx, t, colsum = backends.load(backend).backward(
-        gy, weight, B, R.to(cdt) @ A.to(cdt), g, z, scaling, need_dx, need_dR, need_colsum
-    )
-    dR, dm = _adapter_grads(t, v, colsum, NormTerms(None, C, G), B, R, magnitude, n, scaling,
-                            detach_norm, need_dR, need_dm)
+        gy, weight, B, R.to(cdt) @ A.to(cdt), g, y, bias, scaling, need_dx, need_dR,
+        need_colsum)
+    dR, dm = _adapter_grads(gy, t, v, colsum, zero_idx, zcols, NormTerms(None, C, G), B, R,
+                            magnitude, n, scaling, detach_norm, need_dR, need_dm)
     return dx, dR, dm
 
 
 @_linear_bwd.register_fake
-def _(gy, weight, A, B, R, magnitude, v, z, n, C, G, scaling, detach_norm, need_dx, need_dR,
-      need_dm, backend):
+def _(gy, weight, bias, A, B, R, magnitude, y, v, n, zero_idx, zcols, C, G, scaling,
+      detach_norm, need_dx, need_dR, need_dm, backend):
     dx = gy.new_empty((gy.shape[0], weight.shape[1]) if need_dx else (0,))
     return dx, *_fake_adapter_grads(R, magnitude, need_dR, need_dm)
 
@@ -120,22 +170,23 @@ def _(gy, weight, A, B, R, magnitude, v, z, n, C, G, scaling, detach_norm, need_
 def _linear_setup_context(ctx, inputs, output):
     (x, weight, bias, A, B, R, magnitude, c0, C, G, scaling, save, detach_norm,
      backend) = inputs
-    _, v, z, n = output
+    y, v, n, zero_idx, zcols = output
     # Backward reads C and G only for the norm's share of dR (detach_norm=False).
     if detach_norm:
         C, G = C.new_empty(0), G.new_empty(0)
-    ctx.save_for_backward(weight, A, B, R, magnitude, v, z, n, C, G)
+    # y is the output itself (no copy): the next op usually keeps it anyway.
+    ctx.save_for_backward(weight, bias, A, B, R, magnitude, y, v, n, zero_idx, zcols, C, G)
     ctx.scaling, ctx.detach_norm, ctx.backend = scaling, detach_norm, backend
-    ctx.set_materialize_grads(False)  # v, z, n get no gradient: skip the N×out zero fill
+    ctx.set_materialize_grads(False)  # v, n, ... get no gradient: skip zero fills
 
 
-def _linear_backward(ctx, gy, _gv, _gz, _gn):
+def _linear_backward(ctx, gy, *_unused):
     if gy is None:  # grads are not materialised: y did not reach the loss
         return (None,) * 14
-    weight, A, B, R, magnitude, v, z, n, C, G = ctx.saved_tensors
+    saved = _saved_tensors(ctx, "edora_linear")
     need_dx, _, need_dbias, _, _, need_dR, need_dm = ctx.needs_input_grad[:7]
-    dx, dR, dm = _linear_bwd(gy, weight, A, B, R, magnitude, v, z, n, C, G, ctx.scaling,
-                             ctx.detach_norm, need_dx, need_dR, need_dm, ctx.backend)
+    dx, dR, dm = _linear_bwd(gy, *saved, ctx.scaling, ctx.detach_norm, need_dx, need_dR,
+                             need_dm, ctx.backend)
     return (dx if need_dx else None, None, gy.sum(0) if need_dbias else None, None, None,
             dR if need_dR else None, dm if need_dm else None, *([None] * 7))
 
@@ -245,39 +296,49 @@ def _epilogue_fwd(
     y0: Tensor, x: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, R: Tensor,
     magnitude: Tensor, c0: Tensor, C: Tensor, scaling: float, save: bool, detach_norm: bool,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     cdt = compute_dtype(y0.dtype)
     P, n, g = _gate(_epilogue_terms(c0, C, A), B, R, magnitude, scaling, cdt)
     v = x @ A.to(x.dtype).T
-    y, z = backends.load(backend).epilogue(y0, v, bias, P.to(cdt), g, scaling, save)
-    return y, (v if save else v.new_empty(0)), z, n
+    y = backends.load(backend).epilogue(y0, v, bias, P.to(cdt), g, scaling)
+
+    def z_columns(idx):
+        base = y0[:, idx] if bias is None else y0[:, idx] - bias[idx]
+        return torch.addmm(base, v, P[idx].to(y0.dtype).T, alpha=scaling)
+
+    zero_idx, zcols = _zero_columns(magnitude, save, y0.shape[0], z_columns)
+    return y, (v if save else v.new_empty(0)), n, zero_idx, zcols
 
 
 @_epilogue_fwd.register_fake
 def _(y0, x, bias, A, B, R, magnitude, c0, C, scaling, save, detach_norm, backend):
-    return _fake_forward(y0, y0.shape[1], A.shape[0], save)
+    n_rows, out_features, rank = y0.shape[0], y0.shape[1], A.shape[0]
+    v = y0.new_empty((n_rows, rank) if save else (0,))
+    n = y0.new_empty(out_features, dtype=TERMS_DTYPE)
+    return y0.new_empty(n_rows, out_features), v, n, *_fake_zero_columns(y0, save)
 
 
 @torch.library.custom_op("edora::epilogue_bwd", mutates_args=())
 def _epilogue_bwd(
-    gy: Tensor, A: Tensor, B: Tensor, R: Tensor, magnitude: Tensor, c0: Tensor, C: Tensor,
-    v: Tensor, z: Tensor, n: Tensor, scaling: float, detach_norm: bool, need_dy0: bool,
-    need_dx: bool, need_dR: bool, need_dm: bool,
+    gy: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, R: Tensor, magnitude: Tensor,
+    y: Tensor, v: Tensor, n: Tensor, zero_idx: Tensor, zcols: Tensor, c0: Tensor, C: Tensor,
+    scaling: float, detach_norm: bool, need_dy0: bool, need_dx: bool, need_dR: bool,
+    need_dm: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     cdt = compute_dtype(gy.dtype)
     dtype = gy.dtype
     gz = gy * (magnitude.to(n.dtype) / n).to(dtype)
     t = gz @ B.to(dtype)
     dx = (scaling * t) @ (R.to(cdt) @ A.to(cdt)).to(dtype) if need_dx else gy.new_empty(0)
-    colsum = torch.linalg.vecdot(gy.to(cdt), z.to(cdt), dim=0)
-    dR, dm = _adapter_grads(t, v, colsum, _epilogue_terms(c0, C, A), B, R, magnitude, n,
-                            scaling, detach_norm, need_dR, need_dm)
+    colsum = torch_backend.grad_colsum(gy, y, bias, cdt)
+    dR, dm = _adapter_grads(gy, t, v, colsum, zero_idx, zcols, _epilogue_terms(c0, C, A), B, R,
+                            magnitude, n, scaling, detach_norm, need_dR, need_dm)
     return (gz if need_dy0 else gy.new_empty(0)), dx, dR, dm
 
 
 @_epilogue_bwd.register_fake
-def _(gy, A, B, R, magnitude, c0, C, v, z, n, scaling, detach_norm, need_dy0, need_dx, need_dR,
-      need_dm):
+def _(gy, bias, A, B, R, magnitude, y, v, n, zero_idx, zcols, c0, C, scaling, detach_norm,
+      need_dy0, need_dx, need_dR, need_dm):
     dy0 = gy.new_empty(gy.shape if need_dy0 else (0,))
     dx = gy.new_empty((gy.shape[0], A.shape[1]) if need_dx else (0,))
     return dy0, dx, *_fake_adapter_grads(R, magnitude, need_dR, need_dm)
@@ -285,21 +346,22 @@ def _(gy, A, B, R, magnitude, c0, C, v, z, n, scaling, detach_norm, need_dy0, ne
 
 def _epilogue_setup_context(ctx, inputs, output):
     y0, x, bias, A, B, R, magnitude, c0, C, scaling, save, detach_norm, backend = inputs
-    _, v, z, n = output
-    ctx.save_for_backward(A, B, R, magnitude, c0, C, v, z, n)
+    y, v, n, zero_idx, zcols = output
+    ctx.save_for_backward(bias, A, B, R, magnitude, y, v, n, zero_idx, zcols, c0, C)
     ctx.scaling, ctx.detach_norm = scaling, detach_norm
     ctx.set_materialize_grads(False)
 
 
-def _epilogue_backward(ctx, gy, _gv, _gz, _gn):
+def _epilogue_backward(ctx, gy, *_unused):
     if gy is None:  # grads are not materialised: y did not reach the loss
         return (None,) * 13
-    A, B, R, magnitude, c0, C, v, z, n = ctx.saved_tensors
+    saved = _saved_tensors(ctx, "edora_epilogue")
     need_dy0, need_dx, need_dbias, _, _, need_dR, need_dm = ctx.needs_input_grad[:7]
-    dy0, dx, dR, dm = _epilogue_bwd(gy, A, B, R, magnitude, c0, C, v, z, n, ctx.scaling,
-                                    ctx.detach_norm, need_dy0, need_dx, need_dR, need_dm)
+    dy0, dx, dR, dm = _epilogue_bwd(gy, *saved, ctx.scaling, ctx.detach_norm, need_dy0,
+                                    need_dx, need_dR, need_dm)
     dbias = None
     if need_dbias:  # y depends on b directly (+b) and through z (−b): ∂y/∂b = 1 − g
+        magnitude, n = saved[4], saved[7]
         dbias = (gy * (1 - magnitude.to(n.dtype) / n).to(gy.dtype)).sum(0)
     return (dy0 if need_dy0 else None, dx if need_dx else None, dbias, None, None,
             dR if need_dR else None, dm if need_dm else None, *([None] * 6))

@@ -194,33 +194,34 @@ def test_binding_rejects_bad_arguments():
     base = torch.zeros(4, 6, device="cuda")
     v, P, g = torch.zeros(4, 2, device="cuda"), torch.zeros(6, 2, device="cuda"), torch.zeros(
         6, device="cuda")
-    flags = {"subtract_bias": False, "save": True, "overwrite_base": False}
+    flags = {"subtract_bias": False, "overwrite_base": False}
     with pytest.raises(RuntimeError, match="v must be contiguous"):
         _C.rescale(base, torch.zeros(2, 4, device="cuda").T, P, g, None, 1.0, **flags)
     with pytest.raises(RuntimeError, match="P must be Float"):
         _C.rescale(base, v, P.double(), g, None, 1.0, **flags)
     with pytest.raises(RuntimeError, match=r"bias must have shape \[6\]"):
         _C.rescale(base, v, P, g, torch.zeros(5, device="cuda"), 1.0, **flags)
-    with pytest.raises(RuntimeError, match="z must be Float"):
-        _C.grad_scale_colsum(base, g, base.half(), need_gz=True, need_colsum=True)
+    with pytest.raises(RuntimeError, match="y must be Float"):
+        _C.grad_scale_colsum(base, g, base.half(), None, need_gz=True, need_colsum=True)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[6\]"):
+        _C.grad_scale_colsum(base, g, base, torch.zeros(5, device="cuda"), need_gz=True,
+                             need_colsum=True)
 
 
 # --- the backend module on CPU, with a stand-in for the extension -------------------------------
 
-def _standin_rescale(base, v, P, g, bias, scaling, subtract_bias, save, overwrite_base):
+def _standin_rescale(base, v, P, g, bias, scaling, subtract_bias, overwrite_base):
     """What the rescale kernel computes, in torch ops, with the same buffer reuse."""
     b = 0.0 if bias is None else bias.to(P.dtype)
     z = base.to(P.dtype) - (b if subtract_bias else 0.0) + scaling * (v.to(P.dtype) @ P.T)
     y = (g * z + b).to(base.dtype)
-    z = z.to(base.dtype)
-    if overwrite_base:
-        return (base.copy_(y), base.new_empty(0)) if not save else (y, base.copy_(z))
-    return y, (z if save else base.new_empty(0))
+    return base.copy_(y) if overwrite_base else y
 
 
-def _standin_grad_scale_colsum(gy, g, z, need_gz, need_colsum):
+def _standin_grad_scale_colsum(gy, g, y, bias, need_gz, need_colsum):
     gz = (gy.to(g.dtype) * g).to(gy.dtype) if need_gz else gy.new_empty(0)
-    colsum = (gy.to(g.dtype) * z.to(g.dtype)).sum(0) if need_colsum else g.new_empty(0)
+    shifted = y.to(g.dtype) - (0.0 if bias is None else bias.to(g.dtype))
+    colsum = (gy.to(g.dtype) * shifted).sum(0) if need_colsum else g.new_empty(0)
     return gz, colsum
 
 
@@ -273,14 +274,13 @@ def test_forward_and_epilogue_logic_on_cpu(cuda_backend_on_cpu, save, bias):
     y0 = F.linear(x, args["weight"], args["bias"])
     for base in (y0, y0.T.contiguous().T):  # contiguous (kept), column-major (copied, reused)
         before = base.clone()
-        epi = (base, got[1] if save else x @ args["A"].T, args["bias"], P, g, args["scaling"],
-               save)
+        epi = (base, got[1] if save else x @ args["A"].T, args["bias"], P, g, args["scaling"])
         result = cuda_backend_on_cpu.epilogue(*epi)
-        for a, e in zip(result, torch_backend.epilogue(*epi)):
-            assert a.shape == e.shape
-            torch.testing.assert_close(a, e)
+        expected = torch_backend.epilogue(*epi)
+        assert result.shape == expected.shape
+        torch.testing.assert_close(result, expected)
         assert torch.equal(base, before)
-        _no_alias(result, epi)
+        _no_alias([result], epi)
 
 
 @pytest.mark.parametrize("need", [(True, True, True), (True, False, False), (False, True, False),
@@ -292,8 +292,8 @@ def test_backward_logic_on_cpu(cuda_backend_on_cpu, need):
     P, g = _gate(args)
     RA = args["R"] @ args["A"]
     gy = torch.randn(14, 9, dtype=torch.float64).T  # not contiguous
-    z = torch.randn(9, 14, dtype=torch.float64)
-    bwd = (gy, args["weight"], args["B"], RA, g, z, args["scaling"], *need)
+    y = torch.randn(9, 14, dtype=torch.float64)
+    bwd = (gy, args["weight"], args["B"], RA, g, y, args["bias"], args["scaling"], *need)
     got = cuda_backend_on_cpu.backward(*bwd)
     expected = torch_backend.backward(*bwd)
     for wanted, a, e in zip(need, got, expected):

@@ -124,11 +124,11 @@ for name in {EXPECTED_FUNCTIONS!r}:
 x = torch.zeros(3, 4)
 try:
     module.rescale(x, torch.zeros(3, 2), torch.zeros(4, 2), torch.zeros(4), None, 1.0,
-                   subtract_bias=False, save=True, overwrite_base=False)
+                   subtract_bias=False, overwrite_base=False)
 except RuntimeError as err:
     print(str(err).splitlines()[0])
 try:
-    module.grad_scale_colsum(x, torch.zeros(4), x, need_gz=True, need_colsum=True)
+    module.grad_scale_colsum(x, torch.zeros(4), x, None, need_gz=True, need_colsum=True)
 except RuntimeError as err:
     print(str(err).splitlines()[0])
 """

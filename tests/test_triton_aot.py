@@ -101,8 +101,7 @@ def _problem_args(kernel: str, dtype: str, r_pad: int) -> tuple:
         x = e(K, M).T if kernel == "forward:strided" else e(M, K)
         train = kernel != "forward:eval"
         args = triton_fwd.fwd_args(x, e(N, K), e(N) if train else None, e(R, K),
-                                   e(N, R, d=f32), e(N, d=f32), 0.5, train, e(M, N), e(M, R),
-                                   e(M, N))
+                                   e(N, R, d=f32), e(N, d=f32), 0.5, train, e(M, N), e(M, R))
         fn = triton_fwd.edora_fwd_kernel.fn
     elif kernel.startswith("dx"):
         need_dx, need_t = kernel != "dx:t-only", kernel != "dx:no-t"
@@ -110,11 +109,11 @@ def _problem_args(kernel: str, dtype: str, r_pad: int) -> tuple:
                                   0.5, need_dx, need_t, e(M, K), e(M, R))
         fn = triton_bwd.edora_dx_kernel.fn
     elif kernel == "epilogue":
-        args = triton_epilogue.epilogue_args(e(M, N), e(M, R), e(N), e(N, R, d=f32), e(N, d=f32),
-                                        0.5, True, e(M, N), e(M, N))
+        args = triton_epilogue.epilogue_args(e(M, N), e(M, R), e(N), e(N, R, d=f32),
+                                             e(N, d=f32), 0.5, e(M, N))
         fn = triton_epilogue.edora_epilogue_kernel.fn
     else:
-        args = triton_bwd.colsum_args(e(M, N), e(M, N), e(4, N, d=f32), 64)
+        args = triton_bwd.colsum_args(e(M, N), e(M, N), e(N), e(4, N, d=f32), 64)
         fn = triton_bwd.colsum_partials_kernel
     return fn, args
 

@@ -1,12 +1,14 @@
 """Backends: each computes the heavy N-sized parts of the op with one contract.
 
-    forward(x, weight, bias, A, P, g, scaling, save) -> (y, v, z)
-    backward(gy, weight, B, RA, g, z, scaling, need_dx, need_t, need_colsum) -> (dx, t, colsum)
-    epilogue(y0, v, bias, P, g, scaling, save) -> (y, z)       z = y0 − b + s·v Pᵀ
+    forward(x, weight, bias, A, P, g, scaling, save) -> (y, v)
+    backward(gy, weight, B, RA, g, y, bias, scaling, need_dx, need_t, need_colsum)
+        -> (dx, t, colsum)
+    epilogue(y0, v, bias, P, g, scaling) -> y           y = g ⊙ (y0 − b + s·v Pᵀ) + b
 
 x is N×in, P = B R (out×r) and RA = R A (r×in) in the compute dtype, g = m/n (out) in the
-compute dtype; v = x Aᵀ, z = x W0ᵀ + s·v Pᵀ, t = (gy ⊙ g) B, colsum = Σ_i gy ⊙ z in the compute
-dtype. Unneeded outputs are returned as empty tensors. Everything O(out·r²) or smaller (norm, dR,
+compute dtype; v = x Aᵀ, y = g ⊙ (x W0ᵀ + s·v Pᵀ) + b, t = (gy ⊙ g) B, colsum = Σ_i gy ⊙ (y − b)
+in the compute dtype (backward reads the output y; no N×out tensor is kept besides it).
+Unneeded outputs are returned as empty tensors. Everything O(out·r²) or smaller (norm, dR,
 dm) is shared code in ``edora_kernels.ops``.
 
 ``BACKENDS`` is the one registry: the auto order, the names the op and the CLI accept, the

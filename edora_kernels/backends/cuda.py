@@ -3,13 +3,12 @@
 Per step (contract in ``edora_kernels.backends``):
 
 - forward: ``v = x Aᵀ`` and ``x W0ᵀ`` are two ATen GEMMs; one fused kernel (``_C.rescale``) turns
-  ``x W0ᵀ`` into ``z = x W0ᵀ + s·v Pᵀ`` and ``y = g ⊙ z + b``, computing the rank-r term in fp32
-  and rounding z and y once. It writes into the ``x W0ᵀ`` buffer (as z, or as y when z is not
-  kept), so no output-sized temporary is added.
-- epilogue: the same kernel on ``y0`` (subtracting b), into fresh outputs: y0 belongs to the caller.
-- backward: one kernel (``_C.grad_scale_colsum``) reads gy once for ``gz = gy ⊙ g`` and the
-  deterministic column sums of ``gy ⊙ z``; ``t = gz B`` and ``dx = gz W0 + s·t (R A)`` are ATen
-  GEMMs.
+  ``x W0ᵀ`` into ``y = g ⊙ (x W0ᵀ + s·v Pᵀ) + b``, computing the rank-r term in fp32 and rounding
+  y once, written into the ``x W0ᵀ`` buffer: no output-sized temporary is added.
+- epilogue: the same kernel on ``y0`` (subtracting b), into a fresh output (y0 is the caller's).
+- backward: one kernel (``_C.grad_scale_colsum``) reads gy (and y) once for ``gz = gy ⊙ g`` and
+  the deterministic column sums of ``gy ⊙ (y − b)``; ``t = gz B`` and ``dx = gz W0 + s·t (R A)``
+  are ATen GEMMs.
 
 All dtypes, float64 included, go through the same kernels (fp64 accumulation for fp64). The
 extension is imported here, so this module only loads where it is built (see csrc/README.md).
@@ -33,24 +32,23 @@ def _bias(bias):
 
 def forward(x, weight, bias, A, P, g, scaling, save):
     v = torch.mm(x, A.to(x.dtype).T)
-    y, z = _C.rescale(torch.mm(x, weight.T).contiguous(), v.contiguous(), _compute(P, x),
-                      _compute(g, x), _bias(bias), scaling, subtract_bias=False, save=save,
-                      overwrite_base=True)
-    return y, (v if save else x.new_empty(0)), z
+    y = _C.rescale(torch.mm(x, weight.T).contiguous(), v.contiguous(), _compute(P, x),
+                   _compute(g, x), _bias(bias), scaling, subtract_bias=False, overwrite_base=True)
+    return y, (v if save else x.new_empty(0))
 
 
-def epilogue(y0, v, bias, P, g, scaling, save):
+def epilogue(y0, v, bias, P, g, scaling):
     base = y0.contiguous()
     # A copy made just now is ours to overwrite; y0 itself is the caller's.
     return _C.rescale(base, v.contiguous(), _compute(P, y0), _compute(g, y0), _bias(bias),
-                      scaling, subtract_bias=True, save=save, overwrite_base=base is not y0)
+                      scaling, subtract_bias=True, overwrite_base=base is not y0)
 
 
-def backward(gy, weight, B, RA, g, z, scaling, need_dx, need_t, need_colsum):
+def backward(gy, weight, B, RA, g, y, bias, scaling, need_dx, need_t, need_colsum):
     dtype = gy.dtype
     need_gz = need_dx or need_t
-    gz, colsum = _C.grad_scale_colsum(gy.contiguous(), _compute(g, gy), z.contiguous(),
-                                      need_gz=need_gz, need_colsum=need_colsum)
+    gz, colsum = _C.grad_scale_colsum(gy.contiguous(), _compute(g, gy), y.contiguous(),
+                                      _bias(bias), need_gz=need_gz, need_colsum=need_colsum)
     dx, t = gy.new_empty(0), gy.new_empty(0)
     if need_gz:
         t_full = torch.mm(gz, B.to(dtype))

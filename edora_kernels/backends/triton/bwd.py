@@ -5,9 +5,10 @@ loop over ``out`` loads gy with g folded in (gz = gy ⊙ g) and accumulates ``gz
 ``gz·B`` (= t); the epilogue adds ``s·t·(R A)``. The first column of programs stores t. When only
 t is needed (x needs no gradient) the same kernel runs one column of programs and skips W0.
 
-colsum = Σ_rows gy ⊙ z, a separate kernel: each program sums a fixed slab of rows for a column
-block into an fp32 partial, and the partials are added in a fixed order. Not fused into dx:
-there only the first column of programs would read z, so the extra stream, its pipeline buffers
+colsum = Σ_rows gy ⊙ (y − b), a separate kernel: each program sums a fixed slab of rows for a
+column block into an fp32 partial, and the partials are added in a fixed order. It reads the
+output y, not a saved z (docs/DESIGN.md §3). Not fused into dx:
+there only the first column of programs would read y, so the extra stream, its pipeline buffers
 and registers would land on a few programs of the hot GEMM (load imbalance, less room for its
 tiles), to save one read of gy — a few percent of the dx GEMM at 4096² and above. The separate
 kernel also serves the case where dx is not needed, and runs one fixed config: its reduction
@@ -76,7 +77,7 @@ def edora_dx_kernel(
         pid_m = tl.program_id(0)
         pid_n = 0
     row0 = (pid_m * BLOCK_M).to(tl.int64)
-    col0 = pid_n * BLOCK_N
+    col0 = (pid_n * BLOCK_N).to(tl.int64)
     rows = M - pid_m * BLOCK_M
     cols = N - col0
 
@@ -105,13 +106,13 @@ def edora_dx_kernel(
 
 @triton.jit
 def colsum_partials_kernel(
-    # inputs: gy and z (M×N); output: one fp32 row of partial sums per slab (SLABS×N)
-    gy_ptr, z_ptr, part_ptr,
+    # inputs: gy and y (M×N), bias (N); output: one fp32 row of partial sums per slab (SLABS×N)
+    gy_ptr, y_ptr, bias_ptr, part_ptr,
     M, N, rows_per_slab,
     stride_gm, stride_gn,
-    stride_zm, stride_zn,
+    stride_ym, stride_yn,
     stride_pm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # --- this program's columns and row slab
     pid_n = tl.program_id(0)
@@ -123,18 +124,21 @@ def colsum_partials_kernel(
     row_end = min(row_start + rows_per_slab, M)
     gy_ptrs = (gy_ptr + row_start.to(tl.int64) * stride_gm
                + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn)
-    z_ptrs = (z_ptr + row_start.to(tl.int64) * stride_zm
-              + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn)
+    y_ptrs = (y_ptr + row_start.to(tl.int64) * stride_ym
+              + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn)
+    b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n, mask=col_mask, other=0.0).to(tl.float32)
 
     # --- elementwise fp32 accumulation down the slab, then one fixed-shape tree sum
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for m0 in range(row_start, row_end, BLOCK_M):
         mask = ((m0 + offs_m) < row_end)[:, None] & col_mask[None, :]
         gy = tl.load(gy_ptrs, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
-        acc += gy * z
+        y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+        acc += gy * (y - b[None, :])
         gy_ptrs += BLOCK_M * stride_gm
-        z_ptrs += BLOCK_M * stride_zm
+        y_ptrs += BLOCK_M * stride_ym
     tl.store(part_ptr + pid_s * stride_pm + offs_n, tl.sum(acc, axis=0), mask=col_mask)
 
 
@@ -178,19 +182,21 @@ def colsum_slabs(M: int, N: int, device: torch.device) -> tuple[int, int]:
     return rows_per_slab, triton.cdiv(M, rows_per_slab)
 
 
-def colsum_args(gy, z, partials, rows_per_slab) -> dict:
+def colsum_args(gy, y, bias, partials, rows_per_slab) -> dict:
     """Arguments of ``colsum_partials_kernel`` except the config's."""
     M, N = gy.shape
     return dict(
-        gy_ptr=gy, z_ptr=z, part_ptr=partials, M=M, N=N, rows_per_slab=rows_per_slab,
+        gy_ptr=gy, y_ptr=y, bias_ptr=bias if bias is not None else y, part_ptr=partials,
+        M=M, N=N, rows_per_slab=rows_per_slab,
         stride_gm=gy.stride(0), stride_gn=gy.stride(1),
-        stride_zm=z.stride(0), stride_zn=z.stride(1),
-        stride_pm=partials.stride(0),
+        stride_ym=y.stride(0), stride_yn=y.stride(1),
+        stride_pm=partials.stride(0), HAS_BIAS=bias is not None,
     )
 
 
-def colsum(gy, z, compute_dtype):
-    """Σ over rows of gy ⊙ z in ``compute_dtype``: slab partials, then a fixed-order sum."""
+def colsum(gy, y, bias, compute_dtype):
+    """Σ over rows of gy ⊙ (y − b) in ``compute_dtype``: slab partials, then a fixed-order
+    sum."""
     M, N = gy.shape
     if M == 0:
         return gy.new_zeros(N, dtype=compute_dtype)
@@ -198,20 +204,20 @@ def colsum(gy, z, compute_dtype):
     partials = gy.new_empty(slabs, N, dtype=torch.float32)
     grid = (triton.cdiv(N, COLSUM_CONFIG.kwargs["BLOCK_N"]), slabs)
     colsum_partials_kernel[grid](
-        **colsum_args(gy, z, partials, rows_per_slab), **COLSUM_CONFIG.kwargs,
+        **colsum_args(gy, y, bias, partials, rows_per_slab), **COLSUM_CONFIG.kwargs,
         num_warps=COLSUM_CONFIG.num_warps, num_stages=COLSUM_CONFIG.num_stages,
     )
     # torch's dim-0 sum has a fixed order for a fixed shape (no atomics).
     return partials.sum(0, dtype=compute_dtype)
 
 
-def backward(gy, weight, B, RA, g, z, scaling, need_dx, need_t, need_colsum):
+def backward(gy, weight, B, RA, g, y, bias, scaling, need_dx, need_t, need_colsum):
     """The backend contract's backward: ``(dx, t, colsum)``, unneeded ones empty.
 
     Inputs named by ``configs.use_torch_path`` take the torch backend's code path.
     """
     if use_torch_path(gy.dtype, B.shape[1]):
-        return torch_backend.backward(gy, weight, B, RA, g, z, scaling, need_dx, need_t,
+        return torch_backend.backward(gy, weight, B, RA, g, y, bias, scaling, need_dx, need_t,
                                       need_colsum)
     (M, _), N, rank = gy.shape, weight.shape[1], B.shape[1]
     dx = gy.new_empty(M, N) if need_dx else gy.new_empty(0)
@@ -222,5 +228,5 @@ def backward(gy, weight, B, RA, g, z, scaling, need_dx, need_t, need_colsum):
         else:
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
         edora_dx_kernel[grid](**dx_args(gy, weight, B, RA, g, scaling, need_dx, need_t, dx, t))
-    cs = colsum(gy, z, g.dtype) if need_colsum else g.new_empty(0)
+    cs = colsum(gy, y, bias, g.dtype) if need_colsum else g.new_empty(0)
     return dx, t, cs

@@ -32,23 +32,22 @@ from .configs import (
 def edora_epilogue_kernel(
     # inputs: y0 = base(x) (M×N), v = x·Aᵀ (M×RANK), P = B R (N×RANK), g (N), bias (N)
     y0_ptr, v_ptr, p_ptr, g_ptr, bias_ptr,
-    # outputs: y and z (M×N)
-    y_ptr, z_ptr,
+    # output: y (M×N)
+    y_ptr,
     M, N, RANK, M_BUCKET,
     stride_y0m, stride_y0n,
     stride_vm, stride_vr,
     stride_pn, stride_pr,
     stride_ym, stride_yn,
-    stride_zm, stride_zn,
     scaling,
-    RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
+    RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # --- this program's tile
     pid_m, pid_n = tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     row0 = (pid_m * BLOCK_M).to(tl.int64)
-    col0 = pid_n * BLOCK_N
+    col0 = (pid_n * BLOCK_N).to(tl.int64)
     rows = M - pid_m * BLOCK_M
     cols = N - col0
     offs_m = tl.arange(0, BLOCK_M)
@@ -70,49 +69,41 @@ def edora_epilogue_kernel(
     # --- z = y0 − b + s·v·Pᵀ, y = g ⊙ z + b
     z = add_lowrank(z0, v, p_ptr + col0 * stride_pn, stride_pr, stride_pn,  # Q = Pᵀ
                     cols, RANK, scaling, RANK_PAD, BLOCK_N, INPUT_PRECISION)
-    if SAVE:
-        store_tile(z_ptr + row0 * stride_zm + col0 * stride_zn, z, stride_zm, stride_zn,
-                   rows, cols, BLOCK_M, BLOCK_N)
     y = scale_shift(z, g_ptr + col0, bias_ptr + col0, cols, HAS_BIAS, BLOCK_N)
     store_tile(y_ptr + row0 * stride_ym + col0 * stride_yn, y, stride_ym, stride_yn,
                rows, cols, BLOCK_M, BLOCK_N)
 
 
-
-def epilogue_args(y0, v, bias, P, g, scaling, save, y, z) -> dict:
+def epilogue_args(y0, v, bias, P, g, scaling, y) -> dict:
     """Arguments of ``edora_epilogue_kernel`` except the config's."""
     (M, N), rank = y0.shape, v.shape[1]
     return dict(
         y0_ptr=y0, v_ptr=v, p_ptr=P, g_ptr=g, bias_ptr=bias if bias is not None else y,
-        y_ptr=y, z_ptr=z if save else y,
+        y_ptr=y,
         M=M, N=N, RANK=rank, M_BUCKET=m_bucket(M),
         stride_y0m=y0.stride(0), stride_y0n=y0.stride(1),
         stride_vm=v.stride(0), stride_vr=v.stride(1),
         stride_pn=P.stride(0), stride_pr=P.stride(1),
         stride_ym=y.stride(0), stride_yn=y.stride(1),
-        stride_zm=z.stride(0) if save else 0, stride_zn=z.stride(1) if save else 0,
         scaling=float(scaling),
-        RANK_PAD=r_pad(rank), HAS_BIAS=bias is not None, SAVE=bool(save),
+        RANK_PAD=r_pad(rank), HAS_BIAS=bias is not None,
         INPUT_PRECISION=input_precision(y0.dtype),
     )
 
 
-def epilogue(y0, v, bias, P, g, scaling, save):
-    """``z = y0 − b + s·v·Pᵀ`` and ``y = g ⊙ z + b`` in one kernel; returns ``(y, z)``.
+def epilogue(y0, v, bias, P, g, scaling):
+    """``y = g ⊙ (y0 − b + s·v·Pᵀ) + b`` in one kernel.
 
     y0 (N×out) is the base layer's output including its bias, v = x Aᵀ (N×r) in y0's dtype,
     bias (out) in y0's dtype or None, P = B R (out×r) and g = m/n (out) in the compute dtype.
-    y and z come back in y0's dtype; z is empty unless ``save``. Inputs named by
-    ``use_torch_path`` take the torch backend's code path.
+    y comes back in y0's dtype. Inputs named by ``use_torch_path`` take the torch backend's
+    code path.
     """
     N, rank = y0.shape[0], v.shape[1]
     if use_torch_path(y0.dtype, rank):
-        return torch_backend.epilogue(y0, v, bias, P, g, scaling, save)
-    out = y0.shape[1]
-    y = y0.new_empty(N, out)
-    z = y0.new_empty(N, out) if save else y0.new_empty(0)
-    if N == 0:
-        return y, z
-    args = epilogue_args(y0, v, bias, P, g, scaling, save, y, z)
-    edora_epilogue_kernel[tiles_grid(N, out)](**args)
-    return y, z
+        return torch_backend.epilogue(y0, v, bias, P, g, scaling)
+    y = y0.new_empty(N, y0.shape[1])
+    if N > 0:
+        edora_epilogue_kernel[tiles_grid(N, y0.shape[1])](
+            **epilogue_args(y0, v, bias, P, g, scaling, y))
+    return y

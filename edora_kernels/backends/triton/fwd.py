@@ -3,7 +3,7 @@
 One kernel: each program owns a BLOCK_M×BLOCK_N tile of y. A single loop over ``in`` accumulates
 ``x·W0ᵀ`` (BLOCK_M×BLOCK_N) and ``x·Aᵀ`` (BLOCK_M×RANK_PAD, the rank padded to a power of two
 ≥ 16 by masks, never in memory); the epilogue adds ``s·v·Pᵀ``, scales by g, adds b and stores y,
-plus z and (from the first column of programs) v when training.
+plus (from the first column of programs) v when training.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ from .configs import (
 def edora_fwd_kernel(
     # inputs: x (M×K), W0 (N×K), A (RANK×K), P = B R (N×RANK), g (N), bias (N)
     x_ptr, w_ptr, a_ptr, p_ptr, g_ptr, bias_ptr,
-    # outputs: y and z (M×N), v (M×RANK)
-    y_ptr, z_ptr, v_ptr,
+    # outputs: y (M×N), v (M×RANK)
+    y_ptr, v_ptr,
     # sizes: M tokens, N = out, K = in; M_BUCKET only keys the autotuner
     M, N, K, RANK, M_BUCKET,
     stride_xm, stride_xk,
@@ -44,17 +44,16 @@ def edora_fwd_kernel(
     stride_ar, stride_ak,
     stride_pn, stride_pr,
     stride_ym, stride_yn,
-    stride_zm, stride_zn,
     stride_vm, stride_vr,
     scaling,
     RANK_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # --- this program's tile; row offsets in 64 bits (M·K may pass 2³¹ elements)
+    # --- this program's tile; offsets in 64 bits (M·K or N·K may pass 2³¹ elements)
     pid_m, pid_n = tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     row0 = (pid_m * BLOCK_M).to(tl.int64)
-    col0 = pid_n * BLOCK_N
+    col0 = (pid_n * BLOCK_N).to(tl.int64)
     rows = M - pid_m * BLOCK_M
     cols = N - col0
 
@@ -68,14 +67,11 @@ def edora_fwd_kernel(
         True, False, RANK_PAD, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
     )
 
-    # --- epilogue: z = z₀ + s·v·Pᵀ, y = g ⊙ z + b; z is stored before y is formed so the two
-    # tiles are never live together
+    # --- epilogue: z = z₀ + s·v·Pᵀ, y = g ⊙ z + b (z stays in registers: backward reads y)
     v = v.to(x_ptr.dtype.element_ty)
     z = add_lowrank(acc, v, p_ptr + col0 * stride_pn, stride_pr, stride_pn,  # Q = Pᵀ
                     cols, RANK, scaling, RANK_PAD, BLOCK_N, INPUT_PRECISION)
     if SAVE:
-        store_tile(z_ptr + row0 * stride_zm + col0 * stride_zn, z, stride_zm, stride_zn,
-                   rows, cols, BLOCK_M, BLOCK_N)
         if pid_n == 0:
             store_tile(v_ptr + row0 * stride_vm, v, stride_vm, stride_vr, rows, RANK,
                        BLOCK_M, RANK_PAD)
@@ -84,22 +80,20 @@ def edora_fwd_kernel(
                rows, cols, BLOCK_M, BLOCK_N)
 
 
-
-def fwd_args(x, weight, bias, A, P, g, scaling, save, y, v, z) -> dict:
+def fwd_args(x, weight, bias, A, P, g, scaling, save, y, v) -> dict:
     """Arguments of ``edora_fwd_kernel`` except the config's; also used by the AOT checks."""
     (M, K), N, rank = x.shape, weight.shape[0], A.shape[0]
     # Unused pointers point at y: never dereferenced, and typed like a real output.
     return dict(
         x_ptr=x, w_ptr=weight, a_ptr=A, p_ptr=P, g_ptr=g,
         bias_ptr=bias if bias is not None else y,
-        y_ptr=y, z_ptr=z if save else y, v_ptr=v if save else y,
+        y_ptr=y, v_ptr=v if save else y,
         M=M, N=N, K=K, RANK=rank, M_BUCKET=m_bucket(M),
         stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_wn=weight.stride(0), stride_wk=weight.stride(1),
         stride_ar=A.stride(0), stride_ak=A.stride(1),
         stride_pn=P.stride(0), stride_pr=P.stride(1),
         stride_ym=y.stride(0), stride_yn=y.stride(1),
-        stride_zm=z.stride(0) if save else 0, stride_zn=z.stride(1) if save else 0,
         stride_vm=v.stride(0) if save else 0, stride_vr=v.stride(1) if save else 0,
         scaling=float(scaling),
         RANK_PAD=r_pad(rank), HAS_BIAS=bias is not None, SAVE=bool(save),
@@ -108,7 +102,7 @@ def fwd_args(x, weight, bias, A, P, g, scaling, save, y, v, z) -> dict:
 
 
 def forward(x, weight, bias, A, P, g, scaling, save):
-    """The backend contract's forward: ``(y, v, z)``, v and z empty unless ``save``.
+    """The backend contract's forward: ``(y, v)``, v empty unless ``save``.
 
     Inputs named by ``use_torch_path`` take the torch backend's code path.
     """
@@ -117,9 +111,8 @@ def forward(x, weight, bias, A, P, g, scaling, save):
     (M, _), N, rank = x.shape, weight.shape[0], A.shape[0]
     y = x.new_empty(M, N)
     v = x.new_empty(M, rank) if save else x.new_empty(0)
-    z = x.new_empty(M, N) if save else x.new_empty(0)
     if M == 0:
-        return y, v, z
-    edora_fwd_kernel[tiles_grid(M, N)](**fwd_args(x, weight, bias, A, P, g, scaling, save, y, v, z))
-    return y, v, z
+        return y, v
+    edora_fwd_kernel[tiles_grid(M, N)](**fwd_args(x, weight, bias, A, P, g, scaling, save, y, v))
+    return y, v
 
