@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_dropout_backend
+from .dropout import DROPOUT_MODES
 from .norm import NormTermsCache, compute_dtype, compute_norm_terms, row_norm
 from .ops import edora_linear
 from .svd import edora_factors
@@ -41,6 +42,7 @@ class EDoRALinear(nn.Module):
         *,
         bias: bool = True,
         dropout: float = 0.0,
+        dropout_mode: str = "peft",
         detach_norm: bool = True,
         backend: str = "auto",
         device=None,
@@ -51,11 +53,13 @@ class EDoRALinear(nn.Module):
             raise ValueError(f"rank must be in [1, min(in_features, out_features)] = "
                              f"[1, {min(in_features, out_features)}], got {rank}")
         check_dropout_backend(dropout, backend)
+        if dropout_mode not in DROPOUT_MODES:
+            raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {dropout_mode!r}")
         if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.alpha, self.dropout = float(alpha), float(dropout)
+        self.alpha, self.dropout, self.dropout_mode = float(alpha), float(dropout), dropout_mode
         self.detach_norm, self.backend = detach_norm, backend
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory),
                                    requires_grad=False)
@@ -89,6 +93,7 @@ class EDoRALinear(nn.Module):
         split: str = "u",
         sigma: float = 1e-5,
         dropout: float = 0.0,
+        dropout_mode: str = "peft",
         detach_norm: bool = True,
         backend: str = "auto",
         seed: int | None = None,
@@ -103,7 +108,8 @@ class EDoRALinear(nn.Module):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         A, B = edora_factors(linear.weight, rank, init=init, split=split, seed=seed)
         return cls.from_factors(linear, A, B, alpha, sigma=sigma, dropout=dropout,
-                                detach_norm=detach_norm, backend=backend, seed=seed)
+                                dropout_mode=dropout_mode, detach_norm=detach_norm,
+                                backend=backend, seed=seed)
 
     @classmethod
     def from_factors(
@@ -115,6 +121,7 @@ class EDoRALinear(nn.Module):
         *,
         sigma: float = 1e-5,
         dropout: float = 0.0,
+        dropout_mode: str = "peft",
         detach_norm: bool = True,
         backend: str = "auto",
         seed: int | None = None,
@@ -124,7 +131,8 @@ class EDoRALinear(nn.Module):
         out_features, in_features = weight.shape
         rank = A.shape[0]
         layer = cls(in_features, out_features, rank, alpha, bias=linear.bias is not None,
-                    dropout=dropout, detach_norm=detach_norm, backend=backend,
+                    dropout=dropout, dropout_mode=dropout_mode, detach_norm=detach_norm,
+                    backend=backend,
                     device="meta")
         layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
         layer.bias = (None if linear.bias is None
@@ -158,7 +166,7 @@ class EDoRALinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         return edora_linear(
             x, self.weight, self.bias, self.A, self.B, self.R, self.magnitude, self.scaling,
-            dropout=self.dropout if self.training else 0.0,
+            dropout=self.dropout if self.training else 0.0, dropout_mode=self.dropout_mode,
             detach_norm=self.detach_norm, backend=self.backend, norm_terms=self.norm_terms(),
         )
 
@@ -263,6 +271,7 @@ class EDoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}, "
+                f"dropout_mode={self.dropout_mode!r}, "
                 f"bias={self.bias is not None}, detach_norm={self.detach_norm}, "
                 f"backend={self.backend!r}, merged={self.merged}")
 

@@ -24,97 +24,18 @@ from .checks import (
     check_linear_args,
     check_norm_terms,
 )
-from .norm import (
-    TERMS_DTYPE,
-    NormTerms,
-    compute_dtype,
-    compute_norm_terms,
-    exact_norm_grad_P,
-    row_norm,
+from .dropout import DROPOUT_MODES, linear_with_dropout
+from .norm import TERMS_DTYPE, NormTerms, compute_dtype, compute_norm_terms, row_norm
+from .op_common import (
+    adapter_grads,
+    epilogue_terms,
+    fake_adapter_grads,
+    fake_zero_columns,
+    gate,
+    saved_tensors,
+    sum_gy_z,
+    zero_columns,
 )
-
-
-def _gate(terms: NormTerms, B, R, magnitude, scaling, cdt):
-    """P = B R and n in float64 (docs/DESIGN.md §2), g = m / n rounded to the compute dtype."""
-    P = B.to(TERMS_DTYPE) @ R.to(TERMS_DTYPE)
-    n = row_norm(terms, P, scaling)
-    return P, n, (magnitude.to(TERMS_DTYPE) / n).to(cdt)
-
-
-def _epilogue_terms(c0, C, A):
-    a = A.to(TERMS_DTYPE)
-    return NormTerms(c0, C, a @ a.T)
-
-
-def _zero_columns(magnitude, save, n_rows, z_columns):
-    """Where m = 0, g = 0 and y = b holds no trace of z, which dm needs: forward keeps those
-    columns of z (``z_columns(idx)``, N×k; k is 0 unless a magnitude entry is exactly 0).
-
-    Finding them reads m on the host: one device sync per training forward.
-    """
-    idx = magnitude.new_empty(0, dtype=torch.long)
-    if not save:
-        return idx, magnitude.new_empty(0, 0)
-    idx = (magnitude == 0).nonzero().flatten()
-    if idx.numel() == 0:
-        return idx, magnitude.new_empty(n_rows, 0)
-    return idx, z_columns(idx)
-
-
-def _fake_zero_columns(rows_like, save):
-    idx = rows_like.new_empty(0, dtype=torch.long)
-    if not save:
-        return idx, rows_like.new_empty(0, 0)
-    k = torch.library.get_ctx().new_dynamic_size()
-    return rows_like.new_empty(k, dtype=torch.long), rows_like.new_empty(rows_like.shape[0], k)
-
-
-def _adapter_grads(gy, t, v, colsum, zero_idx, zcols, terms, B, R, magnitude, n, scaling,
-                   detach_norm, need_dR, need_dm):
-    """dR = s·tᵀ v (+ the norm's share when not detached) and dm; the O(out·r²) parts in
-    float64.
-
-    ``colsum = Σ_rows gy ⊙ (y − b) = g ⊙ Σ_rows gy ⊙ z``, so ``S = Σ gy ⊙ z = colsum·n/m`` and
-    ``dm = S/n``, ``∂L/∂n = −m·S/n²``; where m = 0, S comes from the z columns forward kept.
-    """
-    f64 = TERMS_DTYPE
-    S = None
-    if need_dm or (need_dR and not detach_norm):
-        m = magnitude.to(f64)
-        S = colsum.to(f64) * n / torch.where(m == 0, 1.0, m)
-        if zero_idx.numel():
-            zsum = (gy[:, zero_idx].to(f64) * zcols.to(f64)).sum(0)
-            S = S.index_copy(0, zero_idx, zsum)
-    dR = R.new_empty(0)
-    if need_dR:
-        dR_c = scaling * (t.to(f64).T @ v.to(f64))
-        if not detach_norm:
-            P = B.to(f64) @ R.to(f64)
-            grad_n = -magnitude.to(f64) * S / (n * n)
-            dR_c = dR_c + B.to(f64).T @ exact_norm_grad_P(terms, P, n, grad_n, scaling)
-        dR = dR_c.to(R.dtype)
-    dm = (S / n).to(magnitude.dtype) if need_dm else magnitude.new_empty(0)
-    return dR, dm
-
-
-def _fake_adapter_grads(R, magnitude, need_dR, need_dm):
-    return (R.new_empty(R.shape if need_dR else (0,)),
-            magnitude.new_empty(magnitude.shape if need_dm else (0,)))
-
-
-def _saved_tensors(ctx, op: str):
-    """``ctx.saved_tensors`` with autograd's in-place error made specific: backward reads y."""
-    try:
-        return ctx.saved_tensors
-    except RuntimeError as err:
-        if "modified by an inplace operation" not in str(err):
-            raise
-        raise RuntimeError(
-            f"{op}: a tensor its backward needs was modified in place after the forward — "
-            "usually its output y (an in-place activation such as ReLU(inplace=True), y += ..., "
-            "y.mul_()); EDoRA's backward reads y for the magnitude gradient. Apply such ops out "
-            "of place (F.relu(y), y = y + ...)") from err
-
 
 # --- edora_linear -------------------------------------------------------------------------------
 
@@ -125,9 +46,9 @@ def _linear_fwd(
     detach_norm: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     cdt = compute_dtype(x.dtype)
-    P, n, g = _gate(NormTerms(c0, C, G), B, R, magnitude, scaling, cdt)
+    P, n, g = gate(NormTerms(c0, C, G), B, R, magnitude, scaling, cdt)
     y, v = backends.load(backend).forward(x, weight, bias, A, P.to(cdt), g, scaling, save)
-    zero_idx, zcols = _zero_columns(
+    zero_idx, zcols = zero_columns(
         magnitude, save, x.shape[0],
         lambda idx: torch.addmm(F.linear(x, weight[idx]), v, P[idx].to(x.dtype).T,
                                 alpha=scaling))
@@ -139,7 +60,7 @@ def _(x, weight, bias, A, B, R, magnitude, c0, C, G, scaling, save, detach_norm,
     n_rows, out_features, rank = x.shape[0], weight.shape[0], A.shape[0]
     v = x.new_empty((n_rows, rank) if save else (0,))
     n = x.new_empty(out_features, dtype=TERMS_DTYPE)
-    return x.new_empty(n_rows, out_features), v, n, *_fake_zero_columns(x, save)
+    return x.new_empty(n_rows, out_features), v, n, *fake_zero_columns(x, save)
 
 
 @torch.library.custom_op("edora::linear_bwd", mutates_args=())
@@ -155,8 +76,9 @@ def _linear_bwd(
     dx, t, colsum = backends.load(backend).backward(
         gy, weight, B, R.to(cdt) @ A.to(cdt), g, y, bias, scaling, need_dx, need_dR,
         need_colsum)
-    dR, dm = _adapter_grads(gy, t, v, colsum, zero_idx, zcols, NormTerms(None, C, G), B, R,
-                            magnitude, n, scaling, detach_norm, need_dR, need_dm)
+    S = sum_gy_z(gy, colsum, zero_idx, zcols, magnitude, n) if need_colsum else None
+    dR, dm = adapter_grads(t, v, S, NormTerms(None, C, G), B, R, magnitude, n, scaling,
+                           detach_norm, need_dR, need_dm)
     return dx, dR, dm
 
 
@@ -164,7 +86,7 @@ def _linear_bwd(
 def _(gy, weight, bias, A, B, R, magnitude, y, v, n, zero_idx, zcols, C, G, scaling,
       detach_norm, need_dx, need_dR, need_dm, backend):
     dx = gy.new_empty((gy.shape[0], weight.shape[1]) if need_dx else (0,))
-    return dx, *_fake_adapter_grads(R, magnitude, need_dR, need_dm)
+    return dx, *fake_adapter_grads(R, magnitude, need_dR, need_dm)
 
 
 def _linear_setup_context(ctx, inputs, output):
@@ -183,7 +105,7 @@ def _linear_setup_context(ctx, inputs, output):
 def _linear_backward(ctx, gy, *_unused):
     if gy is None:  # grads are not materialised: y did not reach the loss
         return (None,) * 14
-    saved = _saved_tensors(ctx, "edora_linear")
+    saved = saved_tensors(ctx, "edora_linear")
     need_dx, _, need_dbias, _, _, need_dR, need_dm = ctx.needs_input_grad[:7]
     dx, dR, dm = _linear_bwd(gy, *saved, ctx.scaling, ctx.detach_norm, need_dx, need_dR,
                              need_dm, ctx.backend)
@@ -205,6 +127,7 @@ def edora_linear(
     scaling: float,
     *,
     dropout: float = 0.0,
+    dropout_mode: str = "peft",
     detach_norm: bool = True,
     backend: str = "auto",
     norm_terms: NormTerms | None = None,
@@ -217,7 +140,14 @@ def edora_linear(
         A, B: frozen factors ``(r, in)`` and ``(out, r)``.
         R, magnitude: trainable ``(r, r)`` core and ``(out,)`` magnitude.
         scaling: ``alpha / r``.
-        dropout: PEFT's dropout on the adapter input, always applied when > 0 (pass 0 in eval).
+        dropout: dropout probability on the adapter input, always applied when > 0 (pass 0 in
+            eval). The mask is regenerated in backward from a seed drawn from torch's default
+            CPU generator, never stored.
+        dropout_mode: "peft" (PEFT's and the paper's semantics: the dropped x also feeds the
+            magnitude-scaled base path, ``y = x W0ᵀ + b + (g − 1)⊙(x̃ W0ᵀ) + g⊙s·x̃ Aᵀ Pᵀ``; two
+            dense GEMMs each way) or "lowrank" (dropout on the rank-r branch only, as plain
+            LoRA: ``y = g ⊙ (x W0ᵀ + s·x̃ Aᵀ Pᵀ) + b``; a different regulariser at the cost of
+            the op without dropout).
         detach_norm: treat the row norm as a constant in backward (DoRA §4.3), as PEFT does.
         backend: "auto", "torch", "triton" or "cuda"; ``EDORA_BACKEND`` overrides "auto".
         norm_terms: the float64 ``NormTerms(c0, C, G)`` of (weight, A), e.g. from
@@ -231,6 +161,8 @@ def edora_linear(
     the same formula.
     """
     check_linear_args(x, weight, bias, A, B, R, magnitude, scaling, dropout, backend)
+    if dropout_mode not in DROPOUT_MODES:
+        raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {dropout_mode!r}")
     grad_enabled = torch.is_grad_enabled()
     check_frozen(grad_enabled, weight=weight, A=A, B=B)
     if norm_terms is None:
@@ -242,14 +174,10 @@ def edora_linear(
     x2 = x.reshape(-1, x.shape[-1])
     if _transformed(x2, weight, bias, R, magnitude):
         y = _composed_linear(x2, weight, bias, A, B, R, magnitude, scaling, norm_terms,
-                             dropout, detach_norm)
+                             dropout, dropout_mode, detach_norm)
     elif dropout > 0.0:
-        # PEFT's semantics, y = x W0ᵀ + b + (g − 1)⊙(x̃ W0ᵀ) + g⊙s·x̃ Aᵀ Pᵀ, is the dense
-        # base output plus the op on x̃ minus x̃'s base product.
-        x_drop = F.dropout(x2, p=dropout, training=True)
-        adapted = edora_linear(x_drop, weight, None, A, B, R, magnitude, scaling,
-                               detach_norm=detach_norm, backend=backend, norm_terms=norm_terms)
-        y = F.linear(x2, weight, bias) - F.linear(x_drop, weight) + adapted
+        y = linear_with_dropout(x2, weight, bias, A, B, R, magnitude, norm_terms, scaling,
+                                dropout, dropout_mode, detach_norm)
     else:
         save = grad_enabled and any(t is not None and t.requires_grad
                                     for t in (x, R, magnitude, bias))
@@ -272,20 +200,22 @@ def _transformed(*tensors) -> bool:
     return any(torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in present)
 
 
-def _composed_linear(x, weight, bias, A, B, R, magnitude, scaling, terms, dropout, detach_norm):
+def _composed_linear(x, weight, bias, A, B, R, magnitude, scaling, terms, dropout, dropout_mode,
+                     detach_norm):
     """The op's formula in differentiable ATen calls (both AD modes), same precisions: n from the
     float64 terms, g and the epilogue in the compute dtype."""
     dtype, cdt = x.dtype, compute_dtype(x.dtype)
     P = B.to(TERMS_DTYPE) @ R.to(TERMS_DTYPE)
     n = row_norm(terms, P, scaling)
     g = (magnitude.to(TERMS_DTYPE) / (n.detach() if detach_norm else n)).to(cdt)
-    x_in = F.dropout(x, p=dropout, training=True) if dropout > 0.0 else x
-    base = F.linear(x_in, weight)
-    z = base + scaling * F.linear(F.linear(x_in, A.to(dtype)), P.to(dtype))
-    if dropout > 0.0:
-        y = F.linear(x, weight, bias).to(cdt) - base.to(cdt) + g * z.to(cdt)
+    x_drop = F.dropout(x, p=dropout, training=True) if dropout > 0.0 else x
+    low = scaling * F.linear(F.linear(x_drop, A.to(dtype)), P.to(dtype))
+    b = 0.0 if bias is None else bias.to(cdt)
+    if dropout > 0.0 and dropout_mode == "peft":
+        base_drop = F.linear(x_drop, weight)
+        y = F.linear(x, weight).to(cdt) + b + (g - 1) * base_drop.to(cdt) + g * low.to(cdt)
     else:
-        y = g * z.to(cdt) + (0.0 if bias is None else bias.to(cdt))
+        y = g * (F.linear(x, weight) + low).to(cdt) + b
     return y.to(dtype)
 
 
@@ -298,7 +228,7 @@ def _epilogue_fwd(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     cdt = compute_dtype(y0.dtype)
-    P, n, g = _gate(_epilogue_terms(c0, C, A), B, R, magnitude, scaling, cdt)
+    P, n, g = gate(epilogue_terms(c0, C, A), B, R, magnitude, scaling, cdt)
     v = x @ A.to(x.dtype).T
     y = backends.load(backend).epilogue(y0, v, bias, P.to(cdt), g, scaling)
 
@@ -306,7 +236,7 @@ def _epilogue_fwd(
         base = y0[:, idx] if bias is None else y0[:, idx] - bias[idx]
         return torch.addmm(base, v, P[idx].to(y0.dtype).T, alpha=scaling)
 
-    zero_idx, zcols = _zero_columns(magnitude, save, y0.shape[0], z_columns)
+    zero_idx, zcols = zero_columns(magnitude, save, y0.shape[0], z_columns)
     return y, (v if save else v.new_empty(0)), n, zero_idx, zcols
 
 
@@ -315,7 +245,7 @@ def _(y0, x, bias, A, B, R, magnitude, c0, C, scaling, save, detach_norm, backen
     n_rows, out_features, rank = y0.shape[0], y0.shape[1], A.shape[0]
     v = y0.new_empty((n_rows, rank) if save else (0,))
     n = y0.new_empty(out_features, dtype=TERMS_DTYPE)
-    return y0.new_empty(n_rows, out_features), v, n, *_fake_zero_columns(y0, save)
+    return y0.new_empty(n_rows, out_features), v, n, *fake_zero_columns(y0, save)
 
 
 @torch.library.custom_op("edora::epilogue_bwd", mutates_args=())
@@ -331,8 +261,9 @@ def _epilogue_bwd(
     t = gz @ B.to(dtype)
     dx = (scaling * t) @ (R.to(cdt) @ A.to(cdt)).to(dtype) if need_dx else gy.new_empty(0)
     colsum = torch_backend.grad_colsum(gy, y, bias, cdt)
-    dR, dm = _adapter_grads(gy, t, v, colsum, zero_idx, zcols, _epilogue_terms(c0, C, A), B, R,
-                            magnitude, n, scaling, detach_norm, need_dR, need_dm)
+    S = sum_gy_z(gy, colsum, zero_idx, zcols, magnitude, n)
+    dR, dm = adapter_grads(t, v, S, epilogue_terms(c0, C, A), B, R, magnitude, n, scaling,
+                           detach_norm, need_dR, need_dm)
     return (gz if need_dy0 else gy.new_empty(0)), dx, dR, dm
 
 
@@ -341,7 +272,7 @@ def _(gy, bias, A, B, R, magnitude, y, v, n, zero_idx, zcols, c0, C, scaling, de
       need_dy0, need_dx, need_dR, need_dm):
     dy0 = gy.new_empty(gy.shape if need_dy0 else (0,))
     dx = gy.new_empty((gy.shape[0], A.shape[1]) if need_dx else (0,))
-    return dy0, dx, *_fake_adapter_grads(R, magnitude, need_dR, need_dm)
+    return dy0, dx, *fake_adapter_grads(R, magnitude, need_dR, need_dm)
 
 
 def _epilogue_setup_context(ctx, inputs, output):
@@ -355,7 +286,7 @@ def _epilogue_setup_context(ctx, inputs, output):
 def _epilogue_backward(ctx, gy, *_unused):
     if gy is None:  # grads are not materialised: y did not reach the loss
         return (None,) * 13
-    saved = _saved_tensors(ctx, "edora_epilogue")
+    saved = saved_tensors(ctx, "edora_epilogue")
     need_dy0, need_dx, need_dbias, _, _, need_dR, need_dm = ctx.needs_input_grad[:7]
     dy0, dx, dR, dm = _epilogue_bwd(gy, *saved, ctx.scaling, ctx.detach_norm, need_dy0,
                                     need_dx, need_dR, need_dm)

@@ -1,0 +1,157 @@
+"""EDoRA with dropout on the adapter's input, in two dense GEMMs each way (docs/DESIGN.md §3).
+
+With the keep mask D (scaled by 1/(1 − p)) and x̃ = D ⊙ x, two semantics:
+
+- ``"peft"`` (PEFT's DoRA and the paper's code):
+  ``y = x W0ᵀ + b + (g − 1) ⊙ (x̃ W0ᵀ) + g ⊙ s·x̃ Aᵀ Pᵀ``. Forward: ``x W0ᵀ`` and ``x̃ W0ᵀ``;
+  backward: ``dx = gy W0 + D ⊙ ((gy ⊙ (g − 1)) W0 + s·t (R A))`` with ``t = (gy ⊙ g) B``.
+  Kept: ``ṽ = x̃ Aᵀ`` (N×r) and ``z̃ = x̃ W0ᵀ + s·ṽ Pᵀ`` (N×out, which dm needs).
+- ``"lowrank"`` (dropout on the rank-r branch only, as plain LoRA): ``y = g ⊙ (x W0ᵀ + s·ṽ Pᵀ) +
+  b``. One dense GEMM each way, like the op without dropout; a different regulariser (the base
+  path sees the clean x). Kept: ṽ and y itself (dm from ``y − b`` as in the op).
+
+The mask is never stored: forward draws a seed from torch's default CPU generator (so
+``torch.manual_seed`` reproduces it) and backward regenerates D from it.
+"""
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backends import torch_backend
+from .norm import TERMS_DTYPE, NormTerms, compute_dtype
+from .op_common import (
+    adapter_grads,
+    fake_adapter_grads,
+    fake_zero_columns,
+    gate,
+    saved_tensors,
+    sum_gy_z,
+    zero_columns,
+)
+
+DROPOUT_MODES = ("peft", "lowrank")
+
+
+def keep_mask(seed: int, shape, p: float, device, dtype) -> Tensor:
+    """D: 1/(1 − p) where kept, 0 where dropped (each element dropped with probability p)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    keep = torch.rand(shape, generator=gen, device=device) >= p
+    return keep.to(dtype) / (1.0 - p)
+
+
+def draw_seed() -> Tensor:
+    """A mask seed from the default CPU generator, as a 1-element int64 CPU tensor."""
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64)
+
+
+@torch.library.custom_op("edora::dropout_fwd", mutates_args=())
+def _dropout_fwd(
+    x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, R: Tensor,
+    magnitude: Tensor, c0: Tensor, C: Tensor, G: Tensor, scaling: float, p: float,
+    lowrank: bool, save: bool, detach_norm: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dtype, cdt = x.dtype, compute_dtype(x.dtype)
+    P, n, g = gate(NormTerms(c0, C, G), B, R, magnitude, scaling, cdt)
+    seed = draw_seed()
+    x_drop = x * keep_mask(int(seed), x.shape, p, x.device, dtype)
+    v = x_drop @ A.to(dtype).T
+    Pd = P.to(dtype)
+    if lowrank:
+        y = torch_backend._rescale(x @ weight.T, v, bias, P.to(cdt), g, scaling)
+        zero_idx, zcols = zero_columns(
+            magnitude, save, x.shape[0],
+            lambda idx: torch.addmm(F.linear(x, weight[idx]), v, Pd[idx].T, alpha=scaling))
+        z_drop = x.new_empty(0)
+    else:
+        base = F.linear(x, weight, bias)                    # dense GEMM 1
+        z_drop = x_drop @ weight.T                          # dense GEMM 2: x̃ W0ᵀ
+        low = scaling * (v @ Pd.T)
+        y = (base.to(cdt) + (g - 1) * z_drop.to(cdt) + g * low.to(cdt)).to(dtype)
+        z_drop = z_drop.add_(low) if save else x.new_empty(0)
+        zero_idx, zcols = zero_columns(magnitude, False, x.shape[0], None)
+    return y, (v if save else x.new_empty(0)), z_drop, n, seed, zero_idx, zcols
+
+
+@_dropout_fwd.register_fake
+def _(x, weight, bias, A, B, R, magnitude, c0, C, G, scaling, p, lowrank, save, detach_norm):
+    n_rows, out_features, rank = x.shape[0], weight.shape[0], A.shape[0]
+    v = x.new_empty((n_rows, rank) if save else (0,))
+    z_drop = x.new_empty((n_rows, out_features) if save and not lowrank else (0,))
+    n = x.new_empty(out_features, dtype=TERMS_DTYPE)
+    seed = torch.empty(1, dtype=torch.int64)
+    return (x.new_empty(n_rows, out_features), v, z_drop, n, seed,
+            *fake_zero_columns(x, save and lowrank))
+
+
+@torch.library.custom_op("edora::dropout_bwd", mutates_args=())
+def _dropout_bwd(
+    gy: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, R: Tensor,
+    magnitude: Tensor, y: Tensor, v: Tensor, z_drop: Tensor, n: Tensor, seed: Tensor,
+    zero_idx: Tensor, zcols: Tensor, C: Tensor, G: Tensor, scaling: float, p: float,
+    lowrank: bool, detach_norm: bool, need_dx: bool, need_dR: bool, need_dm: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dtype, cdt = gy.dtype, compute_dtype(gy.dtype)
+    g = (magnitude.to(n.dtype) / n).to(cdt)
+    RA = (R.to(cdt) @ A.to(cdt)).to(dtype)
+    t = (gy * g.to(dtype)) @ B.to(dtype)
+    dx = gy.new_empty(0)
+    if need_dx:
+        D = keep_mask(int(seed), (gy.shape[0], weight.shape[1]), p, gy.device, dtype)
+        if lowrank:
+            dx = (gy * g.to(dtype)) @ weight + D * (scaling * t @ RA)
+        else:                                               # the two dense GEMMs
+            dropped = ((gy * (g - 1).to(dtype)) @ weight).addmm_(t, RA, alpha=scaling)
+            dx = (gy @ weight).addcmul_(D, dropped)
+    S = None
+    if need_dm or (need_dR and not detach_norm):
+        if lowrank:
+            S = sum_gy_z(gy, torch_backend.grad_colsum(gy, y, bias, cdt), zero_idx, zcols,
+                         magnitude, n)
+        else:
+            S = torch.linalg.vecdot(gy.to(TERMS_DTYPE), z_drop.to(TERMS_DTYPE), dim=0)
+    dR, dm = adapter_grads(t, v, S, NormTerms(None, C, G), B, R, magnitude, n, scaling,
+                           detach_norm, need_dR, need_dm)
+    return dx, dR, dm
+
+
+@_dropout_bwd.register_fake
+def _(gy, weight, bias, A, B, R, magnitude, y, v, z_drop, n, seed, zero_idx, zcols, C, G,
+      scaling, p, lowrank, detach_norm, need_dx, need_dR, need_dm):
+    dx = gy.new_empty((gy.shape[0], weight.shape[1]) if need_dx else (0,))
+    return dx, *fake_adapter_grads(R, magnitude, need_dR, need_dm)
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, A, B, R, magnitude, c0, C, G, scaling, p, lowrank, save,
+     detach_norm) = inputs
+    y, v, z_drop, n, seed, zero_idx, zcols = output
+    if detach_norm:  # C and G serve only the exact norm gradient
+        C, G = C.new_empty(0), G.new_empty(0)
+    kept_y = y if lowrank else y.new_empty(0)  # the peft mode's dm reads z̃, not y
+    ctx.save_for_backward(weight, bias, A, B, R, magnitude, kept_y, v, z_drop, n, seed,
+                          zero_idx, zcols, C, G)
+    ctx.scaling, ctx.p, ctx.lowrank, ctx.detach_norm = scaling, p, lowrank, detach_norm
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, gy, *_unused):
+    if gy is None:
+        return (None,) * 15
+    saved = saved_tensors(ctx, "edora_linear (dropout)")
+    need_dx, _, need_dbias, _, _, need_dR, need_dm = ctx.needs_input_grad[:7]
+    dx, dR, dm = _dropout_bwd(gy, *saved, ctx.scaling, ctx.p, ctx.lowrank, ctx.detach_norm,
+                              need_dx, need_dR, need_dm)
+    return (dx if need_dx else None, None, gy.sum(0) if need_dbias else None, None, None,
+            dR if need_dR else None, dm if need_dm else None, *([None] * 8))
+
+
+_dropout_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_with_dropout(x, weight, bias, A, B, R, magnitude, terms, scaling, p, mode,
+                        detach_norm):
+    """The op's dropout path on 2-D x (arguments checked by ``edora_linear``)."""
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, R, magnitude, bias))
+    return _dropout_fwd(x, weight, bias, A, B, R, magnitude, *terms, scaling, p,
+                        mode == "lowrank", save, detach_norm)[0]
