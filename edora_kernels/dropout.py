@@ -11,7 +11,8 @@ With the keep mask D (scaled by 1/(1 − p)) and x̃ = D ⊙ x, two semantics:
   path sees the clean x). Kept: ṽ and y itself (dm from ``y − b`` as in the op).
 
 The mask is never stored: forward draws a seed from torch's default CPU generator (so
-``torch.manual_seed`` reproduces it) and backward regenerates D from it.
+``torch.manual_seed`` reproduces it) and backward regenerates D from it. The 1/(1 − p) scale is
+folded into per-column and rank-r factors instead of an N×in pass.
 """
 import torch
 import torch.nn.functional as F
@@ -32,11 +33,29 @@ from .op_common import (
 DROPOUT_MODES = ("peft", "lowrank")
 
 
-def keep_mask(seed: int, shape, p: float, device, dtype) -> Tensor:
-    """D: 1/(1 − p) where kept, 0 where dropped (each element dropped with probability p)."""
+# The mask is drawn 15 bits per element, four elements per 64-bit random word (its four 16-bit
+# lanes, low 15 bits each; the generator fills 63 bits): a quarter of the generator calls of
+# torch.rand, the CPU's main cost here. p is rounded to a multiple of 2⁻¹⁵.
+_MASK_BITS = 15
+
+
+def dropout_levels(p: float) -> tuple[int, float]:
+    """(threshold k, scale 1/(1 − k/2¹⁵)): an element is kept when its 15-bit draw is ≥ k, so the
+    drop probability is k/2¹⁵ (within 2⁻¹⁶ of p) and the scale keeps E[x̃] = x exactly."""
+    k = round(p * 2 ** _MASK_BITS)
+    return k, 1.0 / (1.0 - k / 2 ** _MASK_BITS)
+
+
+def keep_mask(seed: int, shape, p: float, device) -> Tensor:
+    """The boolean keep mask of ``shape`` for this seed (the same on every call)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    keep = torch.rand(shape, generator=gen, device=device) >= p
-    return keep.to(dtype) / (1.0 - p)
+    numel = 1
+    for size in shape:
+        numel *= size
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(generator=gen)
+    draws = words.view(torch.int16)[:numel].bitwise_and_(2 ** _MASK_BITS - 1)
+    return (draws >= dropout_levels(p)[0]).view(shape)
 
 
 def draw_seed() -> Tensor:
@@ -53,8 +72,9 @@ def _dropout_fwd(
     dtype, cdt = x.dtype, compute_dtype(x.dtype)
     P, n, g = gate(NormTerms(c0, C, G), B, R, magnitude, scaling, cdt)
     seed = draw_seed()
-    x_drop = x * keep_mask(int(seed), x.shape, p, x.device, dtype)
-    v = x_drop @ A.to(dtype).T
+    q = dropout_levels(p)[1]
+    x_keep = x * keep_mask(int(seed), x.shape, p, x.device)  # x̃ = q·x_keep
+    v = (x_keep @ A.to(dtype).T).mul_(q)
     Pd = P.to(dtype)
     if lowrank:
         y = torch_backend._rescale(x @ weight.T, v, bias, P.to(cdt), g, scaling)
@@ -63,11 +83,16 @@ def _dropout_fwd(
             lambda idx: torch.addmm(F.linear(x, weight[idx]), v, Pd[idx].T, alpha=scaling))
         z_drop = x.new_empty(0)
     else:
-        base = F.linear(x, weight, bias)                    # dense GEMM 1
-        z_drop = x_drop @ weight.T                          # dense GEMM 2: x̃ W0ᵀ
-        low = scaling * (v @ Pd.T)
-        y = (base.to(cdt) + (g - 1) * z_drop.to(cdt) + g * low.to(cdt)).to(dtype)
-        z_drop = z_drop.add_(low) if save else x.new_empty(0)
+        # With z_lin = x_keep W0ᵀ + (s/q)·ṽ Pᵀ: z̃ = x̃ W0ᵀ + s·ṽ Pᵀ = q·z_lin (what dm needs) and
+        # y = x W0ᵀ + b + s·ṽ Pᵀ + ((g − 1)·q) ⊙ z_lin, so every additive term rides in a GEMM's
+        # accumulator and one elementwise pass is left.
+        low = v @ (Pd.T * (scaling / q))
+        z_lin = torch.addmm(low, x_keep, weight.T)                   # dense GEMM 2
+        if bias is not None:
+            low.add_(bias, alpha=1.0 / q)
+        y = torch.addmm(low, x, weight.T, beta=q)                    # dense GEMM 1
+        y.addcmul_(z_lin, (g - 1) * q)
+        z_drop = z_lin if save else x.new_empty(0)
         zero_idx, zcols = zero_columns(magnitude, False, x.shape[0], None)
     return y, (v if save else x.new_empty(0)), z_drop, n, seed, zero_idx, zcols
 
@@ -92,26 +117,31 @@ def _dropout_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     dtype, cdt = gy.dtype, compute_dtype(gy.dtype)
     g = (magnitude.to(n.dtype) / n).to(cdt)
-    RA = (R.to(cdt) @ A.to(cdt)).to(dtype)
-    t = (gy * g.to(dtype)) @ B.to(dtype)
+    q = dropout_levels(p)[1]
+    t = gy @ (B.to(cdt) * g[:, None]).to(dtype)  # (gy ⊙ g) B without an N×out pass
     dx = gy.new_empty(0)
     if need_dx:
-        D = keep_mask(int(seed), (gy.shape[0], weight.shape[1]), p, gy.device, dtype)
+        keep = keep_mask(int(seed), (gy.shape[0], weight.shape[1]), p, gy.device)
+        low = t @ (scaling * q * (R.to(cdt) @ A.to(cdt))).to(dtype)  # s·t (R A), x̃'s share
         if lowrank:
-            dx = (gy * g.to(dtype)) @ weight + D * (scaling * t @ RA)
-        else:                                               # the two dense GEMMs
-            dropped = ((gy * (g - 1).to(dtype)) @ weight).addmm_(t, RA, alpha=scaling)
-            dx = (gy @ weight).addcmul_(D, dropped)
+            dx = torch.addmm(low.mul_(keep), _scale_columns(gy, g), weight)
+        else:                                                        # the two dense GEMMs
+            dropped = torch.addmm(low, _scale_columns(gy, (g - 1) * q), weight)
+            dx = torch.addmm(dropped.mul_(keep), gy, weight)
     S = None
     if need_dm or (need_dR and not detach_norm):
         if lowrank:
             S = sum_gy_z(gy, torch_backend.grad_colsum(gy, y, bias, cdt), zero_idx, zcols,
                          magnitude, n)
         else:
-            S = torch.linalg.vecdot(gy.to(TERMS_DTYPE), z_drop.to(TERMS_DTYPE), dim=0)
+            S = q * torch.linalg.vecdot(gy.to(cdt), z_drop.to(cdt), dim=0).to(TERMS_DTYPE)
     dR, dm = adapter_grads(t, v, S, NormTerms(None, C, G), B, R, magnitude, n, scaling,
                            detach_norm, need_dR, need_dm)
     return dx, dR, dm
+
+
+def _scale_columns(gy, col_scale):
+    return gy * col_scale.to(gy.dtype)
 
 
 @_dropout_bwd.register_fake

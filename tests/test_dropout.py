@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from helpers import assert_close, run_with_grads
 
 from edora_kernels import edora_linear
-from edora_kernels.dropout import draw_seed, keep_mask
+from edora_kernels.dropout import draw_seed, dropout_levels, keep_mask
 from edora_kernels.testing import make_case
 
 P_DROP = 0.3
@@ -16,8 +16,8 @@ SEED = 11
 def reference_with_mask(x, weight, bias, A, B, R, magnitude, scaling, *, mode, detach_norm=True):
     """Both semantics, dense and in the inputs' dtype, with the mask the op will draw after
     ``torch.manual_seed(SEED)``."""
-    mask = keep_mask(int(_seed()), x.shape, P_DROP, x.device, x.dtype)
-    x_drop = x * mask
+    mask = keep_mask(int(_seed()), x.shape, P_DROP, x.device)
+    x_drop = x * mask * dropout_levels(P_DROP)[1]
     norm = (weight + scaling * B.to(x.dtype) @ R.to(x.dtype) @ A.to(x.dtype)).norm(dim=1)
     g = magnitude.to(x.dtype) / (norm.detach() if detach_norm else norm)
     low = scaling * F.linear(F.linear(F.linear(x_drop, A.to(x.dtype)), R.to(x.dtype)),
@@ -63,9 +63,14 @@ def test_the_two_modes_differ_and_the_mask_matters():
 
 
 def test_mask_rate_and_scale():
-    mask = keep_mask(123, (400, 500), P_DROP, "cpu", torch.float32)
-    values = mask.unique().tolist()
-    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / (1 - P_DROP))
+    k, scale = dropout_levels(P_DROP)
+    assert abs(k / 2**15 - P_DROP) <= 2**-16 and scale == 1 / (1 - k / 2**15)
+    mask = keep_mask(123, (400, 501), P_DROP, "cpu")
+    assert mask.dtype == torch.bool and mask.shape == (400, 501)
+    assert abs(1 - mask.float().mean().item() - P_DROP) < 0.005
+    assert torch.equal(mask, keep_mask(123, (400, 501), P_DROP, "cpu"))
+    # independent columns and rows: no stripes from the 4-per-word packing
+    assert (1 - mask.float().mean(0)).std() < 0.05 and (1 - mask.float().mean(1)).std() < 0.05
     assert abs((mask == 0).float().mean().item() - P_DROP) < 0.01
 
 
