@@ -74,19 +74,20 @@ def _dropout_fwd(
     seed = draw_seed()
     q = dropout_levels(p)[1]
     x_keep = x * keep_mask(int(seed), x.shape, p, x.device)  # x̃ = q·x_keep
-    v = (x_keep @ A.to(dtype).T).mul_(q)
+    v = torch_backend.mm_compute(x_keep, A.T, cdt).mul_(q)
     Pd = P.to(dtype)
     if lowrank:
         y = torch_backend._rescale(x @ weight.T, v, bias, P.to(cdt), g, scaling)
         zero_idx, zcols = zero_columns(
             magnitude, save, x.shape[0],
-            lambda idx: torch.addmm(F.linear(x, weight[idx]), v, Pd[idx].T, alpha=scaling))
+            lambda idx: torch.addmm(F.linear(x, weight[idx]), v.to(dtype), Pd[idx].T,
+                                    alpha=scaling))
         z_drop = x.new_empty(0)
     else:
         # With z_lin = x_keep W0ᵀ + (s/q)·ṽ Pᵀ: z̃ = x̃ W0ᵀ + s·ṽ Pᵀ = q·z_lin (what dm needs) and
         # y = x W0ᵀ + b + s·ṽ Pᵀ + ((g − 1)·q) ⊙ z_lin, so every additive term rides in a GEMM's
         # accumulator and one elementwise pass is left.
-        low = v @ (Pd.T * (scaling / q))
+        low = v.to(dtype) @ (Pd.T * (scaling / q))
         z_lin = torch.addmm(low, x_keep, weight.T)                   # dense GEMM 2
         if bias is not None:
             low.add_(bias, alpha=1.0 / q)
@@ -94,13 +95,13 @@ def _dropout_fwd(
         y.addcmul_(z_lin, (g - 1) * q)
         z_drop = z_lin if save else x.new_empty(0)
         zero_idx, zcols = zero_columns(magnitude, False, x.shape[0], None)
-    return y, (v if save else x.new_empty(0)), z_drop, n, seed, zero_idx, zcols
+    return y, (v if save else v.new_empty(0)), z_drop, n, seed, zero_idx, zcols
 
 
 @_dropout_fwd.register_fake
 def _(x, weight, bias, A, B, R, magnitude, c0, C, G, scaling, p, lowrank, save, detach_norm):
     n_rows, out_features, rank = x.shape[0], weight.shape[0], A.shape[0]
-    v = x.new_empty((n_rows, rank) if save else (0,))
+    v = x.new_empty((n_rows, rank) if save else (0,), dtype=compute_dtype(x.dtype))
     z_drop = x.new_empty((n_rows, out_features) if save and not lowrank else (0,))
     n = x.new_empty(out_features, dtype=TERMS_DTYPE)
     seed = torch.empty(1, dtype=torch.int64)
@@ -118,11 +119,11 @@ def _dropout_bwd(
     dtype, cdt = gy.dtype, compute_dtype(gy.dtype)
     g = (magnitude.to(n.dtype) / n).to(cdt)
     q = dropout_levels(p)[1]
-    t = gy @ (B.to(cdt) * g[:, None]).to(dtype)  # (gy ⊙ g) B without an N×out pass
+    t = torch_backend.mm_compute(gy, B.to(cdt) * g[:, None], cdt)  # (gy ⊙ g) B, no N×out pass
     dx = gy.new_empty(0)
     if need_dx:
         keep = keep_mask(int(seed), (gy.shape[0], weight.shape[1]), p, gy.device)
-        low = t @ (scaling * q * (R.to(cdt) @ A.to(cdt))).to(dtype)  # s·t (R A), x̃'s share
+        low = (t @ (scaling * q * (R.to(cdt) @ A.to(cdt)))).to(dtype)  # s·t (R A), x̃'s share
         if lowrank:
             dx = torch.addmm(low.mul_(keep), _scale_columns(gy, g), weight)
         else:                                                        # the two dense GEMMs

@@ -50,7 +50,7 @@ def _linear_fwd(
     y, v = backends.load(backend).forward(x, weight, bias, A, P.to(cdt), g, scaling, save)
     zero_idx, zcols = zero_columns(
         magnitude, save, x.shape[0],
-        lambda idx: torch.addmm(F.linear(x, weight[idx]), v, P[idx].to(x.dtype).T,
+        lambda idx: torch.addmm(F.linear(x, weight[idx]), v.to(x.dtype), P[idx].to(x.dtype).T,
                                 alpha=scaling))
     return y, v, n, zero_idx, zcols
 
@@ -58,7 +58,7 @@ def _linear_fwd(
 @_linear_fwd.register_fake
 def _(x, weight, bias, A, B, R, magnitude, c0, C, G, scaling, save, detach_norm, backend):
     n_rows, out_features, rank = x.shape[0], weight.shape[0], A.shape[0]
-    v = x.new_empty((n_rows, rank) if save else (0,))
+    v = x.new_empty((n_rows, rank) if save else (0,), dtype=compute_dtype(x.dtype))
     n = x.new_empty(out_features, dtype=TERMS_DTYPE)
     return x.new_empty(n_rows, out_features), v, n, *fake_zero_columns(x, save)
 
@@ -229,12 +229,12 @@ def _epilogue_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     cdt = compute_dtype(y0.dtype)
     P, n, g = gate(epilogue_terms(c0, C, A), B, R, magnitude, scaling, cdt)
-    v = x @ A.to(x.dtype).T
+    v = torch_backend.mm_compute(x, A.T, cdt)
     y = backends.load(backend).epilogue(y0, v, bias, P.to(cdt), g, scaling)
 
     def z_columns(idx):
         base = y0[:, idx] if bias is None else y0[:, idx] - bias[idx]
-        return torch.addmm(base, v, P[idx].to(y0.dtype).T, alpha=scaling)
+        return torch.addmm(base, v.to(y0.dtype), P[idx].to(y0.dtype).T, alpha=scaling)
 
     zero_idx, zcols = zero_columns(magnitude, save, y0.shape[0], z_columns)
     return y, (v if save else v.new_empty(0)), n, zero_idx, zcols
@@ -243,7 +243,7 @@ def _epilogue_fwd(
 @_epilogue_fwd.register_fake
 def _(y0, x, bias, A, B, R, magnitude, c0, C, scaling, save, detach_norm, backend):
     n_rows, out_features, rank = y0.shape[0], y0.shape[1], A.shape[0]
-    v = y0.new_empty((n_rows, rank) if save else (0,))
+    v = y0.new_empty((n_rows, rank) if save else (0,), dtype=compute_dtype(y0.dtype))
     n = y0.new_empty(out_features, dtype=TERMS_DTYPE)
     return y0.new_empty(n_rows, out_features), v, n, *fake_zero_columns(y0, save)
 
@@ -257,9 +257,10 @@ def _epilogue_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     cdt = compute_dtype(gy.dtype)
     dtype = gy.dtype
-    gz = gy * (magnitude.to(n.dtype) / n).to(dtype)
-    t = gz @ B.to(dtype)
-    dx = (scaling * t) @ (R.to(cdt) @ A.to(cdt)).to(dtype) if need_dx else gy.new_empty(0)
+    g = (magnitude.to(n.dtype) / n).to(cdt)
+    gz = gy * g.to(dtype)
+    t = torch_backend.mm_compute(gy, B.to(cdt) * g[:, None], cdt)  # gz's rounding kept out of dR
+    dx = (scaling * t.to(dtype)) @ (R.to(cdt) @ A.to(cdt)).to(dtype) if need_dx else gy.new_empty(0)
     colsum = torch_backend.grad_colsum(gy, y, bias, cdt)
     S = sum_gy_z(gy, colsum, zero_idx, zcols, magnitude, n)
     dR, dm = adapter_grads(t, v, S, epilogue_terms(c0, C, A), B, R, magnitude, n, scaling,

@@ -32,20 +32,25 @@ TRAINABLE = ("x", "R", "magnitude")
 OUTPUTS = ("y", "dx", "dR", "dm")
 
 
-def run_with_grads(fn, args, gy_seed=1, trainable=TRAINABLE, **kwargs):
+def run_with_grads(fn, args, gy_seed=1, trainable=TRAINABLE, gy_dtype=None, **kwargs):
     """``fn(**args)`` with the ``trainable`` inputs requiring grad; y and their grads for a gy
-    drawn from ``gy_seed`` (the same gy for every dtype and backend of one output shape)."""
+    drawn from ``gy_seed`` and rounded to ``gy_dtype`` (default: y's), so that a float64 oracle
+    sees exactly the gy of the run it checks."""
     args = {k: (v.detach().clone().requires_grad_(k in trainable) if isinstance(v, torch.Tensor)
                 else v) for k, v in args.items()}
     y = fn(**args, **kwargs)
     gen = torch.Generator().manual_seed(gy_seed)
-    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device, y.dtype)
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(gy_dtype or y.dtype)
+    gy = gy.to(y.device, y.dtype)
     grads = torch.autograd.grad(y, [args[k] for k in trainable], gy, allow_unused=True)
     return y.detach(), dict(zip(trainable, grads))
 
 
 def reference_with_grads(args, **kwargs):
-    return run_with_grads(edora_linear_reference, as_float64(args), **kwargs)
+    """The float64 reference on float64 copies of ``args``, fed the gy the run in args' dtype
+    got."""
+    return run_with_grads(edora_linear_reference, as_float64(args), gy_dtype=args["x"].dtype,
+                          **kwargs)
 
 
 # --- a backend through the op, as (y, dx, dR, dm), against the float64 reference ---------------

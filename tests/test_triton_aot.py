@@ -101,12 +101,12 @@ def _problem_args(kernel: str, dtype: str, r_pad: int) -> tuple:
         x = e(K, M).T if kernel == "forward:strided" else e(M, K)
         train = kernel != "forward:eval"
         args = triton_fwd.fwd_args(x, e(N, K), e(N) if train else None, e(R, K),
-                                   e(N, R, d=f32), e(N, d=f32), 0.5, train, e(M, N), e(M, R))
+                                   e(N, R, d=f32), e(N, d=f32), 0.5, train, e(M, N), e(M, R, d=f32))
         fn = triton_fwd.edora_fwd_kernel.fn
     elif kernel.startswith("dx"):
         need_dx, need_t = kernel != "dx:t-only", kernel != "dx:no-t"
         args = triton_bwd.dx_args(e(M, N), e(N, K), e(N, R), e(R, K, d=f32), e(N, d=f32),
-                                  0.5, need_dx, need_t, e(M, K), e(M, R))
+                                  0.5, need_dx, need_t, e(M, K), e(M, R, d=f32))
         fn = triton_bwd.edora_dx_kernel.fn
     elif kernel == "epilogue":
         args = triton_epilogue.epilogue_args(e(M, N), e(M, R), e(N), e(N, R, d=f32),

@@ -6,8 +6,9 @@
     epilogue(y0, v, bias, P, g, scaling) -> y           y = g ⊙ (y0 − b + s·v Pᵀ) + b
 
 x is N×in, P = B R (out×r) and RA = R A (r×in) in the compute dtype, g = m/n (out) in the
-compute dtype; v = x Aᵀ, y = g ⊙ (x W0ᵀ + s·v Pᵀ) + b, t = (gy ⊙ g) B, colsum = Σ_i gy ⊙ (y − b)
-in the compute dtype (backward reads the output y; no N×out tensor is kept besides it).
+compute dtype; y = g ⊙ (x W0ᵀ + s·v Pᵀ) + b in x's dtype; v = x Aᵀ, t = (gy ⊙ g) B and
+colsum = Σ_i gy ⊙ (y − b) in the compute dtype (v and t feed the cancelling sum dR = s·tᵀ v, so
+they are not rounded to half; backward reads the output y, no N×out tensor is kept besides it).
 Unneeded outputs are returned as empty tensors. Everything O(out·r²) or smaller (norm, dR,
 dm) is shared code in ``edora_kernels.ops``.
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from edora_kernels import _C
+from edora_kernels.backends.torch_backend import mm_compute
 
 
 def _compute(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -31,17 +32,18 @@ def _bias(bias):
 
 
 def forward(x, weight, bias, A, P, g, scaling, save):
-    v = torch.mm(x, A.to(x.dtype).T)
-    y = _C.rescale(torch.mm(x, weight.T).contiguous(), v.contiguous(), _compute(P, x),
-                   _compute(g, x), _bias(bias), scaling, subtract_bias=False, overwrite_base=True)
-    return y, (v if save else x.new_empty(0))
+    v = mm_compute(x, A.T, _compute(g, x).dtype)
+    y = _C.rescale(torch.mm(x, weight.T).contiguous(), v.to(x.dtype).contiguous(),
+                   _compute(P, x), _compute(g, x), _bias(bias), scaling, subtract_bias=False,
+                   overwrite_base=True)
+    return y, (v if save else v.new_empty(0))
 
 
 def epilogue(y0, v, bias, P, g, scaling):
     base = y0.contiguous()
     # A copy made just now is ours to overwrite; y0 itself is the caller's.
-    return _C.rescale(base, v.contiguous(), _compute(P, y0), _compute(g, y0), _bias(bias),
-                      scaling, subtract_bias=True, overwrite_base=base is not y0)
+    return _C.rescale(base, v.to(y0.dtype).contiguous(), _compute(P, y0), _compute(g, y0),
+                      _bias(bias), scaling, subtract_bias=True, overwrite_base=base is not y0)
 
 
 def backward(gy, weight, B, RA, g, y, bias, scaling, need_dx, need_t, need_colsum):
@@ -49,11 +51,11 @@ def backward(gy, weight, B, RA, g, y, bias, scaling, need_dx, need_t, need_colsu
     need_gz = need_dx or need_t
     gz, colsum = _C.grad_scale_colsum(gy.contiguous(), _compute(g, gy), y.contiguous(),
                                       _bias(bias), need_gz=need_gz, need_colsum=need_colsum)
-    dx, t = gy.new_empty(0), gy.new_empty(0)
+    dx, t = gy.new_empty(0), g.new_empty(0)
     if need_gz:
-        t_full = torch.mm(gz, B.to(dtype))
+        t_full = mm_compute(gz, B, g.dtype)
         if need_dx:
-            dx = torch.mm(gz, weight).addmm_(t_full, RA.to(dtype), alpha=scaling)
+            dx = torch.mm(gz, weight).addmm_(t_full.to(dtype), RA.to(dtype), alpha=scaling)
         if need_t:
             t = t_full
     return dx, t, colsum

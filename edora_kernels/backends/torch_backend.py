@@ -8,10 +8,20 @@ from __future__ import annotations
 import torch
 
 
+def mm_compute(a, b, cdt):
+    """``a @ b`` with an fp32 (compute dtype) result for half inputs: v and t feed the cancelling
+    sum dR = s·tᵀ v, so they are not rounded to half. b is small (rank r columns)."""
+    if a.dtype == cdt:
+        return a @ b.to(cdt)
+    if a.is_cuda:
+        return torch.mm(a, b.to(a.dtype), out_dtype=cdt)  # fp32 output of the half GEMM
+    return a.to(cdt) @ b.to(cdt)
+
+
 def forward(x, weight, bias, A, P, g, scaling, save):
-    v = x @ A.to(x.dtype).T
+    v = mm_compute(x, A.T, g.dtype)
     y = _rescale(x @ weight.T, v, bias, P, g, scaling)
-    return y, (v if save else x.new_empty(0))
+    return y, (v if save else v.new_empty(0))
 
 
 def epilogue(y0, v, bias, P, g, scaling):
@@ -22,7 +32,7 @@ def _rescale(z, v, bias, P, g, scaling):
     """``z += s·v Pᵀ`` in place (z is a temporary of the caller), then ``y = g ⊙ z + b`` in g's
     dtype: fp32 for half inputs as in the kernels' epilogue, g is never rounded to half."""
     dtype = z.dtype
-    z.addmm_(v, P.to(dtype).T, alpha=scaling)
+    z.addmm_(v.to(dtype), P.to(dtype).T, alpha=scaling)
     if g.dtype != dtype:
         y = torch.mul(z, g) if bias is None else torch.addcmul(bias.to(g.dtype), z, g)
         return y.to(dtype)
@@ -34,16 +44,25 @@ def backward(gy, weight, B, RA, g, y, bias, scaling, need_dx, need_t, need_colsu
     cdt = g.dtype
     dx, t, colsum = gy.new_empty(0), gy.new_empty(0), g.new_empty(0)
     if need_dx or need_t:
-        gz = gy * g.to(dtype)
-        t = gz @ B.to(dtype)
+        # gz = gy ⊙ g is never formed: g scales the small operands (B, and W0 when that is the
+        # smaller of W0 and gy), which saves an N×out pass and its buffer.
+        t = mm_compute(gy, B.to(cdt) * g[:, None], cdt)
         if need_dx:
-            dx = (gz @ weight).addmm_(t, RA.to(dtype), alpha=scaling)
+            low = (t @ (scaling * RA)).to(dtype)
+            if weight.numel() <= gy.numel():
+                dx = torch.addmm(low, gy, weight * g[:, None].to(dtype))
+            else:
+                dx = torch.addmm(low, gy * g.to(dtype), weight)
     if need_colsum:
         colsum = grad_colsum(gy, y, bias, cdt)
     return dx, t, colsum
 
 
 def grad_colsum(gy, y, bias, cdt):
-    """``Σ_rows gy ⊙ (y − b)`` in ``cdt`` (= g ⊙ Σ gy ⊙ z: the magnitude gradient's sum)."""
-    shifted = y.to(cdt) if bias is None else y.to(cdt) - bias.to(cdt)
-    return torch.linalg.vecdot(gy.to(cdt), shifted, dim=0)
+    """``Σ_rows gy ⊙ (y − b)`` in ``cdt`` (= g ⊙ Σ gy ⊙ z: the magnitude gradient's sum), as
+    ``Σ gy ⊙ y − b ⊙ Σ gy``: no N×out temporary for y − b."""
+    gy_c, y_c = gy.to(cdt), y.to(cdt)
+    colsum = (gy_c * y_c).sum(0)
+    if bias is not None:
+        colsum -= bias.to(cdt) * gy_c.sum(0)
+    return colsum

@@ -55,7 +55,7 @@ COLSUM_PROGRAMS_INTERPRET = 4
 def edora_dx_kernel(
     # inputs: gy (M×K), g (K), W0 (K×N), B (K×RANK), R A (RANK×N)
     gy_ptr, g_ptr, w_ptr, b_ptr, ra_ptr,
-    # outputs: dx (M×N), t (M×RANK)
+    # outputs: dx (M×N), t (M×RANK, fp32)
     dx_ptr, t_ptr,
     # sizes: M tokens, N = in, K = out; M_BUCKET only keys the autotuner
     M, N, K, RANK, M_BUCKET,
@@ -90,12 +90,13 @@ def edora_dx_kernel(
         rows, cols, K, RANK,
         NEED_DX, True, RANK_PAD, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
     )
-    t = t.to(gy_ptr.dtype.element_ty)
 
-    # --- epilogue: dx = gz·W0 + s·t·(R A)
+    # --- epilogue: dx = gz·W0 + s·t·(R A), t rounded to gy's dtype for the product; t itself
+    # is stored from the fp32 accumulator (it feeds dR's cancelling sum)
     if NEED_DX:
-        dx = add_lowrank(acc, t, ra_ptr + col0 * stride_ran, stride_rar, stride_ran,  # Q = R A
-                         cols, RANK, scaling, RANK_PAD, BLOCK_N, INPUT_PRECISION)
+        dx = add_lowrank(acc, t.to(gy_ptr.dtype.element_ty), ra_ptr + col0 * stride_ran,
+                         stride_rar, stride_ran, cols, RANK, scaling, RANK_PAD, BLOCK_N,
+                         INPUT_PRECISION)  # Q = R A
         store_tile(dx_ptr + row0 * stride_dxm + col0 * stride_dxn, dx, stride_dxm, stride_dxn,
                    rows, cols, BLOCK_M, BLOCK_N)
     if NEED_T:
@@ -221,7 +222,7 @@ def backward(gy, weight, B, RA, g, y, bias, scaling, need_dx, need_t, need_colsu
                                       need_colsum)
     (M, _), N, rank = gy.shape, weight.shape[1], B.shape[1]
     dx = gy.new_empty(M, N) if need_dx else gy.new_empty(0)
-    t = gy.new_empty(M, rank) if need_t else gy.new_empty(0)
+    t = g.new_empty(M, rank) if need_t else g.new_empty(0)
     if M > 0 and (need_dx or need_t):
         if need_dx:
             grid = tiles_grid(M, N)

@@ -56,7 +56,7 @@ def edora_epilogue_kernel(
     row_mask = offs_m[:, None] < rows
     col_mask = offs_n < cols
 
-    # --- loads: y0 − b in fp32, v in its own dtype (it feeds the rank-r product)
+    # --- loads: y0 − b in fp32, v in y0's dtype (the rank-r product's operand)
     z0 = tl.load(y0_ptr + row0 * stride_y0m + offs_m[:, None] * stride_y0m
                  + (col0 + offs_n)[None, :] * stride_y0n,
                  mask=row_mask & col_mask[None, :], other=0.0).to(tl.float32)
@@ -94,8 +94,8 @@ def epilogue_args(y0, v, bias, P, g, scaling, y) -> dict:
 def epilogue(y0, v, bias, P, g, scaling):
     """``y = g ⊙ (y0 − b + s·v·Pᵀ) + b`` in one kernel.
 
-    y0 (N×out) is the base layer's output including its bias, v = x Aᵀ (N×r) in y0's dtype,
-    bias (out) in y0's dtype or None, P = B R (out×r) and g = m/n (out) in the compute dtype.
+    y0 (N×out) is the base layer's output including its bias, v = x Aᵀ (N×r),
+    bias (out) in y0's dtype or None; v, P = B R (out×r) and g = m/n (out) in the compute dtype.
     y comes back in y0's dtype. Inputs named by ``use_torch_path`` take the torch backend's
     code path.
     """
@@ -104,6 +104,8 @@ def epilogue(y0, v, bias, P, g, scaling):
         return torch_backend.epilogue(y0, v, bias, P, g, scaling)
     y = y0.new_empty(N, y0.shape[1])
     if N > 0:
+        # v rounded to y0's dtype here (N×r), not in the kernel: an fp32 tile of v at rank 128
+        # would not fit the register budget next to the output tile
         edora_epilogue_kernel[tiles_grid(N, y0.shape[1])](
-            **epilogue_args(y0, v, bias, P, g, scaling, y))
+            **epilogue_args(y0, v.to(y0.dtype), bias, P, g, scaling, y))
     return y

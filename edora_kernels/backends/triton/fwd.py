@@ -35,7 +35,7 @@ from .configs import (
 def edora_fwd_kernel(
     # inputs: x (M×K), W0 (N×K), A (RANK×K), P = B R (N×RANK), g (N), bias (N)
     x_ptr, w_ptr, a_ptr, p_ptr, g_ptr, bias_ptr,
-    # outputs: y (M×N), v (M×RANK)
+    # outputs: y (M×N), v (M×RANK, fp32)
     y_ptr, v_ptr,
     # sizes: M tokens, N = out, K = in; M_BUCKET only keys the autotuner
     M, N, K, RANK, M_BUCKET,
@@ -67,14 +67,16 @@ def edora_fwd_kernel(
         True, False, RANK_PAD, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
     )
 
-    # --- epilogue: z = z₀ + s·v·Pᵀ, y = g ⊙ z + b (z stays in registers: backward reads y)
-    v = v.to(x_ptr.dtype.element_ty)
-    z = add_lowrank(acc, v, p_ptr + col0 * stride_pn, stride_pr, stride_pn,  # Q = Pᵀ
-                    cols, RANK, scaling, RANK_PAD, BLOCK_N, INPUT_PRECISION)
+    # --- epilogue: z = z₀ + s·v·Pᵀ, y = g ⊙ z + b (z stays in registers: backward reads y).
+    # v is stored from the fp32 accumulator (it feeds dR's cancelling sum); the product uses it
+    # rounded to x's dtype, as the torch backend does.
     if SAVE:
         if pid_n == 0:
             store_tile(v_ptr + row0 * stride_vm, v, stride_vm, stride_vr, rows, RANK,
                        BLOCK_M, RANK_PAD)
+    z = add_lowrank(acc, v.to(x_ptr.dtype.element_ty), p_ptr + col0 * stride_pn,  # Q = Pᵀ
+                    stride_pr, stride_pn, cols, RANK, scaling, RANK_PAD, BLOCK_N,
+                    INPUT_PRECISION)
     y = scale_shift(z, g_ptr + col0, bias_ptr + col0, cols, HAS_BIAS, BLOCK_N)
     store_tile(y_ptr + row0 * stride_ym + col0 * stride_yn, y, stride_ym, stride_yn,
                rows, cols, BLOCK_M, BLOCK_N)
@@ -110,7 +112,7 @@ def forward(x, weight, bias, A, P, g, scaling, save):
         return torch_backend.forward(x, weight, bias, A, P, g, scaling, save)
     (M, _), N, rank = x.shape, weight.shape[0], A.shape[0]
     y = x.new_empty(M, N)
-    v = x.new_empty(M, rank) if save else x.new_empty(0)
+    v = g.new_empty(M, rank) if save else g.new_empty(0)
     if M == 0:
         return y, v
     edora_fwd_kernel[tiles_grid(M, N)](**fwd_args(x, weight, bias, A, P, g, scaling, save, y, v))
