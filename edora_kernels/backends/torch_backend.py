@@ -40,7 +40,6 @@ def _rescale(z, v, bias, P, g, scaling):
 
 
 def backward(gy, weight, B, RA, g, y, bias, scaling, need_dx, need_t, need_colsum):
-    dtype = gy.dtype
     cdt = g.dtype
     dx, t, colsum = gy.new_empty(0), gy.new_empty(0), g.new_empty(0)
     if need_dx or need_t:
@@ -48,14 +47,28 @@ def backward(gy, weight, B, RA, g, y, bias, scaling, need_dx, need_t, need_colsu
         # smaller of W0 and gy), which saves an N×out pass and its buffer.
         t = mm_compute(gy, B.to(cdt) * g[:, None], cdt)
         if need_dx:
-            low = (t @ (scaling * RA)).to(dtype)
-            if weight.numel() <= gy.numel():
-                dx = torch.addmm(low, gy, weight * g[:, None].to(dtype))
-            else:
-                dx = torch.addmm(low, gy * g.to(dtype), weight)
+            dx = _grad_input(gy, weight, B, RA, g, t, scaling)
     if need_colsum:
         colsum = grad_colsum(gy, y, bias, cdt)
     return dx, t, colsum
+
+
+def _grad_input(gy, weight, B, RA, g, t, scaling):
+    """``dx = (gy ⊙ g) W0 + s·t (R A)``.
+
+    fp32/fp64: as one GEMM, ``gy (g ⊙ (W0 + s·B R A))`` — forming the out×in matrix costs
+    out·in·r multiply-adds, less than the N×in rank product and its pass when N ≥ out.
+    Half inputs keep W0 and the rank term apart: rounding W0 + s·B R A to half would drop
+    updates below W0's half-precision quantum.
+    """
+    dtype = gy.dtype
+    if dtype == g.dtype and gy.shape[0] >= weight.shape[0]:
+        scaled = torch.addmm(weight, B.to(dtype), RA.to(dtype), alpha=scaling).mul_(g[:, None])
+        return gy @ scaled
+    low = (t @ (scaling * RA)).to(dtype)
+    if weight.numel() <= gy.numel():
+        return torch.addmm(low, gy, weight * g[:, None].to(dtype))
+    return torch.addmm(low, gy * g.to(dtype), weight)
 
 
 def grad_colsum(gy, y, bias, cdt):
