@@ -7,14 +7,10 @@ The optional CUDA extension is never imported here; backends load on first use.
 """
 __version__ = "0.1.0"
 
+from .adapter_io import edora_state_dict, load_edora_state_dict, save_edora  # noqa: E402
 from .backends import info as backend_info  # noqa: E402
 from .layer import EDoRALinear, refresh_norm_terms  # noqa: E402
-from .model import (  # noqa: E402
-    apply_edora,
-    edora_state_dict,
-    load_edora_state_dict,
-    save_edora,
-)
+from .model import apply_edora  # noqa: E402
 from .norm import base_norm_terms  # noqa: E402
 from .ops import edora_epilogue, edora_linear  # noqa: E402
 from .svd import randomized_svd  # noqa: E402

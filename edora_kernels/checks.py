@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import re
 
 import torch
 
@@ -141,3 +143,55 @@ def check_norm_terms(terms, weight: torch.Tensor, A: torch.Tensor) -> None:
         if tuple(t.shape) != shape or t.dtype != torch.float64 or t.device != weight.device:
             raise ValueError(f"norm_terms.{name} must be float64 of shape {shape} on "
                              f"{weight.device}, got {_describe(name, t)}")
+
+
+# --- configuration values: one rule each, shared by the layer, the initialiser and apply_edora ---
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_rank(rank, in_features: int | None = None, out_features: int | None = None,
+               where: str = "", dims: str = "in_features, out_features") -> None:
+    """An int in [1, min(in_features, out_features)] (the upper bound when the shape is known;
+    ``where`` names the layer or matrix, ``dims`` the two sizes, in the message)."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise TypeError(f"rank must be an int, got {type(rank).__name__} {rank!r}")
+    if in_features is None:
+        if rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {rank}")
+        return
+    upper = min(in_features, out_features)
+    if not 1 <= rank <= upper:
+        raise ValueError(f"rank must be in [1, min({dims})] = [1, {upper}]"
+                         f"{' for ' + where if where else ''}, got {rank}")
+
+
+def check_finite_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_target_modules(targets, name: str = "target_modules"):
+    """A regex string (compiled here, so a bad pattern is named) or a non-empty list of module
+    names; returns the normalised value (a compiled pattern or a list)."""
+    if isinstance(targets, str):
+        try:
+            return re.compile(targets)
+        except re.error as err:
+            raise ValueError(f"{name} {targets!r} is not a valid regular expression: "
+                             f"{err}") from None
+    if isinstance(targets, (list, tuple, set, frozenset)) and targets and all(
+            isinstance(t, str) for t in targets):
+        return list(targets)
+    raise TypeError(f"{name} must be a regex string or a non-empty list of module names, got "
+                    f"{targets!r}")
+
+
+def matches_target(name: str, targets) -> bool:
+    """PEFT's rule: a pattern must match the whole module name; a list matches a name equal to
+    an entry or ending in "." + entry. ``targets`` as returned by ``check_target_modules``."""
+    if isinstance(targets, re.Pattern):
+        return targets.fullmatch(name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)

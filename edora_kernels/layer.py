@@ -1,14 +1,13 @@
 """``EDoRALinear``: a drop-in replacement for ``nn.Linear`` that calls the ``edora_linear`` op."""
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_dropout_backend
+from .checks import check_choice, check_dropout_backend, check_finite_number, check_rank
 from .dropout import DROPOUT_MODES
 from .norm import NormTermsCache, compute_dtype, compute_norm_terms, row_norm
 from .ops import edora_linear
@@ -49,14 +48,10 @@ class EDoRALinear(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(f"rank must be in [1, min(in_features, out_features)] = "
-                             f"[1, {min(in_features, out_features)}], got {rank}")
+        check_rank(rank, in_features, out_features)
         check_dropout_backend(dropout, backend)
-        if dropout_mode not in DROPOUT_MODES:
-            raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {dropout_mode!r}")
-        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        check_choice("dropout_mode", dropout_mode, DROPOUT_MODES)
+        check_finite_number("alpha", alpha)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.alpha, self.dropout, self.dropout_mode = float(alpha), float(dropout), dropout_mode

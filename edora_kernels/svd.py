@@ -1,4 +1,4 @@
-"""Initialisation of the frozen factors A and B from the base weight (DESIGN §1, §6).
+"""Initialisation of the frozen factors A and B from the base weight (docs/DESIGN.md §1, §6).
 
 With the rank-r truncated SVD ``W0 ≈ U_r Σ_r V_rᵀ``: ``B = U_r`` and ``A = U_rᵀ W0`` (computed as
 the product, so A is exact even when U_r is approximate); ``split="sqrt"`` gives
@@ -8,20 +8,20 @@ computes in fp32 (fp64 for fp64 input).
 ``randomized_svd`` is a Halko–Martinsson–Tropp range finder, batched over leading dims, in its
 block-Krylov form (HMT §4.6): every block of the power iteration is kept, and the Rayleigh–Ritz
 step reuses the Wᵀ-products already made. Measured on RoBERTa-base's 48 target matrices (bulk +
-power-law spikes, r = 16, 2-core CPU, ``bench/bench_init.py``), it reaches scikit-learn's
+power-law spikes, r = 16, 2-core CPU, ``edora-kernels bench --init``), it reaches scikit-learn's
 ``TruncatedSVD(n_iter=10)`` residual with 12 passes over W of 16 columns, where plain subspace
 iteration needs 22 passes of 26 columns (p = 10, q = 10); at p = 10, q = 4 subspace iteration
 is both slower and less accurate than the defaults here (p = 0, q = 5), which is why they differ
-from DESIGN §6's p ≈ 10 (oversampling matters for subspace iteration; depth does it here).
+from the usual p ≈ 10 (oversampling matters for subspace iteration; depth does it here).
 
-Orthonormalisation is Householder QR (``torch.linalg.qr``), chosen by measurement
-(``bench/bench_init.py --orth``, two runs): per call on the 48 RoBERTa-base matrices it takes
-21–22 ms of ~360 ms. Shifted Cholesky-QR2 took 16 ms in one run and 32 ms in the other, and it
-loses orthogonality (‖QᵀQ − I‖ = 3e-3) at a block condition number of 4e3 and breaks down at 6e6,
-which fast-decaying spectra reach; shifted Cholesky-QR3 (22–46 ms) breaks down there too;
-Cholesky-QR2 with an fp64 Gram matrix is robust but slower (29–47 ms). At best Cholesky-QR would
-save 2% of a call on this CPU, at the price of a fallback path; Householder also stays
-orthonormal for rank-deficient inputs. (On a GPU the balance may differ: rerun ``--orth``.)
+Orthonormalisation is Householder QR (``torch.linalg.qr``), chosen by measurement (``edora-kernels
+bench --init --init-orth``, two runs): per call on the 48 RoBERTa-base matrices it takes 21–22 ms
+of ~360 ms. Shifted Cholesky-QR2 took 16 ms in one run and 32 ms in the other, and it loses
+orthogonality (‖QᵀQ − I‖ = 3e-3) at a block condition number of 4e3 and breaks down at 6e6, which
+fast-decaying spectra reach; shifted Cholesky-QR3 (22–46 ms) breaks down there too; Cholesky-QR2
+with an fp64 Gram matrix is robust but slower (29–47 ms). At best Cholesky-QR would save 2% of a
+call on this CPU, at the price of a fallback path; Householder also stays orthonormal for rank-
+deficient inputs. (On a GPU the balance may differ: rerun ``--init-orth``.)
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import numbers
 
 import torch
 
+from .checks import check_choice, check_rank
 from .norm import compute_dtype
 
 INITS = ("rsvd", "svd", "random")
@@ -47,11 +48,7 @@ def _check_matrix(W: torch.Tensor, rank: int, *, finite: bool = True) -> None:
         raise TypeError(f"W must be a real floating-point tensor, got {W.dtype} "
                         f"(shape {tuple(W.shape)})")
     m, n = W.shape[-2:]
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
-        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
-    if not 1 <= rank <= min(m, n):
-        raise ValueError(f"rank must be in [1, min(m, n)] = [1, {min(m, n)}] for W of shape "
-                         f"{tuple(W.shape)}, got {rank}")
+    check_rank(rank, m, n, where=f"W of shape {tuple(W.shape)}", dims="m, n")
     if finite:
         _require_finite(W, W)
 
@@ -203,10 +200,8 @@ def edora_factors(
     paper's ablation, Gaussian factors with fan-in variance (A ~ N(0, 1/n), B ~ N(0, 1/rank)),
     seeded. Results are in the compute dtype (fp32, or fp64 for fp64 input).
     """
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_choice("init", init, INITS)
+    check_choice("split", split, SPLITS)
     _check_matrix(W, rank, finite=init != "rsvd")  # randomized_svd checks its sketch instead
     Wc = W.detach().to(compute_dtype(W.dtype))
     *batch, m, n = Wc.shape

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-ADAPTER_TENSORS = ("A", "B", "R", "magnitude")
+from .adapter_io import ADAPTER_TENSORS
 
 
 @dataclass(frozen=True)

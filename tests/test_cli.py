@@ -241,7 +241,6 @@ def test_check_rejects_an_unknown_backend(capsys):
 @pytest.mark.skipif(not HAS_PEFT or importlib.util.find_spec("transformers") is None,
                     reason="needs peft and transformers")
 def test_bench_model_step(tmp_path):
-    pytest.importorskip("edora_kernels.model", reason="apply_edora is not there yet")
     assert main(["bench", "--model", "micro", "--ranks", "4", "--repeats", "2", "--warmup", "1",
                  "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("bench_*.csv")

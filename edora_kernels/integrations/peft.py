@@ -8,12 +8,12 @@ by name rather than ignored.
 from __future__ import annotations
 
 import math
-import re
 
 from torch import nn
 
+from ..checks import check_target_modules, matches_target
 from ..layer import EDoRALinear
-from ..model import EDoRASummary, apply_edora
+from ..model import EDoRASummary, apply_edora, freeze_all_but_adapters
 
 # LoraConfig fields whose non-default value changes what PEFT would build and that EDoRA cannot
 # honour; each maps to the value that means "off".
@@ -21,19 +21,36 @@ _UNSUPPORTED = {
     "rank_pattern": {},
     "alpha_pattern": {},
     "layers_to_transform": None,
+    "layers_pattern": None,
     "fan_in_fan_out": False,
     "bias": "none",
+    "init_lora_weights": True,
+    "megatron_config": None,
+    "trainable_token_indices": None,
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "velora_config": None,
+    "alora_invocation_tokens": None,
     "use_qalora": False,
+    "monteclora_config": None,
+    "layer_replication": None,
     "lora_bias": False,
+    "target_parameters": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "ensure_weight_tying": False,
 }
 
 
-def _matches(name: str, patterns) -> bool:
-    if patterns is None:
+def _matches(name: str, patterns, field: str) -> bool:
+    """PEFT's matching rule (``checks.matches_target``); None or an empty list matches
+    nothing."""
+    if patterns is None or (not isinstance(patterns, str) and not patterns):
         return False
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
+    return matches_target(name, check_target_modules(patterns, f"LoraConfig.{field}"))
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -52,8 +69,9 @@ def target_names(model: nn.Module, config) -> list[str]:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         names = [n for n in _linear_names(model) if model.get_submodule(n) is not head]
     else:
-        names = [n for n in _linear_names(model) if _matches(n, targets)]
-    return [n for n in names if not _matches(n, getattr(config, "exclude_modules", None))]
+        names = [n for n in _linear_names(model) if _matches(n, targets, "target_modules")]
+    excluded = getattr(config, "exclude_modules", None)
+    return [n for n in names if not _matches(n, excluded, "exclude_modules")]
 
 
 def apply_edora_from_lora_config(
@@ -69,9 +87,13 @@ def apply_edora_from_lora_config(
 
     ``r`` → rank, ``lora_alpha`` → alpha (``use_rslora`` keeps PEFT's ``alpha/√r`` scaling),
     ``lora_dropout`` → dropout, ``target_modules``/``exclude_modules`` → the replaced layers,
-    ``modules_to_save`` → those modules stay trainable (in place: no copy is kept as PEFT does).
-    ``use_dora`` is irrelevant (EDoRA always splits magnitude and direction). Other arguments go
-    to :func:`edora_kernels.apply_edora`.
+    ``modules_to_save`` → those modules stay trainable (in place: no copy is kept as PEFT does),
+    ``inference_mode=True`` → every parameter frozen, adapters included. ``use_dora`` is
+    irrelevant (EDoRA always splits magnitude and direction). Fields with no EDoRA counterpart
+    (``rank_pattern``, ``layer_replication``, ``trainable_token_indices``,
+    ``target_parameters``, other initialisations, ...) are refused by name when set. Everything
+    is checked before the model changes. Other arguments go to
+    :func:`edora_kernels.apply_edora`.
     """
     for name, off in _UNSUPPORTED.items():
         value = getattr(config, name, off)
@@ -86,13 +108,18 @@ def apply_edora_from_lora_config(
                          f"{getattr(config, 'exclude_modules', None)!r}) selects no nn.Linear of "
                          f"{type(model).__name__}; its linear layers are "
                          f"{_linear_names(model)[:12]}")
-    summary = apply_edora(model, names, rank, alpha, init=init, seed=seed, progress=progress,
-                          dropout=config.lora_dropout, **layer_kwargs)
-    to_save = getattr(config, "modules_to_save", None) or []
-    kept = [n for n, m in model.named_modules() if n and _matches(n, list(to_save))]
-    missing = [p for p in to_save if not any(_matches(n, [p]) for n in kept)]
+    # modules_to_save is resolved before apply_edora changes anything.
+    to_save = list(getattr(config, "modules_to_save", None) or [])
+    kept = [n for n, m in model.named_modules() if n and _matches(n, to_save, "modules_to_save")]
+    missing = [p for p in to_save if not any(_matches(n, [p], "modules_to_save") for n in kept)]
     if missing:
         raise ValueError(f"LoraConfig.modules_to_save entries {missing} match no module")
+    summary = apply_edora(model, names, rank, alpha, init=init, seed=seed, progress=progress,
+                          dropout=config.lora_dropout, **layer_kwargs)
+    if getattr(config, "inference_mode", False):
+        freeze_all_but_adapters(model, trainable=False)
+        summary.trainable_params = 0
+        return summary
     for name in kept:
         for module in model.get_submodule(name).modules():
             if isinstance(module, EDoRALinear):
