@@ -70,6 +70,11 @@ class EDoRALinear(nn.Module):
         # the parameters in between (an optimizer step on leftover gradients, a load).
         self._merge_snapshot: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.norm_cache = NormTermsCache()
+        # Set by apply_edora: other parameters of the model that share W0's storage (tied
+        # embeddings) and that storage; merge() would change them too, so it refuses while the
+        # layer still holds that storage.
+        self.tied_to: list[str] = []
+        self.tied_storage: int | None = None
 
     @property
     def scaling(self) -> float:
@@ -223,6 +228,12 @@ class EDoRALinear(nn.Module):
         """
         if self.merged:
             raise RuntimeError("EDoRALinear is already merged")
+        if self.tied_to and self.weight.untyped_storage().data_ptr() == self.tied_storage:
+            raise RuntimeError(
+                f"cannot merge {self._display_name()}: its weight is tied to {self.tied_to}, "
+                "which merging in place would change too; untie it first (give the layer its "
+                "own copy: layer.weight = nn.Parameter(layer.weight.detach().clone(), "
+                "requires_grad=False))")
         zero = (self.magnitude == 0).nonzero().flatten()
         if zero.numel():
             raise RuntimeError(f"cannot merge: magnitude is 0 for rows {zero[:8].tolist()}; "

@@ -213,14 +213,29 @@ def apply_edora(
                 del A, B
 
     # Everything is built: only now does the model change.
+    tied = _tied_parameters(model)
     for names, layer in built:
         layer.adapted_name = names[0]
+        storage = layer.weight.untyped_storage().data_ptr()
+        layer.tied_to = [n for n in tied.get(storage, [])
+                         if not any(n == f"{name}.weight" for name in names)]
+        layer.tied_storage = storage
         for name in names:
             replace(model, name, layer)
     freeze_all_but_adapters(model)
     trainable, total = param_counts(model)
     return EDoRASummary([n for names, _ in targets for n in names], rank, float(alpha),
                         trainable, total)
+
+
+def _tied_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter names by storage: a weight tied to another parameter (an lm_head sharing the
+    embedding matrix) shows up under both names."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.device.type != "meta":
+            names.setdefault(p.untyped_storage().data_ptr(), []).append(name)
+    return names
 
 
 def _chunk_factors(chunk, shape, dtype, device, rank, init, split, seed):

@@ -88,6 +88,23 @@ def test_a_module_registered_twice_becomes_one_shared_layer():
     assert torch.equal(model.tied(x), model.first.query(x))
 
 
+def test_merge_refuses_a_weight_tied_to_another_parameter():
+    """An lm_head tied to the embedding: merging in place would change the embedding too."""
+    model = nn.Module()
+    model.embed = nn.Embedding(10, 12)
+    model.head = nn.Linear(12, 10, bias=False)
+    model.head.weight = model.embed.weight
+    apply_edora(model, ["head"], 2, progress=False)
+    assert model.head.tied_to == ["embed.weight"]
+    before = model.embed.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"tied to \['embed.weight'\].*untie it first"):
+        model.head.merge()
+    assert torch.equal(model.embed.weight, before) and not model.head.merged
+    model.head.weight = nn.Parameter(model.head.weight.detach().clone(), requires_grad=False)
+    model.head.merge()
+    assert torch.equal(model.embed.weight, before) and model.head.merged
+
+
 def test_alpha_nan_refused_at_construction():
     with pytest.raises(ValueError, match="alpha must be a finite number"):
         EDoRALinear(8, 8, 2, alpha=math.nan)
