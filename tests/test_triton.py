@@ -245,6 +245,20 @@ def test_prune_filter(arch):
     # A fp32 operand tile twice as wide must leave out at least the largest bf16 tile.
     candidates = triton_configs.gemm_candidates
     assert len(candidates(90, 4, 16)) < len(candidates(90, 2, 16))
+    # fp32 adapters on a bf16 model stage the rank-r tiles in fp32: the shared-memory model
+    # counts them at 4 bytes (at r = 128 the bf16 count let a 245,760 B config through)
+    for c in candidates(arch, 2, 128, rank_elt_size=4):
+        smem = triton_configs.gemm_smem_bytes(c, arch, 2, 128, rank_elt_size=4)
+        assert smem <= triton_configs.SMEM_LIMIT[arch]
+    assert all(c.kwargs["BLOCK_K"] == 32 and c.num_warps == 8
+               for c in candidates(arch, 2, 16, aligned=False))
+
+
+def test_fixed_config_switch(monkeypatch):
+    monkeypatch.delenv(triton_configs.FIXED_CONFIG_ENV, raising=False)
+    assert not triton_configs.fixed_config()
+    monkeypatch.setenv(triton_configs.FIXED_CONFIG_ENV, "1")
+    assert triton_configs.fixed_config()
 
 
 def test_interpreter_uses_one_fixed_config():

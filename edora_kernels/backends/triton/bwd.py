@@ -50,6 +50,7 @@ COLSUM_PROGRAMS_INTERPRET = 4
     configs=[GEMM_CONFIG_INTERPRET] if INTERPRET else GEMM_CONFIGS_SM90 + GEMM_CONFIGS_SM80,
     key=["M_BUCKET", "N", "K", "RANK_PAD", "NEED_DX"],
     prune_configs_by={"early_config_prune": prune_gemm},
+    cache_results=True,  # tuned once per machine, not in every process
 )
 @triton.jit
 def edora_dx_kernel(

@@ -15,6 +15,7 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_RANK = 128  # largest rank the kernels take; larger ranks use the torch backend
 MIN_RANK_PAD = 16  # tl.dot needs every dimension ≥ 16
+FIXED_CONFIG_ENV = "EDORA_TRITON_FIXED_CONFIG"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -70,12 +71,17 @@ def gemm_configs(arch: int) -> list:
     return GEMM_CONFIGS_SM90 if arch >= 90 else GEMM_CONFIGS_SM80
 
 
-def gemm_smem_bytes(config, arch: int, elt_size: int, r_pad: int) -> int:
+def gemm_smem_bytes(config, arch: int, elt_size: int, r_pad: int,
+                    rank_elt_size: int | None = None) -> int:
     """Operand tiles (x or gy, W0, the rank-r factor) in flight — num_stages buffers with
     Hopper's async wgmma pipeline, num_stages − 1 with Ampere's cp.async one — plus the rank
-    accumulator's trip through shared memory on its way to the epilogue product."""
+    accumulator's trip through shared memory on its way to the epilogue product. The rank-r
+    factor is staged in its own dtype (``rank_elt_size``, default ``elt_size``): fp32 adapters
+    on a bf16 model double its tiles."""
     kw = config.kwargs
-    per_stage = kw["BLOCK_K"] * (kw["BLOCK_M"] + kw["BLOCK_N"] + r_pad) * elt_size
+    rank_elt_size = rank_elt_size or elt_size
+    per_stage = kw["BLOCK_K"] * ((kw["BLOCK_M"] + kw["BLOCK_N"]) * elt_size
+                                 + r_pad * rank_elt_size)
     buffers = config.num_stages if arch >= 90 else max(config.num_stages - 1, 1)
     return buffers * per_stage + kw["BLOCK_M"] * r_pad * elt_size
 
@@ -86,8 +92,13 @@ def gemm_acc_regs(config, r_pad: int) -> float:
     return kw["BLOCK_M"] * (kw["BLOCK_N"] + r_pad) / (32 * config.num_warps)
 
 
-def gemm_candidates(arch: int, elt_size: int, r_pad: int, smem_limit: int | None = None) -> list:
-    """Every config the autotuner may pick on ``arch`` for this dtype size and padded rank.
+def gemm_candidates(arch: int, elt_size: int, r_pad: int, smem_limit: int | None = None,
+                    rank_elt_size: int | None = None, aligned: bool = True) -> list:
+    """Every config the autotuner may pick on ``arch`` for this dtype size, padded rank and
+    adapter dtype size (``rank_elt_size``, default ``elt_size``). ``aligned=False``: sizes or
+    row strides not divisible by 16, where loads are scalar and masked; measured ahead of time,
+    only the BLOCK_K = 32, 8-warp tiles then stay clear of spills (in = 4095 spilled up to 912 B
+    with BLOCK_K = 64 on sm_90).
 
     The shape-independent part of the prune filter: shared memory within the chip's limit and
     the accumulators within the register budget. Never empty: the config needing the least
@@ -96,12 +107,13 @@ def gemm_candidates(arch: int, elt_size: int, r_pad: int, smem_limit: int | None
     family = 90 if arch >= 90 else 80
     limit = SMEM_LIMIT[family] if smem_limit is None else smem_limit
     configs = gemm_configs(arch)
-    kept = [
-        c for c in configs
-        if gemm_smem_bytes(c, arch, elt_size, r_pad) <= limit
-        and gemm_acc_regs(c, r_pad) <= ACC_REG_BUDGET[family, elt_size]
-    ]
-    return kept or [min(configs, key=lambda c: gemm_smem_bytes(c, arch, elt_size, r_pad))]
+    def smem(c):
+        return gemm_smem_bytes(c, arch, elt_size, r_pad, rank_elt_size)
+
+    kept = [c for c in configs
+            if smem(c) <= limit and gemm_acc_regs(c, r_pad) <= ACC_REG_BUDGET[family, elt_size]
+            and (aligned or (c.kwargs["BLOCK_K"] == 32 and c.num_warps == 8))]
+    return kept or [min(configs, key=smem)]
 
 
 def fit_to_problem(configs: list, m_bucket: int, n: int) -> list:
@@ -123,20 +135,39 @@ def device_arch_and_smem(t: torch.Tensor) -> tuple[int, int]:
     return major * 10 + minor, props["max_shared_mem"]
 
 
+def _main_operands_aligned(args) -> bool:
+    """Whether the JIT can prove the big operands' sizes and row strides 16-divisible (what
+    vectorised, asynchronous loads need); a unit stride is specialised to 1."""
+    lhs_stride = args["stride_xm"] if "stride_xm" in args else args["stride_gym"]
+    values = (args["K"], args["N"], lhs_stride, args["stride_wn"], args["stride_wk"])
+    return all(v == 1 or v % 16 == 0 for v in values)
+
+
+def fixed_config() -> bool:
+    """``EDORA_TRITON_FIXED_CONFIG=1``: no timing runs; each launch takes the first candidate
+    that fits the device, dtypes, rank and problem size. The same config — hence the same
+    reduction order and the same dR/dm bits — in every process, at some speed cost."""
+    return os.environ.get(FIXED_CONFIG_ENV, "0") not in ("", "0")
+
+
 def prune_gemm(configs, named_args, **kwargs):
     """``early_config_prune`` of the GEMM kernels: this device's family, resources, problem size."""
     args = {**named_args, **kwargs}
-    # W0 shares the dtype of the left operand (x or gy) in both GEMM kernels.
+    # W0 shares the dtype of the left operand (x or gy) in both GEMM kernels; the rank-r
+    # factor (A forward, B in dx) may be fp32 on a half-precision model.
     arch, smem = device_arch_and_smem(args["w_ptr"])
-    elt_size = args["w_ptr"].element_size()
-    allowed = gemm_candidates(arch, elt_size, args["RANK_PAD"], smem)
-    kept = [c for c in configs if any(c is a for a in allowed)]
-    return fit_to_problem(kept, args["M_BUCKET"], args["N"])
+    rank_factor = args["a_ptr"] if "a_ptr" in args else args["b_ptr"]
+    allowed = gemm_candidates(arch, args["w_ptr"].element_size(), args["RANK_PAD"], smem,
+                              rank_factor.element_size(), aligned=_main_operands_aligned(args))
+    kept = fit_to_problem([c for c in configs if any(c is a for a in allowed)],
+                          args["M_BUCKET"], args["N"])
+    return kept[:1] if fixed_config() else kept
 
 
 def prune_epilogue(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    return fit_to_problem(list(configs), args["M_BUCKET"], args["N"])
+    kept = fit_to_problem(list(configs), args["M_BUCKET"], args["N"])
+    return kept[:1] if fixed_config() else kept
 
 
 def m_bucket(m: int) -> int:

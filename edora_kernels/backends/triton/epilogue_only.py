@@ -27,6 +27,7 @@ from .configs import (
     configs=[EPILOGUE_CONFIG_INTERPRET] if INTERPRET else EPILOGUE_CONFIGS,
     key=["M_BUCKET", "N", "RANK_PAD"],
     prune_configs_by={"early_config_prune": prune_epilogue},
+    cache_results=True,  # tuned once per machine, not in every process
 )
 @triton.jit
 def edora_epilogue_kernel(

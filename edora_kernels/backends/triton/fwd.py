@@ -30,6 +30,7 @@ from .configs import (
     configs=[GEMM_CONFIG_INTERPRET] if INTERPRET else GEMM_CONFIGS_SM90 + GEMM_CONFIGS_SM80,
     key=["M_BUCKET", "N", "K", "RANK_PAD"],
     prune_configs_by={"early_config_prune": prune_gemm},
+    cache_results=True,  # tuned once per machine, not in every process
 )
 @triton.jit
 def edora_fwd_kernel(
