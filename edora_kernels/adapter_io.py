@@ -17,10 +17,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checks import check_choice, check_finite_number, check_rank
-from .dropout import DROPOUT_MODES
-from .layer import EDoRALinear
-from .model import freeze_all_but_adapters, quote, replace
+from .checks import check_dropout, check_dropout_mode, check_finite_number, check_rank, quote
+from .layer import EDoRALinear, freeze_all_but_adapters
 
 ADAPTER_TENSORS = ("A", "B", "R", "magnitude")
 FORMAT = "edora_kernels.adapter"
@@ -35,10 +33,12 @@ class LoadResult(NamedTuple):
 
 
 def _key(name: str, tensor: str) -> str:
+    """The state-dict key of one tensor of the layer ``name``."""
     return f"{name}.{tensor}" if name else tensor
 
 
 def edora_layers(model: nn.Module) -> dict[str, EDoRALinear]:
+    """The EDoRA layers of ``model`` by name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, EDoRALinear)}
 
 
@@ -51,6 +51,7 @@ def edora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _layer_config(layer: EDoRALinear) -> dict:
+    """What the file records of one layer, enough to rebuild it from A and B."""
     return {"rank": layer.rank, "alpha": layer.alpha, "dropout": layer.dropout,
             "dropout_mode": layer.dropout_mode, "detach_norm": layer.detach_norm,
             "in_features": layer.in_features, "out_features": layer.out_features}
@@ -70,16 +71,18 @@ def save_edora(model: nn.Module, path: str | os.PathLike) -> None:
 
 # --- reading and checking ------------------------------------------------------------------------
 
-def _read_adapter_file(path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and the per-layer config of a :func:`save_edora` file, or a ValueError that
-    says what is wrong with it."""
-    where = os.fspath(path)
+def _read_file(where: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the metadata of a safetensors file, or a ValueError if it is not one."""
     try:
         with safe_open(where, framework="pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(where)
+        return load_file(where), metadata
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{where} is not a readable safetensors file: {err}") from None
+
+
+def _check_header(where: str, metadata: dict[str, str]) -> None:
+    """The metadata names save_edora's format, in the version this code reads."""
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{where} is not an EDoRA adapter file (metadata 'format' is "
                          f"{metadata.get('format')!r}, expected {FORMAT!r}); write it with "
@@ -88,11 +91,14 @@ def _read_adapter_file(path) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(f"{where} has adapter format version "
                          f"{metadata.get('format_version')!r}; this version reads "
                          f"{FORMAT_VERSION!r}")
+
+
+def _parse_config(where: str, metadata: dict[str, str]) -> dict[str, dict]:
+    """The per-layer configs from the 'edora_config' metadata, each one checked."""
     if "edora_config" not in metadata:
         raise ValueError(f"{where} has no 'edora_config' in its metadata: the file is damaged")
     try:
-        config = json.loads(metadata["edora_config"])
-        layers = config["layers"]
+        layers = json.loads(metadata["edora_config"])["layers"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{where}: the 'edora_config' metadata is not the JSON save_edora "
                          f"writes ({type(err).__name__}: {err})") from None
@@ -100,11 +106,11 @@ def _read_adapter_file(path) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(f"{where}: 'edora_config.layers' must map layer names to configs")
     for name, cfg in layers.items():
         _check_layer_config(f"{where}: layer {name!r}", cfg)
-    return tensors, layers
+    return layers
 
 
 def _check_layer_config(where: str, cfg) -> None:
-    """The config of one layer from a file: every field present and of a valid value."""
+    """One layer's config has every field, each of a value the layer accepts."""
     if not isinstance(cfg, dict):
         raise ValueError(f"{where}: config must be an object, got {cfg!r}")
     missing = [k for k in ("rank", "alpha", "dropout", "detach_norm") if k not in cfg]
@@ -113,24 +119,35 @@ def _check_layer_config(where: str, cfg) -> None:
     try:
         check_rank(cfg["rank"])
         check_finite_number("alpha", cfg["alpha"])
-        check_finite_number("dropout", cfg["dropout"])
-        if not 0.0 <= cfg["dropout"] < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {cfg['dropout']}")
-        check_choice("dropout_mode", cfg.get("dropout_mode", "peft"), DROPOUT_MODES)
+        check_dropout(cfg["dropout"])
+        check_dropout_mode(cfg.get("dropout_mode", "peft"))
         if not isinstance(cfg["detach_norm"], bool):
             raise ValueError(f"detach_norm must be true or false, got {cfg['detach_norm']!r}")
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: {err}") from None
 
 
+def _source(state_or_path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The tensors and the per-layer configs (none for a dict) of what is being loaded."""
+    if isinstance(state_or_path, dict):
+        return state_or_path, {}
+    if not isinstance(state_or_path, (str, os.PathLike)):
+        raise TypeError("state_or_path must be a dict of tensors or a path to a save_edora file, "
+                        f"got {type(state_or_path).__name__}")
+    where = os.fspath(state_or_path)
+    state, metadata = _read_file(where)
+    _check_header(where, metadata)
+    return state, _parse_config(where, metadata)
+
+
 def _expected_shapes(rank: int, out_features: int, in_features: int) -> dict[str, tuple]:
+    """The shape of each adapter tensor of a layer."""
     return {"A": (rank, in_features), "B": (out_features, rank), "R": (rank, rank),
             "magnitude": (out_features,)}
 
 
 def _plan(model: nn.Module, config: dict) -> tuple[dict, dict, dict[str, tuple]]:
-    """(existing EDoRA layers, plain nn.Linear modules the config rebuilds, expected shape of
-    every key)."""
+    """Existing EDoRA layers, the nn.Linear modules the config rebuilds, each key's shape."""
     existing = edora_layers(model)
     modules = dict(model.named_modules())
     to_build = {name: cfg for name, cfg in config.items()
@@ -147,7 +164,7 @@ def _plan(model: nn.Module, config: dict) -> tuple[dict, dict, dict[str, tuple]]
 
 
 def _tensor_problems(state: dict, expected: dict[str, tuple]) -> list[str]:
-    """Each expected key that is not a real, finite floating tensor of the expected shape."""
+    """Each present key whose value is not a real, finite floating tensor of the expected shape."""
     problems = []
     for key in sorted(k for k in expected if k in state):
         t = state[key]
@@ -164,19 +181,18 @@ def _tensor_problems(state: dict, expected: dict[str, tuple]) -> list[str]:
     return problems
 
 
-def _load_problems(state, config, existing, expected, strict) -> list[str]:
-    missing = sorted(k for k in expected if k not in state)
-    unexpected = sorted(k for k in state if k not in expected)
+def _load_problems(state, config, existing, expected, keys: LoadResult, strict) -> list[str]:
+    """Every reason to refuse the load: bad tensors, keys (strict), alpha, merged layers."""
     problems = []
     bad = _tensor_problems(state, expected)
     if bad:
         problems.append(f"bad tensors: {quote(bad)}")
-    if strict and missing:
-        problems.append(f"missing keys: {quote(missing)}")
-    if strict and unexpected:
+    if strict and keys.missing_keys:
+        problems.append(f"missing keys: {quote(keys.missing_keys)}")
+    if strict and keys.unexpected_keys:
         hint = ("" if existing or config else "; the model has no EDoRA layers: pass the "
                 "save_edora file (it carries the config to rebuild them) or call apply_edora first")
-        problems.append(f"unexpected keys: {quote(unexpected)}{hint}")
+        problems.append(f"unexpected keys: {quote(keys.unexpected_keys)}{hint}")
     alpha_diff = sorted(f"{n}: model {layer.alpha:g}, file {config[n]['alpha']:g}"
                         for n, layer in existing.items()
                         if n in config and layer.alpha != config[n]["alpha"])
@@ -189,12 +205,11 @@ def _load_problems(state, config, existing, expected, strict) -> list[str]:
 
 
 def _build_layers(model, state, to_build) -> dict[str, EDoRALinear]:
-    """The EDoRA layers the file's config asks for, from its A and B (no SVD): built, not yet
-    installed. A layer whose tensors are incomplete (strict=False) stays a plain nn.Linear."""
+    """The layers the config rebuilds from its A and B (no SVD), not yet installed."""
     built = {}
     for name, cfg in to_build.items():
         if any(_key(name, t) not in state for t in ADAPTER_TENSORS):
-            continue
+            continue  # strict=False and incomplete: the layer stays a plain nn.Linear
         layer = EDoRALinear.from_factors(
             model.get_submodule(name), state[_key(name, "A")], state[_key(name, "B")],
             cfg["alpha"], sigma=0.0, dropout=cfg["dropout"],
@@ -202,6 +217,18 @@ def _build_layers(model, state, to_build) -> dict[str, EDoRALinear]:
         layer.adapted_name = name
         built[name] = layer
     return built
+
+
+def _assign(model, state, existing, built) -> None:
+    """Install the built layers, then copy every tensor of ``state`` into its layer."""
+    for name, layer in built.items():
+        model.set_submodule(name, layer)
+    for name, layer in {**existing, **built}.items():
+        for t in ADAPTER_TENSORS:
+            if _key(name, t) in state:
+                getattr(layer, t).copy_(state[_key(name, t)])
+    if built:
+        freeze_all_but_adapters(model)
 
 
 @torch.no_grad()
@@ -222,28 +249,15 @@ def load_edora_state_dict(
     that differs from the file's always raise, and with ``strict`` so do missing and unexpected
     keys, each listed by name. Returns the tolerated ``(missing_keys, unexpected_keys)``.
     """
-    if isinstance(state_or_path, (str, os.PathLike)):
-        state, config = _read_adapter_file(state_or_path)
-    elif isinstance(state_or_path, dict):
-        state, config = state_or_path, {}
-    else:
-        raise TypeError("state_or_path must be a dict of tensors or a path to a save_edora file, "
-                        f"got {type(state_or_path).__name__}")
+    state, config = _source(state_or_path)
     existing, to_build, expected = _plan(model, config)
-    problems = _load_problems(state, config, existing, expected, strict)
+    keys = LoadResult(sorted(k for k in expected if k not in state),
+                      sorted(k for k in state if k not in expected))
+    problems = _load_problems(state, config, existing, expected, keys, strict)
     if problems:
         raise ValueError(f"cannot load the EDoRA adapter into {type(model).__name__}: "
                          + "; ".join(problems))
     built = _build_layers(model, state, to_build)
-
     # Every check passed and every layer is built: only now does the model change.
-    for name, layer in built.items():
-        replace(model, name, layer)
-    for name, layer in {**existing, **built}.items():
-        for t in ADAPTER_TENSORS:
-            if _key(name, t) in state:
-                getattr(layer, t).copy_(state[_key(name, t)])
-    if built:
-        freeze_all_but_adapters(model)
-    return LoadResult(sorted(k for k in expected if k not in state),
-                      sorted(k for k in state if k not in expected))
+    _assign(model, state, existing, built)
+    return keys

@@ -1,4 +1,5 @@
-"""Argument checks for the public ops: every bad input fails here, naming the argument."""
+"""Argument checks: a bad input to the ops, the layer, the initialiser, ``apply_edora`` or the
+adapter loader fails here, naming the argument. One function per rule."""
 from __future__ import annotations
 
 import math
@@ -8,8 +9,19 @@ import re
 import torch
 
 from .backends import CHOICES as BACKEND_NAMES
+from .dropout import DROPOUT_MODES
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INITS = ("rsvd", "svd", "random")
+SPLITS = ("u", "sqrt")
+_SHOWN_NAMES = 12  # names quoted in an error message before "... and N more"
+
+
+def quote(names: list[str]) -> str:
+    """Names for an error message: the first dozen, then how many more."""
+    shown = ", ".join(repr(n) for n in names[:_SHOWN_NAMES])
+    more = len(names) - _SHOWN_NAMES
+    return shown + (f", ... and {more} more" if more > 0 else "")
 
 
 def _describe(name: str, t: torch.Tensor) -> str:
@@ -57,11 +69,7 @@ def check_adapter_args(
     if A.dim() != 2:
         raise ValueError(f"A must be 2-D (rank, in_features), got shape {tuple(A.shape)}")
     rank = A.shape[0]
-    if not 1 <= rank <= min(in_features, out_features):
-        raise ValueError(
-            f"rank (A.shape[0] = {rank}) must be in [1, min(in_features, out_features)] = "
-            f"[1, {min(in_features, out_features)}]"
-        )
+    check_rank(rank, in_features, out_features, what="A of shape (rank, in_features)")
     _require_shape("A", A, (rank, in_features), "rank, in_features")
     _require_shape("B", B, (out_features, rank), "out_features, rank")
     _require_shape("R", R, (rank, rank), "rank, rank")
@@ -124,8 +132,7 @@ def check_linear_args(x, weight, bias, A, B, R, magnitude, scaling, dropout, bac
 
 
 def check_dropout_backend(dropout, backend) -> None:
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    check_dropout(dropout)
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
 
@@ -145,18 +152,41 @@ def check_norm_terms(terms, weight: torch.Tensor, A: torch.Tensor) -> None:
                              f"{weight.device}, got {_describe(name, t)}")
 
 
-# --- configuration values: one rule each, shared by the layer, the initialiser and apply_edora ---
+# --- configuration values: one rule each, called wherever the value is accepted ---
 
-def check_choice(name: str, value, choices: tuple) -> None:
+def _check_choice(name: str, value, choices: tuple) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def check_rank(rank, in_features: int | None = None, out_features: int | None = None,
-               where: str = "", dims: str = "in_features, out_features") -> None:
-    """An int in [1, min(in_features, out_features)] (the upper bound when the shape is known;
-    ``where`` names the layer or matrix, ``dims`` the two sizes, in the message)."""
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+def check_init(init) -> None:
+    """One of INITS: how A and B are computed from W0."""
+    _check_choice("init", init, INITS)
+
+
+def check_split(split) -> None:
+    """One of SPLITS: how the singular values are shared between A and B."""
+    _check_choice("split", split, SPLITS)
+
+
+def check_dropout_mode(dropout_mode) -> None:
+    """One of DROPOUT_MODES."""
+    _check_choice("dropout_mode", dropout_mode, DROPOUT_MODES)
+
+
+def check_dropout(dropout) -> None:
+    """A probability in [0, 1) (NaN fails the comparison)."""
+    # SymFloat: dynamo may pass the op's dropout as a symbolic float.
+    if not isinstance(dropout, (numbers.Real, torch.SymFloat)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
+def check_rank(rank, in_features: int | None = None, out_features: int | None = None, *,
+               what: str = "", dims: str = "in_features, out_features") -> None:
+    """An int >= 1, and <= min(in_features, out_features) when the shape is given (``what``
+    names the layer or matrix, ``dims`` the two sizes, in the message)."""
+    # SymInt: under torch.compile with dynamic shapes the op's rank is A.shape[0], symbolic.
+    if isinstance(rank, bool) or not isinstance(rank, (numbers.Integral, torch.SymInt)):
         raise TypeError(f"rank must be an int, got {type(rank).__name__} {rank!r}")
     if in_features is None:
         if rank < 1:
@@ -165,7 +195,7 @@ def check_rank(rank, in_features: int | None = None, out_features: int | None = 
     upper = min(in_features, out_features)
     if not 1 <= rank <= upper:
         raise ValueError(f"rank must be in [1, min({dims})] = [1, {upper}]"
-                         f"{' for ' + where if where else ''}, got {rank}")
+                         f"{' for ' + what if what else ''}, got rank = {rank}")
 
 
 def check_finite_number(name: str, value) -> None:
@@ -190,8 +220,9 @@ def check_target_modules(targets, name: str = "target_modules"):
 
 
 def matches_target(name: str, targets) -> bool:
-    """PEFT's rule: a pattern must match the whole module name; a list matches a name equal to
-    an entry or ending in "." + entry. ``targets`` as returned by ``check_target_modules``."""
+    """PEFT's rule for ``target_modules``: a pattern must match the whole module name; a list
+    matches a name equal to an entry or ending in "." + entry. ``targets`` as returned by
+    ``check_target_modules``."""
     if isinstance(targets, re.Pattern):
         return targets.fullmatch(name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_choice, check_dropout_backend, check_finite_number, check_rank
-from .dropout import DROPOUT_MODES
+from .checks import check_dropout_backend, check_dropout_mode, check_finite_number, check_rank
 from .norm import NormTermsCache, compute_dtype, compute_norm_terms, row_norm
 from .ops import edora_linear
 from .svd import edora_factors
@@ -50,7 +49,7 @@ class EDoRALinear(nn.Module):
         super().__init__()
         check_rank(rank, in_features, out_features)
         check_dropout_backend(dropout, backend)
-        check_choice("dropout_mode", dropout_mode, DROPOUT_MODES)
+        check_dropout_mode(dropout_mode)
         check_finite_number("alpha", alpha)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
@@ -291,3 +290,14 @@ def refresh_norm_terms(module: nn.Module) -> int:
     for layer in layers:
         layer.refresh_norm_terms()
     return len(layers)
+
+
+def freeze_all_but_adapters(model: nn.Module, trainable: bool = True) -> None:
+    """Freeze every parameter; R and magnitude of the EDoRA layers train unless ``trainable`` is
+    False (inference)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, EDoRALinear):
+            module.R.requires_grad_(trainable)
+            module.magnitude.requires_grad_(trainable)

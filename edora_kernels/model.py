@@ -14,24 +14,31 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .adapter_io import (  # noqa: F401 (they lived here: edora_kernels.model.save_edora etc.)
+    LoadResult,
+    edora_state_dict,
+    load_edora_state_dict,
+    save_edora,
+)
 from .checks import (
-    check_choice,
     check_dropout_backend,
+    check_dropout_mode,
     check_finite_number,
+    check_init,
     check_rank,
+    check_split,
     check_target_modules,
     matches_target,
+    quote,
 )
-from .dropout import DROPOUT_MODES
-from .layer import EDoRALinear
+from .layer import EDoRALinear, freeze_all_but_adapters
 from .norm import compute_dtype
-from .svd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLE, INITS, SPLITS, edora_factors
+from .svd import DEFAULT_N_ITER, default_oversample, edora_factors
 
 # Working memory of one chunk of the batched initialisation. 1 GiB holds a dozen fp32 copies of
 # a 4096×4096 weight with their Krylov blocks: enough for the GEMMs to run at full speed.
 DEFAULT_MEMORY_BUDGET = 1 << 30
-LAYER_KWARGS = ("split", "sigma", "dropout", "dropout_mode", "detach_norm", "backend")
-_SHOWN_NAMES = 12  # names quoted in an error message before "... and N more"
+_LAYER_KWARGS = ("split", "sigma", "dropout", "dropout_mode", "detach_norm", "backend")
 
 
 @dataclass
@@ -51,14 +58,7 @@ class EDoRASummary:
                 f"{self.total_params:,} ({share:.4f}%)")
 
 
-def quote(names: list[str]) -> str:
-    """Names for an error message: the first dozen, then how many more."""
-    shown = ", ".join(repr(n) for n in names[:_SHOWN_NAMES])
-    more = len(names) - _SHOWN_NAMES
-    return shown + (f", ... and {more} more" if more > 0 else "")
-
-
-def positions(model: nn.Module) -> dict[int, list[str]]:
+def _positions(model: nn.Module) -> dict[int, list[str]]:
     """Every name under which each module object is registered (a module shared between two
     parents has two)."""
     found: dict[int, list[str]] = {}
@@ -68,12 +68,12 @@ def positions(model: nn.Module) -> dict[int, list[str]]:
     return found
 
 
-def find_targets(model: nn.Module, target_modules) -> list[tuple[list[str], nn.Linear]]:
+def _find_targets(model: nn.Module, target_modules) -> list[tuple[list[str], nn.Linear]]:
     """``(names, module)`` for each distinct module the targets select, with every position it
     occupies: a module registered twice becomes one shared EDoRA layer at both."""
     targets = check_target_modules(target_modules)
     modules = {id(m): m for _, m in model.named_modules(remove_duplicate=False)}
-    selected = [(names, modules[key]) for key, names in positions(model).items()
+    selected = [(names, modules[key]) for key, names in _positions(model).items()
                 if any(matches_target(n, targets) for n in names)]
     if not selected:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -93,23 +93,7 @@ def find_targets(model: nn.Module, target_modules) -> list[tuple[list[str], nn.L
     return selected
 
 
-def replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def freeze_all_but_adapters(model: nn.Module, trainable: bool = True) -> None:
-    """Freeze every parameter; R and magnitude of the EDoRA layers train unless ``trainable`` is
-    False (inference)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, EDoRALinear):
-            module.R.requires_grad_(trainable)
-            module.magnitude.requires_grad_(trainable)
-
-
-def param_counts(model: nn.Module) -> tuple[int, int]:
+def _param_counts(model: nn.Module) -> tuple[int, int]:
     params = list(model.parameters())
     return (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
 
@@ -121,7 +105,7 @@ def _bytes_per_matrix(m: int, n: int, rank: int, dtype: torch.dtype, init: str) 
         return item * 4 * m * n
     # The stacked copy, then randomized_svd's Krylov basis and Wᵀ-products (d columns each,
     # one of them also in fp64) and the blocks in flight.
-    d = (DEFAULT_N_ITER + 1) * (rank + DEFAULT_OVERSAMPLE)
+    d = (DEFAULT_N_ITER + 1) * (rank + default_oversample(rank))
     return item * m * n + 16 * (m + n) * d
 
 
@@ -130,15 +114,15 @@ def _next_seed(gen: torch.Generator | None) -> int | None:
 
 
 def _check_options(rank, alpha, init, memory_budget_bytes, layer_kwargs) -> None:
-    unknown = sorted(set(layer_kwargs) - set(LAYER_KWARGS))
+    unknown = sorted(set(layer_kwargs) - set(_LAYER_KWARGS))
     if unknown:
         raise TypeError(f"unexpected keyword arguments {unknown}; layer options are "
-                        f"{list(LAYER_KWARGS)}")
+                        f"{list(_LAYER_KWARGS)}")
     check_rank(rank)
     check_finite_number("alpha", alpha)
-    check_choice("init", init, INITS)
-    check_choice("split", layer_kwargs.get("split", "u"), SPLITS)
-    check_choice("dropout_mode", layer_kwargs.get("dropout_mode", "peft"), DROPOUT_MODES)
+    check_init(init)
+    check_split(layer_kwargs.get("split", "u"))
+    check_dropout_mode(layer_kwargs.get("dropout_mode", "peft"))
     check_finite_number("sigma", layer_kwargs.get("sigma", 0.0))
     if isinstance(memory_budget_bytes, bool) or not isinstance(memory_budget_bytes, int) \
             or memory_budget_bytes < 1:
@@ -187,7 +171,7 @@ def apply_edora(
     left unchanged. Returns an :class:`EDoRASummary`.
     """
     _check_options(rank, alpha, init, memory_budget_bytes, layer_kwargs)
-    targets = find_targets(model, target_modules)
+    targets = _find_targets(model, target_modules)
     _check_weights(targets, rank)
     split = layer_kwargs.pop("split", "u")
 
@@ -221,9 +205,9 @@ def apply_edora(
                          if not any(n == f"{name}.weight" for name in names)]
         layer.tied_storage = storage
         for name in names:
-            replace(model, name, layer)
+            model.set_submodule(name, layer)
     freeze_all_but_adapters(model)
-    trainable, total = param_counts(model)
+    trainable, total = _param_counts(model)
     return EDoRASummary([n for names, _ in targets for n in names], rank, float(alpha),
                         trainable, total)
 

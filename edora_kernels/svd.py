@@ -29,15 +29,22 @@ import numbers
 
 import torch
 
-from .checks import check_choice, check_rank
+# INITS and SPLITS are re-exported: the rules live in checks, the names are the initialiser's.
+from .checks import INITS, SPLITS, check_init, check_rank, check_split  # noqa: F401
 from .norm import compute_dtype
 
-INITS = ("rsvd", "svd", "random")
-SPLITS = ("u", "sqrt")
-# randomized_svd's defaults, chosen by measurement (see the module docstring): a block of exactly
-# ``rank`` columns and five Krylov steps.
-DEFAULT_OVERSAMPLE = 0
+# randomized_svd's defaults, chosen by measurement (see the module docstring): five Krylov steps
+# and an oversampling that shrinks with the rank.
 DEFAULT_N_ITER = 5
+
+
+def default_oversample(rank: int) -> int:
+    """Extra test columns by rank. Measured on all-MiniLM-L6-v2's 24 attention matrices against
+    scikit-learn's ``TruncatedSVD(n_iter=10)``: with 5 Krylov steps, a block of exactly ``rank``
+    columns captured less of the top-r energy at r ≤ 16 (r = 4: 0.985 vs 0.9997 on the worst
+    matrix); 10 extra columns below r = 16 and 4 at r = 16 capture at least as much on every
+    matrix; from r = 32 the Krylov space is large enough without."""
+    return 10 if rank < 16 else 4 if rank < 32 else 0
 
 
 def _check_matrix(W: torch.Tensor, rank: int, *, finite: bool = True) -> None:
@@ -48,7 +55,7 @@ def _check_matrix(W: torch.Tensor, rank: int, *, finite: bool = True) -> None:
         raise TypeError(f"W must be a real floating-point tensor, got {W.dtype} "
                         f"(shape {tuple(W.shape)})")
     m, n = W.shape[-2:]
-    check_rank(rank, m, n, where=f"W of shape {tuple(W.shape)}", dims="m, n")
+    check_rank(rank, m, n, what=f"W of shape {tuple(W.shape)}", dims="m, n")
     if finite:
         _require_finite(W, W)
 
@@ -123,7 +130,7 @@ def randomized_svd(
     W: torch.Tensor,
     rank: int,
     *,
-    oversample: int = DEFAULT_OVERSAMPLE,
+    oversample: int | None = None,
     n_iter: int = DEFAULT_N_ITER,
     seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -132,7 +139,8 @@ def randomized_svd(
     ``W``: ``(*, m, n)``, any floating dtype; computed in fp32 (fp64 for fp64 input) and returned
     in that dtype as contiguous ``U (*, m, rank)`` and ``Vh (*, rank, n)`` with orthonormal
     columns/rows and ``S (*, rank)`` descending. Each matrix of the batch gets its own Gaussian
-    test matrix Ω of ``b = rank + oversample`` columns. ``n_iter`` steps each apply Wᵀ then W to
+    test matrix Ω of ``b = rank + oversample`` columns (default: :func:`default_oversample`).
+    ``n_iter`` steps each apply Wᵀ then W to
     the newest block, re-orthonormalising after every product, and every block is kept: the
     range is the block Krylov space [WΩ, (WWᵀ)WΩ, …, (WWᵀ)^n_iter WΩ] of dimension
     ``(n_iter + 1)·b`` (HMT §4.6; for tall W the same is built from Wᵀ, so that the basis lives
@@ -142,6 +150,8 @@ def randomized_svd(
     deterministic on a given device and thread count; ``None`` draws from torch's global
     generator.
     """
+    if oversample is None:
+        oversample = default_oversample(rank)
     _check_nonnegative_int("oversample", oversample)
     _check_nonnegative_int("n_iter", n_iter)
     _check_matrix(W, rank, finite=False)
@@ -190,26 +200,30 @@ def edora_factors(
     init: str = "rsvd",
     split: str = "u",
     seed: int | None = None,
-    oversample: int = DEFAULT_OVERSAMPLE,
+    oversample: int | None = None,
     n_iter: int = DEFAULT_N_ITER,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, B)`` of shapes ``(*, rank, n)`` and ``(*, m, rank)`` for ``W`` of shape ``(*, m, n)``.
 
     ``init="rsvd"``: :func:`randomized_svd` (``oversample``, ``n_iter`` and ``seed`` are passed
     on). ``init="svd"``: exact truncated SVD (``torch.linalg.svd``). ``init="random"``: the
-    paper's ablation, Gaussian factors with fan-in variance (A ~ N(0, 1/n), B ~ N(0, 1/rank)),
-    seeded. Results are in the compute dtype (fp32, or fp64 for fp64 input).
+    paper's random-initialisation ablation, seeded: A ~ U(±1/√rank), B ~ U(±1/√m), the
+    distributions its released code draws (kaiming-uniform with a = √5 on the transposed
+    factors). Results are in the compute dtype (fp32, or fp64 for fp64 input).
     """
-    check_choice("init", init, INITS)
-    check_choice("split", split, SPLITS)
+    check_init(init)
+    check_split(split)
     _check_matrix(W, rank, finite=init != "rsvd")  # randomized_svd checks its sketch instead
     Wc = W.detach().to(compute_dtype(W.dtype))
     *batch, m, n = Wc.shape
     if init == "random":
+        # The paper's ablation draws both factors with PyTorch's kaiming_uniform_(a=√5) on its
+        # (in × r) encoder and (r × out) decoder: fan-ins r and out, so A ~ U(±1/√r) and
+        # B ~ U(±1/√out).
         gen = _generator(Wc.device, seed)
-        A = torch.randn(*batch, rank, n, generator=gen, device=Wc.device, dtype=Wc.dtype)
-        B = torch.randn(*batch, m, rank, generator=gen, device=Wc.device, dtype=Wc.dtype)
-        return A / n**0.5, B / rank**0.5
+        A = torch.rand(*batch, rank, n, generator=gen, device=Wc.device, dtype=Wc.dtype)
+        B = torch.rand(*batch, m, rank, generator=gen, device=Wc.device, dtype=Wc.dtype)
+        return (2 * A - 1) / rank**0.5, (2 * B - 1) / m**0.5
     if init == "rsvd":
         U, S, _ = randomized_svd(Wc, rank, oversample=oversample, n_iter=n_iter, seed=seed)
     else:

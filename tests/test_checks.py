@@ -1,8 +1,10 @@
 """Every bad input fails before any work, with a message naming the argument."""
 import pytest
 import torch
+from torch import nn
 
-from edora_kernels import edora_linear
+from edora_kernels import EDoRALinear, apply_edora, edora_linear
+from edora_kernels.svd import edora_factors
 from edora_kernels.testing import make_case
 
 
@@ -76,3 +78,28 @@ def test_env_var_overrides_auto(monkeypatch):
     monkeypatch.setenv("EDORA_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match="backend 'cuda' is not usable"):
         edora_linear(**make_case(4, 12, 10, 3).op_args())
+
+
+# --- configuration values: one rule each, so every entry point says the same -------------------
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("init", "pca", "init must be one of ('rsvd', 'svd', 'random'), got 'pca'"),
+    ("split", "half", "split must be one of ('u', 'sqrt'), got 'half'"),
+    ("dropout_mode", "all", "dropout_mode must be one of ('peft', 'lowrank'), got 'all'"),
+    ("dropout", 1.0, "dropout must be in [0, 1), got 1.0"),
+])
+def test_an_option_is_refused_alike_everywhere(option, value, message):
+    entry_points = {
+        "from_linear": lambda kw: EDoRALinear.from_linear(nn.Linear(12, 10), 2, **kw),
+        "apply_edora": lambda kw: apply_edora(nn.Sequential(nn.Linear(12, 10)), ["0"], 2,
+                                              progress=False, **kw),
+    }
+    if option in ("init", "split"):
+        entry_points["edora_factors"] = lambda kw: edora_factors(torch.randn(10, 12), 2, **kw)
+    else:
+        entry_points["edora_linear"] = lambda kw: call(**kw)
+    for name, entry_point in entry_points.items():
+        with pytest.raises(ValueError) as info:
+            entry_point({option: value})
+        assert str(info.value) == message, name

@@ -7,8 +7,8 @@ from helpers import assert_close
 from safetensors.torch import save_file
 from torch import nn
 
-from edora_kernels import (
-    EDoRALinear,
+from edora_kernels.layer import EDoRALinear
+from edora_kernels.model import (
     apply_edora,
     edora_state_dict,
     load_edora_state_dict,

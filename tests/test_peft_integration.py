@@ -3,11 +3,12 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from edora_kernels import EDoRALinear  # noqa: E402
+from edora_kernels import EDoRALinear, apply_edora  # noqa: E402
 from edora_kernels.integrations.peft import apply_edora_from_lora_config  # noqa: E402
 
 
@@ -71,3 +72,58 @@ def test_no_match_lists_the_linear_layers():
     config = peft.LoraConfig(r=2, target_modules=["query"])
     with pytest.raises(ValueError, match="selects no nn.Linear.*q_proj"):
         apply_edora_from_lora_config(tiny_llama(), config, progress=False)
+
+
+# --- which modules are selected: PEFT's own get_peft_model is the oracle ---------------------
+
+
+class Nested(nn.Module):
+    """Two linears named "b", one nested under the other's path: "a.b" and "x.a.b"."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Module()
+        self.a.b = nn.Linear(8, 8)
+        self.x = nn.Module()
+        self.x.a = nn.Module()
+        self.x.a.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 8)
+
+
+def peft_selection(make, config):
+    from peft.tuners.lora import LoraLayer
+    wrapped = peft.get_peft_model(make(), config)
+    prefix = "base_model.model."
+    return sorted(n[len(prefix):] for n, m in wrapped.named_modules() if isinstance(m, LoraLayer))
+
+
+@pytest.mark.parametrize("make, targets, exclude", [
+    (tiny_llama, r".*\.(q|v)_proj", None),
+    (tiny_llama, r"model\.layers\.0\..*_proj", None),
+    (tiny_llama, ["q_proj", "mlp.up_proj"], None),
+    (tiny_llama, ["layers.1.self_attn.k_proj"], None),
+    (tiny_llama, ["q_proj", "k_proj"], ["layers.0.self_attn.k_proj"]),
+    (tiny_llama, r".*_proj", r".*\.1\..*"),
+    (Nested, ["b"], None),
+    (Nested, ["a.b"], None),  # "x.a.b" ends in ".a.b": selected too
+    (Nested, r"a\.b", None),  # a string matches the whole name: "x.a.b" is not selected
+    (Nested, ["b"], ["x.a.b"]),  # excluding "x.a.b" must not exclude "a.b", nor the reverse
+])
+def test_selection_matches_peft(make, targets, exclude):
+    config = peft.LoraConfig(r=2, target_modules=targets, exclude_modules=exclude)
+    expected = peft_selection(make, config)
+    model = make()
+    summary = apply_edora_from_lora_config(model, config, seed=0, progress=False)
+    assert sorted(edora_layers(model)) == sorted(summary.layers) == expected
+    if exclude is None:  # apply_edora takes target_modules by the same rule
+        model = make()
+        apply_edora(model, targets, 2, seed=0, progress=False)
+        assert sorted(edora_layers(model)) == expected
+
+
+def test_a_string_is_not_a_substring_search():
+    config = peft.LoraConfig(r=2, target_modules="q_proj")
+    with pytest.raises(ValueError, match="selects no nn.Linear"):
+        apply_edora_from_lora_config(tiny_llama(), config, progress=False)
+    with pytest.raises(ValueError, match="matched no module"):
+        apply_edora(tiny_llama(), "q_proj", 2, progress=False)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..model import apply_edora
-from ..svd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLE, randomized_svd
+from ..svd import DEFAULT_N_ITER, default_oversample, randomized_svd
 from .io import device_name, save_run, timestamp, versions
 from .timing import quantiles, round_robin, synchronize
 
@@ -136,27 +136,41 @@ class Accuracy:
     residual_ratio_mean: float
     residual_ratio_max: float
     sigma_rel_error_max: float
+    # the share of the optimal top-r energy ‖U_rᵀW‖²/Σσ_i² captured, worst matrix and mean
+    energy_min: float
+    energy_mean: float
+    # principal angles to the exact top-r subspace: mean cos² = ‖U_exactᵀU‖²/r, worst and mean
+    subspace_cos2_min: float
+    subspace_cos2_mean: float
 
 
-def exact_spectra(weights: list[torch.Tensor], rank: int) -> list[tuple[float, torch.Tensor]]:
-    """Per weight: the optimal rank-r residual ‖W − W_r‖_F and the exact top-r values.
+def exact_spectra(weights: list[torch.Tensor], rank: int) -> list[tuple]:
+    """Per weight: the optimal rank-r residual ‖W − W_r‖_F, the exact top-r values and left
+    singular vectors.
 
     In fp64 on CPU; in fp32 on a GPU, where an fp64 SVD of a 4096×11008 matrix takes minutes
     (fp32 resolves residual ratios to about 1e-6, enough here)."""
     out = []
     for w in weights:
-        s = torch.linalg.svdvals(w.to(torch.float64 if w.device.type == "cpu" else torch.float32))
-        out.append((s[rank:].norm().item(), s[:rank].cpu()))
+        U, s, _ = torch.linalg.svd(
+            w.to(torch.float64 if w.device.type == "cpu" else torch.float32), full_matrices=False)
+        out.append((s[rank:].norm().item(), s[:rank].cpu(), U[:, :rank]))
     return out
 
 
 def accuracy(weights, factors, spectra) -> Accuracy:
-    ratios, sigma_errors = [], []
-    for w, (U, S), (optimal, s_exact) in zip(weights, factors, spectra):
+    ratios, sigma_errors, energies, cos2 = [], [], [], []
+    for w, (U, S), (optimal, s_exact, U_exact) in zip(weights, factors, spectra):
         W64, U64 = w.double(), U.to(device=w.device, dtype=torch.float64)
-        ratios.append(((W64 - U64 @ (U64.mT @ W64)).norm() / optimal).item())
+        projected = U64.mT @ W64
+        ratios.append(((W64 - U64 @ projected).norm() / optimal).item())
         sigma_errors.append(((S.double().cpu() - s_exact).abs() / s_exact).max().item())
-    return Accuracy(sum(ratios) / len(ratios), max(ratios), max(sigma_errors))
+        energies.append((projected.pow(2).sum() / s_exact.pow(2).sum()).item())
+        rank = U64.shape[-1]
+        cos2.append(((U_exact.double().mT @ U64).pow(2).sum() / rank).item())
+    return Accuracy(sum(ratios) / len(ratios), max(ratios), max(sigma_errors),
+                    min(energies), sum(energies) / len(energies), min(cos2),
+                    sum(cos2) / len(cos2))
 
 
 # --- one benchmark ---------------------------------------------------------------------------
@@ -203,8 +217,9 @@ def rows(entries: list[Entry], x: str, shape: str, dtype: str, device: torch.dev
             metrics.append((f"speedup_vs_{baseline}", "x", quantiles(e.speedup)))
         if e.accuracy is not None:
             for metric, value in asdict(e.accuracy).items():
-                metrics.append((metric, "ratio" if "ratio" in metric else "relative",
-                                (value,) * 3))
+                unit = ("ratio" if "ratio" in metric else "share" if "energy" in metric
+                        else "cos2" if "cos2" in metric else "relative")
+                metrics.append((metric, unit, (value,) * 3))
         for metric, unit, (p50, p20, p80) in metrics:
             out.append({**common, "provider": e.provider, "mode": e.mode, "metric": metric,
                         "unit": unit, "p50": p50, "p20": p20, "p80": p80})
@@ -213,18 +228,20 @@ def rows(entries: list[Entry], x: str, shape: str, dtype: str, device: torch.dev
 
 def table(entries: list[Entry], baseline_label: str) -> str:
     header = ["provider", "mode", "time s p50 [p20-p80]", f"speedup vs {baseline_label}",
-              "residual ratio mean / max", "top-r σ rel. err max"]
+              "residual ratio mean / max", "top-r σ rel. err max", "energy min / mean",
+              "subspace cos² min / mean"]
     lines = [header]
     for e in entries:
         p50, p20, p80 = quantiles(e.seconds)
         line = [e.provider, e.mode, f"{p50:.3f} [{p20:.3f}-{p80:.3f}]",
                 "-" if e.speedup is None else f"{quantiles(e.speedup)[0]:.1f}x"]
         if e.accuracy is None:
-            line += ["-", "-"]
+            line += ["-"] * 4
         else:
             a = e.accuracy
             line += [f"{a.residual_ratio_mean:.5f} / {a.residual_ratio_max:.5f}",
-                     f"{a.sigma_rel_error_max:.1e}"]
+                     f"{a.sigma_rel_error_max:.1e}", f"{a.energy_min:.5f} / {a.energy_mean:.5f}",
+                     f"{a.subspace_cos2_min:.4f} / {a.subspace_cos2_mean:.4f}"]
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
@@ -256,11 +273,11 @@ def bench_roberta(device: torch.device, out_dir, *, rank: int, repeats: int, war
           "(float64, untimed) ...", file=sys.stderr)
     spectra = exact_spectra(weights, rank)
     r = rank
-    # Ours at the defaults (p=0, q=5), one step deeper, shallower (q=3: the accuracy of
+    # Ours at the defaults, one step deeper, shallower (q=3: the accuracy of
     # svd_lowrank(q=r+10, niter=4)), and at the HMT subspace-iteration defaults p=10, q=4.
     providers = {
         f"edora_kernels.randomized_svd(p={p},q={q})": ("batched", rsvd_batched(r, p, q))
-        for p, q in ((DEFAULT_OVERSAMPLE, DEFAULT_N_ITER), (0, 6), (0, 3), (10, 4))
+        for p, q in ((default_oversample(rank), DEFAULT_N_ITER), (0, 6), (0, 3), (10, 4))
     }
     providers |= {
         "torch.linalg.svd": ("per-layer", exact_svd(r)),
@@ -319,7 +336,7 @@ def bench_llama(device: torch.device, out_dir, *, rank: int, repeats: int, warmu
     def end_to_end(_weights):
         apply_edora(llama_container(linears), list(LLAMA_BLOCK), r, progress=False, seed=0)
 
-    p, q = DEFAULT_OVERSAMPLE, DEFAULT_N_ITER
+    p, q = default_oversample(rank), DEFAULT_N_ITER
     providers = {
         "edora_kernels.apply_edora": ("model", end_to_end),
         f"edora_kernels.randomized_svd(p={p},q={q})": ("batched", rsvd_batched(r, p, q)),
@@ -387,7 +404,7 @@ def bench_orth(device: torch.device, out_dir, *, rank: int, repeats: int, warmup
                settings: dict) -> tuple[Path, Path]:
     """Time each orthonormalisation on the sketches randomized_svd orthonormalises for the 48
     RoBERTa-base matrices, and its loss of orthogonality on ill-conditioned sketches."""
-    k = rank + DEFAULT_OVERSAMPLE
+    k = rank + default_oversample(rank)
     n_iter = DEFAULT_N_ITER
     # Per call: the Krylov blocks live on the short side (768 for both groups), 1 + n_iter of
     # them, and n_iter Wᵀ-products on the long side are orthonormalised in between.
@@ -403,7 +420,7 @@ def bench_orth(device: torch.device, out_dir, *, rank: int, repeats: int, warmup
             for _ in range(calls):
                 fn(Y)
 
-    full = rsvd_batched(rank, DEFAULT_OVERSAMPLE, n_iter)
+    full = rsvd_batched(rank, default_oversample(rank), n_iter)
     weights = [torch.randn(*shape, generator=gen, device=device)
                for shape, count in ROBERTA_BASE.values() for _ in range(count)]
     calls = {name: (pause, lambda fn=fn: sweep(fn)) for name, fn in methods.items()}

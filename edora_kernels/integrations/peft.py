@@ -8,12 +8,13 @@ by name rather than ignored.
 from __future__ import annotations
 
 import math
+import re
 
 from torch import nn
 
 from ..checks import check_target_modules, matches_target
-from ..layer import EDoRALinear
-from ..model import EDoRASummary, apply_edora, freeze_all_but_adapters
+from ..layer import EDoRALinear, freeze_all_but_adapters
+from ..model import EDoRASummary, apply_edora
 
 # LoraConfig fields whose non-default value changes what PEFT would build and that EDoRA cannot
 # honour; each maps to the value that means "off".
@@ -114,7 +115,10 @@ def apply_edora_from_lora_config(
     missing = [p for p in to_save if not any(_matches(n, [p], "modules_to_save") for n in kept)]
     if missing:
         raise ValueError(f"LoraConfig.modules_to_save entries {missing} match no module")
-    summary = apply_edora(model, names, rank, alpha, init=init, seed=seed, progress=progress,
+    # The selected names as one full-match pattern: as a list they would also select every
+    # module whose name ends in "." + one of them, excluded ones included.
+    exact = "|".join(re.escape(n) for n in names)
+    summary = apply_edora(model, exact, rank, alpha, init=init, seed=seed, progress=progress,
                           dropout=config.lora_dropout, **layer_kwargs)
     if getattr(config, "inference_mode", False):
         freeze_all_but_adapters(model, trainable=False)
