@@ -40,6 +40,16 @@ def test_opcheck_backward(zero_magnitude):
                                False, *flags, "torch"))
 
 
+def assert_compiled_matches_eager(fn, args):
+    """y and the gradients of ``fn`` under torch.compile(fullgraph=True) equal eager's."""
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    y, grads = run_with_grads(fn, args)
+    y_c, grads_c = run_with_grads(compiled, args)
+    torch.testing.assert_close(y_c, y)
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name])
+
+
 @pytest.mark.parametrize("detach_norm", [True, False])
 def test_compile_fullgraph_matches_eager(detach_norm):
     args = make_case(12, 24, 18, 4).op_args()
@@ -47,12 +57,7 @@ def test_compile_fullgraph_matches_eager(detach_norm):
     def fn(**a):
         return edora_linear(**a, detach_norm=detach_norm)
 
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    y, grads = run_with_grads(fn, args)
-    y_c, grads_c = run_with_grads(compiled, args)
-    torch.testing.assert_close(y_c, y)
-    for name in grads:
-        torch.testing.assert_close(grads_c[name], grads[name])
+    assert_compiled_matches_eager(fn, args)
 
 
 def test_compile_layer_with_inductor():
@@ -89,9 +94,4 @@ def test_compile_with_zero_magnitude_columns():
     def fn(**a):
         return edora_linear(**a)
 
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    y, grads = run_with_grads(fn, args)
-    y_c, grads_c = run_with_grads(compiled, args)
-    torch.testing.assert_close(y_c, y)
-    for name in grads:
-        torch.testing.assert_close(grads_c[name], grads[name])
+    assert_compiled_matches_eager(fn, args)
