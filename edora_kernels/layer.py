@@ -199,7 +199,13 @@ class EDoRALinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to()/.half()/.cuda(): the cached terms belong to the old tensors; free them now.
         self.norm_cache.clear()
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)
+        # model.to(bf16) must not round R and m to half: an optimizer step of 1e-4 relative
+        # would not move them (as PEFT keeps adapters in fp32 on half models).
+        for param in (self.R, self.magnitude):
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
+        return result
 
     # --- merging ------------------------------------------------------------------------------
 

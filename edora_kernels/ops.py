@@ -156,10 +156,23 @@ def edora_linear(
 
     Weight, A and B get no gradient. Adapter tensors may be in another floating dtype than x
     (e.g. fp32 R and magnitude on a bf16 model): n is float64, g and the epilogue run in fp32
-    (fp64 for fp64 input) and the output has x's dtype. Forward-mode AD (``torch.func.jvp``,
+    (fp64 for fp64 input) and the output has x's dtype. Under ``torch.autocast`` the op runs at
+    the autocast dtype as F.linear does (x, weight, bias cast; R, m and the norm untouched).
+    Forward-mode AD (``torch.func.jvp``,
     ``torch.autograd.forward_ad``) and other functorch transforms run a composed-ATen version of
     the same formula.
     """
+    cast = _autocast_dtype(x)
+    if cast is not None:
+        # As F.linear under autocast: x, weight and bias at the autocast dtype; R, m and the
+        # float64 norm terms (from the uncast weight) as they are.
+        if norm_terms is None and isinstance(weight, Tensor) and isinstance(A, Tensor):
+            norm_terms = compute_norm_terms(weight, A)
+        with torch.autocast(x.device.type, enabled=False):
+            return edora_linear(
+                x.to(cast), _cast(weight, cast), _cast(bias, cast), A, B, R, magnitude, scaling,
+                dropout=dropout, dropout_mode=dropout_mode, detach_norm=detach_norm,
+                backend=backend, norm_terms=norm_terms)
     check_linear_args(x, weight, bias, A, B, R, magnitude, scaling, dropout, backend)
     if dropout_mode not in DROPOUT_MODES:
         raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {dropout_mode!r}")
@@ -184,6 +197,24 @@ def edora_linear(
         y = _linear_fwd(x2, weight, bias, A, B, R, magnitude, *norm_terms, scaling, save,
                         detach_norm, backend)[0]
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_dtype(x) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` gives F.linear here, or None outside autocast (and for
+    float64 inputs, which autocast leaves alone)."""
+    if not isinstance(x, Tensor) or x.dtype not in _AUTOCAST_FROM:
+        return None
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_FROM else t
 
 
 def _transformed(*tensors) -> bool:
@@ -328,6 +359,13 @@ def edora_epilogue(
     for name, t in (("y0", y0), ("x", x)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    cast = _autocast_dtype(x)
+    if cast is not None:  # as for edora_linear: the activations at the autocast dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return edora_epilogue(
+                _cast(y0, cast), x.to(cast), _cast(bias, cast), A, B, R, magnitude, scaling,
+                base_norm_sq=base_norm_sq, base_times_A=base_times_A, detach_norm=detach_norm,
+                backend=backend)
     out_features, in_features = B.shape[0], x.shape[-1]
     if tuple(y0.shape[:-1]) != tuple(x.shape[:-1]) or y0.shape[-1] != out_features:
         raise ValueError(f"y0 must have shape {(*x.shape[:-1], out_features)} (x's leading dims, "
