@@ -2,13 +2,15 @@
 
 Public entry points: ``edora_linear`` (the op), ``edora_epilogue`` (the op on any base layer),
 ``EDoRALinear`` (the layer), ``apply_edora`` and the adapter save/load (whole models),
-``randomized_svd`` (the batched initialiser), ``backend_info``.
+``merge_and_unload``, ``unload`` and ``export_peft_dora`` (leaving EDoRA), ``randomized_svd``
+(the batched initialiser), ``refresh_norm_terms``, ``backend_info``.
 The optional CUDA extension is never imported here; backends load on first use.
 """
 __version__ = "0.1.0"
 
 from .adapter_io import edora_state_dict, load_edora_state_dict, save_edora  # noqa: E402
 from .backends import info as backend_info  # noqa: E402
+from .export import export_peft_dora, merge_and_unload, unload  # noqa: E402
 from .layer import EDoRALinear, refresh_norm_terms  # noqa: E402
 from .model import apply_edora  # noqa: E402
 from .norm import base_norm_terms  # noqa: E402
@@ -23,9 +25,12 @@ __all__ = [
     "edora_epilogue",
     "edora_linear",
     "edora_state_dict",
+    "export_peft_dora",
     "load_edora_state_dict",
+    "merge_and_unload",
     "randomized_svd",
     "refresh_norm_terms",
     "save_edora",
+    "unload",
     "__version__",
 ]

@@ -253,25 +253,29 @@ class EDoRALinear(nn.Module):
         """Restore ``weight = W0`` from the (R, m, n) that :meth:`merge` used."""
         if not self.merged:
             raise RuntimeError("EDoRALinear is not merged")
-        R, m, n = (t.to(self.weight.device) for t in self._merge_snapshot)
-        cdt = n.dtype
-        delta = self.scaling * (self.B.to(cdt) @ R.to(cdt) @ self.A.to(cdt))
-        self.weight.copy_(self.weight.to(cdt) * (n / m.to(cdt)).unsqueeze(1) - delta)
+        self.weight.copy_(self.base_weight())
         self._merge_snapshot = None
         self.merged = False
 
     # --- state ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def base_weight(self) -> torch.Tensor:
+        """W0: the weight itself, or — merged — the weight unmerge() would restore (a copy)."""
+        if not self.merged:
+            return self.weight.detach()
+        R, m, n = (t.to(self.weight.device) for t in self._merge_snapshot)
+        cdt = n.dtype
+        delta = self.scaling * (self.B.to(cdt) @ R.to(cdt) @ self.A.to(cdt))
+        w0 = self.weight.detach().to(cdt) * (n / m.to(cdt)).unsqueeze(1) - delta
+        return w0.to(self.weight.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged:
             # A state dict always holds W0 (and only tensors): a merged layer writes the weight
             # that unmerge() would restore, so the file loads into any layer, merged or not.
-            R, m, n = self._merge_snapshot
-            cdt = n.dtype
-            delta = self.scaling * (self.B.to(cdt) @ R.to(cdt) @ self.A.to(cdt))
-            w0 = self.weight.detach().to(cdt) * (n / m.to(cdt)).unsqueeze(1) - delta
-            destination[prefix + "weight"] = w0.to(self.weight.dtype)
+            destination[prefix + "weight"] = self.base_weight()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # What is loaded is W0 and an adapter: the layer is unmerged afterwards.

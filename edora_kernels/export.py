@@ -1,0 +1,102 @@
+"""Leaving EDoRA: plain ``nn.Linear`` layers (merged or not), or a stock PEFT DoRA adapter.
+
+- :func:`merge_and_unload` replaces every EDoRA layer by an ``nn.Linear`` whose weight is the
+  merged ``m/‖V‖ ⊙ V``: a model that loads and runs without this package.
+- :func:`unload` replaces them by the ``nn.Linear`` with the original W0 (the adapter dropped).
+- :func:`export_peft_dora` writes a directory that ``peft.PeftModel.from_pretrained`` loads as a
+  DoRA adapter with identical outputs: EDoRA is DoRA with ``lora_A = A`` and ``lora_B = B R``
+  (same scaling, same magnitude), so tools that only know PEFT can serve it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .adapter_io import edora_layers
+
+
+def _plain_linear(layer, weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                       device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if layer.bias is not None:
+        linear.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
+    return linear
+
+
+def _replace_all(model: nn.Module, build) -> nn.Module:
+    """Every EDoRA layer (at every name it is registered under) replaced by ``build(layer)``;
+    all are built before the model changes."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name and id(module) in {id(m) for m in edora_layers(model).values()}:
+            names.setdefault(id(module), []).append(name)
+    layers = {id(m): m for m in edora_layers(model).values()}
+    built = {key: build(layers[key]) for key in names}
+    for key, where in names.items():
+        for name in where:
+            model.set_submodule(name, built[key])
+    return model
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every EDoRA layer by an ``nn.Linear`` holding the merged weight
+    ``m/‖W0 + s·BRA‖ ⊙ (W0 + s·BRA)`` (rounded once to W0's dtype); returns ``model``.
+
+    The new weights are fresh tensors: W0 and any parameter tied to it stay untouched.
+    """
+    if not edora_layers(model):
+        raise ValueError(f"{type(model).__name__} has no EDoRALinear layers")
+    return _replace_all(model, lambda layer: _plain_linear(layer, layer.merged_weight()))
+
+
+@torch.no_grad()
+def unload(model: nn.Module) -> nn.Module:
+    """Replace every EDoRA layer by the ``nn.Linear`` with its original W0 (adapter dropped)."""
+    if not edora_layers(model):
+        raise ValueError(f"{type(model).__name__} has no EDoRALinear layers")
+    return _replace_all(model, lambda layer: _plain_linear(layer, layer.base_weight()))
+
+
+def export_peft_dora(model: nn.Module, directory: str | os.PathLike, *,
+                     base_model_name_or_path: str | None = None,
+                     task_type: str | None = None) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` of a PEFT LoRA adapter
+    with ``use_dora=True`` whose outputs equal this EDoRA adapter's.
+
+    Every EDoRA layer must share one rank and alpha (PEFT's rank/alpha patterns could express
+    more, but a mixed export is refused rather than approximated). Keys follow PEFT's layout
+    for a model wrapped as ``base_model.model``.
+    """
+    layers = edora_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no EDoRALinear layers")
+    settings = {(layer.rank, layer.alpha) for layer in layers.values()}
+    if len(settings) > 1:
+        raise ValueError(f"layers differ in (rank, alpha): {sorted(settings)}; a PEFT export "
+                         "needs one rank and alpha")
+    (rank, alpha), = settings
+    tensors = {}
+    for name, layer in layers.items():
+        prefix = f"base_model.model.{name}"
+        B_R = layer.B.double() @ layer.R.detach().double()
+        tensors[f"{prefix}.lora_A.weight"] = layer.A.detach().float().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = B_R.float().contiguous()
+        tensors[f"{prefix}.lora_magnitude_vector"] = layer.magnitude.detach().float()
+    os.makedirs(directory, exist_ok=True)
+    save_file({k: v.cpu() for k, v in tensors.items()},
+              os.path.join(directory, "adapter_model.safetensors"))
+    # A full-match regex of exactly the adapted names: a suffix list could catch other modules.
+    targets = "|".join(re.escape(n) for n in sorted(layers))
+    config = {"peft_type": "LORA", "task_type": task_type, "r": rank, "lora_alpha": alpha,
+              "target_modules": f"^({targets})$",
+              "use_dora": True, "lora_dropout": 0.0, "bias": "none",
+              "base_model_name_or_path": base_model_name_or_path}
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
