@@ -69,6 +69,7 @@ class EDoRALinear(nn.Module):
         # the parameters in between (an optimizer step on leftover gradients, a load).
         self._merge_snapshot: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.norm_cache = NormTermsCache()
+        self.adapter_disabled = False  # EDoRAModel.disable_adapter(): run W0 alone
         # Set by apply_edora: other parameters of the model that share W0's storage (tied
         # embeddings) and that storage; merge() would change them too, so it refuses while the
         # layer still holds that storage.
@@ -157,6 +158,8 @@ class EDoRALinear(nn.Module):
     # --- forward ------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.adapter_disabled:
+            return F.linear(x, self.base_weight(), self.bias)
         if self.merged:
             if torch.is_grad_enabled() and (self.R.requires_grad or self.magnitude.requires_grad):
                 raise RuntimeError(

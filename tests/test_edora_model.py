@@ -1,0 +1,84 @@
+"""The PEFT-shaped wrapper: config JSON round trip, task heads trained and saved, save_pretrained
+/ from_pretrained restoring outputs bit-exactly on a real transformers model, disable_adapter,
+merge_and_unload, and PEFT's loader refusing an EDoRA directory instead of dropping it."""
+import pytest
+import torch
+
+from edora_kernels import EDoRAConfig, EDoRALinear, EDoRAModel, get_edora_model
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+def classifier(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=48,
+                                     max_position_embeddings=40, num_labels=3,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+CONFIG = EDoRAConfig(r=4, alpha=8.0, target_modules=["query", "value"], task_type="SEQ_CLS",
+                     seed=0)
+IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def test_config_json_round_trip_and_from_lora_config():
+    assert EDoRAConfig.from_dict(CONFIG.to_dict()) == CONFIG
+    lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v"], lora_dropout=0.1,
+                           task_type="SEQ_CLS", use_rslora=True)
+    config = EDoRAConfig.from_lora_config(lora)
+    assert (config.r, config.dropout, config.task_type) == (8, 0.1, "SEQ_CLS")
+    assert config.alpha == pytest.approx(16 * 8 ** 0.5)
+    with pytest.raises(ValueError, match="unknown EDoRAConfig fields \\['rank'\\]"):
+        EDoRAConfig.from_dict({"rank": 4})
+
+
+def test_task_head_trains_and_only_adapter_and_head_do():
+    model = get_edora_model(classifier(), CONFIG)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("classifier" in n for n in trainable)
+    assert all("classifier" in n or n.endswith((".R", ".magnitude")) for n in trainable)
+    model.print_trainable_parameters()
+
+
+def test_save_and_from_pretrained_restore_outputs_bit_exactly(tmp_path):
+    model = get_edora_model(classifier(), CONFIG)
+    with torch.no_grad():  # "train" the adapter and the head
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        expected = model(input_ids=IDS).logits
+    model.save_pretrained(tmp_path)
+    restored = EDoRAModel.from_pretrained(classifier(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(restored(input_ids=IDS).logits, expected)
+    assert not any(p.requires_grad for p in restored.parameters())
+    trainable = EDoRAModel.from_pretrained(classifier(), tmp_path, is_trainable=True)
+    assert any(p.requires_grad for p in trainable.parameters())
+
+
+def test_peft_loader_refuses_an_edora_directory(tmp_path):
+    get_edora_model(classifier(), CONFIG).save_pretrained(tmp_path)
+    with pytest.raises((KeyError, ValueError)):
+        peft.PeftModel.from_pretrained(classifier(), tmp_path)
+
+
+def test_disable_adapter_and_merge_and_unload():
+    base = classifier()
+    with torch.no_grad():
+        plain = base(input_ids=IDS).logits
+    model = get_edora_model(base, CONFIG)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, EDoRALinear):
+                layer.R.normal_(0, 0.5)
+        adapted = model(input_ids=IDS).logits
+        with model.disable_adapter():
+            torch.testing.assert_close(model(input_ids=IDS).logits, plain)
+        assert not torch.allclose(adapted, plain)
+        merged = model.merge_and_unload()
+        assert not any(isinstance(m, EDoRALinear) for m in merged.modules())
+        torch.testing.assert_close(merged(input_ids=IDS).logits, adapted, rtol=1e-4,
+                                   atol=1e-5)
