@@ -9,13 +9,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 from . import __version__, backend_info
 from .backends import NAMES
-from .bench.io import default_device, device_name
+from .bench.io import check_csv, csv_path, default_device, device_name
+from .bench.results import BenchError
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -40,36 +44,53 @@ def cmd_info(_args: argparse.Namespace) -> int:
     return 0
 
 
-# --- argument types: each names the flag's expected form in its error ----------------------------
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line naming the argument, exit status 2: a usage block would bury it."""
 
-def _csv_list(item_type, what: str):
-    def parse(text: str) -> list:
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# --- argument types: each names the flag's expected form in its error ----------------------------
+# The item parsers raise ValueError; _one and _csv_list turn it into "expected ..., got '...'".
+
+def _one(item, what: str):
+    def parse(text: str):
         try:
-            items = [item_type(part.strip()) for part in text.split(",") if part.strip()]
-        except (ValueError, KeyError) as err:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r} ({err})") from None
-        if not items:
-            raise argparse.ArgumentTypeError(f"expected {what}, got an empty list")
-        return items
+            return item(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
     return parse
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"{value} < 1")
-    return value
+def _csv_list(item, what: str):
+    def parse(text: str) -> list:
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        # A repeated entry would be measured twice under one name.
+        return list(dict.fromkeys(_one(item, what)(part) for part in parts))
+    return parse
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise ValueError(text)
+        return value
+    return parse
 
 
 def _shape(text: str) -> tuple[int, int]:
     in_f, out_f = text.lower().split("x")
-    return _positive_int(in_f), _positive_int(out_f)
+    return _int_at_least(1)(in_f), _int_at_least(1)(out_f)
 
 
 def _choice(choices):
     def parse(text: str) -> str:
         if text not in choices:
-            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+            raise ValueError(text)
         return text
     return parse
 
@@ -78,20 +99,20 @@ def _device(text: str) -> torch.device:
     try:
         device = torch.device(text)
     except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+        raise ValueError(text) from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(text)
     return device
 
 
 def _dtype(text: str) -> torch.dtype:
-    if text not in DTYPES:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(DTYPES)}, got {text!r}")
-    return DTYPES[text]
+    return DTYPES[_choice(DTYPES)(text)]
 
 
 INIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-OP_ONLY = ("tokens", "shapes", "providers", "modes", "compile")
+# Flags that --init and --model would ignore; --model takes --providers from its own list.
+NOT_FOR = {"--init": ("tokens", "shapes", "providers", "modes", "compile"),
+           "--model": ("tokens", "shapes", "modes", "compile")}
 
 
 def _init_case(args: argparse.Namespace) -> str:
@@ -99,29 +120,75 @@ def _init_case(args: argparse.Namespace) -> str:
 
 
 def _check_bench(args: argparse.Namespace) -> None:
-    """Flag combinations argparse cannot express; ``args.error`` exits with the usage."""
+    """Flag combinations argparse cannot express; ``args.error`` exits with one line."""
     init_flags = {"init_llama7b": "--init-llama7b", "init_orth": "--init-orth",
                   "init_device": "--init-device", "init_shrink": "--init-shrink"}
     if not args.init:
         for key, flag in init_flags.items():
             if getattr(args, key) not in (None, False):
                 args.error(f"{flag} applies to --init only")
-        return
     # Rejected rather than ignored: a flag that silently does nothing misleads the reader.
-    for key in OP_ONLY:
+    what = "--init" if args.init else "--model" if args.model is not None else None
+    for key in NOT_FOR.get(what, ()):
         if getattr(args, key) not in (None, False):
-            args.error(f"--{key} does not apply to --init")
+            args.error(f"--{key} does not apply to {what}")
+    if args.model is not None and args.providers is not None:
+        from .bench.model_step import MODEL_PROVIDERS
+
+        other = [p for p in args.providers if p not in MODEL_PROVIDERS]
+        if other:
+            args.error(f"argument --providers: with --model, expected providers from "
+                       f"{', '.join(MODEL_PROVIDERS)}, got {other[0]!r}")
+    if not args.init:
+        return
     case = _init_case(args)
     if args.dtype is not None and (case != "llama7b" or args.dtype not in INIT_DTYPES):
         args.error("--dtype with --init: --init-llama7b only, and fp32, bf16 or fp16")
     if args.init_shrink is not None and case != "llama7b":
         args.error("--init-shrink applies to --init-llama7b only")
-    from .bench.init import default_init_device
+    from .bench.init import LLAMA_BLOCK, ROBERTA_BASE, default_init_device
 
-    device = args.init_device or default_init_device(case)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    sizes = (LLAMA_BLOCK.values() if case == "llama7b"
+             else [shape for shape, _ in ROBERTA_BASE.values()])
+    smallest = min(min(shape) for shape in sizes)
+    shrink = args.init_shrink or 1
+    if smallest // shrink < 1:
+        args.error(f"argument --init-shrink: {shrink} leaves nothing of the {smallest}-wide "
+                   f"matrices (at most {smallest})")
+    if args.ranks is not None:
+        _check_rank(args, args.ranks[0], smallest // shrink,
+                    f"the --init case's {smallest // shrink}-wide matrices")
+    args.init_device = args.init_device or default_init_device(case)
+    if args.init_device.type == "cuda" and not torch.cuda.is_available():
         args.error("CUDA is not available here; pass --init-device cpu (with --init-shrink for "
                    "--init-llama7b)")
+
+
+def _check_rank(args: argparse.Namespace, rank: int, upper: int, of: str) -> None:
+    if rank > upper:
+        args.error(f"argument --ranks: rank {rank} exceeds min(in, out) = {upper} of {of}")
+
+
+def _writable_dir(args: argparse.Namespace, flag: str, path: Path) -> None:
+    """Create ``path`` if missing and make sure files can be written in it: checked before any
+    work, so that no measurement is lost to a bad path at the end."""
+    if path.exists() and not path.is_dir():
+        args.error(f"argument {flag}: {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        args.error(f"argument {flag}: cannot create {path}: {err.strerror}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        args.error(f"argument {flag}: cannot write to {path}")
+
+
+def _check_out(args: argparse.Namespace, device: torch.device | None = None) -> None:
+    out = Path(args.out)
+    _writable_dir(args, "--out", out)
+    try:
+        check_csv(csv_path(out, device))  # rows can be appended to it
+    except (OSError, ValueError) as err:
+        args.error(f"argument --out: {err}")
 
 
 def _bench_init(args: argparse.Namespace, settings: dict) -> None:
@@ -135,51 +202,83 @@ def _bench_init(args: argparse.Namespace, settings: dict) -> None:
                    **{k: v for k, v in options.items() if v is not None})
 
 
+def _model_config(args: argparse.Namespace, device: torch.device):
+    from .bench.model_step import default_model_config
+
+    cfg = default_model_config(device, args.model)
+    for key in ("dtype", "repeats", "warmup", "providers"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    if args.ranks is not None:
+        cfg.rank = args.ranks[0]
+    # The smallest linears of a block (q, k, v, o) are hidden x hidden.
+    _check_rank(args, cfg.rank, cfg.hidden, f"the {cfg.preset} model's {cfg.hidden}x{cfg.hidden} "
+                "linears")
+    return cfg
+
+
+def _op_config(args: argparse.Namespace, device: torch.device):
+    from .bench.op import default_config
+
+    cfg = default_config(device)
+    for key in ("tokens", "shapes", "ranks", "dtype", "providers", "modes", "repeats", "warmup"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    if args.compile and "compiled" not in cfg.providers:
+        cfg.providers = [*cfg.providers, "compiled"]
+    for rank in cfg.ranks:
+        for in_f, out_f in cfg.shapes:
+            _check_rank(args, rank, min(in_f, out_f), f"--shapes {in_f}x{out_f}")
+    return cfg
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.results import report
+    from .bench.results import Run, report
 
     _check_bench(args)
     if args.threads is not None:
         # Before anything runs: the thread count is part of the CPU's name in the results.
         torch.set_num_threads(args.threads)
-    device = default_device()
     settings = {k: (str(v) if isinstance(v, (torch.dtype, torch.device)) else v)
                 for k, v in vars(args).items() if k not in ("func", "error")}
     if args.init:
+        _check_out(args, args.init_device)
         _bench_init(args, settings)
         return 0
     if args.model is not None:
-        from .bench.model_step import default_model_config, run_model_bench
+        from .bench.model_step import run_model_bench
 
-        cfg = default_model_config(device, args.model)
-        for key in ("dtype", "repeats", "warmup"):
-            if getattr(args, key) is not None:
-                setattr(cfg, key, getattr(args, key))
-        if args.ranks is not None:
-            cfg.rank = args.ranks[0]
-        if args.providers is not None:
-            cfg.providers = args.providers
-        run = run_model_bench(cfg, settings)
+        cfg, bench = _model_config(args, default_device()), run_model_bench
     else:
-        from .bench.op import default_config, run_op_bench
+        from .bench.op import run_op_bench
 
-        cfg = default_config(device)
-        for key in ("tokens", "shapes", "ranks", "dtype", "providers", "modes", "repeats",
-                    "warmup"):
-            if getattr(args, key) is not None:
-                setattr(cfg, key, getattr(args, key))
-        if args.compile and "compiled" not in cfg.providers:
-            cfg.providers = [*cfg.providers, "compiled"]
-        run = run_op_bench(cfg, settings)
-    report(run, args.out)
+        cfg, bench = _op_config(args, default_device()), run_op_bench
+    _check_out(args)
+    run = Run(settings=settings, out_dir=Path(args.out))
+    try:
+        bench(cfg, run)
+    finally:
+        # Also after a failure or an interrupt: the table and the JSON of what was measured.
+        report(run)
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .bench.plot import plot_csv
+    from .bench.plot import plot_rows, ratio_rows
 
-    path = plot_csv(args.csv, args.out)
-    print(f"wrote {path}")
+    out = Path(args.out) if args.out is not None else Path(args.csv).with_suffix(".png")
+    if out.suffix.lower() != ".png":
+        args.error(f"argument --out: expected a .png path, got {args.out!r}")
+    if out.is_dir():
+        args.error(f"argument --out: {out} is a directory, expected a .png path")
+    try:
+        rows = ratio_rows(args.csv)
+    except OSError as err:
+        args.error(f"argument csv: cannot read {args.csv}: {err.strerror}")
+    except ValueError as err:
+        args.error(f"argument csv: {err}")
+    _writable_dir(args, "--out", out.parent)
+    print(f"wrote {plot_rows(rows, out)}")
     return 0
 
 
@@ -205,27 +304,33 @@ def _add_bench(sub) -> None:
         "bench", help="time the op (or a model training step) against the frozen linear, PEFT "
         "and the naive reference", description="Unset flags take defaults sized to the device "
         "(CPU: fp32, N=2048, 1024x1024 and 512x2048, r=16; GPU: bf16, N=8192, LLaMA-7B/13B "
-        "layer shapes). Results are appended to <out>/bench_<device>.csv.")
+        "layer shapes). Each case's rows are appended to <out>/bench_<device>.csv as soon as it is "
+        "measured; the whole run goes to a JSON beside it at the end, also after a failure.")
     p.set_defaults(func=cmd_bench, error=p.error)
-    p.add_argument("--tokens", type=_csv_list(_positive_int, "token counts like 2048,4096"),
+    p.add_argument("--tokens", type=_csv_list(_int_at_least(1), "token counts >= 1 like "
+                                              "2048,4096"),
                    help="N, the flattened leading dims of x")
-    p.add_argument("--shapes", type=_csv_list(_shape, "INxOUT,... like 1024x1024,4096x11008"),
+    p.add_argument("--shapes", type=_csv_list(_shape, "shapes INxOUT,... like "
+                                              "1024x1024,4096x11008"),
                    help="layer shapes as INxOUT,...")
-    p.add_argument("--ranks", type=_csv_list(_positive_int, "ranks like 16,64"),
+    p.add_argument("--ranks", type=_csv_list(_int_at_least(1), "ranks >= 1 like 16,64"),
                    help="adapter ranks (--model, --init: the first one; --init default 16)")
-    p.add_argument("--dtype", type=_dtype, help="fp32, bf16, fp16 or fp64 (--init-llama7b: the "
-                   "model's dtype, default bf16; the SVDs run in fp32 either way)")
+    p.add_argument("--dtype", type=_one(_dtype, f"one of {', '.join(DTYPES)}"),
+                   help="fp32, bf16, fp16 or fp64 (--init-llama7b: the model's dtype, default "
+                        "bf16; the SVDs run in fp32 either way)")
     any_provider = tuple(dict.fromkeys(PROVIDERS + MODEL_PROVIDERS))
-    p.add_argument("--providers", type=_csv_list(_choice(any_provider), "provider names"),
+    p.add_argument("--providers", type=_csv_list(_choice(any_provider), "providers from "
+                                                 f"{', '.join(any_provider)}"),
                    help=f"op: {', '.join(PROVIDERS)}; --model: {', '.join(MODEL_PROVIDERS)}")
     p.add_argument("--modes", type=_csv_list(_choice(MODES), f"modes from {', '.join(MODES)}"),
                    help="fwd (inference forward), fwd+bwd (training step of the layer)")
-    p.add_argument("--repeats", type=_positive_int,
+    p.add_argument("--repeats", type=_one(_int_at_least(1), "an integer >= 1"),
                    help="timed calls per provider (--init default 3)")
-    p.add_argument("--warmup", type=int, help="untimed calls per provider first (--init default 1)")
+    p.add_argument("--warmup", type=_one(_int_at_least(0), "an integer >= 0"),
+                   help="untimed calls per provider first (--init default 1)")
     p.add_argument("--compile", action="store_true",
                    help="add 'compiled': torch.compile(fullgraph=True) of the torch backend")
-    p.add_argument("--threads", type=_positive_int,
+    p.add_argument("--threads", type=_one(_int_at_least(1), "an integer >= 1"),
                    help="CPU threads for torch (default: torch's choice); on a shared machine "
                         "one thread per process is less disturbed by other processes")
     # Not the tracked bench/results/: a run should not dirty the checkout it runs from.
@@ -249,24 +354,24 @@ def _add_bench(sub) -> None:
     case.add_argument("--init-orth", action="store_true",
                       help="instead: the orthonormalisation choices (Householder QR against "
                            "Cholesky-QR variants) on the sketches of the RoBERTa-base case")
-    init.add_argument("--init-device", type=_device,
+    init.add_argument("--init-device", type=_one(_device, "cpu, cuda or cuda:N"),
                       help="cpu, cuda or cuda:N (default: cpu; cuda with --init-llama7b)")
-    init.add_argument("--init-shrink", type=_positive_int,
+    init.add_argument("--init-shrink", type=_one(_int_at_least(1), "an integer >= 1"),
                       help="--init-llama7b: divide every dimension by this, for smoke tests "
                            "(default: 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edora-kernels", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="edora-kernels", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("info", help="print versions, the device and which backends can run"
                    ).set_defaults(func=cmd_info)
     _add_bench(sub)
     plot = sub.add_parser("plot", help="PNG charts (ratio to the frozen linear) of a bench CSV")
     plot.add_argument("csv", help="a CSV written by 'edora-kernels bench'")
     plot.add_argument("--out", help="PNG path (default: the CSV's path with .png)")
-    plot.set_defaults(func=cmd_plot)
+    plot.set_defaults(func=cmd_plot, error=plot.error)
     check = sub.add_parser("check", help="self-test every available backend against the "
                            "reference; exit status 1 on any mismatch")
     check.add_argument("--backends",
@@ -279,7 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BenchError as err:
+        print(f"edora-kernels {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"edora-kernels {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
 """The ``edora-kernels`` command line on tiny shapes: info, bench (CSV and JSON; op, --init),
-plot, check."""
+plot, check; one-line argument errors, results saved as they are measured, failing providers."""
 import csv
 import importlib.util
 import json
+import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,9 +14,10 @@ import torch
 from edora_kernels import backends
 from edora_kernels.backends import torch_backend
 from edora_kernels.bench import init as init_bench
-from edora_kernels.bench.io import BENCH_COLUMNS, append_rows
+from edora_kernels.bench import model_step, op, providers
+from edora_kernels.bench.io import BENCH_COLUMNS, append_rows, csv_path
 from edora_kernels.cli import main
-from edora_kernels.svd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLE
+from edora_kernels.svd import DEFAULT_N_ITER, default_oversample
 from edora_kernels.tolerances import TOLERANCE
 
 HAS_PEFT = importlib.util.find_spec("peft") is not None
@@ -111,9 +116,10 @@ def test_bench_init_writes_csv_and_json(tmp_path, no_init_pause):
     (csv_path,) = tmp_path.glob("bench_*.csv")
     (json_path,) = tmp_path.glob("init_*.json")
     rows = _read_csv(csv_path)
-    rsvd = f"edora_kernels.randomized_svd(p={DEFAULT_OVERSAMPLE},q={DEFAULT_N_ITER})"
+    rsvd = f"edora_kernels.randomized_svd(p={default_oversample(INIT_RANK)},q={DEFAULT_N_ITER})"
     lowrank = f"torch.svd_lowrank(q={INIT_RANK + 10},niter=4)"
-    accuracy = {"residual_ratio_mean", "residual_ratio_max", "sigma_rel_error_max"}
+    accuracy = {"residual_ratio_mean", "residual_ratio_max", "sigma_rel_error_max",
+                "energy_min", "energy_mean", "subspace_cos2_min", "subspace_cos2_mean"}
     metrics = {}
     for row in rows:
         metrics.setdefault(row["provider"], {})[row["metric"]] = row
@@ -124,7 +130,7 @@ def test_bench_init_writes_csv_and_json(tmp_path, no_init_pause):
         assert set(metrics[provider]) == {"time_s", "speedup_vs_svd_lowrank"} | accuracy
         ratio = metrics[provider]["residual_ratio_max"]
         assert 1 - 1e-6 <= float(ratio["p50"]) < 1.1  # the rank-r optimum is a lower bound
-    assert len(rows) == 2 + 2 * 5
+    assert len(rows) == 2 + 2 * (2 + len(accuracy))
     assert float(metrics[lowrank]["speedup_vs_svd_lowrank"]["p50"]) == pytest.approx(1.0)
     for by_metric in metrics.values():
         time = by_metric["time_s"]
@@ -146,7 +152,7 @@ def test_bench_init_writes_csv_and_json(tmp_path, no_init_pause):
 @pytest.mark.parametrize("args, kernel, json_prefix, n_rows", [
     # op: 2 providers x (time, ratio, tflops, max_error), plus peak_bytes on CUDA
     (OP_TINY, "edora_linear", "bench_", 2 * (4 + torch.cuda.is_available())),
-    (INIT_TINY, "init_svd", "init_", 12),
+    (INIT_TINY, "init_svd", "init_", 20),
 ], ids=["op", "init"])
 def test_bench_default_out_dir(tmp_path, monkeypatch, no_init_pause, args, kernel, json_prefix,
                                n_rows):
@@ -177,6 +183,9 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine 
     (["--init", "--init-orth", "--dtype", "bf16"], "--dtype"),
     (["--init", "--init-llama7b", "--dtype", "fp64"], "--dtype"),
     (["--init", "--ranks", "0"], "--ranks"),
+    (["--init", "--ranks", "769"], "--ranks"),
+    (["--init", "--init-llama7b", "--init-shrink", "64", "--ranks", "65"], "--ranks"),
+    (["--init", "--init-llama7b", "--init-shrink", "5000"], "--init-shrink"),
     pytest.param(["--init", "--init-llama7b"], "--init-device", marks=NO_CUDA),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bench_init_rejects_bad_flags(tmp_path, monkeypatch, capsys, args, flag):
@@ -250,3 +259,259 @@ def test_bench_model_step(tmp_path):
     assert {r["kernel"] for r in rows} == {"llama_train_step"}
     errors = [float(r["p50"]) for r in rows if r["metric"] == "max_error"]
     assert errors and max(errors) < 1e-4  # every adapter starts at (nearly) the base model
+
+
+# --- errors: one line naming the argument, exit status 2, before any work ------------------------
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("\n") and "usage:" not in err
+    return err
+
+
+@pytest.fixture
+def no_op_bench(monkeypatch):
+    """Records op benchmark runs instead of running them: a rejected command must run none."""
+    calls = []
+    monkeypatch.setattr(op, "run_op_bench", lambda *args: calls.append(args))
+    return calls
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--warmup", "-1"], "argument --warmup: expected an integer >= 0, got '-1'"),
+    (["--repeats", "0"], "argument --repeats: expected an integer >= 1, got '0'"),
+    (["--shapes", "8x8", "--ranks", "16"],
+     "argument --ranks: rank 16 exceeds min(in, out) = 8 of --shapes 8x8"),
+    (["--ranks", "2,0"], "argument --ranks: expected ranks >= 1 like 16,64, got '0'"),
+    (["--tokens", "8,x"], "argument --tokens: expected token counts >= 1"),
+    (["--providers", "frozen,nope"], "argument --providers: expected providers from frozen,"),
+    (["--modes", "fwd,bwd"], "argument --modes: expected modes from fwd, fwd+bwd, got 'bwd'"),
+    (["--dtype", "fp8"], "argument --dtype: expected one of fp32,"),
+    (["--model", "micro", "--providers", "frozen"],
+     "argument --providers: with --model, expected providers from peft_lora,"),
+    (["--model", "micro", "--ranks", "65"], "argument --ranks: rank 65 exceeds min(in, out) = 64"),
+    (["--model", "micro", "--modes", "fwd"], "--modes does not apply to --model"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bench_rejects_bad_arguments(tmp_path, monkeypatch, capsys, no_op_bench, args, message):
+    monkeypatch.chdir(tmp_path)
+    err = _one_line_error(capsys, ["bench", *args])
+    assert err.startswith("edora-kernels bench: error: ") and message in err
+    assert not any(tmp_path.iterdir()) and not no_op_bench
+
+
+def _bad_out(tmp_path, kind: str):
+    if kind == "a file":
+        (tmp_path / "results").write_text("not a folder\n")
+        return tmp_path / "results"
+    if kind == "under a file":
+        (tmp_path / "file").write_text("")
+        return tmp_path / "file" / "results"
+    if kind.startswith("/proc"):
+        return kind
+    if kind == "read-only":
+        folder = tmp_path / "read-only"
+        folder.mkdir(mode=0o555)
+        return folder
+    # A CSV of another schema where the results would be appended.
+    csv_path(tmp_path).write_text("a,b\n1,2\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("a file", "exists and is not a directory"),
+    ("under a file", "cannot create"),
+    ("/proc/x", "cannot create /proc/x"),
+    ("/proc/self", "cannot write to /proc/self"),  # exists, not writable even for root
+    pytest.param("read-only", "cannot write to", marks=pytest.mark.skipif(
+        os.geteuid() == 0, reason="root writes through permissions")),
+    ("another schema's CSV", "is not a bench CSV"),
+])
+def test_bench_rejects_a_bad_out_before_running(tmp_path, capsys, no_op_bench, kind, message):
+    out = _bad_out(tmp_path, kind)
+    err = _one_line_error(capsys, [*OP_TINY, "--out", str(out)])
+    assert err.startswith("edora-kernels bench: error: argument --out: ") and message in err
+    assert not no_op_bench
+
+
+def test_bench_init_rejects_a_bad_out_before_running(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(init_bench, "run_init_bench", lambda *args, **kwargs: calls.append(args))
+    err = _one_line_error(capsys, [*INIT_TINY, "--out", str(_bad_out(tmp_path, "a file"))])
+    assert "argument --out: " in err and not calls
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read"),
+    ("", "is empty"),
+    ("a,b\n1,2\n", "is not a bench CSV"),
+    (",".join(BENCH_COLUMNS) + "\n", "has no ratio_to_* rows"),
+], ids=["missing", "empty", "other columns", "no rows"])
+def test_plot_rejects_a_bad_csv(tmp_path, capsys, content, message):
+    path = tmp_path / "bench.csv"
+    if content is not None:
+        path.write_text(content)
+    err = _one_line_error(capsys, ["plot", str(path)])
+    assert err.startswith("edora-kernels plot: error: argument csv: ") and message in err
+    assert not (tmp_path / "bench.png").exists()
+
+
+def test_plot_rejects_an_out_that_is_not_png(bench_dir, tmp_path, capsys):
+    (path,) = bench_dir.glob("bench_*.csv")
+    err = _one_line_error(capsys, ["plot", str(path), "--out", str(tmp_path / "chart.pdf")])
+    assert "argument --out: expected a .png path" in err
+
+
+@pytest.mark.parametrize("args", [["bench", "--warmup", "-1"], ["plot", "missing.csv"]],
+                         ids=["bench", "plot"])
+def test_error_is_one_line_without_traceback(tmp_path, args):
+    proc = subprocess.run([sys.executable, "-m", "edora_kernels", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"edora-kernels {args[0]}: ")
+    assert "Traceback" not in proc.stderr and "usage:" not in proc.stderr
+
+
+# --- failures during a run: the others go on, nothing measured is lost ---------------------------
+
+FAIL_TINY = ["bench", "--tokens", "8", "--shapes", "16x16", "--ranks", "2,4", "--repeats", "2",
+             "--warmup", "0", "--providers", "frozen,reference,torch"]
+
+
+def _raise(err):
+    def fn(*args):
+        raise err
+    return fn
+
+
+def _patch_builder(monkeypatch, name: str, *, rank=None, at: str, err: BaseException):
+    """BUILDERS[name] raises ``err`` at build, or its runner at each step, on cases of ``rank``
+    (every case when None)."""
+    real = providers.BUILDERS[name]
+
+    def build(case):
+        if rank is not None and case.dims[3] != rank:
+            return real(case)
+        if at == "build":
+            raise err
+        runner = real(case)
+        runner.fn = _raise(err)
+        return runner
+
+    monkeypatch.setitem(providers.BUILDERS, name, build)
+
+
+def _by_key(rows):
+    return {(r["provider"], r["x"], r["mode"], r["metric"]): r for r in rows}
+
+
+@pytest.mark.parametrize("at", ["build", "step"])
+def test_bench_reports_a_failing_provider_and_runs_the_others(tmp_path, monkeypatch, capsys, at):
+    _patch_builder(monkeypatch, "torch", at=at,
+                   err=RuntimeError("torch.compile failed\nthe rest of a long message"))
+    assert main([*FAIL_TINY, "--out", str(tmp_path)]) == 0
+    rows = _by_key(_read_csv(csv_path(tmp_path)))
+    for x in ("8x16x16 r2", "8x16x16 r4"):
+        for mode in ("fwd", "fwd+bwd"):
+            for name in ("frozen", "reference"):
+                assert float(rows[(name, x, mode, "time_ms")]["p50"]) > 0
+            error = rows[("torch", x, mode, "error")]
+            assert error["unit"] == "RuntimeError" and math.isnan(float(error["p50"]))
+            assert ("torch", x, mode, "time_ms") not in rows
+    (json_path,) = tmp_path.glob("bench_*.json")
+    run = json.loads(json_path.read_text())
+    message = "RuntimeError: torch.compile failed"
+    assert f"failed torch on 8x16x16 r4 fwd+bwd: {message}" in run["notes"]
+    assert not any("long message" in note for note in run["notes"])
+    failed = [r for r in run["results"] if r["error"] is not None]
+    assert {r["provider"] for r in failed} == {"torch"} and len(failed) == 4
+    table = capsys.readouterr().out
+    assert f"failed: {message}" in table and "long message" not in table
+
+
+def test_bench_provider_failing_in_one_mode_keeps_the_other(tmp_path, monkeypatch):
+    real = providers.BUILDERS["torch"]
+
+    def build(case):
+        runner = real(case)
+        forward = runner.fn
+
+        def fn(x):
+            if torch.is_grad_enabled():
+                raise ValueError("no backward here")
+            return forward(x)
+
+        runner.fn = fn
+        return runner
+
+    monkeypatch.setitem(providers.BUILDERS, "torch", build)
+    assert main([*FAIL_TINY, "--ranks", "2", "--out", str(tmp_path)]) == 0
+    rows = _by_key(_read_csv(csv_path(tmp_path)))
+    assert float(rows[("torch", "8x16x16 r2", "fwd", "time_ms")]["p50"]) > 0
+    assert rows[("torch", "8x16x16 r2", "fwd+bwd", "error")]["unit"] == "ValueError"
+    assert float(rows[("reference", "8x16x16 r2", "fwd+bwd", "time_ms")]["p50"]) > 0
+
+
+@pytest.mark.parametrize("at", ["build", "step"])
+def test_bench_baseline_failing_late_loses_nothing(tmp_path, monkeypatch, capsys, at):
+    """The baseline failing on the second case ends the run (exit 1, one line); the first case's
+    rows were on disk before the second began, and the JSON still has them."""
+    path = csv_path(tmp_path)
+    _patch_builder(monkeypatch, "frozen", rank=4, at=at, err=RuntimeError("out of memory"))
+    failing = providers.BUILDERS["frozen"]
+    on_disk = []
+
+    def build(case):
+        if case.dims[3] == 4:
+            on_disk.append(len(_read_csv(path)))
+        return failing(case)
+
+    monkeypatch.setitem(providers.BUILDERS, "frozen", build)
+    assert main([*FAIL_TINY, "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    where = "8x16x16 r4" + (" fwd" if at == "step" else "")
+    assert err == (f"edora-kernels bench: error: the baseline provider 'frozen' failed on {where}: "
+                   "RuntimeError: out of memory\n")
+    rows = _read_csv(path)
+    # 3 providers x 2 modes x (time, ratio, tflops, max_error), saved_bytes in fwd+bwd
+    assert len(rows) == on_disk[0] == 3 * (2 * 4 + 1) + 3 * torch.cuda.is_available() * 2
+    assert {r["x"] for r in rows} == {"8x16x16 r2"}
+    (json_path,) = tmp_path.glob("bench_*.json")
+    run = json.loads(json_path.read_text())
+    assert len(run["results"]) == 6 and len(run["rows"]) == len(rows)
+
+
+def test_bench_interrupted_keeps_what_was_measured(tmp_path, monkeypatch, capsys):
+    _patch_builder(monkeypatch, "torch", rank=4, at="build", err=KeyboardInterrupt())
+    assert main([*FAIL_TINY, "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "edora-kernels bench: interrupted\n"
+    assert {r["x"] for r in _read_csv(csv_path(tmp_path))} == {"8x16x16 r2"}
+    (json_path,) = tmp_path.glob("bench_*.json")
+    assert {r["x"] for r in json.loads(json_path.read_text())["results"]} == {"8x16x16 r2"}
+
+
+@pytest.mark.skipif(not HAS_PEFT or importlib.util.find_spec("transformers") is None,
+                    reason="needs peft and transformers")
+def test_bench_model_step_reports_a_failing_provider(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_step, "_with_edora", _raise(RuntimeError("apply_edora failed")))
+    assert main(["bench", "--model", "micro", "--ranks", "4", "--repeats", "1", "--warmup", "0",
+                 "--providers", "peft_lora,torch", "--out", str(tmp_path)]) == 0
+    rows = _read_csv(csv_path(tmp_path))
+    assert float(next(r for r in rows if r["provider"] == "peft_lora"
+                      and r["metric"] == "time_ms")["p50"]) > 0
+    (error,) = [r for r in rows if r["provider"] == "torch"]
+    assert (error["metric"], error["unit"]) == ("error", "RuntimeError")
+
+
+def test_bench_compiled_over_two_ranks(tmp_path):
+    """torch.compile of the op on two ranks, whose python-float scalings differ, runs through."""
+    assert main(["bench", "--tokens", "64", "--shapes", "32x48", "--ranks", "4,8", "--compile",
+                 "--providers", "frozen", "--repeats", "2", "--warmup", "1",
+                 "--out", str(tmp_path)]) == 0
+    rows = _read_csv(csv_path(tmp_path))
+    assert not [r for r in rows if r["metric"] == "error"]
+    timed = {(r["x"], r["mode"]) for r in rows
+             if r["provider"] == "compiled" and r["metric"] == "time_ms"}
+    assert timed == {(f"64x32x48 r{rank}", mode) for rank in (4, 8) for mode in ("fwd", "fwd+bwd")}

@@ -3,7 +3,9 @@
 One row per (kernel, provider, mode, case, metric). Timing rows carry the 50th/20th/80th
 percentiles; single-valued metrics (bytes, errors) repeat the value in all three so that every
 row reads the same way. ``x`` is the case label a chart puts on its axis; ``shape`` spells the
-same case out as ``key=value`` pairs for programs.
+same case out as ``key=value`` pairs for programs. A provider that failed on a case gets, per
+mode, one row with metric ``error``, the exception's type as unit and NaN values (the message is
+in the run's JSON).
 """
 from __future__ import annotations
 
@@ -25,6 +27,26 @@ BENCH_COLUMNS = (
 _VERSIONED = ("edora-kernels", "torch", "triton", "peft", "transformers")
 
 
+def _check_header(path: Path, header: list[str]) -> None:
+    if tuple(header) != BENCH_COLUMNS:
+        raise ValueError(f"{path} is not a bench CSV: columns ({', '.join(header)}), expected "
+                         f"({', '.join(BENCH_COLUMNS)})")
+
+
+def check_csv(path: str | os.PathLike) -> None:
+    """Raise ValueError unless ``path`` is missing, empty or a CSV with ``BENCH_COLUMNS``: what
+    ``append_rows`` can add to."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file")
+    if path.stat().st_size == 0:
+        return
+    with path.open(newline="") as f:
+        _check_header(path, next(csv.reader(f), []))
+
+
 def append_rows(path: str | os.PathLike, rows: list[dict]) -> Path:
     """Append ``rows`` (dicts with exactly ``BENCH_COLUMNS``) to the CSV at ``path``.
 
@@ -32,16 +54,12 @@ def append_rows(path: str | os.PathLike, rows: list[dict]) -> Path:
     so that one file never mixes schemas.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     for row in rows:
         if set(row) != set(BENCH_COLUMNS):
             raise ValueError(f"row keys {sorted(row)} do not match BENCH_COLUMNS {BENCH_COLUMNS}")
+    check_csv(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
-    if not new:
-        with path.open(newline="") as f:
-            header = tuple(next(csv.reader(f), ()))
-        if header != BENCH_COLUMNS:
-            raise ValueError(f"{path} has columns {header}, expected {BENCH_COLUMNS}")
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=BENCH_COLUMNS)
         if new:
@@ -51,15 +69,31 @@ def append_rows(path: str | os.PathLike, rows: list[dict]) -> Path:
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
-    """The rows of a benchmark CSV, with p50/p20/p80 as floats."""
-    with Path(path).open(newline="") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != BENCH_COLUMNS:
-            raise ValueError(f"{path} has columns {reader.fieldnames}, expected {BENCH_COLUMNS}")
-        rows = list(reader)
-    for row in rows:
+    """The rows of a benchmark CSV, with p50/p20/p80 as floats; ValueError naming the file (and
+    line) when it is not one."""
+    path = Path(path)
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                raise ValueError(f"{path} is empty, expected a CSV written by "
+                                 "'edora-kernels bench'")
+            _check_header(path, reader.fieldnames)
+            rows = list(reader)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file") from None
+    except csv.Error as err:
+        raise ValueError(f"{path} is not a valid CSV ({err})") from None
+    for line, row in enumerate(rows, start=2):
+        # DictReader fills short rows with None and files extra cells under the key None.
+        if None in row or None in row.values():
+            raise ValueError(f"{path} line {line}: expected {len(BENCH_COLUMNS)} fields")
         for key in ("p50", "p20", "p80"):
-            row[key] = float(row[key])
+            try:
+                row[key] = float(row[key])
+            except ValueError:
+                raise ValueError(f"{path} line {line}: {key} is not a number: "
+                                 f"{row[key]!r}") from None
     return rows
 
 
@@ -70,20 +104,26 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
     return path
 
 
+def csv_path(out_dir: str | os.PathLike, device: torch.device | None = None) -> Path:
+    """``<out_dir>/bench_<device>.csv``: every benchmark on a device shares it (one schema)."""
+    return Path(out_dir) / f"bench_{device_slug(device)}.csv"
+
+
+def json_path(out_dir: str | os.PathLike, stamp: str, device: torch.device | None = None,
+              prefix: str = "bench") -> Path:
+    """``<out_dir>/<prefix>_<device>_<stamp>.json``, ``stamp`` (a ``timestamp()``) without
+    separators."""
+    compact = stamp.replace("-", "").replace(":", "").replace(".", "")
+    return Path(out_dir) / f"{prefix}_{device_slug(device)}_{compact}.json"
+
+
 def save_run(out_dir: str | os.PathLike, rows: list[dict], payload: dict, *, stamp: str,
              device: torch.device | None = None, json_prefix: str = "bench") -> tuple[Path, Path]:
-    """Append ``rows`` to ``<out_dir>/bench_<device>.csv`` and write ``payload`` with the rows
-    to ``<out_dir>/<json_prefix>_<device>_<stamp>.json``; return both paths.
-
-    Every benchmark shares the one CSV per device (one schema); the JSON keeps the whole run.
-    ``stamp`` is the run's ``timestamp()``, put into the file name without separators.
-    """
-    out_dir, slug = Path(out_dir), device_slug(device)
-    csv_path = append_rows(out_dir / f"bench_{slug}.csv", rows)
-    compact = stamp.replace("-", "").replace(":", "").replace(".", "")
-    json_path = write_json(out_dir / f"{json_prefix}_{slug}_{compact}.json",
-                           {**payload, "rows": rows})
-    return csv_path, json_path
+    """Append ``rows`` to ``csv_path(out_dir)`` and write ``payload`` with the rows to
+    ``json_path(out_dir, stamp)``; return both paths. The CSV gets every run; the JSON keeps
+    the whole of this one."""
+    return (append_rows(csv_path(out_dir, device), rows),
+            write_json(json_path(out_dir, stamp, device, json_prefix), {**payload, "rows": rows}))
 
 
 def _cpu_model() -> str:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..backends import BACKENDS, NAMES
 from ..tolerances import normalised_error
-from .results import Result, Run, progress_bar
+from .results import BenchError, Result, Run, describe, progress_bar
 from .timing import peak_bytes, round_robin, saved_bytes
 
 KERNEL = "llama_train_step"
@@ -134,6 +134,13 @@ def _why_unavailable(name: str, device: torch.device) -> str | None:
     return None
 
 
+def _check_baseline(failures: dict[str, Exception]) -> None:
+    # Every ratio is taken against the baseline: without it there is nothing to report.
+    if BASELINE in failures:
+        raise BenchError(f"the baseline provider {BASELINE!r} failed: "
+                         f"{describe(failures[BASELINE])}")
+
+
 class _Trainer:
     """One model, its optimizer and its fixed batch; ``step`` is one whole training step."""
 
@@ -154,43 +161,21 @@ class _Trainer:
         return [*self.model.parameters(), *self.model.buffers()]
 
 
-def run_model_bench(cfg: ModelConfig, settings: dict) -> Run:
+def run_model_bench(cfg: ModelConfig, run: Run) -> None:
+    """Time one training step of each provider's model into ``run``, adding each provider's
+    result as soon as it is measured. A provider that fails (build, step, measurement) gets an
+    error result; the baseline failing ends the benchmark."""
     if importlib.util.find_spec("transformers") is None:
-        raise RuntimeError("--model needs transformers (pip install transformers)")
-    run = Run(settings=settings)
+        raise BenchError("--model needs transformers (pip install transformers)")
     providers = []
     for name in [BASELINE] + [p for p in cfg.providers if p != BASELINE]:
         why = _why_unavailable(name, cfg.device)
         if why is None:
             providers.append(name)
         elif name == BASELINE:
-            raise RuntimeError(f"the baseline {BASELINE} cannot run: {why}")
+            raise BenchError(f"the baseline {BASELINE} cannot run: {why}")
         else:
             run.notes.append(f"skipped {name}: {why}")
-
-    base = _base_model(cfg)
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(cfg.vocab, (cfg.batch, cfg.seq), generator=gen).to(cfg.device)
-    with torch.no_grad():
-        expected = copy.deepcopy(base).double()(input_ids=tokens, labels=tokens).loss
-    trainers = {name: _Trainer(_build(name, base, cfg), tokens) for name in providers}
-    # Before any step every adapter is (nearly) the identity: the loss must match the base
-    # model's; taken now, before training moves the adapters.
-    with torch.no_grad():
-        errors = {name: normalised_error(t.loss().double(), expected)
-                  for name, t in trainers.items()}
-    with progress_bar((cfg.repeats + cfg.warmup) * len(trainers), "model step") as bar:
-        samples = round_robin({name: (lambda: None, t.step) for name, t in trainers.items()},
-                              cfg.device, cfg.repeats, cfg.warmup, bar.update)
-    for name, trainer in trainers.items():
-        run.results.append(Result(
-            kernel=KERNEL, provider=name, mode=MODE, x=cfg.label, shape=cfg.shape,
-            dtype=str(cfg.dtype).removeprefix("torch."), seconds=samples[name],
-            ratios=[t / b for t, b in zip(samples[name], samples[BASELINE])], baseline=BASELINE,
-            saved_bytes=saved_bytes(trainer.loss, trainer.state()),
-            peak_bytes=peak_bytes(trainer.step, cfg.device),
-            max_error=errors[name],
-        ))
     run.notes.append(f"one step = zero_grad + forward + backward + AdamW on the adapters of "
                      f"{', '.join(TARGETS)} in all {cfg.layers} blocks (the base model frozen)")
     run.notes.append("saved MiB = activations autograd keeps for backward (model weights "
@@ -198,5 +183,44 @@ def run_model_bench(cfg: ModelConfig, settings: dict) -> Run:
                      "near the identity)")
     run.notes.append(f"ratio = per-round step time / {BASELINE}'s in the same round, "
                      "p50 [p20-p80]")
-    return run
 
+    base = _base_model(cfg)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(cfg.vocab, (cfg.batch, cfg.seq), generator=gen).to(cfg.device)
+    with torch.no_grad():
+        expected = copy.deepcopy(base).double()(input_ids=tokens, labels=tokens).loss
+    common = dict(kernel=KERNEL, mode=MODE, x=cfg.label, shape=cfg.shape,
+                  dtype=str(cfg.dtype).removeprefix("torch."), baseline=BASELINE)
+    trainers: dict[str, _Trainer] = {}
+    errors: dict[str, float] = {}
+    failures: dict[str, Exception] = {}
+    for name in providers:
+        try:
+            trainers[name] = _Trainer(_build(name, base, cfg), tokens)
+            # Before any step every adapter is (nearly) the identity: the loss must match the
+            # base model's; taken now, before training moves the adapters.
+            with torch.no_grad():
+                errors[name] = normalised_error(trainers[name].loss().double(), expected)
+        except Exception as err:
+            trainers.pop(name, None)
+            failures[name] = err
+    _check_baseline(failures)
+    with progress_bar((cfg.repeats + cfg.warmup) * len(trainers), "model step") as bar:
+        samples = round_robin({name: (lambda: None, t.step) for name, t in trainers.items()},
+                              cfg.device, cfg.repeats, cfg.warmup, bar.update, failures)
+    for name in providers:
+        if name not in failures:
+            trainer = trainers[name]
+            try:
+                result = Result(
+                    **common, provider=name, seconds=samples[name],
+                    ratios=[t / b for t, b in zip(samples[name], samples[BASELINE])],
+                    saved_bytes=saved_bytes(trainer.loss, trainer.state()),
+                    peak_bytes=peak_bytes(trainer.step, cfg.device), max_error=errors[name])
+            except Exception as err:
+                failures[name] = err
+        if name in failures:
+            _check_baseline(failures)
+            result = Result(**common, provider=name, seconds=[], ratios=[],
+                            error=describe(failures[name]))
+        run.add(result)

@@ -10,7 +10,7 @@ from ..backends import NAMES
 from ..testing import Case, make_case
 from ..tolerances import normalised_error
 from .providers import BUILDERS, MODES, Runner, Unavailable, oracle_name
-from .results import FLOP_NOTE, GEMMS_PER_MODE, Result, Run, progress_bar
+from .results import FLOP_NOTE, GEMMS_PER_MODE, BenchError, Result, Run, describe, progress_bar
 from .timing import peak_bytes, round_robin, saved_bytes
 
 KERNEL = "edora_linear"
@@ -52,58 +52,68 @@ def _max_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> floa
     return max(normalised_error(a, e) for a, e in zip(actual, expected))
 
 
-def _measure_case(cfg: OpConfig, case: Case, runners: dict[str, Runner], bar) -> list[Result]:
+def _label(case: Case) -> str:
     tokens, in_f, out_f, rank = case.dims
-    label = f"{tokens}x{in_f}x{out_f} r{rank}"
-    shape = f"N={tokens};in={in_f};out={out_f};r={rank}"
-    # The oracle gets this case's (rounded) inputs: the error is the computation's own.
-    case64 = case.to(torch.float64)
+    return f"{tokens}x{in_f}x{out_f} r{rank}"
+
+
+def _check_baseline(failures: dict[str, Exception], where: str) -> None:
+    # Every ratio is taken against the baseline: without it the case has nothing to report.
+    if BASELINE in failures:
+        raise BenchError(f"the baseline provider {BASELINE!r} failed on {where}: "
+                         f"{describe(failures[BASELINE])}")
+
+
+def _measure(cfg: OpConfig, case: Case, case64: Case, mode: str, providers: list[str],
+             runners: dict[str, Runner], build_failures: dict[str, Exception],
+             bar) -> list[Result]:
+    """One result per provider in ``mode``: measured, or the error that stopped it (at build,
+    in a timed step or in the measurements after)."""
+    tokens, in_f, out_f, rank = case.dims
+    label = _label(case)
+    common = dict(kernel=KERNEL, mode=mode, x=label, shape=f"N={tokens};in={in_f};out={out_f};"
+                  f"r={rank}", dtype=str(cfg.dtype).removeprefix("torch."), baseline=BASELINE)
+    failures = dict(build_failures)
+    samples = round_robin(
+        {name: (r.reset, lambda r=r: r.step(mode)) for name, r in runners.items()},
+        cfg.device, cfg.repeats, cfg.warmup, bar.update, failures)
+    _check_baseline(failures, f"{label} {mode}")
+    expected: dict[str, list[torch.Tensor]] = {}
     results = []
-    for mode in cfg.modes:
-        samples = round_robin(
-            {name: (r.reset, lambda r=r: r.step(mode)) for name, r in runners.items()},
-            cfg.device, cfg.repeats, cfg.warmup, bar.update)
-        expected: dict[str, list[torch.Tensor]] = {}
-        for name, runner in runners.items():
-            oracle = oracle_name(name)
+    for name in providers:
+        if name in failures:
+            results.append(Result(**common, provider=name, seconds=[], ratios=[],
+                                  error=describe(failures[name])))
+            continue
+        if name not in runners:  # unavailable here
+            continue
+        runner, oracle = runners[name], oracle_name(name)
+        try:
             if oracle not in expected:
                 expected[oracle] = BUILDERS[oracle](case64).outputs(mode)
-            training = mode == "fwd+bwd"
             runner.reset()
             results.append(Result(
-                kernel=KERNEL, provider=name, mode=mode, x=label, shape=shape,
-                dtype=str(cfg.dtype).removeprefix("torch."), seconds=samples[name],
+                **common, provider=name, seconds=samples[name],
                 ratios=[t / b for t, b in zip(samples[name], samples[BASELINE])],
-                baseline=BASELINE, flops=2.0 * tokens * in_f * out_f * GEMMS_PER_MODE[mode],
+                flops=2.0 * tokens * in_f * out_f * GEMMS_PER_MODE[mode],
                 saved_bytes=(saved_bytes(lambda: runner.fn(runner.x), runner.state)
-                             if training else None),
+                             if mode == "fwd+bwd" else None),
                 peak_bytes=peak_bytes(lambda: runner.step(mode), cfg.device),
                 max_error=_max_error(runner.outputs(mode), expected[oracle]),
             ))
+        except Exception as err:
+            failures[name] = err
+            _check_baseline(failures, f"{label} {mode}")
+            results.append(Result(**common, provider=name, seconds=[], ratios=[],
+                                  error=describe(err)))
     return results
 
 
-def run_op_bench(cfg: OpConfig, settings: dict) -> Run:
-    run = Run(settings=settings)
+def run_op_bench(cfg: OpConfig, run: Run) -> None:
+    """Measure every case into ``run``, adding each mode's results as soon as they are done."""
     providers = [BASELINE] + [p for p in cfg.providers if p != BASELINE]
     if BASELINE not in cfg.providers:
         run.notes.append(f"added provider {BASELINE!r}: every ratio is taken against it")
-    cases = [(n, i, o, r) for n in cfg.tokens for (i, o) in cfg.shapes for r in cfg.ranks]
-    skipped: dict[str, str] = {}
-    bar = progress_bar(len(cases) * len(cfg.modes) * (cfg.repeats + cfg.warmup) * len(providers),
-                       "bench")
-    with bar:
-        for tokens, in_f, out_f, rank in cases:
-            case = make_case(tokens, in_f, out_f, rank, cfg.dtype, cfg.device, alpha=cfg.alpha)
-            runners = {}
-            for name in providers:
-                try:
-                    runners[name] = BUILDERS[name](case)
-                except Unavailable as why:
-                    skipped[name] = str(why)
-                    bar.total -= len(cfg.modes) * (cfg.repeats + cfg.warmup)
-            run.results += _measure_case(cfg, case, runners, bar)
-    run.notes += [f"skipped {name}: {why}" for name, why in skipped.items()]
     run.notes.append("fwd = inference forward (no_grad); fwd+bwd = x requires grad, R and "
                      "magnitude (PEFT: lora_A, lora_B, magnitude) trainable, backward of a "
                      "fixed gy")
@@ -113,4 +123,27 @@ def run_op_bench(cfg: OpConfig, settings: dict) -> Run:
     run.notes.append("ratio = per-round time / frozen's time in the same round (providers run "
                      "in turns), p50 [p20-p80]")
     run.notes.append(FLOP_NOTE)
-    return run
+    cases = [(n, i, o, r) for n in cfg.tokens for (i, o) in cfg.shapes for r in cfg.ranks]
+    skipped: set[str] = set()
+    bar = progress_bar(len(cases) * len(cfg.modes) * (cfg.repeats + cfg.warmup) * len(providers),
+                       "bench")
+    with bar:
+        for tokens, in_f, out_f, rank in cases:
+            case = make_case(tokens, in_f, out_f, rank, cfg.dtype, cfg.device, alpha=cfg.alpha)
+            runners, failures = {}, {}
+            for name in providers:
+                try:
+                    runners[name] = BUILDERS[name](case)
+                except Unavailable as why:
+                    if name not in skipped:
+                        skipped.add(name)
+                        run.notes.append(f"skipped {name}: {why}")
+                except Exception as err:  # e.g. torch.compile: reported, the others go on
+                    failures[name] = err
+                if name not in runners:
+                    bar.total -= len(cfg.modes) * (cfg.repeats + cfg.warmup)
+            _check_baseline(failures, _label(case))
+            # The oracle gets this case's (rounded) inputs: the error is the computation's own.
+            case64 = case.to(torch.float64)
+            for mode in cfg.modes:
+                run.add(*_measure(cfg, case, case64, mode, providers, runners, failures, bar))

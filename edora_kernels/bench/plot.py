@@ -18,15 +18,21 @@ def _latest_ratio_rows(rows: list[dict]) -> list[dict]:
             and r["timestamp"] == latest[r["kernel"]]]
 
 
-def plot_csv(csv_path: str | Path, out: str | Path | None = None) -> Path:
-    """Write the PNG (default: next to the CSV) and return its path."""
+def ratio_rows(csv_path: str | Path) -> list[dict]:
+    """What ``plot_rows`` draws from a bench CSV; ValueError when the file is not a bench CSV or
+    has nothing to draw, OSError when it cannot be read."""
+    rows = _latest_ratio_rows(read_rows(csv_path))
+    if not rows:
+        raise ValueError(f"{csv_path} has no ratio_to_* rows to plot")
+    return rows
+
+
+def plot_rows(rows: list[dict], out: str | Path) -> Path:
+    """Write the PNG of ``ratio_rows`` to ``out`` and return its path."""
     import matplotlib
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
-    rows = _latest_ratio_rows(read_rows(csv_path))
-    if not rows:
-        raise ValueError(f"{csv_path} has no ratio_to_* rows to plot")
     panels: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for row in rows:
         panels[(row["kernel"], row["mode"])].append(row)
@@ -60,7 +66,7 @@ def plot_csv(csv_path: str | Path, out: str | Path | None = None) -> Path:
         ax.set_ylim(0, max(r["p80"] for r in panel) * 1.25)
     fig.suptitle(f"{rows[0]['device']}  (bars: p50, whiskers: p20-p80)")
     fig.tight_layout()
-    out = Path(out) if out is not None else Path(csv_path).with_suffix(".png")
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -1,20 +1,23 @@
 """The benchmark engine shared by the op and the model-step benchmarks: results, CSV/JSON
 output, the terminal table and the progress bar.
 
-Every measurement becomes a ``Result`` (one provider, one mode, one case); ``save`` appends its
-rows to ``<out>/bench_<device>.csv`` (schema: ``bench_io.BENCH_COLUMNS``) and writes the whole run
-to ``<out>/bench_<device>_<time>.json``.
+Every measurement becomes a ``Result`` (one provider, one mode, one case). ``Run.add`` appends
+its rows to ``<out>/bench_<device>.csv`` (schema: ``io.BENCH_COLUMNS``) as soon as it is
+measured; ``report`` writes the whole run to ``<out>/bench_<device>_<time>.json`` at the end,
+also after a failure or an interrupt.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .io import device_name, save_run, timestamp, versions
+from .io import append_rows, csv_path, device_name, json_path, timestamp, versions, write_json
 from .timing import quantiles
 
 MIB = 2 ** 20
@@ -24,6 +27,17 @@ MIB = 2 ** 20
 GEMMS_PER_MODE = {"fwd": 1, "fwd+bwd": 2}
 FLOP_NOTE = ("TFLOP/s counts the base GEMMs only: 2*N*in*out each, 1 for fwd, 2 for fwd+bwd "
              "(W0 is frozen: no weight-gradient GEMM); the same count for every provider")
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot go on (its baseline failed, a dependency is missing); the message is
+    the whole story, printed as one line."""
+
+
+def describe(err: BaseException) -> str:
+    """The exception's type and the first line of its message: how a failure is reported."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 @dataclass
@@ -41,6 +55,7 @@ class Result:
     saved_bytes: int | None = None
     peak_bytes: int | None = None
     max_error: float | None = None
+    error: str | None = None  # ``describe`` of why this provider failed here; no samples then
 
 
 def _load_average() -> list[float] | None:
@@ -50,8 +65,10 @@ def _load_average() -> list[float] | None:
 
 @dataclass
 class Run:
-    """One invocation: its results, notes for the reader and the settings it ran with."""
+    """One invocation: its results, notes for the reader and the settings it ran with; with
+    ``out_dir``, ``add`` saves each result's rows as it comes."""
     settings: dict
+    out_dir: Path | None = None
     load_average: list[float] | None = field(default_factory=_load_average)
     device: str = field(default_factory=device_name)
     versions: str = field(default_factory=versions)
@@ -59,9 +76,20 @@ class Run:
     results: list[Result] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def add(self, *results: Result) -> None:
+        """Keep ``results`` and append their rows to the CSV now: a later failure or interrupt
+        loses nothing measured."""
+        self.results += results
+        self.notes += [f"failed {r.provider} on {r.x} {r.mode}: {r.error}"
+                       for r in results if r.error is not None]
+        if self.out_dir is not None:
+            append_rows(csv_path(self.out_dir), rows(self, results))
+
 
 def _metrics(r: Result) -> list[tuple[str, str, tuple[float, float, float]]]:
     """(metric, unit, (p50, p20, p80)) of one result, in CSV order."""
+    if r.error is not None:
+        return [("error", r.error.partition(":")[0], (math.nan,) * 3)]
     out = [("time_ms", "ms", tuple(q * 1e3 for q in quantiles(r.seconds))),
            (f"ratio_to_{r.baseline}", "x", quantiles(r.ratios))]
     if r.flops is not None:
@@ -74,10 +102,10 @@ def _metrics(r: Result) -> list[tuple[str, str, tuple[float, float, float]]]:
     return out
 
 
-def rows(run: Run) -> list[dict]:
-    """The CSV rows of ``run``: one per result and metric."""
+def rows(run: Run, results: Iterable[Result] | None = None) -> list[dict]:
+    """The CSV rows of ``results`` (default: all of the run's), one per result and metric."""
     out = []
-    for r in run.results:
+    for r in run.results if results is None else results:
         for metric, unit, (p50, p20, p80) in _metrics(r):
             out.append({
                 "kernel": r.kernel, "provider": r.provider, "mode": r.mode, "metric": metric,
@@ -88,14 +116,14 @@ def rows(run: Run) -> list[dict]:
     return out
 
 
-def save(run: Run, out_dir: str | Path) -> tuple[Path, Path]:
-    """Append the run's rows to the device's CSV and write the run's JSON; return both paths."""
-    return save_run(out_dir, rows(run), {
+def save_json(run: Run) -> Path:
+    """Write the whole run, its rows included, to ``<out_dir>/bench_<device>_<time>.json``."""
+    return write_json(json_path(run.out_dir, run.timestamp), {
         "device": run.device, "versions": run.versions, "timestamp": run.timestamp,
         "settings": run.settings, "notes": run.notes,
         "load_average": {"start": run.load_average, "end": _load_average()},
-        "results": [asdict(r) for r in run.results],
-    }, stamp=run.timestamp)
+        "results": [asdict(r) for r in run.results], "rows": rows(run),
+    })
 
 
 def _spread(p50: float, p20: float, p80: float, fmt: str) -> str:
@@ -113,6 +141,9 @@ def format_table(results: list[Result]) -> str:
     header += ["TFLOP/s"] * show_flops + ["saved MiB"] + ["peak MiB"] * show_peak + ["max err"]
     lines = [header]
     for r in results:
+        if r.error is not None:
+            lines.append([r.x, r.mode, r.provider, f"failed: {r.error}"])
+            continue
         ms = tuple(q * 1e3 for q in quantiles(r.seconds))
         line = [r.x, r.mode, r.provider, _spread(*ms, ".3f"), _spread(*quantiles(r.ratios), ".3f")]
         if show_flops:
@@ -123,7 +154,9 @@ def format_table(results: list[Result]) -> str:
             line.append("-" if r.peak_bytes is None else f"{r.peak_bytes / MIB:.2f}")
         line.append("-" if r.max_error is None else f"{r.max_error:.2e}")
         lines.append(line)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    # A failure's message runs on past the columns rather than widen them.
+    widths = [max(len(line[i]) for line in lines if len(line) == len(header) or i < 3)
+              for i in range(len(header))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(text)
@@ -135,13 +168,16 @@ def progress_bar(total: int, desc: str) -> tqdm:
                 leave=False, dynamic_ncols=True)
 
 
-def report(run: Run, out_dir: str | Path) -> tuple[Path, Path]:
-    """Print the table and notes, save the run, print where it went."""
+def report(run: Run) -> Path | None:
+    """Print the table and notes, write the run's JSON (its rows are in the CSV already) and say
+    where both are; None, and no JSON, when nothing was measured."""
     print(f"device: {run.device}")
     print(f"versions: {run.versions}")
     print(format_table(run.results))
     for note in run.notes:
         print(f"note: {note}")
-    csv_path, json_path = save(run, out_dir)
-    print(f"appended {len(rows(run))} rows to {csv_path}; run written to {json_path}")
-    return csv_path, json_path
+    if not run.results:
+        return None
+    path = save_json(run)
+    print(f"appended {len(rows(run))} rows to {csv_path(run.out_dir)}; run written to {path}")
+    return path

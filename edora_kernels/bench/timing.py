@@ -44,18 +44,29 @@ def round_robin(
     repeats: int,
     warmup: int,
     progress: Callable[[int], None] = lambda n: None,
+    failures: dict[str, Exception] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call for each name, ``repeats`` samples each, taken in turns.
 
     ``calls[name] = (reset, step)``: ``reset`` runs untimed before each ``step`` (e.g. clearing
-    gradients). ``warmup`` untimed turns come first (compilation, allocator, caches).
+    gradients). ``warmup`` untimed turns come first (compilation, allocator, caches). With
+    ``failures``, a name whose call raises goes there with its exception and out of the
+    rotation (the others keep their turns); without, the exception propagates.
     """
     clock = _Clock(device)
     samples: dict[str, list[float]] = {name: [] for name in calls}
+    active = dict(calls)
     for i in range(warmup + repeats):
-        for name, (reset, step) in calls.items():
-            reset()
-            seconds = clock(step)
+        for name, (reset, step) in list(active.items()):
+            try:
+                reset()
+                seconds = clock(step)
+            except Exception as err:
+                if failures is None:
+                    raise
+                failures[name] = err
+                del active[name]
+                continue
             if i >= warmup:
                 samples[name].append(seconds)
             progress(1)
