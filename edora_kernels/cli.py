@@ -82,6 +82,13 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:  # NaN fails too
+        raise ValueError(text)
+    return value
+
+
 def _shape(text: str) -> tuple[int, int]:
     in_f, out_f = text.lower().split("x")
     return _int_at_least(1)(in_f), _int_at_least(1)(out_f)
@@ -111,8 +118,8 @@ def _dtype(text: str) -> torch.dtype:
 
 INIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Flags that --init and --model would ignore; --model takes --providers from its own list.
-NOT_FOR = {"--init": ("tokens", "shapes", "providers", "modes", "compile"),
-           "--model": ("tokens", "shapes", "modes", "compile")}
+NOT_FOR = {"--init": ("tokens", "shapes", "providers", "modes", "compile", "dropout"),
+           "--model": ("tokens", "shapes", "modes", "compile", "dropout")}
 
 
 def _init_case(args: argparse.Namespace) -> str:
@@ -226,6 +233,10 @@ def _op_config(args: argparse.Namespace, device: torch.device):
             setattr(cfg, key, getattr(args, key))
     if args.compile and "compiled" not in cfg.providers:
         cfg.providers = [*cfg.providers, "compiled"]
+    if args.dropout:
+        cfg.dropout = args.dropout
+        if args.providers is None:  # the other dropout semantics, side by side
+            cfg.providers = [*cfg.providers, "lowrank"]
     for rank in cfg.ranks:
         for in_f, out_f in cfg.shapes:
             _check_rank(args, rank, min(in_f, out_f), f"--shapes {in_f}x{out_f}")
@@ -330,6 +341,9 @@ def _add_bench(sub) -> None:
                    help="untimed calls per provider first (--init default 1)")
     p.add_argument("--compile", action="store_true",
                    help="add 'compiled': torch.compile(fullgraph=True) of the torch backend")
+    p.add_argument("--dropout", type=_one(_probability, "a probability in [0, 1)"),
+                   help="dropout on every adapter's input (PEFT: lora_dropout; EDoRA: PEFT's "
+                        "semantics, plus provider 'lowrank' with dropout on the rank branch only)")
     p.add_argument("--threads", type=_one(_int_at_least(1), "an integer >= 1"),
                    help="CPU threads for torch (default: torch's choice); on a shared machine "
                         "one thread per process is less disturbed by other processes")

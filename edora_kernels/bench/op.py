@@ -30,6 +30,7 @@ class OpConfig:
     warmup: int
     device: torch.device
     alpha: float = 16.0
+    dropout: float = 0.0
 
 
 def default_config(device: torch.device) -> OpConfig:
@@ -89,7 +90,9 @@ def _measure(cfg: OpConfig, case: Case, case64: Case, mode: str, providers: list
             continue
         runner, oracle = runners[name], oracle_name(name)
         try:
-            if oracle not in expected:
+            # Under dropout every provider draws its own mask: no oracle to compare with (the
+            # tests check the dropout formulas against the reference with the same mask).
+            if oracle not in expected and not cfg.dropout:
                 expected[oracle] = BUILDERS[oracle](case64).outputs(mode)
             runner.reset()
             results.append(Result(
@@ -99,7 +102,8 @@ def _measure(cfg: OpConfig, case: Case, case64: Case, mode: str, providers: list
                 saved_bytes=(saved_bytes(lambda: runner.fn(runner.x), runner.state)
                              if mode == "fwd+bwd" else None),
                 peak_bytes=peak_bytes(lambda: runner.step(mode), cfg.device),
-                max_error=_max_error(runner.outputs(mode), expected[oracle]),
+                max_error=(None if cfg.dropout else
+                           _max_error(runner.outputs(mode), expected[oracle])),
             ))
         except Exception as err:
             failures[name] = err
@@ -123,6 +127,10 @@ def run_op_bench(cfg: OpConfig, run: Run) -> None:
     run.notes.append("ratio = per-round time / frozen's time in the same round (providers run "
                      "in turns), p50 [p20-p80]")
     run.notes.append(FLOP_NOTE)
+    if cfg.dropout:
+        run.notes.append(f"dropout p={cfg.dropout} on every adapter (PEFT: lora_dropout; "
+                         "EDoRA: PEFT's semantics, 'lowrank': the rank branch only); no max err: "
+                         "each provider draws its own mask")
     cases = [(n, i, o, r) for n in cfg.tokens for (i, o) in cfg.shapes for r in cfg.ranks]
     skipped: set[str] = set()
     bar = progress_bar(len(cases) * len(cfg.modes) * (cfg.repeats + cfg.warmup) * len(providers),
@@ -133,7 +141,7 @@ def run_op_bench(cfg: OpConfig, run: Run) -> None:
             runners, failures = {}, {}
             for name in providers:
                 try:
-                    runners[name] = BUILDERS[name](case)
+                    runners[name] = BUILDERS[name](case, dropout=cfg.dropout)
                 except Unavailable as why:
                     if name not in skipped:
                         skipped.add(name)

@@ -23,7 +23,7 @@ from ..reference import edora_linear_reference
 from ..testing import Case
 
 MODES = ("fwd", "fwd+bwd")
-EDORA_FAMILY = ("reference", *NAMES, "compiled")
+EDORA_FAMILY = ("reference", *NAMES, "compiled", "lowrank")
 
 
 class Unavailable(Exception):
@@ -64,24 +64,26 @@ def _leaf(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
     return t.detach().clone().requires_grad_(requires_grad)
 
 
-def _frozen(case: Case) -> Runner:
+def _frozen(case: Case, dropout: float = 0.0) -> Runner:
     w, b = case.weight, case.bias
     return Runner("frozen", lambda x: F.linear(x, w, b), _leaf(case.x, True), case.gy, [],
                   [w, b])
 
 
-def _edora(name: str, case: Case, op: Callable) -> Runner:
+def _edora(name: str, case: Case, op: Callable, dropout: float = 0.0, **options) -> Runner:
     R, m = _leaf(case.R, True), _leaf(case.magnitude, True)
     frozen = (case.weight, case.bias, case.A, case.B)
+    if dropout > 0.0:
+        options["dropout"] = dropout
 
     def fn(x):
-        return op(x, *frozen, R, m, case.scaling)
+        return op(x, *frozen, R, m, case.scaling, **options)
 
     return Runner(name, fn, _leaf(case.x, True), case.gy, [R, m], [*frozen, R, m])
 
 
 def _backend(name: str) -> Callable[[Case], Runner]:
-    def build(case: Case) -> Runner:
+    def build(case: Case, dropout: float = 0.0) -> Runner:
         state = backend_info()[name]
         if not state["available"]:
             raise Unavailable(f"backend {name}: {state['reason']}")
@@ -89,20 +91,28 @@ def _backend(name: str) -> Callable[[Case], Runner]:
             raise Unavailable(f"{name} is timed on {', '.join(BACKENDS[name].devices)} only "
                               "(elsewhere it runs, if at all, in an emulator too slow to time)")
 
-        def op(*args):
-            return edora_linear(*args, backend=name)
+        def op(*args, **options):
+            return edora_linear(*args, backend=name, **options)
 
-        return _edora(name, case, op)
+        return _edora(name, case, op, dropout)
 
     return build
 
 
-def _compiled(case: Case) -> Runner:
-    def op(*args):
-        return edora_linear(*args, backend="torch")
+def _compiled(case: Case, dropout: float = 0.0) -> Runner:
+    def op(*args, **options):
+        return edora_linear(*args, backend="torch", **options)
 
     # fullgraph: a graph break would time something other than the traced op.
-    return _edora("compiled", case, torch.compile(op, fullgraph=True))
+    return _edora("compiled", case, torch.compile(op, fullgraph=True), dropout)
+
+
+def _lowrank(case: Case, dropout: float = 0.0) -> Runner:
+    """The torch backend with dropout on the rank-r branch only (``dropout_mode="lowrank"``)."""
+    if dropout <= 0.0:
+        raise Unavailable("lowrank is the dropout_mode='lowrank' variant: give --dropout")
+    return _edora("lowrank", case, edora_linear, dropout, backend="torch",
+                  dropout_mode="lowrank")
 
 
 class _OneLinear(nn.Module):
@@ -117,7 +127,7 @@ class _OneLinear(nn.Module):
 def _peft(use_dora: bool) -> Callable[[Case], Runner]:
     name = "peft_dora" if use_dora else "peft_lora"
 
-    def build(case: Case) -> Runner:
+    def build(case: Case, dropout: float = 0.0) -> Runner:
         if importlib.util.find_spec("peft") is None:
             raise Unavailable("peft is not installed (pip install peft)")
         from peft import LoraConfig, get_peft_model
@@ -129,7 +139,7 @@ def _peft(use_dora: bool) -> Callable[[Case], Runner]:
             linear.weight.copy_(case.weight)
             if case.bias is not None:
                 linear.bias.copy_(case.bias)
-        config = LoraConfig(r=rank, lora_alpha=case.scaling * rank, lora_dropout=0.0,
+        config = LoraConfig(r=rank, lora_alpha=case.scaling * rank, lora_dropout=dropout,
                             target_modules=["linear"], use_dora=use_dora)
         layer = get_peft_model(_OneLinear(linear), config).base_model.model.linear
         with torch.no_grad():
@@ -146,18 +156,22 @@ def _peft(use_dora: bool) -> Callable[[Case], Runner]:
     return build
 
 
-BUILDERS: dict[str, Callable[[Case], Runner]] = {
+# Each builder takes the case and the dropout probability (0: none; the PEFT providers get it
+# as lora_dropout, the EDoRA ones with PEFT's semantics, "lowrank" on the rank branch only).
+BUILDERS: dict[str, Callable[..., Runner]] = {
     "frozen": _frozen,
-    "reference": lambda case: _edora("reference", case, edora_linear_reference),
+    "reference": lambda case, dropout=0.0: _edora("reference", case, edora_linear_reference,
+                                                  dropout),
     "peft_lora": _peft(use_dora=False),
     "peft_dora": _peft(use_dora=True),
     **{name: _backend(name) for name in NAMES},
     "compiled": _compiled,
+    "lowrank": _lowrank,
 }
 PROVIDERS = tuple(BUILDERS)
 # How tables and plots name each provider: the EDoRA backends by what they are.
 LABELS = {name: name for name in PROVIDERS} | {n: b.label for n, b in BACKENDS.items()} | {
-    "compiled": "EDoRA torch.compile"}
+    "compiled": "EDoRA torch.compile", "lowrank": "EDoRA, dropout on the rank branch"}
 
 
 def oracle_name(provider: str) -> str:
