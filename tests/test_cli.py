@@ -392,7 +392,7 @@ def _patch_builder(monkeypatch, name: str, *, rank=None, at: str, err: BaseExcep
     (every case when None)."""
     real = providers.BUILDERS[name]
 
-    def build(case):
+    def build(case, dropout=0.0):
         if rank is not None and case.dims[3] != rank:
             return real(case)
         if at == "build":
@@ -435,7 +435,7 @@ def test_bench_reports_a_failing_provider_and_runs_the_others(tmp_path, monkeypa
 def test_bench_provider_failing_in_one_mode_keeps_the_other(tmp_path, monkeypatch):
     real = providers.BUILDERS["torch"]
 
-    def build(case):
+    def build(case, dropout=0.0):
         runner = real(case)
         forward = runner.fn
 
@@ -464,7 +464,7 @@ def test_bench_baseline_failing_late_loses_nothing(tmp_path, monkeypatch, capsys
     failing = providers.BUILDERS["frozen"]
     on_disk = []
 
-    def build(case):
+    def build(case, dropout=0.0):
         if case.dims[3] == 4:
             on_disk.append(len(_read_csv(path)))
         return failing(case)
