@@ -18,6 +18,7 @@ from torch import nn
 
 from ..backends import BACKENDS, NAMES
 from ..backends import info as backend_info
+from ..norm import compute_norm_terms
 from ..ops import edora_linear
 from ..reference import edora_linear_reference
 from ..testing import Case
@@ -82,6 +83,12 @@ def _edora(name: str, case: Case, op: Callable, dropout: float = 0.0, **options)
     return Runner(name, fn, _leaf(case.x, True), case.gy, [R, m], [*frozen, R, m])
 
 
+def _terms(case: Case):
+    """The norm terms, computed once as EDoRALinear caches them (the functional op would
+    recompute them every call: one read of W0 in float64)."""
+    return compute_norm_terms(case.weight, case.A)
+
+
 def _backend(name: str) -> Callable[[Case], Runner]:
     def build(case: Case, dropout: float = 0.0) -> Runner:
         state = backend_info()[name]
@@ -94,7 +101,7 @@ def _backend(name: str) -> Callable[[Case], Runner]:
         def op(*args, **options):
             return edora_linear(*args, backend=name, **options)
 
-        return _edora(name, case, op, dropout)
+        return _edora(name, case, op, dropout, norm_terms=_terms(case))
 
     return build
 
@@ -104,7 +111,8 @@ def _compiled(case: Case, dropout: float = 0.0) -> Runner:
         return edora_linear(*args, backend="torch", **options)
 
     # fullgraph: a graph break would time something other than the traced op.
-    return _edora("compiled", case, torch.compile(op, fullgraph=True), dropout)
+    return _edora("compiled", case, torch.compile(op, fullgraph=True), dropout,
+                  norm_terms=_terms(case))
 
 
 def _lowrank(case: Case, dropout: float = 0.0) -> Runner:
@@ -112,7 +120,7 @@ def _lowrank(case: Case, dropout: float = 0.0) -> Runner:
     if dropout <= 0.0:
         raise Unavailable("lowrank is the dropout_mode='lowrank' variant: give --dropout")
     return _edora("lowrank", case, edora_linear, dropout, backend="torch",
-                  dropout_mode="lowrank")
+                  dropout_mode="lowrank", norm_terms=_terms(case))
 
 
 class _OneLinear(nn.Module):
