@@ -53,9 +53,10 @@ def _max_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> floa
     return max(normalised_error(a, e) for a, e in zip(actual, expected))
 
 
-def _label(case: Case) -> str:
+def _label(case: Case, dropout: float = 0.0) -> str:
+    """The case as tables and plots name it (dropout runs are other cases)."""
     tokens, in_f, out_f, rank = case.dims
-    return f"{tokens}x{in_f}x{out_f} r{rank}"
+    return f"{tokens}x{in_f}x{out_f} r{rank}" + (f" p{dropout:g}" if dropout else "")
 
 
 def _check_baseline(failures: dict[str, Exception], where: str) -> None:
@@ -71,9 +72,11 @@ def _measure(cfg: OpConfig, case: Case, case64: Case, mode: str, providers: list
     """One result per provider in ``mode``: measured, or the error that stopped it (at build,
     in a timed step or in the measurements after)."""
     tokens, in_f, out_f, rank = case.dims
-    label = _label(case)
+    label = _label(case, cfg.dropout)
+    dropout = f";dropout={cfg.dropout:g}" if cfg.dropout else ""
     common = dict(kernel=KERNEL, mode=mode, x=label, shape=f"N={tokens};in={in_f};out={out_f};"
-                  f"r={rank}", dtype=str(cfg.dtype).removeprefix("torch."), baseline=BASELINE)
+                  f"r={rank}{dropout}", dtype=str(cfg.dtype).removeprefix("torch."),
+                  baseline=BASELINE)
     failures = dict(build_failures)
     samples = round_robin(
         {name: (r.reset, lambda r=r: r.step(mode)) for name, r in runners.items()},
@@ -150,7 +153,7 @@ def run_op_bench(cfg: OpConfig, run: Run) -> None:
                     failures[name] = err
                 if name not in runners:
                     bar.total -= len(cfg.modes) * (cfg.repeats + cfg.warmup)
-            _check_baseline(failures, _label(case))
+            _check_baseline(failures, _label(case, cfg.dropout))
             # The oracle gets this case's (rounded) inputs: the error is the computation's own.
             case64 = case.to(torch.float64)
             for mode in cfg.modes:
