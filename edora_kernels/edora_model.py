@@ -7,6 +7,10 @@
 ``merge_and_unload``/``unload`` hand back a plain model; ``disable_adapter()`` runs the base
 model for a block. The config file says ``"peft_type": "EDORA"``, which PEFT's and transformers'
 own loaders refuse (KeyError) instead of silently dropping the adapter.
+
+With PEFT installed, ``EDoRAModel`` is a ``peft.PeftModel`` subclass (its ``__init__`` is not
+used) with the surface ``transformers.Trainer`` relies on: Trainer then writes adapter-sized
+checkpoints through ``save_pretrained`` and resumes through ``load_adapter``.
 """
 from __future__ import annotations
 
@@ -106,11 +110,17 @@ def _head_names(model: nn.Module, heads: list[str]) -> list[str]:
                                                             for h in heads)]
 
 
-class EDoRAModel(nn.Module):
+try:  # only for isinstance checks in Trainer and accelerate; no PEFT machinery is used
+    from peft import PeftModel as _Base
+except ImportError:
+    _Base = nn.Module
+
+
+class EDoRAModel(_Base):
     """``model`` with EDoRA layers in place; see the module docstring."""
 
     def __init__(self, model: nn.Module, config: EDoRAConfig, *, apply: bool = True) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         self.base_model = model
         self.edora_config = config
         if apply:
@@ -140,6 +150,28 @@ class EDoRAModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
+
+    # What Trainer reads on a PeftModel: one adapter, called "default".
+    @property
+    def peft_config(self) -> dict:
+        return {"default": self.edora_config}
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return ["default"]
+
+    @property
+    def active_adapter(self) -> str:
+        return "default"
+
+    def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default", *,
+                     is_trainable: bool = False, **_ignored) -> None:
+        """Load a ``save_pretrained`` directory's adapter and heads into this model (Trainer's
+        resume path)."""
+        if adapter_name != "default":
+            raise ValueError(f"EDoRAModel holds one adapter, 'default'; got {adapter_name!r}")
+        _load_into(self.base_model, directory)
+        self.set_trainable(is_trainable)
 
     # --- training state -----------------------------------------------------------------------
 
@@ -202,27 +234,36 @@ class EDoRAModel(nn.Module):
                         is_trainable: bool = False) -> "EDoRAModel":
         """``model`` (the base architecture with its pretrained weights) with the adapter and
         heads of ``directory``; frozen unless ``is_trainable``."""
-        path = os.path.join(directory, CONFIG_NAME)
-        try:
-            with open(path) as f:
-                config = EDoRAConfig.from_dict(json.load(f))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: not a readable EDoRA adapter config ({err})") from None
-        load_edora_state_dict(model, os.path.join(directory, WEIGHTS_NAME))
-        heads_path = os.path.join(directory, HEADS_NAME)
-        if os.path.exists(heads_path):
-            heads = load_file(heads_path)
-            state = model.state_dict(keep_vars=True)
-            unknown = sorted(set(heads) - set(state))
-            if unknown:
-                raise ValueError(f"{heads_path}: {unknown[:8]} are not in "
-                                 f"{type(model).__name__}")
-            with torch.no_grad():
-                for key, value in heads.items():
-                    state[key].copy_(value)
+        config = _read_config(directory)
+        _load_into(model, directory)
         wrapped = cls(model, config, apply=False)
         wrapped.set_trainable(is_trainable)
         return wrapped
+
+
+def _read_config(directory) -> EDoRAConfig:
+    path = os.path.join(directory, CONFIG_NAME)
+    try:
+        with open(path) as f:
+            return EDoRAConfig.from_dict(json.load(f))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable EDoRA adapter config ({err})") from None
+
+
+def _load_into(model: nn.Module, directory) -> None:
+    """The adapter (layers rebuilt from the file where the model has none) and the heads."""
+    load_edora_state_dict(model, os.path.join(directory, WEIGHTS_NAME))
+    heads_path = os.path.join(directory, HEADS_NAME)
+    if not os.path.exists(heads_path):
+        return
+    heads = load_file(heads_path)
+    state = model.state_dict(keep_vars=True)
+    unknown = sorted(set(heads) - set(state))
+    if unknown:
+        raise ValueError(f"{heads_path}: {unknown[:8]} are not in {type(model).__name__}")
+    with torch.no_grad():
+        for key, value in heads.items():
+            state[key].copy_(value)
 
 
 def get_edora_model(model: nn.Module, config: EDoRAConfig) -> EDoRAModel:
