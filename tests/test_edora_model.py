@@ -131,3 +131,22 @@ def test_trainer_writes_adapter_checkpoints_and_resumes_bit_exactly(tmp_path):
     restored = EDoRAModel.from_pretrained(classifier(), tmp_path / "final")
     with torch.no_grad():
         assert torch.equal(restored(input_ids=IDS).logits, resumed.eval()(input_ids=IDS).logits)
+
+
+def test_accelerate_save_state_and_load_state(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = get_edora_model(classifier(), CONFIG)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model(input_ids=IDS, labels=torch.tensor([0, 2])).loss.backward()
+    optimizer.step()
+    saved = _trained_state(model)
+    accelerator.save_state(str(tmp_path / "state"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.zero_()
+    accelerator.load_state(str(tmp_path / "state"))
+    for name, value in _trained_state(model).items():
+        assert torch.equal(value, saved[name]), name
