@@ -20,11 +20,12 @@ from .backends import torch_backend
 from .checks import (
     check_adapter_args,
     check_dropout_backend,
+    check_dropout_mode,
     check_frozen,
     check_linear_args,
     check_norm_terms,
 )
-from .dropout import DROPOUT_MODES, linear_with_dropout
+from .dropout import linear_with_dropout
 from .norm import TERMS_DTYPE, NormTerms, compute_dtype, compute_norm_terms, row_norm
 from .op_common import (
     adapter_grads,
@@ -174,8 +175,7 @@ def edora_linear(
                 dropout=dropout, dropout_mode=dropout_mode, detach_norm=detach_norm,
                 backend=backend, norm_terms=norm_terms)
     check_linear_args(x, weight, bias, A, B, R, magnitude, scaling, dropout, backend)
-    if dropout_mode not in DROPOUT_MODES:
-        raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {dropout_mode!r}")
+    check_dropout_mode(dropout_mode)
     grad_enabled = torch.is_grad_enabled()
     check_frozen(grad_enabled, weight=weight, A=A, B=B)
     if norm_terms is None:
