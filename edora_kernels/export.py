@@ -72,8 +72,15 @@ def export_peft_dora(model: nn.Module, directory: str | os.PathLike, *,
 
     Every EDoRA layer must share one rank and alpha (PEFT's rank/alpha patterns could express
     more, but a mixed export is refused rather than approximated). Keys follow PEFT's layout
-    for a model wrapped as ``base_model.model``.
+    for a model wrapped as ``base_model.model``. Given an ``EDoRAModel``, its base model is
+    exported with its trained heads as PEFT ``modules_to_save`` and its ``task_type``.
     """
+    from .edora_model import EDoRAModel  # the wrapper imports this module
+
+    heads: list[str] = []
+    if isinstance(model, EDoRAModel):
+        heads, task_type = model.head_names(), task_type or model.edora_config.task_type
+        model = model.get_base_model()
     layers = edora_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no EDoRALinear layers")
@@ -89,6 +96,9 @@ def export_peft_dora(model: nn.Module, directory: str | os.PathLike, *,
         tensors[f"{prefix}.lora_A.weight"] = layer.A.detach().float().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = B_R.float().contiguous()
         tensors[f"{prefix}.lora_magnitude_vector"] = layer.magnitude.detach().float()
+    for name in heads:  # PEFT stores a modules_to_save copy under the module's own name
+        for key, value in model.get_submodule(name).state_dict().items():
+            tensors[f"base_model.model.{name}.{key}"] = value.detach().contiguous()
     os.makedirs(directory, exist_ok=True)
     save_file({k: v.cpu() for k, v in tensors.items()},
               os.path.join(directory, "adapter_model.safetensors"))
@@ -97,6 +107,7 @@ def export_peft_dora(model: nn.Module, directory: str | os.PathLike, *,
     config = {"peft_type": "LORA", "task_type": task_type, "r": rank, "lora_alpha": alpha,
               "target_modules": f"^({targets})$",
               "use_dora": True, "lora_dropout": 0.0, "bias": "none",
+              "modules_to_save": heads or None,
               "base_model_name_or_path": base_model_name_or_path}
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)

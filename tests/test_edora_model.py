@@ -4,7 +4,13 @@ merge_and_unload, and PEFT's loader refusing an EDoRA directory instead of dropp
 import pytest
 import torch
 
-from edora_kernels import EDoRAConfig, EDoRALinear, EDoRAModel, get_edora_model
+from edora_kernels import (
+    EDoRAConfig,
+    EDoRALinear,
+    EDoRAModel,
+    export_peft_dora,
+    get_edora_model,
+)
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -150,3 +156,18 @@ def test_accelerate_save_state_and_load_state(tmp_path):
     accelerator.load_state(str(tmp_path / "state"))
     for name, value in _trained_state(model).items():
         assert torch.equal(value, saved[name]), name
+
+
+def test_export_of_an_edora_model_carries_its_head_to_stock_peft(tmp_path):
+    model = get_edora_model(classifier(), CONFIG)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        expected = model.eval()(input_ids=IDS).logits
+    export_peft_dora(model, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(classifier(), tmp_path).eval()
+    assert peft_model.peft_config["default"].task_type == "SEQ_CLS"
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=IDS).logits, expected, rtol=1e-5,
+                                   atol=1e-5)
