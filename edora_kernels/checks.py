@@ -226,3 +226,9 @@ def matches_target(name: str, targets) -> bool:
     if isinstance(targets, re.Pattern):
         return targets.fullmatch(name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def exact_names(names) -> str:
+    """A pattern that selects exactly these module names: given as a list, ``matches_target``
+    would also select every module whose name ends in "." + one of them."""
+    return "^(" + "|".join(re.escape(n) for n in names) + ")$"

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -27,8 +26,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapter_io import edora_layers, load_edora_state_dict, save_edora
-from .checks import check_target_modules, matches_target
+from .checks import exact_names, matches_target
 from .export import merge_and_unload, unload
+from .integrations.peft import target_names
 from .model import apply_edora
 
 CONFIG_NAME = "adapter_config.json"
@@ -93,21 +93,8 @@ def _plain(value):
     return sorted(value) if isinstance(value, (set, frozenset)) else value
 
 
-def _selected(model: nn.Module, config: EDoRAConfig) -> list[str]:
-    """The nn.Linear names the targets select, minus the excluded ones."""
-    if config.target_modules is None:
-        raise ValueError("EDoRAConfig.target_modules is None; name the modules to adapt")
-    targets = check_target_modules(config.target_modules, "EDoRAConfig.target_modules")
-    excluded = (check_target_modules(config.exclude_modules, "EDoRAConfig.exclude_modules")
-                if config.exclude_modules else None)
-    return [n for n, m in model.named_modules()
-            if type(m) is nn.Linear and matches_target(n, targets)
-            and not (excluded and matches_target(n, excluded))]
-
-
 def _head_names(model: nn.Module, heads: list[str]) -> list[str]:
-    return [n for n, _ in model.named_modules() if n and any(n == h or n.endswith("." + h)
-                                                            for h in heads)]
+    return [n for n, _ in model.named_modules() if n and heads and matches_target(n, heads)]
 
 
 try:  # only for isinstance checks in Trainer and accelerate; no PEFT machinery is used
@@ -124,11 +111,11 @@ class EDoRAModel(_Base):
         self.base_model = model
         self.edora_config = config
         if apply:
-            names = _selected(model, config)
+            names = target_names(model, config, "EDoRAConfig")
             if not names:
                 raise ValueError(f"EDoRAConfig.target_modules={config.target_modules!r} selects "
                                  f"no nn.Linear of {type(model).__name__}")
-            apply_edora(model, f"^({'|'.join(map(re.escape, names))})$", config.r, config.alpha,
+            apply_edora(model, exact_names(names), config.r, config.alpha,
                         init=config.init, seed=config.seed, progress=False,
                         dropout=config.dropout, dropout_mode=config.dropout_mode,
                         detach_norm=config.detach_norm, backend=config.backend)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from .adapter_io import edora_layers
+from .checks import exact_names
 
 
 def _plain_linear(layer, weight: torch.Tensor) -> nn.Linear:
@@ -102,10 +102,8 @@ def export_peft_dora(model: nn.Module, directory: str | os.PathLike, *,
     os.makedirs(directory, exist_ok=True)
     save_file({k: v.cpu() for k, v in tensors.items()},
               os.path.join(directory, "adapter_model.safetensors"))
-    # A full-match regex of exactly the adapted names: a suffix list could catch other modules.
-    targets = "|".join(re.escape(n) for n in sorted(layers))
     config = {"peft_type": "LORA", "task_type": task_type, "r": rank, "lora_alpha": alpha,
-              "target_modules": f"^({targets})$",
+              "target_modules": exact_names(sorted(layers)),
               "use_dora": True, "lora_dropout": 0.0, "bias": "none",
               "modules_to_save": heads or None,
               "base_model_name_or_path": base_model_name_or_path}

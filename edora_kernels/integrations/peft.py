@@ -8,11 +8,10 @@ by name rather than ignored.
 from __future__ import annotations
 
 import math
-import re
 
 from torch import nn
 
-from ..checks import check_target_modules, matches_target
+from ..checks import check_target_modules, exact_names, matches_target
 from ..layer import EDoRALinear, freeze_all_but_adapters
 from ..model import EDoRASummary, apply_edora
 
@@ -48,31 +47,33 @@ _UNSUPPORTED = {
 
 def _matches(name: str, patterns, field: str) -> bool:
     """PEFT's matching rule (``checks.matches_target``); None or an empty list matches
-    nothing."""
+    nothing. ``field`` names the config field in errors."""
     if patterns is None or (not isinstance(patterns, str) and not patterns):
         return False
-    return matches_target(name, check_target_modules(patterns, f"LoraConfig.{field}"))
+    return matches_target(name, check_target_modules(patterns, field))
 
 
 def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if type(m) is nn.Linear]
 
 
-def target_names(model: nn.Module, config) -> list[str]:
+def target_names(model: nn.Module, config, kind: str = "LoraConfig") -> list[str]:
     """The module names PEFT's ``target_modules`` (including "all-linear") and
-    ``exclude_modules`` select among the plain ``nn.Linear`` modules of ``model``."""
+    ``exclude_modules`` select among the plain ``nn.Linear`` modules of ``model``; ``config``
+    is a LoraConfig or an EDoRAConfig (``kind`` names it in errors)."""
     targets = config.target_modules
     if targets is None:
-        raise ValueError("LoraConfig.target_modules is None; name the modules to adapt "
+        raise ValueError(f"{kind}.target_modules is None; name the modules to adapt "
                          "(PEFT would infer them from the model type, EDoRA does not)")
     if targets == "all-linear":
         # PEFT's meaning: every linear layer except the output head.
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         names = [n for n in _linear_names(model) if model.get_submodule(n) is not head]
     else:
-        names = [n for n in _linear_names(model) if _matches(n, targets, "target_modules")]
+        names = [n for n in _linear_names(model)
+                 if _matches(n, targets, f"{kind}.target_modules")]
     excluded = getattr(config, "exclude_modules", None)
-    return [n for n in names if not _matches(n, excluded, "exclude_modules")]
+    return [n for n in names if not _matches(n, excluded, f"{kind}.exclude_modules")]
 
 
 def apply_edora_from_lora_config(
@@ -111,15 +112,13 @@ def apply_edora_from_lora_config(
                          f"{_linear_names(model)[:12]}")
     # modules_to_save is resolved before apply_edora changes anything.
     to_save = list(getattr(config, "modules_to_save", None) or [])
-    kept = [n for n, m in model.named_modules() if n and _matches(n, to_save, "modules_to_save")]
-    missing = [p for p in to_save if not any(_matches(n, [p], "modules_to_save") for n in kept)]
+    field = "LoraConfig.modules_to_save"
+    kept = [n for n, m in model.named_modules() if n and _matches(n, to_save, field)]
+    missing = [p for p in to_save if not any(_matches(n, [p], field) for n in kept)]
     if missing:
         raise ValueError(f"LoraConfig.modules_to_save entries {missing} match no module")
-    # The selected names as one full-match pattern: as a list they would also select every
-    # module whose name ends in "." + one of them, excluded ones included.
-    exact = "|".join(re.escape(n) for n in names)
-    summary = apply_edora(model, exact, rank, alpha, init=init, seed=seed, progress=progress,
-                          dropout=config.lora_dropout, **layer_kwargs)
+    summary = apply_edora(model, exact_names(names), rank, alpha, init=init, seed=seed,
+                          progress=progress, dropout=config.lora_dropout, **layer_kwargs)
     if getattr(config, "inference_mode", False):
         freeze_all_but_adapters(model, trainable=False)
         summary.trainable_params = 0
