@@ -15,19 +15,20 @@ The mask is never stored: forward draws a seed from torch's default CPU generato
 folded into per-column and rank-r factors instead of an N×in pass.
 """
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import torch_backend
 from .norm import TERMS_DTYPE, NormTerms, compute_dtype
 from .op_common import (
+    Saved,
     adapter_grads,
     fake_adapter_grads,
-    fake_zero_columns,
+    fake_saved,
     gate,
+    keep_slot_columns,
+    magnitude_sums,
     saved_tensors,
-    sum_gy_z,
-    zero_columns,
+    slot_capacity,
 )
 
 DROPOUT_MODES = ("peft", "lowrank")
@@ -67,21 +68,19 @@ def draw_seed() -> Tensor:
 def _dropout_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, R: Tensor,
     magnitude: Tensor, c0: Tensor, C: Tensor, G: Tensor, scaling: float, p: float,
-    lowrank: bool, save: bool, detach_norm: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    lowrank: bool, save: bool, capacity: int, detach_norm: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dtype, cdt = x.dtype, compute_dtype(x.dtype)
-    P, n, g = gate(NormTerms(c0, C, G), B, R, magnitude, scaling, cdt)
+    P, n, g, slots = gate(NormTerms(c0, C, G), B, R, magnitude, scaling, cdt, capacity)
     seed = draw_seed()
     q = dropout_levels(p)[1]
     x_keep = x * keep_mask(int(seed), x.shape, p, x.device)  # x̃ = q·x_keep
     v = torch_backend.mm_compute(x_keep, A.T, cdt).mul_(q)
     Pd = P.to(dtype)
     if lowrank:
-        y = torch_backend._rescale(x @ weight.T, v, bias, P.to(cdt), g, scaling)
-        zero_idx, zcols = zero_columns(
-            magnitude, save, x.shape[0],
-            lambda idx: torch.addmm(F.linear(x, weight[idx]), v.to(dtype), Pd[idx].T,
-                                    alpha=scaling))
+        z = torch.addmm(x @ weight.T, v.to(dtype), Pd.T, alpha=scaling)
+        zbuf = keep_slot_columns(z, slots, capacity)
+        y = (z.to(cdt) * g + (0.0 if bias is None else bias.to(cdt))).to(dtype)
         z_drop = x.new_empty(0)
     else:
         # With z_lin = x_keep W0ᵀ + (s/q)·ṽ Pᵀ: z̃ = x̃ W0ᵀ + s·ṽ Pᵀ = q·z_lin (what dm needs) and
@@ -94,30 +93,29 @@ def _dropout_fwd(
         y = torch.addmm(low, x, weight.T, beta=q)                    # dense GEMM 1
         y.addcmul_(z_lin, (g - 1) * q)
         z_drop = z_lin if save else x.new_empty(0)
-        zero_idx, zcols = zero_columns(magnitude, False, x.shape[0], None)
-    return y, (v if save else v.new_empty(0)), z_drop, n, seed, zero_idx, zcols
+        zbuf = x.new_empty(x.shape[0], 0)
+    return y, z_drop, seed, *Saved(v if save else v.new_empty(0), P, n, g, slots, zbuf)
 
 
 @_dropout_fwd.register_fake
-def _(x, weight, bias, A, B, R, magnitude, c0, C, G, scaling, p, lowrank, save, detach_norm):
-    n_rows, out_features, rank = x.shape[0], weight.shape[0], A.shape[0]
-    v = x.new_empty((n_rows, rank) if save else (0,), dtype=compute_dtype(x.dtype))
+def _(x, weight, bias, A, B, R, magnitude, c0, C, G, scaling, p, lowrank, save, capacity,
+      detach_norm):
+    n_rows, out_features = x.shape[0], weight.shape[0]
     z_drop = x.new_empty((n_rows, out_features) if save and not lowrank else (0,))
-    n = x.new_empty(out_features, dtype=TERMS_DTYPE)
     seed = torch.empty(1, dtype=torch.int64)
-    return (x.new_empty(n_rows, out_features), v, z_drop, n, seed,
-            *fake_zero_columns(x, save and lowrank))
+    return (x.new_empty(n_rows, out_features), z_drop, seed,
+            *fake_saved(x, A.shape[0], out_features, save, capacity))
 
 
 @torch.library.custom_op("edora::dropout_bwd", mutates_args=())
 def _dropout_bwd(
     gy: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, R: Tensor,
-    magnitude: Tensor, y: Tensor, v: Tensor, z_drop: Tensor, n: Tensor, seed: Tensor,
-    zero_idx: Tensor, zcols: Tensor, C: Tensor, G: Tensor, scaling: float, p: float,
-    lowrank: bool, detach_norm: bool, need_dx: bool, need_dR: bool, need_dm: bool,
+    magnitude: Tensor, C: Tensor, G: Tensor, y: Tensor, z_drop: Tensor, seed: Tensor,
+    v: Tensor, P: Tensor, n: Tensor, g: Tensor, slots: Tensor, zbuf: Tensor, scaling: float,
+    p: float, lowrank: bool, detach_norm: bool, need_dx: bool, need_dR: bool, need_dm: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dtype, cdt = gy.dtype, compute_dtype(gy.dtype)
-    g = (magnitude.to(n.dtype) / n).to(cdt)
+    saved = Saved(v, P, n, g, slots, zbuf)
     q = dropout_levels(p)[1]
     t = torch_backend.mm_compute(gy, B.to(cdt) * g[:, None], cdt)  # (gy ⊙ g) B, no N×out pass
     dx = gy.new_empty(0)
@@ -132,13 +130,12 @@ def _dropout_bwd(
     S = None
     if need_dm or (need_dR and not detach_norm):
         if lowrank:
-            S = sum_gy_z(gy, torch_backend.grad_colsum(gy, y, bias, cdt), zero_idx, zcols,
-                         magnitude, n)
+            S = magnitude_sums(torch_backend.grad_colsum(gy, y, bias, cdt), gy, saved,
+                               magnitude)
         else:
             S = q * torch.linalg.vecdot(gy.to(cdt), z_drop.to(cdt), dim=0).to(TERMS_DTYPE)
-    dR, dm = adapter_grads(t, v, S, NormTerms(None, C, G), B, R, magnitude, n, scaling,
-                           detach_norm, need_dR, need_dm)
-    return dx, dR, dm
+    return dx, *adapter_grads(t, v, S, NormTerms(None, C, G), B, R, P, magnitude, n, scaling,
+                              detach_norm, need_dR, need_dm)
 
 
 def _scale_columns(gy, col_scale):
@@ -146,34 +143,33 @@ def _scale_columns(gy, col_scale):
 
 
 @_dropout_bwd.register_fake
-def _(gy, weight, bias, A, B, R, magnitude, y, v, z_drop, n, seed, zero_idx, zcols, C, G,
+def _(gy, weight, bias, A, B, R, magnitude, C, G, y, z_drop, seed, v, P, n, g, slots, zbuf,
       scaling, p, lowrank, detach_norm, need_dx, need_dR, need_dm):
     dx = gy.new_empty((gy.shape[0], weight.shape[1]) if need_dx else (0,))
     return dx, *fake_adapter_grads(R, magnitude, need_dR, need_dm)
 
 
 def _setup_context(ctx, inputs, output):
-    (x, weight, bias, A, B, R, magnitude, c0, C, G, scaling, p, lowrank, save,
+    (x, weight, bias, A, B, R, magnitude, c0, C, G, scaling, p, lowrank, save, capacity,
      detach_norm) = inputs
-    y, v, z_drop, n, seed, zero_idx, zcols = output
+    y, z_drop, seed, *saved = output
     if detach_norm:  # C and G serve only the exact norm gradient
         C, G = C.new_empty(0), G.new_empty(0)
     kept_y = y if lowrank else y.new_empty(0)  # the peft mode's dm reads z̃, not y
-    ctx.save_for_backward(weight, bias, A, B, R, magnitude, kept_y, v, z_drop, n, seed,
-                          zero_idx, zcols, C, G)
+    ctx.save_for_backward(weight, bias, A, B, R, magnitude, C, G, kept_y, z_drop, seed, *saved)
     ctx.scaling, ctx.p, ctx.lowrank, ctx.detach_norm = scaling, p, lowrank, detach_norm
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, gy, *_unused):
     if gy is None:
-        return (None,) * 15
+        return (None,) * 16
     saved = saved_tensors(ctx, "edora_linear (dropout)")
     need_dx, _, need_dbias, _, _, need_dR, need_dm = ctx.needs_input_grad[:7]
     dx, dR, dm = _dropout_bwd(gy, *saved, ctx.scaling, ctx.p, ctx.lowrank, ctx.detach_norm,
                               need_dx, need_dR, need_dm)
     return (dx if need_dx else None, None, gy.sum(0) if need_dbias else None, None, None,
-            dR if need_dR else None, dm if need_dm else None, *([None] * 8))
+            dR if need_dR else None, dm if need_dm else None, *([None] * 9))
 
 
 _dropout_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -184,5 +180,8 @@ def linear_with_dropout(x, weight, bias, A, B, R, magnitude, terms, scaling, p, 
     """The op's dropout path on 2-D x (arguments checked by ``edora_linear``)."""
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x, R, magnitude, bias))
-    return _dropout_fwd(x, weight, bias, A, B, R, magnitude, *terms, scaling, p,
-                        mode == "lowrank", save, detach_norm)[0]
+    lowrank = mode == "lowrank"
+    # Only the lowrank mode reads y for dm; the peft mode keeps z̃ whole.
+    capacity = slot_capacity(magnitude, save and lowrank)
+    return _dropout_fwd(x, weight, bias, A, B, R, magnitude, *terms, scaling, p, lowrank, save,
+                        capacity, detach_norm)[0]

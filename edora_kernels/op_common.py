@@ -1,62 +1,114 @@
-"""What the op pairs (``ops``, ``dropout``) share: the gate, the kept z columns where m = 0, the
-adapter gradients from the column sums, the fakes of those outputs, the in-place check.
+"""What every path of the op shares, written in torch: the per-step gate (P, n, g and the slots of
+zero magnitudes), what forward keeps for backward, the magnitude sums S, the adapter gradients,
+and the in-place check. The torch backend and the dropout path compute with these; the Triton
+and CUDA backends fuse the same formulas into kernels and are tested against them.
 
-Everything here is O(out·r²) or smaller, except the N×k z columns (k = number of zero
-magnitudes, almost always 0).
+Everything here is O(out·r²) or smaller, except the N×k kept z columns (k ≤ the slot capacity).
 """
+from __future__ import annotations
+
+from typing import NamedTuple
+
 import torch
+from torch import Tensor
 
 from .norm import TERMS_DTYPE, NormTerms, exact_norm_grad_P, row_norm
 
+# Zero magnitudes (docs/DESIGN.md §3). Where m_j = 0, g_j = 0 and y_j = b_j carries no trace of
+# z_j, which dm_j needs: forward keeps those columns of z in "slots". On CPU reading m costs
+# nothing, so there are exactly as many slots as zeros; elsewhere the count would need a host
+# sync, so there are always ZERO_SLOTS, and a zero column past them gets dm_j = NaN (loud, never
+# a silently wrong 0). Zero rows of W0 (m = ‖V_j‖ = 0 at init) have z_j ≡ 0 and need no slot
+# to be exact, but take one like any other zero.
+ZERO_SLOTS = 16
+SLOT_NONE = -1   # m_j ≠ 0: S_j comes from y
+SLOT_FULL = -2   # m_j = 0 and every slot taken: dm_j = NaN
 
-def gate(terms: NormTerms, B, R, magnitude, scaling, cdt):
+
+class Gate(NamedTuple):
+    """The per-step O(out·r²) work of the forward."""
+
+    P: Tensor      # (out, r) float64: B R
+    n: Tensor      # (out,) float64: ‖W0 + s·P A‖ per row
+    g: Tensor      # (out,) compute dtype: m / n
+    slots: Tensor  # (out,) int32: a zero magnitude's slot, SLOT_NONE or SLOT_FULL; (0,) if none
+
+
+class Saved(NamedTuple):
+    """What the forward keeps for backward besides its inputs and the output y."""
+
+    v: Tensor      # (N, r) compute dtype: x Aᵀ; (0,) when R needs no gradient
+    P: Tensor      # (out, r) float64
+    n: Tensor      # (out,) float64
+    g: Tensor      # (out,) compute dtype
+    slots: Tensor  # (out,) int32, or (0,) when no column keeps its z
+    zbuf: Tensor   # (N, k) in y's dtype: z of the zero-magnitude columns, slot by slot
+
+
+def slot_capacity(magnitude: Tensor, save: bool) -> int:
+    """How many zero-magnitude columns forward keeps z for: 0 when nothing will run backward, the
+    exact count on CPU (eager), ZERO_SLOTS on accelerators and under torch.compile, where the
+    count would be a host read of device data."""
+    if not save:
+        return 0
+    if magnitude.device.type == "cpu" and not torch.compiler.is_compiling():
+        return int((magnitude == 0).sum())
+    return ZERO_SLOTS
+
+
+def zero_slots(magnitude: Tensor, capacity: int) -> Tensor:
+    """Slot k for the k-th zero magnitude (column order), SLOT_FULL past ``capacity``,
+    SLOT_NONE elsewhere; fixed shape, no host read."""
+    if capacity == 0:
+        return magnitude.new_empty(0, dtype=torch.int32)
+    zero = magnitude == 0
+    order = torch.cumsum(zero, 0, dtype=torch.int32) - 1
+    full = torch.full_like(order, SLOT_FULL)
+    return torch.where(zero, torch.where(order < capacity, order, full), SLOT_NONE)
+
+
+def slot_columns(slots: Tensor, capacity: int) -> Tensor:
+    """(capacity,) int64: the column of each slot; ``out`` (one past the last) where unused."""
+    return torch.nonzero_static(slots >= 0, size=capacity, fill_value=slots.shape[0]).flatten()
+
+
+def gate(terms: NormTerms, B: Tensor, R: Tensor, magnitude: Tensor, scaling: float, cdt,
+         capacity: int = 0) -> Gate:
     """P = B R and n in float64 (docs/DESIGN.md §2), g = m / n rounded to the compute dtype."""
     P = B.to(TERMS_DTYPE) @ R.to(TERMS_DTYPE)
     n = row_norm(terms, P, scaling)
-    return P, n, (magnitude.to(TERMS_DTYPE) / n).to(cdt)
+    g = (magnitude.to(TERMS_DTYPE) / n).to(cdt)
+    return Gate(P, n, g, zero_slots(magnitude, capacity))
 
 
-def epilogue_terms(c0, C, A):
-    a = A.to(TERMS_DTYPE)
-    return NormTerms(c0, C, a @ a.T)
+def keep_slot_columns(z: Tensor, slots: Tensor, capacity: int) -> Tensor:
+    """The z columns of the zero magnitudes, (N, capacity) in slot order (unused slots hold a
+    copy of some column: never read)."""
+    if capacity == 0:
+        return z.new_empty(z.shape[0], 0)
+    columns = slot_columns(slots, capacity).clamp_max(z.shape[1] - 1)
+    return z.index_select(1, columns)
 
 
-def zero_columns(magnitude, save, n_rows, z_columns):
-    """Where m = 0, g = 0 and y = b holds no trace of z, which dm needs: forward keeps those
-    columns of z (``z_columns(idx)``, N×k; k is 0 unless a magnitude entry is exactly 0).
-
-    Finding them reads m on the host: one device sync per training forward.
-    """
-    idx = magnitude.new_empty(0, dtype=torch.long)
-    if not save:
-        return idx, magnitude.new_empty(0, 0)
-    idx = (magnitude == 0).nonzero().flatten()
-    if idx.numel() == 0:
-        return idx, magnitude.new_empty(n_rows, 0)
-    return idx, z_columns(idx)
-
-
-def fake_zero_columns(rows_like, save):
-    idx = rows_like.new_empty(0, dtype=torch.long)
-    if not save:
-        return idx, rows_like.new_empty(0, 0)
-    k = torch.library.get_ctx().new_dynamic_size()
-    return rows_like.new_empty(k, dtype=torch.long), rows_like.new_empty(rows_like.shape[0], k)
-
-
-def sum_gy_z(gy, colsum, zero_idx, zcols, magnitude, n):
-    """``S = Σ_rows gy ⊙ z`` per column in float64, from ``colsum = Σ_rows gy ⊙ (y − b)``
-    (= g ⊙ S, so S = colsum·n/m); where m = 0, from the z columns forward kept."""
-    f64 = TERMS_DTYPE
+def magnitude_sums(colsum: Tensor, gy: Tensor, saved: Saved, magnitude: Tensor) -> Tensor:
+    """``S = Σ_rows gy ⊙ z`` per column in float64, from ``colsum = Σ_rows gy ⊙ (y − b)`` (=
+    g ⊙ S, so S = colsum·n/m); zero-magnitude columns from their kept z, NaN past the slots."""
+    f64, n, slots = TERMS_DTYPE, saved.n, saved.slots
     m = magnitude.to(f64)
     S = colsum.to(f64) * n / torch.where(m == 0, 1.0, m)
-    if zero_idx.numel():
-        zsum = (gy[:, zero_idx].to(f64) * zcols.to(f64)).sum(0)
-        S = S.index_copy(0, zero_idx, zsum)
+    if slots.numel():
+        out, capacity = S.shape[0], saved.zbuf.shape[1]
+        columns = slot_columns(slots, capacity)
+        kept = gy.index_select(1, columns.clamp_max(out - 1)).to(f64)
+        zsum = torch.linalg.vecdot(kept, saved.zbuf.to(f64), dim=0)
+        # Unused slots write to a scratch entry past the last column.
+        S = torch.cat([S, S.new_zeros(1)]).index_copy(0, columns, zsum)[:out]
+        S = torch.where(slots == SLOT_FULL, torch.nan, S)
     return S
 
 
-def adapter_grads(t, v, S, terms, B, R, magnitude, n, scaling, detach_norm, need_dR, need_dm):
+def adapter_grads(t, v, S, terms: NormTerms, B, R, P, magnitude, n, scaling, detach_norm,
+                  need_dR, need_dm):
     """dR = s·tᵀ v (+ the norm's share when not detached) and dm = S/n, with
     ``S = Σ_rows gy ⊙ z`` (None when neither needs it); the O(out·r²) parts in float64."""
     f64 = TERMS_DTYPE
@@ -64,15 +116,20 @@ def adapter_grads(t, v, S, terms, B, R, magnitude, n, scaling, detach_norm, need
     if need_dR:
         dR_c = scaling * (t.to(f64).T @ v.to(f64))
         if not detach_norm:
-            P = B.to(f64) @ R.to(f64)
-            grad_n = -magnitude.to(f64) * S / (n * n)
-            dR_c = dR_c + B.to(f64).T @ exact_norm_grad_P(terms, P, n, grad_n, scaling)
+            dR_c = dR_c + B.to(f64).T @ norm_share(terms, P, magnitude, n, S, scaling)
         dR = dR_c.to(R.dtype)
     dm = (S / n).to(magnitude.dtype) if need_dm else magnitude.new_empty(0)
     return dR, dm
 
 
-def fake_adapter_grads(R, magnitude, need_dR, need_dm):
+def norm_share(terms: NormTerms, P, magnitude, n, S, scaling):
+    """∂L/∂P through the norm (detach_norm=False), with ∂L/∂n = −m S / n²."""
+    grad_n = -magnitude.to(TERMS_DTYPE) * S / (n * n)
+    return exact_norm_grad_P(terms, P, n, grad_n, scaling)
+
+
+def fake_adapter_grads(R: Tensor, magnitude: Tensor, need_dR: bool, need_dm: bool):
+    """dR and dm as the fakes (and unneeded outputs) shape them."""
     return (R.new_empty(R.shape if need_dR else (0,)),
             magnitude.new_empty(magnitude.shape if need_dm else (0,)))
 
@@ -89,3 +146,18 @@ def saved_tensors(ctx, op: str):
             "usually its output y (an in-place activation such as ReLU(inplace=True), y += ..., "
             "y.mul_()); EDoRA's backward reads y for the magnitude gradient. Apply such ops out "
             "of place (F.relu(y), y = y + ...)") from err
+
+
+def fake_saved(rows_like: Tensor, rank: int, out_features: int, save: bool,
+               capacity: int) -> Saved:
+    """``Saved`` as the custom ops' fakes shape it (rows_like: x or y0, N rows)."""
+    cdt = TERMS_DTYPE if rows_like.dtype == TERMS_DTYPE else torch.float32
+    n_rows = rows_like.shape[0]
+    return Saved(
+        v=rows_like.new_empty((n_rows, rank) if save else (0,), dtype=cdt),
+        P=rows_like.new_empty((out_features, rank), dtype=TERMS_DTYPE),
+        n=rows_like.new_empty(out_features, dtype=TERMS_DTYPE),
+        g=rows_like.new_empty(out_features, dtype=cdt),
+        slots=rows_like.new_empty(out_features if capacity else 0, dtype=torch.int32),
+        zbuf=rows_like.new_empty(n_rows, capacity),
+    )

@@ -1,10 +1,11 @@
-"""The public ops: validation, backend dispatch and the torch.library registration.
+"""The public ops: validation, backend dispatch, autograd and the torch.library registration.
 
-Each op is a pair of custom ops so that ``torch.compile(fullgraph=True)`` traces through without
-graph breaks: the forward returns y plus what backward keeps (v = x Aᵀ, the per-step norm n, and
-the pre-scale output z only for columns with m = 0), the backward turns gy into the input
-gradients, reading y itself for the magnitude's (docs/DESIGN.md §3). Both hand the N-sized work
-to a backend (see ``edora_kernels.backends``) and do the O(out·r²) rest here.
+Each op runs one backend step (docs/DESIGN.md §4): the backend's forward returns y plus what
+backward keeps (``op_common.Saved``: v = x Aᵀ, P, n, g, the zero-magnitude slots and their z
+columns), its backward turns gy into the input gradients, reading y itself for the magnitude's
+(docs/DESIGN.md §3). In eager mode an ``autograd.Function`` runs the step with no more host work
+than the step needs; under ``torch.compile`` the same step is a pair of ``torch.library`` custom
+ops (forward, backward) with shape-only fakes, so ``fullgraph=True`` traces without breaks.
 
 - ``edora_linear``: dense frozen weight, ``z = x W0ᵀ + s·v Pᵀ``.
 - ``edora_epilogue``: any base layer, ``z = y0 − b + s·v Pᵀ`` with ``y0 = base(x)`` computed by
@@ -14,9 +15,9 @@ to a backend (see ``edora_kernels.backends``) and do the O(out·r²) rest here.
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import backends
-from .backends import torch_backend
 from .checks import (
     check_adapter_args,
     check_dropout_backend,
@@ -28,93 +29,140 @@ from .checks import (
 from .dropout import linear_with_dropout
 from .norm import TERMS_DTYPE, NormTerms, compute_dtype, compute_norm_terms, row_norm
 from .op_common import (
-    adapter_grads,
-    epilogue_terms,
+    Saved,
     fake_adapter_grads,
-    fake_zero_columns,
-    gate,
+    fake_saved,
     saved_tensors,
-    sum_gy_z,
-    zero_columns,
+    slot_capacity,
 )
 
-# --- edora_linear -------------------------------------------------------------------------------
+
+def _kept_for_backward(saved, C: Tensor, G: Tensor, detach_norm: bool) -> tuple:
+    """``(*saved, C, G)`` as backward keeps them: P, C and G serve only the norm's share of dR
+    (detach_norm=False), so they are dropped otherwise."""
+    if detach_norm:
+        empty = C.new_empty(0)
+        return (*Saved(*saved)._replace(P=empty), empty, empty)
+    return (*saved, C, G)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _capacity(magnitude: Tensor, R: Tensor, detach_norm: bool, save: bool) -> int:
+    """Zero-magnitude slots: needed only where backward forms the magnitude sums S."""
+    needs_sums = magnitude.requires_grad or (R.requires_grad and not detach_norm)
+    return slot_capacity(magnitude, save and needs_sums)
+
+
+# --- edora_linear: the step in eager mode ---------------------------------------------------------
+
+class _LinearStep(torch.autograd.Function):
+    """One autograd node around the backend's forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, R, magnitude, terms, scaling, detach_norm, impl,
+                capacity):
+        y, saved = impl.forward(x, weight, bias, A, B, R, magnitude, terms, scaling, True,
+                                capacity)
+        ctx.save_for_backward(weight, bias, A, B, R, magnitude, y,
+                              *_kept_for_backward(saved, terms.C, terms.G, detach_norm))
+        ctx.scaling, ctx.detach_norm, ctx.impl = scaling, detach_norm, impl
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        if gy is None:  # y did not reach the loss
+            return (None,) * 12
+        weight, bias, A, B, R, magnitude, y, *saved, C, G = saved_tensors(ctx, "edora_linear")
+        need_dx, _, need_dbias, _, _, need_dR, need_dm = ctx.needs_input_grad[:7]
+        dx, dR, dm = ctx.impl.backward(
+            gy, weight, bias, A, B, R, magnitude, NormTerms(None, C, G), ctx.scaling,
+            ctx.detach_norm, y, Saved(*saved), need_dx, need_dR, need_dm)
+        return (dx if need_dx else None, None, gy.sum(0) if need_dbias else None, None, None,
+                dR if need_dR else None, dm if need_dm else None, *([None] * 5))
+
+
+# --- edora_linear: the step under torch.compile -------------------------------------------------
 
 @torch.library.custom_op("edora::linear_fwd", mutates_args=())
 def _linear_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, R: Tensor,
     magnitude: Tensor, c0: Tensor, C: Tensor, G: Tensor, scaling: float, save: bool,
-    detach_norm: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    cdt = compute_dtype(x.dtype)
-    P, n, g = gate(NormTerms(c0, C, G), B, R, magnitude, scaling, cdt)
-    y, v = backends.load(backend).forward(x, weight, bias, A, P.to(cdt), g, scaling, save)
-    zero_idx, zcols = zero_columns(
-        magnitude, save, x.shape[0],
-        lambda idx: torch.addmm(F.linear(x, weight[idx]), v.to(x.dtype), P[idx].to(x.dtype).T,
-                                alpha=scaling))
-    return y, v, n, zero_idx, zcols
+    capacity: int, detach_norm: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    y, saved = backends.load(backend).forward(x, weight, bias, A, B, R, magnitude,
+                                              NormTerms(c0, C, G), scaling, save, capacity)
+    return y, *saved
 
 
 @_linear_fwd.register_fake
-def _(x, weight, bias, A, B, R, magnitude, c0, C, G, scaling, save, detach_norm, backend):
-    n_rows, out_features, rank = x.shape[0], weight.shape[0], A.shape[0]
-    v = x.new_empty((n_rows, rank) if save else (0,), dtype=compute_dtype(x.dtype))
-    n = x.new_empty(out_features, dtype=TERMS_DTYPE)
-    return x.new_empty(n_rows, out_features), v, n, *fake_zero_columns(x, save)
+def _(x, weight, bias, A, B, R, magnitude, c0, C, G, scaling, save, capacity, detach_norm,
+      backend):
+    saved = fake_saved(x, A.shape[0], weight.shape[0], save, capacity)
+    return x.new_empty(x.shape[0], weight.shape[0]), *saved
 
 
 @torch.library.custom_op("edora::linear_bwd", mutates_args=())
 def _linear_bwd(
     gy: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, R: Tensor,
-    magnitude: Tensor, y: Tensor, v: Tensor, n: Tensor, zero_idx: Tensor, zcols: Tensor,
-    C: Tensor, G: Tensor, scaling: float, detach_norm: bool, need_dx: bool, need_dR: bool,
-    need_dm: bool, backend: str,
+    magnitude: Tensor, C: Tensor, G: Tensor, y: Tensor, v: Tensor, P: Tensor, n: Tensor,
+    g: Tensor, slots: Tensor, zbuf: Tensor, scaling: float, detach_norm: bool, need_dx: bool,
+    need_dR: bool, need_dm: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    cdt = compute_dtype(gy.dtype)
-    g = (magnitude.to(n.dtype) / n).to(cdt)
-    need_colsum = need_dm or (need_dR and not detach_norm)
-    dx, t, colsum = backends.load(backend).backward(
-        gy, weight, B, R.to(cdt) @ A.to(cdt), g, y, bias, scaling, need_dx, need_dR,
-        need_colsum)
-    S = sum_gy_z(gy, colsum, zero_idx, zcols, magnitude, n) if need_colsum else None
-    dR, dm = adapter_grads(t, v, S, NormTerms(None, C, G), B, R, magnitude, n, scaling,
-                           detach_norm, need_dR, need_dm)
-    return dx, dR, dm
+    return backends.load(backend).backward(
+        gy, weight, bias, A, B, R, magnitude, NormTerms(None, C, G), scaling, detach_norm, y,
+        Saved(v, P, n, g, slots, zbuf), need_dx, need_dR, need_dm)
 
 
 @_linear_bwd.register_fake
-def _(gy, weight, bias, A, B, R, magnitude, y, v, n, zero_idx, zcols, C, G, scaling,
+def _(gy, weight, bias, A, B, R, magnitude, C, G, y, v, P, n, g, slots, zbuf, scaling,
       detach_norm, need_dx, need_dR, need_dm, backend):
     dx = gy.new_empty((gy.shape[0], weight.shape[1]) if need_dx else (0,))
     return dx, *fake_adapter_grads(R, magnitude, need_dR, need_dm)
 
 
 def _linear_setup_context(ctx, inputs, output):
-    (x, weight, bias, A, B, R, magnitude, c0, C, G, scaling, save, detach_norm,
+    (x, weight, bias, A, B, R, magnitude, c0, C, G, scaling, save, capacity, detach_norm,
      backend) = inputs
-    y, v, n, zero_idx, zcols = output
-    # Backward reads C and G only for the norm's share of dR (detach_norm=False).
-    if detach_norm:
-        C, G = C.new_empty(0), G.new_empty(0)
     # y is the output itself (no copy): the next op usually keeps it anyway.
-    ctx.save_for_backward(weight, bias, A, B, R, magnitude, y, v, n, zero_idx, zcols, C, G)
+    y, *saved = output
+    *saved, C, G = _kept_for_backward(saved, C, G, detach_norm)
+    ctx.save_for_backward(weight, bias, A, B, R, magnitude, C, G, y, *saved)
     ctx.scaling, ctx.detach_norm, ctx.backend = scaling, detach_norm, backend
     ctx.set_materialize_grads(False)  # v, n, ... get no gradient: skip zero fills
 
 
 def _linear_backward(ctx, gy, *_unused):
     if gy is None:  # grads are not materialised: y did not reach the loss
-        return (None,) * 14
+        return (None,) * 15
     saved = saved_tensors(ctx, "edora_linear")
     need_dx, _, need_dbias, _, _, need_dR, need_dm = ctx.needs_input_grad[:7]
     dx, dR, dm = _linear_bwd(gy, *saved, ctx.scaling, ctx.detach_norm, need_dx, need_dR,
                              need_dm, ctx.backend)
     return (dx if need_dx else None, None, gy.sum(0) if need_dbias else None, None, None,
-            dR if need_dR else None, dm if need_dm else None, *([None] * 7))
+            dR if need_dR else None, dm if need_dm else None, *([None] * 8))
 
 
 _linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+def _linear_step(x, weight, bias, A, B, R, magnitude, terms, scaling, detach_norm, backend):
+    """y for 2-D x, checked arguments: the custom ops under torch.compile, the autograd.Function
+    when something needs a gradient, the backend's forward alone otherwise."""
+    save = _needs_grad(x, R, magnitude, bias)
+    capacity = _capacity(magnitude, R, detach_norm, save)
+    if torch.compiler.is_compiling():
+        return _linear_fwd(x, weight, bias, A, B, R, magnitude, *terms, scaling, save, capacity,
+                           detach_norm, backend)[0]
+    impl = backends.load(backend)
+    if save:
+        return _LinearStep.apply(x, weight, bias, A, B, R, magnitude, terms, scaling,
+                                 detach_norm, impl, capacity)
+    return impl.forward(x, weight, bias, A, B, R, magnitude, terms, scaling, False, 0)[0]
 
 
 def edora_linear(
@@ -176,8 +224,7 @@ def edora_linear(
                 backend=backend, norm_terms=norm_terms)
     check_linear_args(x, weight, bias, A, B, R, magnitude, scaling, dropout, backend)
     check_dropout_mode(dropout_mode)
-    grad_enabled = torch.is_grad_enabled()
-    check_frozen(grad_enabled, weight=weight, A=A, B=B)
+    check_frozen(torch.is_grad_enabled(), weight=weight, A=A, B=B)
     if norm_terms is None:
         norm_terms = compute_norm_terms(weight, A)
     else:
@@ -192,10 +239,8 @@ def edora_linear(
         y = linear_with_dropout(x2, weight, bias, A, B, R, magnitude, norm_terms, scaling,
                                 dropout, dropout_mode, detach_norm)
     else:
-        save = grad_enabled and any(t is not None and t.requires_grad
-                                    for t in (x, R, magnitude, bias))
-        y = _linear_fwd(x2, weight, bias, A, B, R, magnitude, *norm_terms, scaling, save,
-                        detach_norm, backend)[0]
+        y = _linear_step(x2, weight, bias, A, B, R, magnitude, norm_terms, scaling, detach_norm,
+                         backend)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -250,84 +295,98 @@ def _composed_linear(x, weight, bias, A, B, R, magnitude, scaling, terms, dropou
     return y.to(dtype)
 
 
-# --- edora_epilogue -----------------------------------------------------------------------------
+# --- edora_epilogue: the same step on a base layer's output ------------------------------------
+
+class _EpilogueStep(torch.autograd.Function):
+    """One autograd node around the backend's epilogue forward and backward."""
+
+    @staticmethod
+    def forward(ctx, y0, x, bias, A, B, R, magnitude, terms, scaling, detach_norm, impl,
+                capacity):
+        y, saved = impl.epilogue_forward(y0, x, bias, A, B, R, magnitude, terms, scaling, True,
+                                         capacity)
+        ctx.save_for_backward(bias, A, B, R, magnitude, y, *saved, terms.c0, terms.C, terms.G)
+        ctx.scaling, ctx.detach_norm, ctx.impl = scaling, detach_norm, impl
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        if gy is None:
+            return (None,) * 12
+        bias, A, B, R, magnitude, y, *saved, c0, C, G = saved_tensors(ctx, "edora_epilogue")
+        saved = Saved(*saved)
+        need_dy0, need_dx, need_dbias, _, _, need_dR, need_dm = ctx.needs_input_grad[:7]
+        dy0, dx, dR, dm = ctx.impl.epilogue_backward(
+            gy, bias, A, B, R, magnitude, NormTerms(c0, C, G), ctx.scaling, ctx.detach_norm, y,
+            saved, need_dy0, need_dx, need_dR, need_dm)
+        return (dy0 if need_dy0 else None, dx if need_dx else None,
+                _epilogue_dbias(gy, saved.g) if need_dbias else None, None, None,
+                dR if need_dR else None, dm if need_dm else None, *([None] * 5))
+
+
+def _epilogue_dbias(gy, g):
+    """y depends on b directly (+b) and through z (−b): ∂y/∂b = 1 − g."""
+    return (gy * (1 - g).to(gy.dtype)).sum(0)
+
 
 @torch.library.custom_op("edora::epilogue_fwd", mutates_args=())
 def _epilogue_fwd(
     y0: Tensor, x: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, R: Tensor,
-    magnitude: Tensor, c0: Tensor, C: Tensor, scaling: float, save: bool, detach_norm: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    cdt = compute_dtype(y0.dtype)
-    P, n, g = gate(epilogue_terms(c0, C, A), B, R, magnitude, scaling, cdt)
-    v = torch_backend.mm_compute(x, A.T, cdt)
-    y = backends.load(backend).epilogue(y0, v, bias, P.to(cdt), g, scaling)
-
-    def z_columns(idx):
-        base = y0[:, idx] if bias is None else y0[:, idx] - bias[idx]
-        return torch.addmm(base, v.to(y0.dtype), P[idx].to(y0.dtype).T, alpha=scaling)
-
-    zero_idx, zcols = zero_columns(magnitude, save, y0.shape[0], z_columns)
-    return y, (v if save else v.new_empty(0)), n, zero_idx, zcols
+    magnitude: Tensor, c0: Tensor, C: Tensor, G: Tensor, scaling: float, save: bool,
+    capacity: int, detach_norm: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    y, saved = backends.load(backend).epilogue_forward(
+        y0, x, bias, A, B, R, magnitude, NormTerms(c0, C, G), scaling, save, capacity)
+    return y, *saved
 
 
 @_epilogue_fwd.register_fake
-def _(y0, x, bias, A, B, R, magnitude, c0, C, scaling, save, detach_norm, backend):
-    n_rows, out_features, rank = y0.shape[0], y0.shape[1], A.shape[0]
-    v = y0.new_empty((n_rows, rank) if save else (0,), dtype=compute_dtype(y0.dtype))
-    n = y0.new_empty(out_features, dtype=TERMS_DTYPE)
-    return y0.new_empty(n_rows, out_features), v, n, *fake_zero_columns(y0, save)
+def _(y0, x, bias, A, B, R, magnitude, c0, C, G, scaling, save, capacity, detach_norm,
+      backend):
+    return y0.new_empty(y0.shape), *fake_saved(y0, A.shape[0], y0.shape[1], save, capacity)
 
 
 @torch.library.custom_op("edora::epilogue_bwd", mutates_args=())
 def _epilogue_bwd(
     gy: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, R: Tensor, magnitude: Tensor,
-    y: Tensor, v: Tensor, n: Tensor, zero_idx: Tensor, zcols: Tensor, c0: Tensor, C: Tensor,
-    scaling: float, detach_norm: bool, need_dy0: bool, need_dx: bool, need_dR: bool,
-    need_dm: bool,
+    c0: Tensor, C: Tensor, G: Tensor, y: Tensor, v: Tensor, P: Tensor, n: Tensor, g: Tensor,
+    slots: Tensor, zbuf: Tensor, scaling: float, detach_norm: bool, need_dy0: bool,
+    need_dx: bool, need_dR: bool, need_dm: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    cdt = compute_dtype(gy.dtype)
-    dtype = gy.dtype
-    g = (magnitude.to(n.dtype) / n).to(cdt)
-    gz = gy * g.to(dtype)
-    t = torch_backend.mm_compute(gy, B.to(cdt) * g[:, None], cdt)  # gz's rounding kept out of dR
-    dx = (scaling * t.to(dtype)) @ (R.to(cdt) @ A.to(cdt)).to(dtype) if need_dx else gy.new_empty(0)
-    colsum = torch_backend.grad_colsum(gy, y, bias, cdt)
-    S = sum_gy_z(gy, colsum, zero_idx, zcols, magnitude, n)
-    dR, dm = adapter_grads(t, v, S, epilogue_terms(c0, C, A), B, R, magnitude, n, scaling,
-                           detach_norm, need_dR, need_dm)
-    return (gz if need_dy0 else gy.new_empty(0)), dx, dR, dm
+    return backends.load(backend).epilogue_backward(
+        gy, bias, A, B, R, magnitude, NormTerms(c0, C, G), scaling, detach_norm, y,
+        Saved(v, P, n, g, slots, zbuf), need_dy0, need_dx, need_dR, need_dm)
 
 
 @_epilogue_bwd.register_fake
-def _(gy, bias, A, B, R, magnitude, y, v, n, zero_idx, zcols, c0, C, scaling, detach_norm,
-      need_dy0, need_dx, need_dR, need_dm):
+def _(gy, bias, A, B, R, magnitude, c0, C, G, y, v, P, n, g, slots, zbuf, scaling,
+      detach_norm, need_dy0, need_dx, need_dR, need_dm, backend):
     dy0 = gy.new_empty(gy.shape if need_dy0 else (0,))
     dx = gy.new_empty((gy.shape[0], A.shape[1]) if need_dx else (0,))
     return dy0, dx, *fake_adapter_grads(R, magnitude, need_dR, need_dm)
 
 
 def _epilogue_setup_context(ctx, inputs, output):
-    y0, x, bias, A, B, R, magnitude, c0, C, scaling, save, detach_norm, backend = inputs
-    y, v, n, zero_idx, zcols = output
-    ctx.save_for_backward(bias, A, B, R, magnitude, y, v, n, zero_idx, zcols, c0, C)
-    ctx.scaling, ctx.detach_norm = scaling, detach_norm
+    (y0, x, bias, A, B, R, magnitude, c0, C, G, scaling, save, capacity, detach_norm,
+     backend) = inputs
+    ctx.save_for_backward(bias, A, B, R, magnitude, c0, C, G, *output)
+    ctx.scaling, ctx.detach_norm, ctx.backend = scaling, detach_norm, backend
     ctx.set_materialize_grads(False)
 
 
 def _epilogue_backward(ctx, gy, *_unused):
     if gy is None:  # grads are not materialised: y did not reach the loss
-        return (None,) * 13
+        return (None,) * 15
     saved = saved_tensors(ctx, "edora_epilogue")
     need_dy0, need_dx, need_dbias, _, _, need_dR, need_dm = ctx.needs_input_grad[:7]
     dy0, dx, dR, dm = _epilogue_bwd(gy, *saved, ctx.scaling, ctx.detach_norm, need_dy0,
-                                    need_dx, need_dR, need_dm)
-    dbias = None
-    if need_dbias:  # y depends on b directly (+b) and through z (−b): ∂y/∂b = 1 − g
-        magnitude, n = saved[4], saved[7]
-        dbias = (gy * (1 - magnitude.to(n.dtype) / n).to(gy.dtype)).sum(0)
-    return (dy0 if need_dy0 else None, dx if need_dx else None, dbias, None, None,
-            dR if need_dR else None, dm if need_dm else None, *([None] * 6))
+                                    need_dx, need_dR, need_dm, ctx.backend)
+    g = saved[12]
+    return (dy0 if need_dy0 else None, dx if need_dx else None,
+            _epilogue_dbias(gy, g) if need_dbias else None, None, None,
+            dR if need_dR else None, dm if need_dm else None, *([None] * 8))
 
 
 _epilogue_fwd.register_autograd(_epilogue_backward, setup_context=_epilogue_setup_context)
@@ -379,14 +438,25 @@ def edora_epilogue(
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must have shape {shape}, got {got}")
     check_dropout_backend(0.0, backend)
-    grad_enabled = torch.is_grad_enabled()
-    check_frozen(grad_enabled, A=A, B=B)
+    check_frozen(torch.is_grad_enabled(), A=A, B=B)
     backend = backends.resolve(backend, x.device)
-    save = grad_enabled and any(t is not None and t.requires_grad
-                                for t in (y0, x, R, magnitude, bias))
-    y = _epilogue_fwd(
-        y0.reshape(-1, out_features), x.reshape(-1, in_features), bias, A, B, R, magnitude,
-        base_norm_sq.detach().to(TERMS_DTYPE), base_times_A.detach().to(TERMS_DTYPE),
-        float(scaling), save, detach_norm, backend,
-    )[0]
+    a = A.detach().to(TERMS_DTYPE)
+    terms = NormTerms(base_norm_sq.detach().to(TERMS_DTYPE),
+                      base_times_A.detach().to(TERMS_DTYPE), a @ a.T)
+    y = _epilogue_step(y0.reshape(-1, out_features), x.reshape(-1, in_features), bias, A, B, R,
+                       magnitude, terms, float(scaling), detach_norm, backend)
     return y.reshape(y0.shape)
+
+
+def _epilogue_step(y0, x, bias, A, B, R, magnitude, terms, scaling, detach_norm, backend):
+    """As ``_linear_step``, for the epilogue op."""
+    save = _needs_grad(y0, x, R, magnitude, bias)
+    capacity = _capacity(magnitude, R, detach_norm, save)
+    if torch.compiler.is_compiling():
+        return _epilogue_fwd(y0, x, bias, A, B, R, magnitude, *terms, scaling, save, capacity,
+                             detach_norm, backend)[0]
+    impl = backends.load(backend)
+    if save:
+        return _EpilogueStep.apply(y0, x, bias, A, B, R, magnitude, terms, scaling,
+                                   detach_norm, impl, capacity)
+    return impl.epilogue_forward(y0, x, bias, A, B, R, magnitude, terms, scaling, False, 0)[0]

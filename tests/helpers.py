@@ -103,10 +103,3 @@ def epilogue_on_dense_base(x, weight, bias, A, B, R, magnitude, scaling, backend
     c0, C = base_norm_terms(weight, A)
     return edora_epilogue(F.linear(x, weight, bias), x, bias, A, B, R, magnitude, scaling,
                           base_norm_sq=c0, base_times_A=C, backend=backend, **kwargs)
-
-
-def small_terms(case):
-    """P = B R, R A and g in fp32, as the op forms them."""
-    B, R, A = (t.float() for t in (case.B, case.R, case.A))
-    weight = case.weight.float() + case.scaling * B @ R @ A
-    return B @ R, R @ A, case.magnitude.float() / weight.norm(dim=1)

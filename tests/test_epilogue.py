@@ -41,11 +41,12 @@ def test_three_dim_input_and_no_grad():
 def test_opcheck():
     args = make_case(6, 12, 10, 3, dtype=torch.float64).op_args()
     c0, C = base_norm_terms(args["weight"], args["A"])
+    G = args["A"] @ args["A"].T
     x = args["x"].requires_grad_()
     y0 = F.linear(x, args["weight"], args["bias"]).detach().requires_grad_()
     torch.library.opcheck(torch.ops.edora.epilogue_fwd.default, (
         y0, x, args["bias"], args["A"], args["B"], args["R"].requires_grad_(),
-        args["magnitude"].requires_grad_(), c0, C, args["scaling"], True, False, "torch"))
+        args["magnitude"].requires_grad_(), c0, C, G, args["scaling"], True, 1, False, "torch"))
 
 
 @pytest.mark.parametrize("changes, words", [

@@ -5,7 +5,7 @@ from helpers import as_float64
 
 from edora_kernels import edora_linear
 from edora_kernels.backends import torch_backend
-from edora_kernels.norm import compute_norm_terms, row_norm
+from edora_kernels.norm import NormTerms, compute_norm_terms, row_norm
 from edora_kernels.reference import edora_linear_reference
 from edora_kernels.testing import make_case
 from edora_kernels.tolerances import normalised_error
@@ -62,14 +62,22 @@ def test_torch_epilogue_multiplies_by_g_in_fp32(dtype):
     """y = g ⊙ z + b rounded once from fp32: g is not first rounded to half precision (a
     magnitude update below half's quantum must move the output)."""
     gen = torch.Generator().manual_seed(0)
-    y0 = torch.randn(256, 64, generator=gen).to(dtype)
-    g = 1 + 0.01 * torch.rand(64, generator=gen)
-    v, P = torch.zeros(256, 4, dtype=dtype), torch.zeros(64, 4)
-    y = torch_backend.epilogue(y0, v, None, P, g, 1.0)
+    out, rank = 64, 4
+    y0 = torch.randn(256, out, generator=gen).to(dtype)
+    x, A, B, R = torch.zeros(256, 8, dtype=dtype), torch.zeros(rank, 8), torch.zeros(out, rank), \
+        torch.zeros(rank, rank)
+    terms = NormTerms(torch.ones(out, dtype=torch.float64),
+                      torch.zeros(out, rank, dtype=torch.float64),
+                      torch.zeros(rank, rank, dtype=torch.float64))  # n = 1: g = m
+
+    def epilogue(g):
+        return torch_backend.epilogue_forward(y0, x, None, A, B, R, g, terms, 1.0, False, 0)[0]
+
+    g = 1 + 0.01 * torch.rand(out, generator=gen)
+    y = epilogue(g)
     correctly_rounded = (y0.double() * g.double()).to(dtype)
     assert (y != correctly_rounded).float().mean() < 0.01
-    bumped = torch_backend.epilogue(y0, v, None, P, g * (1 + 2**-12), 1.0)
-    assert not torch.equal(bumped, y)
+    assert not torch.equal(epilogue(g * (1 + 2**-12)), y)
 
 
 # --- forward-mode AD: a real tangent, never a silent zero ---------------------------------------

@@ -177,14 +177,16 @@ def _saved_storages(args, **kwargs):
 @pytest.mark.parametrize("detach_norm", [True, False])
 def test_saved_for_backward_beyond_the_output_is_v_and_small_terms(detach_norm):
     """Backward keeps y (the output itself, usually kept by the next op anyway), v (N×r) and
-    O(out·r) terms: no N×out tensor of its own, never x, never an out×in tensor."""
+    O(out·r) terms (n and g; P, C and G for the exact norm gradient): no N×out tensor of its
+    own, never x, never an out×in tensor."""
     n_rows, in_f, out_f, rank = 64, 96, 80, 8
     args = make_case(n_rows, in_f, out_f, rank).op_args()
     x, R, m = (args[k].requires_grad_() for k in ("x", "R", "magnitude"))
     storages, y = _saved_storages(args, detach_norm=detach_norm)
     assert x.untyped_storage().data_ptr() not in storages
     own = {ptr: size for ptr, size in storages.items() if ptr != y.untyped_storage().data_ptr()}
-    assert sum(own.values()) <= n_rows * rank * 4 + 8 * (out_f * rank + rank * rank + out_f)
+    exact = 0 if detach_norm else 8 * (2 * out_f * rank + rank * rank)  # P, C, G
+    assert sum(own.values()) <= n_rows * rank * 4 + 8 * out_f + 4 * out_f + exact
 
 
 @pytest.mark.parametrize("detach_norm", [True, False])

@@ -13,15 +13,16 @@ from helpers import (
     epilogue_on_dense_base,
     op_outputs,
     run_with_grads,
-    small_terms,
 )
 
-from edora_kernels import edora_linear
+from edora_kernels import edora_linear, op_common, ops
 from edora_kernels.backends import torch_backend
 from edora_kernels.backends.triton import bwd as triton_bwd
 from edora_kernels.backends.triton import configs as triton_configs
 from edora_kernels.backends.triton import epilogue_only as triton_epilogue
 from edora_kernels.backends.triton import fwd as triton_fwd
+from edora_kernels.norm import compute_norm_terms
+from edora_kernels.op_common import SLOT_NONE
 from edora_kernels.testing import make_case
 from edora_kernels.tolerances import TOLERANCE, normalised_error
 
@@ -131,65 +132,112 @@ def test_fp64_and_large_rank_take_the_torch_path():
 
 
 # ------------------------------------------------------------------------------------------------
-# The backend functions directly
+# The backend functions directly, against the torch backend's in float64
 # ------------------------------------------------------------------------------------------------
+
+def _terms(case):
+    return compute_norm_terms(case.weight, case.A)
+
+
+def _forward64(case, save=True, capacity=0, x=None):
+    """The torch backend's forward on float64 copies of the case (the oracle of the contract)."""
+    c = case.to(torch.float64)
+    x = c.x if x is None else x.double()
+    return torch_backend.forward(x, c.weight, c.bias, c.A, c.B, c.R, c.magnitude, _terms(c),
+                                 c.scaling, save, capacity)
+
 
 @pytest.mark.parametrize("save", [True, False])
 def test_forward_contract(save):
     case = make_case(130, *SHAPES[0], 3, torch.float16, DEVICE, seed=37)
-    P, _, g = small_terms(case)
-    y, v = triton_fwd.forward(case.x, case.weight, case.bias, case.A, P, g, case.scaling, save)
-    ey, ev = torch_backend.forward(*(t.double() for t in (case.x, case.weight, case.bias,
-                                                           case.A, P, g)), case.scaling, True)
+    y, saved = triton_fwd.forward(case.x, case.weight, case.bias, case.A, case.B, case.R,
+                                  case.magnitude, _terms(case), case.scaling, save, 0)
+    ey, esaved = _forward64(case)
     assert y.dtype == torch.float16
     assert_close(y, ey, torch.float16, "y")
+    # P and n in float64 from the same float64 terms: equal to rounding; g in fp32
+    assert saved.P.dtype == saved.n.dtype == torch.float64 and saved.g.dtype == torch.float32
+    torch.testing.assert_close(saved.P, esaved.P, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(saved.n, esaved.n, rtol=1e-12, atol=0)
+    assert_close(saved.g, esaved.g, torch.float32, "g")
     if save:  # v is kept in fp32: it feeds dR's cancelling sum
-        assert v.dtype == torch.float32
-        assert_close(v, ev, torch.float32, "v")
+        assert saved.v.dtype == torch.float32
+        assert_close(saved.v, esaved.v, torch.float32, "v")
     else:
-        assert v.numel() == 0
+        assert saved.v.numel() == 0
+    assert saved.slots.numel() == 0 and saved.zbuf.shape == (130, 0)
 
 
 def test_forward_with_strided_weight_and_empty_batch():
     case = make_case(37, *SHAPES[0], 16, torch.float32, DEVICE, seed=41)
-    P, _, g = small_terms(case)
     weight_t = case.weight.T.contiguous().T  # same values, column-major
     assert not weight_t.is_contiguous()
-    y, _ = triton_fwd.forward(case.x, weight_t, case.bias, case.A, P, g, case.scaling, False)
-    ey, _ = torch_backend.forward(*(t.double() for t in (case.x, case.weight, case.bias,
-                                                          case.A, P, g)), case.scaling, False)
-    assert_close(y, ey, torch.float32, "strided weight")
-    y0, v0 = triton_fwd.forward(case.x[:0], case.weight, case.bias, case.A, P, g, case.scaling,
-                                True)
-    assert y0.shape == (0, SHAPES[0][1]) and v0.shape == (0, 16)
+    y, _ = triton_fwd.forward(case.x, weight_t, case.bias, case.A, case.B, case.R,
+                              case.magnitude, _terms(case), case.scaling, False, 0)
+    assert_close(y, _forward64(case)[0], torch.float32, "strided weight")
+    y0, saved = triton_fwd.forward(case.x[:0], case.weight, case.bias, case.A, case.B, case.R,
+                                   case.magnitude, _terms(case), case.scaling, True, 0)
+    assert y0.shape == (0, SHAPES[0][1]) and saved.v.shape == (0, 16)
 
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("need", [(True, True, True), (True, False, False), (False, True, False),
                                   (False, False, True)])
-def test_backward_contract(need, bias):
-    need_dx, need_t, need_colsum = need
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_backward_contract(need, bias, detach_norm):
     dtype = torch.float16
     case = make_case(130, *SHAPES[1], 16, dtype, DEVICE, seed=43, bias=bias)
-    P, RA, g = small_terms(case)
-    y, _ = torch_backend.forward(case.x, case.weight, case.bias, case.A, P, g, case.scaling,
-                                 False)
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y)
-    dx, t, colsum = triton_bwd.backward(gy, case.weight, case.B, RA, g, y, case.bias,
-                                        case.scaling, *need)
-    d = lambda t: None if t is None else t.double()  # noqa: E731
-    ex, et, ec = torch_backend.backward(d(gy), d(case.weight), d(case.B), d(RA), d(g), d(y),
-                                        d(case.bias), case.scaling, True, True, True)
-    for wanted, got, exp, name in ((need_dx, dx, ex, "dx"), (need_t, t, et, "t"),
-                                   (need_colsum, colsum, ec, "colsum")):
+    terms = _terms(case)
+    y, saved = triton_fwd.forward(case.x, case.weight, case.bias, case.A, case.B, case.R,
+                                  case.magnitude, terms, case.scaling, True, 0)
+    grads = triton_bwd.backward(case.gy, case.weight, case.bias, case.A, case.B, case.R,
+                                case.magnitude, terms, case.scaling, detach_norm, y, saved,
+                                *need)
+    c = case.to(torch.float64)
+    d = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
+    expected = torch_backend.backward(
+        c.gy, c.weight, c.bias, c.A, c.B, c.R, c.magnitude, _terms(c), c.scaling, detach_norm,
+        y.double(), type(saved)(*(d(t) for t in saved)), True, True, True)
+    for wanted, got, exp, name in zip(need, grads, expected, ("dx", "dR", "dm")):
         if wanted:
             assert_close(got, exp, dtype, name)
         else:
             assert got.numel() == 0, f"{name} computed although not needed"
-    if need_colsum:
-        assert colsum.dtype == torch.float32
-        # several row slabs were summed (the fixed-order reduction is exercised)
-        assert triton_bwd.colsum_slabs(130, SHAPES[1][1], DEVICE)[1] > 1
+    # several row blocks were summed (the fixed-order reduction is exercised)
+    assert triton.cdiv(130, triton_configs.row_block(130, DEVICE)) > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_magnitudes_keep_their_z_in_slots(dtype):
+    """m = 0 makes g = 0 and y = b: the z of those columns goes to its slot (the k-th zero to
+    slot k), and dm there equals the reference's."""
+    case = make_case(37, *SHAPES[0], 3, dtype, DEVICE, seed=59)
+    zeros = [0, 40, 74]
+    case.magnitude[zeros] = 0.0
+    y, saved = triton_fwd.forward(case.x, case.weight, case.bias, case.A, case.B, case.R,
+                                  case.magnitude, _terms(case), case.scaling, True, 3)
+    _, esaved = _forward64(case, capacity=3)
+    expected_slots = torch.full((SHAPES[0][1],), SLOT_NONE, dtype=torch.int32)
+    expected_slots[zeros] = torch.arange(3, dtype=torch.int32)
+    assert torch.equal(saved.slots, expected_slots)
+    assert_close(saved.zbuf, esaved.zbuf, dtype, "kept z columns")
+    assert torch.equal(y[:, zeros], case.bias[zeros].expand(37, 3))
+    check_backend(case, "triton", dtype, f"zero magnitudes {dtype}")
+
+
+def test_zero_magnitudes_past_the_slots_get_nan(monkeypatch):
+    """On a GPU the slots are a fixed number (no host read of m): a zero magnitude past them
+    gets dm = NaN, never a silently wrong value; the others stay exact."""
+    monkeypatch.setattr(op_common, "slot_capacity", lambda m, save: 2 if save else 0)
+    monkeypatch.setattr(ops, "slot_capacity", op_common.slot_capacity)
+    case = make_case(37, *SHAPES[0], 3, torch.float32, DEVICE, seed=61)
+    case.magnitude[[5, 9, 60]] = 0.0
+    for backend in ("triton", "torch"):
+        dm = op_outputs(case, backend)[3]
+        assert torch.isnan(dm[60]) and not torch.isnan(dm[[5, 9]]).any(), backend
+        rest = torch.ones_like(dm, dtype=torch.bool)
+        rest[60] = False
+        assert_close(dm[rest], op_outputs(case)[3][rest], torch.float32, f"{backend} dm")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -197,12 +245,11 @@ def test_backward_contract(need, bias):
 def test_epilogue_matches_reference(dtype, rank, n):
     in_f, out_f = SHAPES[1]
     case = make_case(n, in_f, out_f, rank, dtype, DEVICE, seed=rank + n + 47)
-    P, _, g = small_terms(case)
     y0 = torch.nn.functional.linear(case.x, case.weight, case.bias)  # a "base layer" output
-    v = case.x @ case.A.T
-    y = triton_epilogue.epilogue(y0, v, case.bias, P, g, case.scaling)
-    ez = (y0.double() - case.bias.double()) + case.scaling * v.double() @ P.double().T
-    ey = g.double() * ez + case.bias.double()
+    y, _ = triton_epilogue.epilogue_forward(y0, case.x, case.bias, case.A, case.B, case.R,
+                                            case.magnitude, _terms(case), case.scaling, False,
+                                            0)
+    ey, _ = _forward64(case)
     assert y.dtype == dtype
     assert_close(y, ey, dtype, "epilogue y")
     # and it is EDoRA's output when y0 is the dense base layer's
@@ -231,27 +278,20 @@ def test_autotune_key_buckets_token_counts():
 @pytest.mark.parametrize("arch", [80, 90])
 def test_prune_filter(arch):
     for elt in (2, 4):
-        for r_pad in (16, 32, 64, 128):
-            kept = triton_configs.gemm_candidates(arch, elt, r_pad)
-            listed = triton_configs.gemm_configs(arch)
-            assert kept and all(any(c is a for a in listed) for c in kept)
-            for c in kept:
-                smem = triton_configs.gemm_smem_bytes(c, arch, elt, r_pad)
-                assert smem <= triton_configs.SMEM_LIMIT[arch]
-    big = triton_configs.gemm_candidates(arch, 2, 16)
+        kept = triton_configs.gemm_candidates(arch, elt)
+        listed = triton_configs.gemm_configs(arch)
+        assert kept and all(any(c is a for a in listed) for c in kept)
+        for c in kept:
+            assert triton_configs.gemm_smem_bytes(c, arch, elt) <= triton_configs.SMEM_LIMIT[arch]
+    big = triton_configs.gemm_candidates(arch, 2)
     small = triton_configs.fit_to_problem(big, triton_configs.m_bucket(8), 4096)
     assert small and max(c.kwargs["BLOCK_M"] for c in small) == 64 < max(
         c.kwargs["BLOCK_M"] for c in big)
-    # A fp32 operand tile twice as wide must leave out at least the largest bf16 tile.
     candidates = triton_configs.gemm_candidates
-    assert len(candidates(90, 4, 16)) < len(candidates(90, 2, 16))
-    # fp32 adapters on a bf16 model stage the rank-r tiles in fp32: the shared-memory model
-    # counts them at 4 bytes (at r = 128 the bf16 count let a 245,760 B config through)
-    for c in candidates(arch, 2, 128, rank_elt_size=4):
-        smem = triton_configs.gemm_smem_bytes(c, arch, 2, 128, rank_elt_size=4)
-        assert smem <= triton_configs.SMEM_LIMIT[arch]
     assert all(c.kwargs["BLOCK_K"] == 32 and c.num_warps == 8
-               for c in candidates(arch, 2, 16, aligned=False))
+               for c in candidates(arch, 2, aligned=False))
+    if arch == 90:  # the rank no longer limits the tile: 256-wide tiles serve every rank
+        assert any(c.kwargs["BLOCK_N"] == 256 for c in candidates(arch, 2))
 
 
 def test_fixed_config_switch(monkeypatch):

@@ -1,17 +1,18 @@
 """Ahead-of-time compile checks of the Triton kernels for sm_80 and sm_90, no GPU needed
 (docs/DESIGN.md §7).
 
-Every config the autotuner may pick (the prune filter's shape-independent candidates per
-architecture, dtype and padded rank) is compiled with ``triton.compile`` for the real
+Every config a kernel may run with is compiled with ``triton.compile`` for the real
 ``JITFunction``s, specialised the way the JIT specialises aligned contiguous tensors; the
 bundled ``cuobjdump --dump-resource-usage`` then reports registers, spills and shared memory.
+
+- the two GEMMs (forward, dx) and the epilogue kernel: every candidate the prune filter may
+  keep, per architecture and dtype (the rank is a runtime loop bound there);
+- the small kernels (prologue, pre-pass, finalize): their one config at every padded rank and
+  row-block height they can be launched with, every optional part switched on.
 
 The compiles run in two worker processes (one per architecture) started from this file without
 TRITON_INTERPRET: under the interpreter ``@triton.jit`` yields interpreted functions, which
 cannot be compiled, and the modules pick their GPU config lists only when not interpreting.
-
-Each GEMM config is compiled at R_PAD = 16 (the common rank) and at the largest padded rank the
-prune filter lets it serve (the most registers and shared memory it can meet).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from edora_kernels.backends.triton import bwd as triton_bwd
 from edora_kernels.backends.triton import configs as triton_configs
 from edora_kernels.backends.triton import epilogue_only as triton_epilogue
 from edora_kernels.backends.triton import fwd as triton_fwd
+from edora_kernels.backends.triton import prologue as triton_prologue
 
 ROOT = Path(__file__).resolve().parents[1]
 # The resource table is written to a temporary file unless EDORA_AOT_CSV names where to keep it
@@ -38,15 +40,16 @@ CSV_ENV = "EDORA_AOT_CSV"
 ARCHS = (80, 90)
 # fp32 runs in the kernels only where torch allows TF32 (else on the torch path).
 DTYPES = ("bfloat16", "float16", "float32")
-KERNELS = ("forward", "dx", "colsum", "epilogue")
 GEMM_KERNELS = ("forward", "dx")
-# The other specialisations the launchers produce, compiled once (bf16, first candidate, r 16):
-# inference forward without bias, a transposed x (no unit stride), dx without t, t alone.
-VARIANTS = ("forward:eval", "forward:strided", "dx:no-t", "dx:t-only")
-# Compiled for every candidate the prune filter keeps (bf16): fp32 adapters on a bf16 model at
-# the smallest and largest padded rank (the rank-r tiles staged in fp32), and sizes and strides
-# divisible by nothing (37 tokens, in = 4095, out = 45), where no load can be vectorised.
-MIXED = ("forward:fp32-adapters", "dx:fp32-adapters")
+SMALL_KERNELS = ("prologue", "prepass", "finalize", "finalize_exact")
+KERNELS = (*GEMM_KERNELS, "epilogue", *SMALL_KERNELS)
+# The other specialisations the launchers produce, compiled once (bf16, first candidate):
+# inference forward without bias or slots, a transposed x (no unit stride), fp32 factors on a
+# bf16 model (A and B cast as loaded), the epilogue op's pre-pass (writes gz, no u), a finalize
+# without the norm's share.
+VARIANTS = ("forward:eval", "forward:strided", "dx:fp32-adapters", "prepass:epilogue",
+            "finalize:detached")
+# Sizes and strides divisible by nothing (37 tokens, in = 4095, out = 45): no load vectorises.
 UNALIGNED = ("forward:unaligned", "dx:unaligned")
 R_PADS = (16, 32, 64, 128)
 FIELDS = ("arch", "kernel", "dtype", "r_pad", "block_m", "block_n", "block_k", "group_m",
@@ -70,7 +73,8 @@ def _specialize(fn, args: dict):
     multiples of 16 get divisibility 16. Floats: fp32. Constexpr parameters: their values.
     """
     import torch
-    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+             torch.float64: "fp64", torch.int32: "i32"}
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(fn.params):
         name, value = param.name, args[param.name]
@@ -95,61 +99,104 @@ def _specialize(fn, args: dict):
     return signature, constexprs, attrs
 
 
-def _problem_args(kernel: str, dtype: str, r_pad: int) -> tuple:
-    """(JITFunction, launch arguments) for an aligned, contiguous problem with rank r_pad."""
+def _problem_args(kernel: str, dtype: str, r_pad: int, config) -> tuple:
+    """(JITFunction, launch arguments) for a problem with rank r_pad; contiguous and aligned
+    unless the kernel's variant says otherwise."""
     import torch
 
-    dt, f32 = _torch_dtype(dtype), torch.float32
+    from edora_kernels.norm import NormTerms
+    from edora_kernels.op_common import Saved
+
+    dt, f32, f64, i32 = _torch_dtype(dtype), torch.float32, torch.float64, torch.int32
     # sizes only matter through their divisibility
     M, K, N, R = (37, 4095, 45, r_pad) if kernel.endswith(":unaligned") else (256, 512, 384, r_pad)
     adapter = f32 if kernel.endswith(":fp32-adapters") else dt
     e = lambda *shape, d=dt: torch.empty(*shape, dtype=d)  # noqa: E731
+    slots = 16
+    saved = Saved(v=e(M, R, d=f32), P=e(N, R, d=f64), n=e(N, d=f64), g=e(N, d=f32),
+                  slots=e(N, d=i32), zbuf=e(M, slots))
+    terms = NormTerms(e(N, d=f64), e(N, R, d=f64), e(R, R, d=f64))
+    kw = config.kwargs
     if kernel.startswith("forward"):
         x = e(K, M).T if kernel == "forward:strided" else e(M, K)
         train = kernel != "forward:eval"
-        args = triton_fwd.fwd_args(x, e(N, K), e(N) if train else None, e(R, K, d=adapter),
-                                   e(N, R, d=f32), e(N, d=f32), 0.5, train, e(M, N),
-                                   e(M, R, d=f32))
+        zbuf = e(M, slots if train else 0)
+        args = triton_fwd.fwd_args(x, e(N, K), e(N) if train else None, saved.v, saved.P,
+                                   saved.g, saved.slots, 0.5, e(M, N), zbuf)
         fn = triton_fwd.edora_fwd_kernel.fn
     elif kernel.startswith("dx"):
-        need_dx, need_t = kernel != "dx:t-only", kernel != "dx:no-t"
-        args = triton_bwd.dx_args(e(M, N), e(N, K), e(N, R, d=adapter), e(R, K, d=f32),
-                                  e(N, d=f32), 0.5, need_dx, need_t, e(M, K), e(M, R, d=f32))
+        args = triton_bwd.dx_args(e(M, N), saved.g, e(N, K), e(M, R), e(R, K, d=adapter), e(M, K))
         fn = triton_bwd.edora_dx_kernel.fn
     elif kernel == "epilogue":
-        args = triton_epilogue.epilogue_args(e(M, N), e(M, R), e(N), e(N, R, d=f32),
-                                             e(N, d=f32), 0.5, e(M, N))
+        args = triton_epilogue.epilogue_args(e(M, N), saved.v, e(N), saved.P, saved.g,
+                                             saved.slots, 0.5, e(M, N), saved.zbuf)
         fn = triton_epilogue.edora_epilogue_kernel.fn
+    elif kernel == "prologue":
+        args = triton_prologue.prologue_args(
+            e(M, K), e(R, K, d=adapter), e(N, R), e(R, R, d=f32), e(N, d=f32), terms, 0.5,
+            saved.P, saved.n, saved.g, saved.slots, saved.v, slots, kw["BLOCK_O"])
+        fn = triton_prologue.prologue_kernel
+    elif kernel.startswith("prepass"):
+        epilogue = kernel == "prepass:epilogue"
+        parts = M // kw["BLOCK_M"]
+        args = triton_bwd.prepass_args(
+            e(M, N), e(N, R), e(R, R, d=f32), e(M, N), e(N), saved, 0.5,
+            e(0) if epilogue else e(M, R), e(parts, R, R, d=f32), e(parts, N, d=f32),
+            e(M, N) if epilogue else e(0))
+        fn = triton_bwd.prepass_kernel
+    elif kernel.startswith("finalize:") or kernel == "finalize":
+        exact = kernel == "finalize"
+        args = triton_bwd.finalize_args(
+            saved, e(N, d=f32), e(N, R), terms, 0.5, e(4, N, d=f32), e(4, R, R, d=f32),
+            e(N, d=f32), e(R, R, d=f32), e(12, R, R, d=f64), exact, kw["BLOCK_O"])
+        fn = triton_bwd.finalize_kernel
     else:
-        args = triton_bwd.colsum_args(e(M, N), e(M, N), e(N), e(4, N, d=f32), 64)
-        fn = triton_bwd.colsum_partials_kernel
+        args = triton_bwd.finalize_exact_args(e(4, R, R, d=f32), e(12, R, R, d=f64),
+                                              e(R, R, d=f32), 4, 0.5)
+        fn = triton_bwd.finalize_exact_kernel
     return fn, args
 
 
+def _small_configs(kernel: str, r_pad: int):
+    """The configs a small kernel is launched with at this padded rank."""
+    import triton
+    if kernel == "prologue":
+        return [triton_configs.prologue_config(b) for b in triton_configs.ROW_BLOCKS]
+    if kernel.startswith("prepass"):
+        return [triton_configs.prepass_config(b, r_pad) for b in triton_configs.ROW_BLOCKS]
+    if kernel.startswith("finalize:") or kernel == "finalize":
+        return [triton_configs.finalize_config(r_pad)]
+    return [triton.Config({"DR_TILE": triton_configs.finalize_config(r_pad).kwargs["DR_TILE"]},
+                          num_warps=4, num_stages=1)]
+
+
 def _jobs(arch: int):
-    """(kernel, dtype, r_pad, config): every config the autotuner may pick on ``arch``."""
+    """(kernel, dtype, r_pad, config): every config each kernel may run with on ``arch``."""
     import torch
 
     for dtype in DTYPES:
         elt = torch.empty(0, dtype=_torch_dtype(dtype)).element_size()
-        for config in triton_configs.gemm_configs(arch):
-            served = [rp for rp in R_PADS
-                      if any(config is c for c in triton_configs.gemm_candidates(arch, elt, rp))]
-            for r_pad in sorted({served[0], served[-1]} if served else ()):
-                for kernel in GEMM_KERNELS:
-                    yield kernel, dtype, r_pad, config
+        for config in triton_configs.gemm_candidates(arch, elt):
+            for kernel in GEMM_KERNELS:
+                yield kernel, dtype, 16, config
         for config in triton_configs.EPILOGUE_CONFIGS:
-            for r_pad in (R_PADS[0], R_PADS[-1]):
-                yield "epilogue", dtype, r_pad, config
-        yield "colsum", dtype, 0, triton_bwd.COLSUM_CONFIG
+            yield "epilogue", dtype, 16, config
+        for kernel in ("prologue", "prepass"):
+            for r_pad in R_PADS:
+                for config in _small_configs(kernel, r_pad):
+                    yield kernel, dtype, r_pad, config
+    for kernel in ("finalize", "finalize_exact"):  # adapter dtypes only: fp32 and bf16
+        for dtype in ("float32", "bfloat16"):
+            for r_pad in R_PADS:
+                for config in _small_configs(kernel, r_pad):
+                    yield kernel, dtype, r_pad, config
+    first = triton_configs.gemm_candidates(arch, 2)[0]
     for variant in VARIANTS:
-        yield variant, "bfloat16", 16, triton_configs.gemm_candidates(arch, 2, 16)[0]
-    for variant in MIXED:
-        for r_pad in (R_PADS[0], R_PADS[-1]):
-            for config in triton_configs.gemm_candidates(arch, 2, r_pad, rank_elt_size=4):
-                yield variant, "bfloat16", r_pad, config
+        configs = ([first] if variant.split(":")[0] in GEMM_KERNELS
+                   else _small_configs(variant, 128)[-1:])
+        yield variant, "bfloat16", 128, configs[0]
     for variant in UNALIGNED:
-        for config in triton_configs.gemm_candidates(arch, 2, 16, aligned=False):
+        for config in triton_configs.gemm_candidates(arch, 2, aligned=False):
             yield variant, "bfloat16", 16, config
 
 
@@ -173,7 +220,7 @@ def _compile_all(arch: int) -> list[dict]:
     assert not triton_configs.INTERPRET, "the AOT worker must run without TRITON_INTERPRET"
     rows = []
     for kernel, dtype, r_pad, config in _jobs(arch):
-        fn, args = _problem_args(kernel, dtype, r_pad or 16)
+        fn, args = _problem_args(kernel, dtype, r_pad, config)
         args.update(config.kwargs)
         signature, constexprs, attrs = _specialize(fn, args)
         compiled = triton.compile(
@@ -186,7 +233,8 @@ def _compile_all(arch: int) -> list[dict]:
         kw = config.kwargs
         rows.append(dict(
             arch=arch, kernel=kernel, dtype=dtype, r_pad=r_pad,
-            block_m=kw["BLOCK_M"], block_n=kw["BLOCK_N"], block_k=kw.get("BLOCK_K", 0),
+            block_m=kw.get("BLOCK_M", kw.get("BLOCK_O", 0)), block_n=kw.get("BLOCK_N", 0),
+            block_k=kw.get("BLOCK_K", 0),
             group_m=kw.get("GROUP_M", 0), num_warps=config.num_warps,
             num_stages=config.num_stages, regs=usage["REG"], stack=usage["STACK"],
             local=usage["LOCAL"], static_shared=usage["SHARED"],
@@ -252,15 +300,16 @@ def _label(r):
             f"{r['block_m']}x{r['block_n']}x{r['block_k']} w{r['num_warps']} s{r['num_stages']}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_no_spills_and_shared_memory_fits(aot_rows, arch, kernel, dtype):
-    for r in _select(aot_rows, arch, kernel, dtype):
-        assert r["stack"] == 0 and r["local"] == 0, f"{_label(r)} spills: {r}"
-        shared = r["static_shared"] + r["dynamic_shared"]
-        limit = triton_configs.SMEM_LIMIT[arch]
-        assert shared <= limit, f"{_label(r)} needs {shared} B shared memory"
+def test_no_spills_and_shared_memory_fits(aot_rows, arch, kernel):
+    dtypes = ("float32", "bfloat16") if kernel.startswith("finalize") else DTYPES
+    for dtype in dtypes:
+        for r in _select(aot_rows, arch, kernel, dtype):
+            assert r["stack"] == 0 and r["local"] == 0, f"{_label(r)} spills: {r}"
+            shared = r["static_shared"] + r["dynamic_shared"]
+            limit = triton_configs.SMEM_LIMIT[arch]
+            assert shared <= limit, f"{_label(r)} needs {shared} B shared memory"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -275,13 +324,13 @@ def test_gemm_kernels_pipeline_and_use_wgmma_on_hopper(aot_rows, arch, kernel, d
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_flag_variants_compile_without_spills(aot_rows, arch):
-    for variant in VARIANTS + MIXED + UNALIGNED:
+def test_variants_compile_without_spills(aot_rows, arch):
+    for variant in VARIANTS + UNALIGNED:
         for r in _select(aot_rows, arch, variant, "bfloat16"):
             assert r["stack"] == 0 and r["local"] == 0, f"{_label(r)} spills: {r}"
             # Rows of 4095 bf16 elements cannot be copied asynchronously (cp.async needs at
             # least 4-byte aligned sources): those loads are synchronous by necessity.
-            if not variant.startswith("forward:unaligned"):
+            if variant.split(":")[0] in GEMM_KERNELS and variant != "forward:unaligned":
                 assert r["cp_async"] or r["tma"], f"{_label(r)} is not pipelined"
 
 
@@ -293,12 +342,14 @@ def test_every_candidate_config_compiled(aot_rows, aot_csv):
                 tiles = {(r["block_m"], r["block_n"], r["block_k"], r["num_warps"],
                           r["num_stages"]) for r in _select(aot_rows, arch, kernel, dtype)}
                 elt = 4 if dtype == "float32" else 2
-                for r_pad in R_PADS:
-                    for c in triton_configs.gemm_candidates(arch, elt, r_pad):
-                        kw = c.kwargs
-                        key = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps,
-                               c.num_stages)
-                        assert key in tiles, f"sm_{arch} {kernel} {dtype}: {key} not compiled"
+                for c in triton_configs.gemm_candidates(arch, elt):
+                    kw = c.kwargs
+                    key = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps,
+                           c.num_stages)
+                    assert key in tiles, f"sm_{arch} {kernel} {dtype}: {key} not compiled"
+            for kernel in ("prologue", "prepass"):
+                compiled = {r["r_pad"] for r in _select(aot_rows, arch, kernel, dtype)}
+                assert compiled == set(R_PADS), f"sm_{arch} {kernel} {dtype}: {compiled}"
     with aot_csv.open() as f:
         assert len(list(csv.DictReader(f))) == len(aot_rows)
 

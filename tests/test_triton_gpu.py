@@ -11,12 +11,12 @@ from helpers import (
     check_outputs,
     op_outputs,
     requires_cuda,
-    small_terms,
 )
 
 from edora_kernels import edora_linear
 from edora_kernels.backends.triton import configs as triton_configs
 from edora_kernels.backends.triton import epilogue_only as triton_epilogue
+from edora_kernels.norm import compute_norm_terms
 from edora_kernels.testing import make_case
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -58,12 +58,13 @@ def test_exact_norm_deterministic():
 
 def test_epilogue_kernel():
     case = make_case(4096, 4096, 4096, 64, BF16, DEVICE, seed=13)
-    P, _, g = small_terms(case)
     y0 = torch.nn.functional.linear(case.x, case.weight, case.bias)
-    v = case.x @ case.A.T
-    y = triton_epilogue.epilogue(y0, v, case.bias, P, g, case.scaling)
-    ez = (y0.double() - case.bias.double()) + case.scaling * v.double() @ P.double().T
-    assert_close(y, g.double() * ez + case.bias.double(), BF16, "y")
+    y, saved = triton_epilogue.epilogue_forward(
+        y0, case.x, case.bias, case.A, case.B, case.R, case.magnitude,
+        compute_norm_terms(case.weight, case.A), case.scaling, False, 0)
+    v = case.x.double() @ case.A.double().T
+    ez = (y0.double() - case.bias.double()) + case.scaling * v @ saved.P.T
+    assert_close(y, saved.g.double() * ez + case.bias.double(), BF16, "y")
 
 
 def test_tf32_only_when_torch_allows_it():

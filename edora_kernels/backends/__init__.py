@@ -1,20 +1,25 @@
-"""Backends: each computes the heavy N-sized parts of the op with one contract.
+"""Backends: each runs a whole step of the op with one contract (docs/DESIGN.md §4).
 
-    forward(x, weight, bias, A, P, g, scaling, save) -> (y, v)
-    backward(gy, weight, B, RA, g, y, bias, scaling, need_dx, need_t, need_colsum)
-        -> (dx, t, colsum)
-    epilogue(y0, v, bias, P, g, scaling) -> y           y = g ⊙ (y0 − b + s·v Pᵀ) + b
+    forward(x, weight, bias, A, B, R, magnitude, terms, scaling, save, capacity) -> (y, saved)
+    backward(gy, weight, bias, A, B, R, magnitude, terms, scaling, detach_norm, y, saved,
+             need_dx, need_dR, need_dm) -> (dx, dR, dm)
+    epilogue_forward(y0, x, bias, A, B, R, magnitude, terms, scaling, save, capacity)
+        -> (y, saved)
+    epilogue_backward(gy, bias, A, B, R, magnitude, terms, scaling, detach_norm, y, saved,
+                      need_dy0, need_dx, need_dR, need_dm) -> (dy0, dx, dR, dm)
 
-x is N×in, P = B R (out×r) and RA = R A (r×in) in the compute dtype, g = m/n (out) in the
-compute dtype; y = g ⊙ (x W0ᵀ + s·v Pᵀ) + b in x's dtype; v = x Aᵀ, t = (gy ⊙ g) B and
-colsum = Σ_i gy ⊙ (y − b) in the compute dtype (v and t feed the cancelling sum dR = s·tᵀ v, so
-they are not rounded to half; backward reads the output y, no N×out tensor is kept besides it).
-Unneeded outputs are returned as empty tensors. Everything O(out·r²) or smaller (norm, dR,
-dm) is shared code in ``edora_kernels.ops``.
+x is N×in, ``terms`` the float64 ``NormTerms(c0, C, G)`` (backward gets C and G only, and only
+with ``detach_norm=False``), y = g ⊙ (x W0ᵀ + s·v Pᵀ) + b in x's dtype (epilogue: y0 − b in place
+of x W0ᵀ). ``saved`` is an ``op_common.Saved``: v = x Aᵀ in the compute dtype (it feeds the
+cancelling sum dR = s·tᵀ v, so it is not rounded to half; empty unless ``save``), P = B R and n in
+float64, g = m/n in the compute dtype, and the z columns of up to ``capacity`` zero magnitudes
+with their slots. Backward reads the output y; no N×out tensor is kept besides it. Unneeded
+outputs come back as empty tensors; gradients in each parameter's dtype. ``op_common`` holds
+the formulas in torch; the torch backend computes with them, the others fuse them.
 
 ``BACKENDS`` is the one registry: the auto order, the names the op and the CLI accept, the
 benchmark providers and the plot labels are all derived from it. Adding a backend is one entry
-here plus its module (which defines ``forward``, ``backward`` and ``epilogue``).
+here plus its module (which defines the four functions above).
 """
 from __future__ import annotations
 
@@ -62,7 +67,7 @@ class Backend:
     """One backend: where its code lives, where it runs, and how the tools name it."""
 
     name: str
-    module: str                       # defines forward, backward, epilogue (the contract above)
+    module: str                       # defines the step functions of the contract above
     description: str
     label: str                        # benchmark tables and plots
     devices: tuple[str, ...]          # device types it runs on natively (and is timed on)
@@ -138,9 +143,11 @@ def resolve(name: str, device: torch.device) -> str:
     return name
 
 
+STEP_FUNCTIONS = ("forward", "backward", "epilogue_forward", "epilogue_backward")
+
+
 @lru_cache(maxsize=None)
 def load(name: str) -> SimpleNamespace:
-    """The backend's ``forward``, ``backward`` and ``epilogue`` (see the contract above)."""
+    """The backend's step functions (see the contract above)."""
     module = importlib.import_module(BACKENDS[name].module)
-    return SimpleNamespace(forward=module.forward, backward=module.backward,
-                           epilogue=module.epilogue)
+    return SimpleNamespace(**{fn: getattr(module, fn) for fn in STEP_FUNCTIONS})

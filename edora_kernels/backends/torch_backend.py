@@ -1,11 +1,21 @@
 """The composed-ATen backend: the CPU path and the semantics anchor for the fused kernels.
 
 Each step is one ATen call chosen to avoid temporaries: the rank-r term is added to the base
-product in place, the epilogue is a single ``addcmul`` written over that product.
+product in place, the epilogue is a single ``addcmul`` written over that product. The O(out·r²)
+work is ``op_common``'s, in float64.
 """
 from __future__ import annotations
 
 import torch
+
+from ..norm import compute_dtype
+from ..op_common import (
+    Saved,
+    adapter_grads,
+    gate,
+    keep_slot_columns,
+    magnitude_sums,
+)
 
 
 def mm_compute(a, b, cdt):
@@ -18,39 +28,74 @@ def mm_compute(a, b, cdt):
     return a.to(cdt) @ b.to(cdt)
 
 
-def forward(x, weight, bias, A, P, g, scaling, save):
-    v = mm_compute(x, A.T, g.dtype)
-    y = _rescale(x @ weight.T, v, bias, P, g, scaling)
-    return y, (v if save else v.new_empty(0))
+# --- forward ----------------------------------------------------------------------------------
+
+def forward(x, weight, bias, A, B, R, magnitude, terms, scaling, save, capacity):
+    """``y = g ⊙ (x W0ᵀ + s·v Pᵀ) + b`` and what backward keeps (``op_common.Saved``)."""
+    return _rescale(x @ weight.T, x, bias, A, B, R, magnitude, terms, scaling, save, capacity)
 
 
-def epilogue(y0, v, bias, P, g, scaling):
-    return _rescale(y0.clone() if bias is None else y0 - bias, v, bias, P, g, scaling)
+def epilogue_forward(y0, x, bias, A, B, R, magnitude, terms, scaling, save, capacity):
+    """``y = g ⊙ (y0 − b + s·v Pᵀ) + b`` for a base layer's output y0 (bias included)."""
+    z = y0.clone() if bias is None else y0 - bias
+    return _rescale(z, x, bias, A, B, R, magnitude, terms, scaling, save, capacity)
 
 
-def _rescale(z, v, bias, P, g, scaling):
-    """``z += s·v Pᵀ`` in place (z is a temporary of the caller), then ``y = g ⊙ z + b`` in g's
+def _rescale(z, x, bias, A, B, R, magnitude, terms, scaling, save, capacity):
+    """``z += s·v Pᵀ`` in place (z is this call's temporary), then ``y = g ⊙ z + b`` in g's
     dtype: fp32 for half inputs as in the kernels' epilogue, g is never rounded to half."""
-    dtype = z.dtype
+    dtype, cdt = z.dtype, compute_dtype(z.dtype)
+    P, n, g, slots = gate(terms, B, R, magnitude, scaling, cdt, capacity)
+    v = mm_compute(x, A.T, cdt)
     z.addmm_(v.to(dtype), P.to(dtype).T, alpha=scaling)
+    zbuf = keep_slot_columns(z, slots, capacity)
     if g.dtype != dtype:
         y = torch.mul(z, g) if bias is None else torch.addcmul(bias.to(g.dtype), z, g)
-        return y.to(dtype)
-    return torch.mul(z, g, out=z) if bias is None else torch.addcmul(bias, z, g, out=z)
+        y = y.to(dtype)
+    else:
+        y = torch.mul(z, g, out=z) if bias is None else torch.addcmul(bias, z, g, out=z)
+    return y, Saved(v if save else v.new_empty(0), P, n, g, slots, zbuf)
 
 
-def backward(gy, weight, B, RA, g, y, bias, scaling, need_dx, need_t, need_colsum):
-    cdt = g.dtype
-    dx, t, colsum = gy.new_empty(0), gy.new_empty(0), g.new_empty(0)
-    if need_dx or need_t:
-        # gz = gy ⊙ g is never formed: g scales the small operands (B, and W0 when that is the
-        # smaller of W0 and gy), which saves an N×out pass and its buffer.
-        t = mm_compute(gy, B.to(cdt) * g[:, None], cdt)
-        if need_dx:
-            dx = _grad_input(gy, weight, B, RA, g, t, scaling)
-    if need_colsum:
-        colsum = grad_colsum(gy, y, bias, cdt)
-    return dx, t, colsum
+# --- backward ---------------------------------------------------------------------------------
+
+def backward(gy, weight, bias, A, B, R, magnitude, terms, scaling, detach_norm, y, saved,
+             need_dx, need_dR, need_dm):
+    """``(dx, dR, dm)`` of :func:`forward`; unneeded ones come back empty."""
+    g = saved.g
+    t, dx = _t(gy, B, g, need_dx or need_dR), gy.new_empty(0)
+    if need_dx:
+        dx = _grad_input(gy, weight, B, (R.to(g.dtype) @ A.to(g.dtype)), g, t, scaling)
+    return (dx, *_adapter_grads(gy, bias, B, R, magnitude, terms, scaling, detach_norm, y,
+                                saved, t, need_dR, need_dm))
+
+
+def epilogue_backward(gy, bias, A, B, R, magnitude, terms, scaling, detach_norm, y, saved,
+                      need_dy0, need_dx, need_dR, need_dm):
+    """``(dy0, dx, dR, dm)`` of :func:`epilogue_forward`: dy0 = gy ⊙ g goes to the base layer,
+    dx is the rank-r branch's share only."""
+    g = saved.g
+    t = _t(gy, B, g, need_dx or need_dR)
+    dy0 = gy * g.to(gy.dtype) if need_dy0 else gy.new_empty(0)
+    dx = gy.new_empty(0)
+    if need_dx:
+        dx = (scaling * t.to(gy.dtype)) @ (R.to(g.dtype) @ A.to(g.dtype)).to(gy.dtype)
+    return (dy0, dx, *_adapter_grads(gy, bias, B, R, magnitude, terms, scaling, detach_norm, y,
+                                     saved, t, need_dR, need_dm))
+
+
+def _t(gy, B, g, needed):
+    """``t = (gy ⊙ g) B`` in the compute dtype, with g scaling B: no N×out pass."""
+    return mm_compute(gy, B.to(g.dtype) * g[:, None], g.dtype) if needed else None
+
+
+def _adapter_grads(gy, bias, B, R, magnitude, terms, scaling, detach_norm, y, saved, t,
+                   need_dR, need_dm):
+    S = None
+    if need_dm or (need_dR and not detach_norm):
+        S = magnitude_sums(grad_colsum(gy, y, bias, saved.g.dtype), gy, saved, magnitude)
+    return adapter_grads(t, saved.v, S, terms, B, R, saved.P, magnitude, saved.n, scaling,
+                         detach_norm, need_dR, need_dm)
 
 
 def _grad_input(gy, weight, B, RA, g, t, scaling):

@@ -1,6 +1,6 @@
 """The Triton backend: fused forward, epilogue-only and backward kernels (see docs/DESIGN.md)."""
-from .bwd import backward
-from .epilogue_only import epilogue
+from .bwd import backward, epilogue_backward
+from .epilogue_only import epilogue_forward
 from .fwd import forward
 
-__all__ = ["backward", "epilogue", "forward"]
+__all__ = ["backward", "epilogue_backward", "epilogue_forward", "forward"]

@@ -1,7 +1,11 @@
-"""@triton.jit helpers shared by the forward, epilogue and backward kernels: tile ordering, the
-two-accumulator main loop, the rank-r epilogue product, the scale-and-shift and masked stores."""
+"""@triton.jit helpers shared by the kernels: tile ordering, the GEMM main loop, the rank-r
+epilogue product, the scale-and-shift, the zero-magnitude z columns and masked stores."""
 import triton
 import triton.language as tl
+
+# Width of the rank chunks of the epilogue products (tl.dot needs every dimension ≥ 16): the
+# rank-r operands stream through in 16-wide chunks, so no tile grows with the rank.
+RANK_CHUNK = tl.constexpr(16)
 
 
 @triton.jit
@@ -20,36 +24,28 @@ def tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
 
 
 @triton.jit
-def lowrank_mainloop(
-    # left operand (x forward, gy in dx), offset to the tile's first row: rows × K
+def mainloop(
+    # left operand (x, or gy in dx), offset to the tile's first row: rows × K
     lhs_ptr, stride_lm, stride_lk,
     # per-k scale folded into the left operand as it is loaded (g in dx), read when SCALE_K
     kscale_ptr,
-    # main right operand (W0ᵀ forward, W0 in dx), offset to the tile's first column: K × cols
-    main_ptr, stride_mk, stride_mn,
-    # rank-r right operand (Aᵀ forward, B in dx): K × RANK
-    rank_ptr, stride_rk, stride_rr,
-    # valid rows and columns of this tile, reduction length, rank
-    rows, cols, K, RANK,
-    HAS_MAIN: tl.constexpr, SCALE_K: tl.constexpr, RANK_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    # right operand, offset to the tile's first column: K × cols (W0ᵀ or Aᵀ forward, W0 in dx)
+    rhs_ptr, stride_rk, stride_rn,
+    rows, cols, K,
+    SCALE_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """One pass over K accumulating ``lhs·main`` (BLOCK_M×BLOCK_N, when HAS_MAIN) and
-    ``lhs·rank`` (BLOCK_M×RANK_PAD) in fp32: the left tile is loaded once for both products."""
+    """``lhs·rhs`` over K in fp32, the right operand cast to the left one's dtype as it is
+    loaded (fp32 factors on a bf16 model)."""
     dtype = lhs_ptr.dtype.element_ty
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, RANK_PAD)
     lhs_ptrs = lhs_ptr + offs_m[:, None] * stride_lm + offs_k[None, :] * stride_lk
-    main_ptrs = main_ptr + offs_k[:, None] * stride_mk + offs_n[None, :] * stride_mn
-    rank_ptrs = rank_ptr + offs_k[:, None] * stride_rk + offs_r[None, :] * stride_rr
+    rhs_ptrs = rhs_ptr + offs_k[:, None] * stride_rk + offs_n[None, :] * stride_rn
     row_mask = offs_m[:, None] < rows
     col_mask = offs_n[None, :] < cols
-    rank_mask = offs_r[None, :] < RANK
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_rank = tl.zeros((BLOCK_M, RANK_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         # --- loads; out-of-range k read as 0 so partial tiles add nothing
         k_mask = offs_k < K - k0
@@ -57,35 +53,54 @@ def lowrank_mainloop(
         if SCALE_K:
             scale = tl.load(kscale_ptr + k0 + offs_k, mask=k_mask, other=0.0)
             lhs = (lhs.to(tl.float32) * scale[None, :]).to(dtype)
-        rank_tile = tl.load(rank_ptrs, mask=k_mask[:, None] & rank_mask, other=0.0).to(dtype)
-        # --- products
-        acc_rank = tl.dot(lhs, rank_tile, acc_rank, input_precision=INPUT_PRECISION)
-        if HAS_MAIN:
-            main = tl.load(main_ptrs, mask=k_mask[:, None] & col_mask, other=0.0)
-            acc = tl.dot(lhs, main, acc, input_precision=INPUT_PRECISION)
-            main_ptrs += BLOCK_K * stride_mk
+        rhs = tl.load(rhs_ptrs, mask=k_mask[:, None] & col_mask, other=0.0).to(dtype)
+        acc = tl.dot(lhs, rhs, acc, input_precision=INPUT_PRECISION)
         lhs_ptrs += BLOCK_K * stride_lk
-        rank_ptrs += BLOCK_K * stride_rk
-    return acc, acc_rank
+        rhs_ptrs += BLOCK_K * stride_rk
+    return acc
 
 
 @triton.jit
 def add_lowrank(
-    acc, low,
-    # Q, a RANK × cols slice offset to the tile's first column (Pᵀ in the forward, R A in dx)
+    acc,
+    # L, the tile's BLOCK_M rows × RANK (v forward, u in dx), offset to the tile's first row
+    low_ptr, stride_lm, stride_lr,
+    # Q, RANK × the tile's columns (Pᵀ forward, A in dx), offset to the tile's first column
     q_ptr, stride_qr, stride_qn,
-    cols, RANK, scaling,
-    RANK_PAD: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    rows, cols, RANK, scaling,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DTYPE: tl.constexpr,
 ):
-    """``acc + s·low·Q`` for the rank-r rows ``low`` (v forward, t in dx), already rounded to the
-    operand dtype as the torch backend stores v and t; s is folded into the small Q tile instead
-    of the BLOCK_M×BLOCK_N result."""
-    offs_r = tl.arange(0, RANK_PAD)
+    """``acc + s·L·Q``, both factors rounded to DTYPE (the main product's operand dtype, as the
+    torch backend rounds v and P) and s folded into each small Q chunk, not the result. The
+    rank runs in RANK_CHUNK-wide chunks: the registers needed do not grow with r."""
+    offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    q = tl.load(q_ptr + offs_r[:, None] * stride_qr + offs_n[None, :] * stride_qn,
-                mask=(offs_r[:, None] < RANK) & (offs_n[None, :] < cols), other=0.0)
-    q = (q.to(tl.float32) * scaling).to(low.dtype)
-    return tl.dot(low, q, acc, input_precision=INPUT_PRECISION)
+    offs_c = tl.arange(0, RANK_CHUNK)
+    for r0 in range(0, RANK, RANK_CHUNK):
+        r_mask = (r0 + offs_c) < RANK
+        low = tl.load(low_ptr + offs_m[:, None] * stride_lm + (r0 + offs_c)[None, :] * stride_lr,
+                      mask=(offs_m[:, None] < rows) & r_mask[None, :], other=0.0)
+        q = tl.load(q_ptr + (r0 + offs_c)[:, None] * stride_qr + offs_n[None, :] * stride_qn,
+                    mask=r_mask[:, None] & (offs_n[None, :] < cols), other=0.0)
+        q = (q.to(tl.float32) * scaling).to(DTYPE)
+        acc = tl.dot(low.to(DTYPE), q, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def keep_zero_columns(z, slot_ptr, zbuf_ptr, stride_zm, rows, cols,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store the columns of z whose magnitude is 0 into their slots of zbuf (docs/DESIGN.md §3);
+    ``slot_ptr`` and ``zbuf_ptr`` are offset to the tile's first column and row. Almost no
+    tile has one: the store is skipped unless some column of the tile holds a slot."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    slot = tl.load(slot_ptr + offs_n, mask=offs_n < cols, other=-1)
+    if tl.max(slot, axis=0) >= 0:
+        tl.store(zbuf_ptr + offs_m[:, None] * stride_zm + slot[None, :],
+                 z.to(zbuf_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < rows) & (slot[None, :] >= 0))
 
 
 @triton.jit
@@ -108,4 +123,3 @@ def scale_shift(z, g_ptr, bias_ptr, cols, HAS_BIAS: tl.constexpr, BLOCK_N: tl.co
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=offs_n < cols, other=0.0).to(tl.float32)[None, :]
     return y
-

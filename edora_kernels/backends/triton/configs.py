@@ -55,6 +55,40 @@ EPILOGUE_CONFIGS = [
 EPILOGUE_CONFIG_INTERPRET = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8},
                                           num_stages=1, num_warps=4)
 
+# The small kernels run one fixed config each (no timing): they are memory-bound or tiny, and a
+# fixed config fixes the order of every reduction, so dR and dm are the same bits in every run.
+# Row programs (the prologue's x·Aᵀ, the backward pre-pass) each stream a contiguous row panel;
+# their height is the largest of ROW_BLOCKS that still gives every SM a program.
+ROW_BLOCKS = (16, 32, 64)
+ROW_PROGRAMS_PER_SM = 1
+
+
+def prologue_config(block_m: int) -> triton.Config:
+    """16 output rows per gate program (two float64 BLOCK_O × RANK_PAD tiles in registers),
+    block_m tokens per x·Aᵀ program over 64-wide slices of the input."""
+    return triton.Config({"BLOCK_O": 16, "BLOCK_M": block_m, "BLOCK_K": 64}, num_warps=4,
+                         num_stages=2)
+
+
+def prepass_config(block_m: int, r_pad: int) -> triton.Config:
+    """block_m rows per program over 32-wide slices of the output columns (64-wide ones left
+    ptxas a stack frame at fp16, 32 rows, r = 16)."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_K": 32}, num_warps=small_warps(r_pad),
+                         num_stages=2)
+
+
+def finalize_config(r_pad: int) -> triton.Config:
+    """32 columns per column program (the norm's share holds float64 32 × RANK_PAD tiles),
+    16 × 16 entries of dR per tile program."""
+    return triton.Config({"BLOCK_O": 32, "DR_TILE": 16}, num_warps=small_warps(r_pad),
+                         num_stages=1)
+
+
+def small_warps(r_pad: int) -> int:
+    """The r×r tiles of the pre-pass and the finalize spread over more threads above r = 64."""
+    return 8 if r_pad > 64 else 4
+
+
 # Shared memory per block on each architecture family (opt-in maximum), used when no device is
 # at hand (ahead-of-time checks); on a device the driver's own figure is used.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -71,47 +105,43 @@ def gemm_configs(arch: int) -> list:
     return GEMM_CONFIGS_SM90 if arch >= 90 else GEMM_CONFIGS_SM80
 
 
-def gemm_smem_bytes(config, arch: int, elt_size: int, r_pad: int,
-                    rank_elt_size: int | None = None) -> int:
-    """Operand tiles (x or gy, W0, the rank-r factor) in flight — num_stages buffers with
-    Hopper's async wgmma pipeline, num_stages − 1 with Ampere's cp.async one — plus the rank
-    accumulator's trip through shared memory on its way to the epilogue product. The rank-r
-    factor is staged in its own dtype (``rank_elt_size``, default ``elt_size``): fp32 adapters
-    on a bf16 model double its tiles."""
+def gemm_smem_bytes(config, arch: int, elt_size: int) -> int:
+    """Operand tiles in flight — num_stages buffers with Hopper's async wgmma pipeline,
+    num_stages − 1 with Ampere's cp.async one — plus the epilogue's rank chunks (a BLOCK_M × 16
+    and a 16 × BLOCK_N tile) on their way to the tensor cores."""
     kw = config.kwargs
-    rank_elt_size = rank_elt_size or elt_size
-    per_stage = kw["BLOCK_K"] * ((kw["BLOCK_M"] + kw["BLOCK_N"]) * elt_size
-                                 + r_pad * rank_elt_size)
+    per_stage = kw["BLOCK_K"] * (kw["BLOCK_M"] + kw["BLOCK_N"]) * elt_size
     buffers = config.num_stages if arch >= 90 else max(config.num_stages - 1, 1)
-    return buffers * per_stage + kw["BLOCK_M"] * r_pad * elt_size
+    return buffers * per_stage + 16 * (kw["BLOCK_M"] + kw["BLOCK_N"]) * elt_size
 
 
-def gemm_acc_regs(config, r_pad: int) -> float:
-    """fp32 accumulator registers per thread: BLOCK_M×(BLOCK_N + RANK_PAD) over the threads."""
+def gemm_acc_regs(config) -> float:
+    """fp32 accumulator registers per thread: BLOCK_M×BLOCK_N over the threads."""
     kw = config.kwargs
-    return kw["BLOCK_M"] * (kw["BLOCK_N"] + r_pad) / (32 * config.num_warps)
+    return kw["BLOCK_M"] * kw["BLOCK_N"] / (32 * config.num_warps)
 
 
-def gemm_candidates(arch: int, elt_size: int, r_pad: int, smem_limit: int | None = None,
-                    rank_elt_size: int | None = None, aligned: bool = True) -> list:
-    """Every config the autotuner may pick on ``arch`` for this dtype size, padded rank and
-    adapter dtype size (``rank_elt_size``, default ``elt_size``). ``aligned=False``: sizes or
-    row strides not divisible by 16, where loads are scalar and masked; measured ahead of time,
-    only the BLOCK_K = 32, 8-warp tiles then stay clear of spills (in = 4095 spilled up to 912 B
-    with BLOCK_K = 64 on sm_90).
+def gemm_candidates(arch: int, elt_size: int, smem_limit: int | None = None,
+                    aligned: bool = True) -> list:
+    """Every config the autotuner may pick on ``arch`` for this dtype size. The rank does not
+    enter: it streams through the epilogue in 16-wide chunks. ``aligned=False``: sizes or row
+    strides not divisible by 16, where loads are scalar and masked; measured ahead of time, only
+    the BLOCK_K = 32, 8-warp tiles then stay clear of spills (in = 4095 spilled up to 912 B with
+    BLOCK_K = 64 on sm_90).
 
     The shape-independent part of the prune filter: shared memory within the chip's limit and
-    the accumulators within the register budget. Never empty: the config needing the least
+    the accumulator within the register budget. Never empty: the config needing the least
     shared memory is the fallback.
     """
     family = 90 if arch >= 90 else 80
     limit = SMEM_LIMIT[family] if smem_limit is None else smem_limit
     configs = gemm_configs(arch)
+
     def smem(c):
-        return gemm_smem_bytes(c, arch, elt_size, r_pad, rank_elt_size)
+        return gemm_smem_bytes(c, arch, elt_size)
 
     kept = [c for c in configs
-            if smem(c) <= limit and gemm_acc_regs(c, r_pad) <= ACC_REG_BUDGET[family, elt_size]
+            if smem(c) <= limit and gemm_acc_regs(c) <= ACC_REG_BUDGET[family, elt_size]
             and (aligned or (c.kwargs["BLOCK_K"] == 32 and c.num_warps == 8))]
     return kept or [min(configs, key=smem)]
 
@@ -153,12 +183,10 @@ def fixed_config() -> bool:
 def prune_gemm(configs, named_args, **kwargs):
     """``early_config_prune`` of the GEMM kernels: this device's family, resources, problem size."""
     args = {**named_args, **kwargs}
-    # W0 shares the dtype of the left operand (x or gy) in both GEMM kernels; the rank-r
-    # factor (A forward, B in dx) may be fp32 on a half-precision model.
+    # W0 shares the dtype of the left operand (x or gy) in both GEMM kernels.
     arch, smem = device_arch_and_smem(args["w_ptr"])
-    rank_factor = args["a_ptr"] if "a_ptr" in args else args["b_ptr"]
-    allowed = gemm_candidates(arch, args["w_ptr"].element_size(), args["RANK_PAD"], smem,
-                              rank_factor.element_size(), aligned=_main_operands_aligned(args))
+    allowed = gemm_candidates(arch, args["w_ptr"].element_size(), smem,
+                              aligned=_main_operands_aligned(args))
     kept = fit_to_problem([c for c in configs if any(c is a for a in allowed)],
                           args["M_BUCKET"], args["N"])
     return kept[:1] if fixed_config() else kept
@@ -202,12 +230,26 @@ def use_torch_path(dtype: torch.dtype, rank: int) -> bool:
     - fp64: a checking dtype, no tensor cores;
     - fp32 where torch forbids TF32: Triton's exact fp32 dot runs on the FMA units and spills
       at these tiles; cuBLAS SGEMM is the better kernel and keeps torch's numerics;
-    - ranks above MAX_RANK: the rank accumulator would not fit next to the main tile.
+    - ranks above MAX_RANK: the r×r tiles of the gate and the pre-pass would not fit in
+      registers.
     """
     if dtype == torch.float64 or rank > MAX_RANK:
         return True
     return dtype == torch.float32 and not INTERPRET and not tf32_allowed()
 
+
+def row_block(M: int, device: torch.device) -> int:
+    """Rows per program of the row-panel kernels (prologue's x·Aᵀ, the backward pre-pass): the
+    largest of ROW_BLOCKS that still gives every SM a program. A function of the token count
+    and the device only, so the pre-pass's partial sums (and dR, dm) are the same bits in every
+    run on a machine."""
+    if device.type != "cuda":
+        return ROW_BLOCKS[0]
+    programs = ROW_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    for block in reversed(ROW_BLOCKS):
+        if triton.cdiv(M, block) >= programs:
+            return block
+    return ROW_BLOCKS[0]
 
 
 def tiles_grid(M, N):
