@@ -17,7 +17,7 @@ folded into per-column and rank-r factors instead of an N×in pass.
 import torch
 from torch import Tensor
 
-from .backends import torch_backend
+from .backends import CPU_BACKEND, torch_backend
 from .norm import TERMS_DTYPE, NormTerms, compute_dtype
 from .op_common import (
     Saved,
@@ -182,6 +182,6 @@ def linear_with_dropout(x, weight, bias, A, B, R, magnitude, terms, scaling, p, 
                                            for t in (x, R, magnitude, bias))
     lowrank = mode == "lowrank"
     # Only the lowrank mode reads y for dm; the peft mode keeps z̃ whole.
-    capacity = slot_capacity(magnitude, save and lowrank)
+    capacity = slot_capacity(magnitude, save and lowrank, CPU_BACKEND)  # the path is torch's
     return _dropout_fwd(x, weight, bias, A, B, R, magnitude, *terms, scaling, p, lowrank, save,
                         capacity, detach_norm)[0]

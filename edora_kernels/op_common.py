@@ -12,14 +12,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .backends import CPU_BACKEND
 from .norm import TERMS_DTYPE, NormTerms, exact_norm_grad_P, row_norm
 
 # Zero magnitudes (docs/DESIGN.md §3). Where m_j = 0, g_j = 0 and y_j = b_j carries no trace of
-# z_j, which dm_j needs: forward keeps those columns of z in "slots". On CPU reading m costs
-# nothing, so there are exactly as many slots as zeros; elsewhere the count would need a host
-# sync, so there are always ZERO_SLOTS, and a zero column past them gets dm_j = NaN (loud, never
-# a silently wrong 0). Zero rows of W0 (m = ‖V_j‖ = 0 at init) have z_j ≡ 0 and need no slot
-# to be exact, but take one like any other zero.
+# z_j, which dm_j needs: forward keeps those columns of z in "slots". The torch backend on CPU
+# reads m for free, so it has exactly as many slots as zeros; the device backends (and anything
+# under torch.compile) never read device data on the host, so they have ZERO_SLOTS, and a zero
+# column past them gets dm_j = NaN (loud, never a silently wrong 0). Zero rows of W0 (m = ‖V_j‖
+# = 0 at init) have z_j ≡ 0 and would need no slot to be exact, but take one like any zero.
 ZERO_SLOTS = 16
 SLOT_NONE = -1   # m_j ≠ 0: S_j comes from y
 SLOT_FULL = -2   # m_j = 0 and every slot taken: dm_j = NaN
@@ -45,13 +46,14 @@ class Saved(NamedTuple):
     zbuf: Tensor   # (N, k) in y's dtype: z of the zero-magnitude columns, slot by slot
 
 
-def slot_capacity(magnitude: Tensor, save: bool) -> int:
-    """How many zero-magnitude columns forward keeps z for: 0 when nothing will run backward, the
-    exact count on CPU (eager), ZERO_SLOTS on accelerators and under torch.compile, where the
-    count would be a host read of device data."""
+def slot_capacity(magnitude: Tensor, save: bool, backend: str) -> int:
+    """How many zero-magnitude columns forward keeps z for: 0 when nothing will run backward,
+    the exact count for the torch backend on CPU in eager mode, ZERO_SLOTS otherwise (the
+    count would be a host read of device data)."""
     if not save:
         return 0
-    if magnitude.device.type == "cpu" and not torch.compiler.is_compiling():
+    if (backend == CPU_BACKEND and magnitude.device.type == "cpu"
+            and not torch.compiler.is_compiling()):
         return int((magnitude == 0).sum())
     return ZERO_SLOTS
 

@@ -50,10 +50,10 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _capacity(magnitude: Tensor, R: Tensor, detach_norm: bool, save: bool) -> int:
+def _capacity(magnitude: Tensor, R: Tensor, detach_norm: bool, save: bool, backend: str) -> int:
     """Zero-magnitude slots: needed only where backward forms the magnitude sums S."""
     needs_sums = magnitude.requires_grad or (R.requires_grad and not detach_norm)
-    return slot_capacity(magnitude, save and needs_sums)
+    return slot_capacity(magnitude, save and needs_sums, backend)
 
 
 # --- edora_linear: the step in eager mode ---------------------------------------------------------
@@ -154,7 +154,7 @@ def _linear_step(x, weight, bias, A, B, R, magnitude, terms, scaling, detach_nor
     """y for 2-D x, checked arguments: the custom ops under torch.compile, the autograd.Function
     when something needs a gradient, the backend's forward alone otherwise."""
     save = _needs_grad(x, R, magnitude, bias)
-    capacity = _capacity(magnitude, R, detach_norm, save)
+    capacity = _capacity(magnitude, R, detach_norm, save, backend)
     if torch.compiler.is_compiling():
         return _linear_fwd(x, weight, bias, A, B, R, magnitude, *terms, scaling, save, capacity,
                            detach_norm, backend)[0]
@@ -253,7 +253,8 @@ def _autocast_dtype(x) -> torch.dtype | None:
     if not isinstance(x, Tensor) or x.dtype not in _AUTOCAST_FROM:
         return None
     device = x.device.type
-    if not torch.is_autocast_enabled(device):
+    # autocast knows no meta tensors (models built under torch.device("meta"))
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
         return None
     return torch.get_autocast_dtype(device)
 
@@ -451,7 +452,7 @@ def edora_epilogue(
 def _epilogue_step(y0, x, bias, A, B, R, magnitude, terms, scaling, detach_norm, backend):
     """As ``_linear_step``, for the epilogue op."""
     save = _needs_grad(y0, x, R, magnitude, bias)
-    capacity = _capacity(magnitude, R, detach_norm, save)
+    capacity = _capacity(magnitude, R, detach_norm, save, backend)
     if torch.compiler.is_compiling():
         return _epilogue_fwd(y0, x, bias, A, B, R, magnitude, *terms, scaling, save, capacity,
                              detach_norm, backend)[0]

@@ -228,7 +228,7 @@ def test_zero_magnitudes_keep_their_z_in_slots(dtype):
 def test_zero_magnitudes_past_the_slots_get_nan(monkeypatch):
     """On a GPU the slots are a fixed number (no host read of m): a zero magnitude past them
     gets dm = NaN, never a silently wrong value; the others stay exact."""
-    monkeypatch.setattr(op_common, "slot_capacity", lambda m, save: 2 if save else 0)
+    monkeypatch.setattr(op_common, "slot_capacity", lambda m, save, backend: 2 if save else 0)
     monkeypatch.setattr(ops, "slot_capacity", op_common.slot_capacity)
     case = make_case(37, *SHAPES[0], 3, torch.float32, DEVICE, seed=61)
     case.magnitude[[5, 9, 60]] = 0.0

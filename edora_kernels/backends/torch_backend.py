@@ -62,10 +62,12 @@ def _rescale(z, x, bias, A, B, R, magnitude, terms, scaling, save, capacity):
 def backward(gy, weight, bias, A, B, R, magnitude, terms, scaling, detach_norm, y, saved,
              need_dx, need_dR, need_dm):
     """``(dx, dR, dm)`` of :func:`forward`; unneeded ones come back empty."""
-    g = saved.g
-    t, dx = _t(gy, B, g, need_dx or need_dR), gy.new_empty(0)
+    t = _t(gy, B, saved.g, need_dx or need_dR)
+    dx = gy.new_empty(0)
     if need_dx:
-        dx = _grad_input(gy, weight, B, (R.to(g.dtype) @ A.to(g.dtype)), g, t, scaling)
+        # dx = (gy ⊙ g) W0 + u A with u = s·t R: one pass over gy, the big GEMM, a rank-r one
+        gz = gy * saved.g.to(gy.dtype)
+        dx = torch.mm(gz, weight).addmm_(_u(t, R, scaling, gy.dtype), A.to(gy.dtype))
     return (dx, *_adapter_grads(gy, bias, B, R, magnitude, terms, scaling, detach_norm, y,
                                 saved, t, need_dR, need_dm))
 
@@ -74,19 +76,22 @@ def epilogue_backward(gy, bias, A, B, R, magnitude, terms, scaling, detach_norm,
                       need_dy0, need_dx, need_dR, need_dm):
     """``(dy0, dx, dR, dm)`` of :func:`epilogue_forward`: dy0 = gy ⊙ g goes to the base layer,
     dx is the rank-r branch's share only."""
-    g = saved.g
-    t = _t(gy, B, g, need_dx or need_dR)
-    dy0 = gy * g.to(gy.dtype) if need_dy0 else gy.new_empty(0)
-    dx = gy.new_empty(0)
-    if need_dx:
-        dx = (scaling * t.to(gy.dtype)) @ (R.to(g.dtype) @ A.to(g.dtype)).to(gy.dtype)
+    t = _t(gy, B, saved.g, need_dx or need_dR)
+    dy0 = gy * saved.g.to(gy.dtype) if need_dy0 else gy.new_empty(0)
+    dx = torch.mm(_u(t, R, scaling, gy.dtype), A.to(gy.dtype)) if need_dx else gy.new_empty(0)
     return (dy0, dx, *_adapter_grads(gy, bias, B, R, magnitude, terms, scaling, detach_norm, y,
                                      saved, t, need_dR, need_dm))
 
 
 def _t(gy, B, g, needed):
-    """``t = (gy ⊙ g) B`` in the compute dtype, with g scaling B: no N×out pass."""
+    """``t = (gy ⊙ g) B`` in the compute dtype, with g scaling B: no N×out pass, and no
+    rounding of gy ⊙ g to half before the sum that dR needs."""
     return mm_compute(gy, B.to(g.dtype) * g[:, None], g.dtype) if needed else None
+
+
+def _u(t, R, scaling, dtype):
+    """``u = s·t R`` (N×r), dx's rank-r rows, in the gradient's dtype."""
+    return torch.mm(t, R.to(t.dtype)).mul_(scaling).to(dtype)
 
 
 def _adapter_grads(gy, bias, B, R, magnitude, terms, scaling, detach_norm, y, saved, t,
@@ -98,29 +103,11 @@ def _adapter_grads(gy, bias, B, R, magnitude, terms, scaling, detach_norm, y, sa
                          detach_norm, need_dR, need_dm)
 
 
-def _grad_input(gy, weight, B, RA, g, t, scaling):
-    """``dx = (gy ⊙ g) W0 + s·t (R A)``.
-
-    fp32/fp64: as one GEMM, ``gy (g ⊙ (W0 + s·B R A))`` — forming the out×in matrix costs
-    out·in·r multiply-adds, less than the N×in rank product and its pass when N ≥ out.
-    Half inputs keep W0 and the rank term apart: rounding W0 + s·B R A to half would drop
-    updates below W0's half-precision quantum.
-    """
-    dtype = gy.dtype
-    if dtype == g.dtype and gy.shape[0] >= weight.shape[0]:
-        scaled = torch.addmm(weight, B.to(dtype), RA.to(dtype), alpha=scaling).mul_(g[:, None])
-        return gy @ scaled
-    low = (t @ (scaling * RA)).to(dtype)
-    if weight.numel() <= gy.numel():
-        return torch.addmm(low, gy, weight * g[:, None].to(dtype))
-    return torch.addmm(low, gy * g.to(dtype), weight)
-
-
 def grad_colsum(gy, y, bias, cdt):
     """``Σ_rows gy ⊙ (y − b)`` in ``cdt`` (= g ⊙ Σ gy ⊙ z: the magnitude gradient's sum), as
     ``Σ gy ⊙ y − b ⊙ Σ gy``: no N×out temporary for y − b."""
     gy_c, y_c = gy.to(cdt), y.to(cdt)
-    colsum = (gy_c * y_c).sum(0)
+    colsum = torch.linalg.vecdot(gy_c, y_c, dim=0)
     if bias is not None:
-        colsum -= bias.to(cdt) * gy_c.sum(0)
+        colsum -= bias.to(cdt) * torch.mv(gy_c.T, gy_c.new_ones(gy_c.shape[0]))
     return colsum

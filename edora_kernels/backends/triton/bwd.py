@@ -30,6 +30,7 @@ from .configs import (
     GEMM_CONFIGS_SM80,
     GEMM_CONFIGS_SM90,
     INTERPRET,
+    cdiv,
     finalize_config,
     input_precision,
     m_bucket,
@@ -316,7 +317,7 @@ def finalize_args(saved, magnitude, B, terms, scaling, cs_part, dr_part, dm, dR,
     """Arguments of ``finalize_kernel`` except the config's; also used by the AOT checks."""
     K, rank = B.shape
     need_dm, need_dr = dm.numel() > 0, dR.numel() > 0
-    column_programs = triton.cdiv(K, block_o) if (need_dm or exact) else 0
+    column_programs = cdiv(K, block_o) if (need_dm or exact) else 0
     # The norm's share reads P, C and G; without it their pointers are never dereferenced.
     P, C, G = (saved.P, terms.C, terms.G) if exact else (saved.n[:1, None],) * 3
     return dict(
@@ -344,7 +345,7 @@ def _steps(gy, B, R, magnitude, terms, scaling, detach_norm, y, bias, saved, nee
     exact = need_dR and not detach_norm
     need_cs = need_dm or exact
     prepass = prepass_config(row_block(M, gy.device), r_pad(rank))
-    parts = triton.cdiv(M, prepass.kwargs["BLOCK_M"])
+    parts = cdiv(M, prepass.kwargs["BLOCK_M"])
     f32 = torch.float32
     u = gy.new_empty((M, rank) if need_u else (0,))
     cs_part = gy.new_empty((parts, K) if need_cs else (0,), dtype=f32)
@@ -358,12 +359,12 @@ def _steps(gy, B, R, magnitude, terms, scaling, detach_norm, y, bias, saved, nee
     if need_dR or need_dm:
         finalize = finalize_config(r_pad(rank))
         kw = finalize.kwargs
-        column_programs = triton.cdiv(K, kw["BLOCK_O"])
+        column_programs = cdiv(K, kw["BLOCK_O"])
         norm_part = gy.new_empty((column_programs, rank, rank) if exact else (0,),
                                  dtype=torch.float64)
         args = finalize_args(saved, magnitude, B, terms, scaling, cs_part, dr_part, dm, dR,
                              norm_part, exact, kw["BLOCK_O"])
-        tiles = triton.cdiv(rank, kw["DR_TILE"]) ** 2 if need_dR else 0
+        tiles = cdiv(rank, kw["DR_TILE"]) ** 2 if need_dR else 0
         launch(finalize_kernel, (args["COLUMN_PROGRAMS"] + (0 if exact else tiles),), **args,
                **kw, num_warps=finalize.num_warps, num_stages=finalize.num_stages)
         if exact:

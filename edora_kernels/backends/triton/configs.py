@@ -148,7 +148,7 @@ def gemm_candidates(arch: int, elt_size: int, smem_limit: int | None = None,
 
 def fit_to_problem(configs: list, m_bucket: int, n: int) -> list:
     """Drop tiles far larger than the problem (a 128-row tile for 8 tokens); never empties."""
-    n_bucket = triton.next_power_of_2(max(n, 1))
+    n_bucket = next_power_of_2(max(n, 1))
     smallest_m = min(c.kwargs["BLOCK_M"] for c in configs)
     smallest_n = min(c.kwargs["BLOCK_N"] for c in configs)
     kept = [
@@ -200,11 +200,11 @@ def prune_epilogue(configs, named_args, **kwargs):
 
 def m_bucket(m: int) -> int:
     """The token count as the autotuner sees it: next power of two in [16, 8192]."""
-    return min(max(triton.next_power_of_2(max(m, 1)), 16), 8192)
+    return min(max(next_power_of_2(max(m, 1)), 16), 8192)
 
 
 def r_pad(rank: int) -> int:
-    return max(triton.next_power_of_2(rank), MIN_RANK_PAD)
+    return max(next_power_of_2(rank), MIN_RANK_PAD)
 
 
 def tf32_allowed() -> bool:
@@ -238,6 +238,18 @@ def use_torch_path(dtype: torch.dtype, rank: int) -> bool:
     return dtype == torch.float32 and not INTERPRET and not tf32_allowed()
 
 
+# Host-side integer helpers: triton's own are constexpr functions, slow to call from Python.
+
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ≥ n (1 for n ≤ 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def row_block(M: int, device: torch.device) -> int:
     """Rows per program of the row-panel kernels (prologue's x·Aᵀ, the backward pre-pass): the
     largest of ROW_BLOCKS that still gives every SM a program. A function of the token count
@@ -247,11 +259,11 @@ def row_block(M: int, device: torch.device) -> int:
         return ROW_BLOCKS[0]
     programs = ROW_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     for block in reversed(ROW_BLOCKS):
-        if triton.cdiv(M, block) >= programs:
+        if cdiv(M, block) >= programs:
             return block
     return ROW_BLOCKS[0]
 
 
 def tiles_grid(M, N):
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    return lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ... import norm, op_common
 from .common import mainloop, store_tile
-from .configs import input_precision, prologue_config, r_pad, row_block
+from .configs import cdiv, input_precision, prologue_config, r_pad, row_block
 from .launch import launch
 
 NORM_SQ_FLOOR = tl.constexpr(norm.NORM_SQ_FLOOR)
@@ -125,7 +125,7 @@ def prologue_args(x, A, B, R, magnitude, terms, scaling, P, n, g, slots, v, capa
         p_ptr=P, n_ptr=n, g_ptr=g, slot_ptr=slots if capacity else n,
         x_ptr=x, a_ptr=A, v_ptr=v if has_v else g,  # unused pointer: typed like a real output
         OUT=out, M=x.shape[0], K=x.shape[1], RANK=rank, SLOTS=capacity,
-        GATE_PROGRAMS=triton.cdiv(out, block_o), scaling=float(scaling),
+        GATE_PROGRAMS=cdiv(out, block_o), scaling=float(scaling),
         stride_bo=B.stride(0), stride_br=B.stride(1), stride_rr=R.stride(0),
         stride_rc=R.stride(1), stride_gr=terms.G.stride(0), stride_gc=terms.G.stride(1),
         stride_co=terms.C.stride(0),
@@ -153,6 +153,6 @@ def prologue(x, A, B, R, magnitude, terms, scaling, cdt, capacity):
     kw = config.kwargs
     args = prologue_args(x, A, B, R, magnitude, terms, scaling, P, n, g, slots, v, capacity,
                          kw["BLOCK_O"])
-    launch(prologue_kernel, (args["GATE_PROGRAMS"] + triton.cdiv(M, kw["BLOCK_M"]),), **args,
+    launch(prologue_kernel, (args["GATE_PROGRAMS"] + cdiv(M, kw["BLOCK_M"]),), **args,
            **kw, num_warps=config.num_warps, num_stages=config.num_stages)
     return P, n, g, slots, v
