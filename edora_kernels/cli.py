@@ -3,7 +3,7 @@
     info    versions, device, which backends can run
     bench   the op benchmark (or, with --model, a whole-model training step; with --init, the
             initialiser's randomised SVD) on this device
-    plot    PNG charts of a benchmark CSV
+    plot    PNG charts of one benchmark run
     check   every available backend against the reference; non-zero exit on a mismatch
 """
 from __future__ import annotations
@@ -246,12 +246,12 @@ def _op_config(args: argparse.Namespace, device: torch.device):
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.results import Run, report
 
-    _check_bench(args)
     if args.threads is not None:
         # Before anything runs: the thread count is part of the CPU's name in the results.
         torch.set_num_threads(args.threads)
     settings = {k: (str(v) if isinstance(v, (torch.dtype, torch.device)) else v)
                 for k, v in vars(args).items() if k not in ("func", "error")}
+    settings["omp_wait_policy"] = os.environ.get(OMP_POLICY)  # None: unset
     if args.init:
         _check_out(args, args.init_device)
         _bench_init(args, settings)
@@ -266,6 +266,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cfg, bench = _op_config(args, default_device()), run_op_bench
     _check_out(args)
     run = Run(settings=settings, out_dir=Path(args.out))
+    if OMP_POLICY_SET_BY_BENCH in os.environ:
+        run.notes.append(OMP_NOTE)
     try:
         bench(cfg, run)
     finally:
@@ -277,19 +279,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from .bench.plot import plot_rows, ratio_rows
 
-    out = Path(args.out) if args.out is not None else Path(args.csv).with_suffix(".png")
+    out = Path(args.out) if args.out is not None else Path(args.results).with_suffix(".png")
     if out.suffix.lower() != ".png":
         args.error(f"argument --out: expected a .png path, got {args.out!r}")
     if out.is_dir():
         args.error(f"argument --out: {out} is a directory, expected a .png path")
     try:
-        rows = ratio_rows(args.csv)
+        rows = ratio_rows(args.results, args.run)
     except OSError as err:
-        args.error(f"argument csv: cannot read {args.csv}: {err.strerror}")
+        args.error(f"argument results: cannot read {args.results}: {err.strerror}")
     except ValueError as err:
-        args.error(f"argument csv: {err}")
+        args.error(f"argument results: {err}")
     _writable_dir(args, "--out", out.parent)
-    print(f"wrote {plot_rows(rows, out)}")
+    kernels = ", ".join(dict.fromkeys(r["kernel"] for r in rows))
+    print(f"wrote {plot_rows(rows, out)}: run {rows[0]['timestamp']} ({kernels}) of "
+          f"{args.results}")
     return 0
 
 
@@ -316,7 +320,8 @@ def _add_bench(sub) -> None:
         "and the naive reference", description="Unset flags take defaults sized to the device "
         "(CPU: fp32, N=2048, 1024x1024 and 512x2048, r=16; GPU: bf16, N=8192, LLaMA-7B/13B "
         "layer shapes). Each case's rows are appended to <out>/bench_<device>.csv as soon as it is "
-        "measured; the whole run goes to a JSON beside it at the end, also after a failure.")
+        "measured; the whole run goes to a JSON beside it at the end, also after a failure. On "
+        "CPU, unless OMP_WAIT_POLICY is set, it re-runs itself with OMP_WAIT_POLICY=PASSIVE.")
     p.set_defaults(func=cmd_bench, error=p.error)
     p.add_argument("--tokens", type=_csv_list(_int_at_least(1), "token counts >= 1 like "
                                               "2048,4096"),
@@ -336,9 +341,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--modes", type=_csv_list(_choice(MODES), f"modes from {', '.join(MODES)}"),
                    help="fwd (inference forward), fwd+bwd (training step of the layer)")
     p.add_argument("--repeats", type=_one(_int_at_least(1), "an integer >= 1"),
-                   help="timed calls per provider (--init default 3)")
+                   help="timed turns per provider: one call each, on CUDA a burst of calls "
+                        "lasting about 10 ms (--init default 3)")
     p.add_argument("--warmup", type=_one(_int_at_least(0), "an integer >= 0"),
-                   help="untimed calls per provider first (--init default 1)")
+                   help="untimed turns per provider first (--init default 1)")
     p.add_argument("--compile", action="store_true",
                    help="add 'compiled': torch.compile(fullgraph=True) of the torch backend")
     p.add_argument("--dropout", type=_one(_probability, "a probability in [0, 1)"),
@@ -382,9 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="print versions, the device and which backends can run"
                    ).set_defaults(func=cmd_info)
     _add_bench(sub)
-    plot = sub.add_parser("plot", help="PNG charts (ratio to the frozen linear) of a bench CSV")
-    plot.add_argument("csv", help="a CSV written by 'edora-kernels bench'")
-    plot.add_argument("--out", help="PNG path (default: the CSV's path with .png)")
+    plot = sub.add_parser("plot", help="PNG charts (ratio to the baseline) of one benchmark run")
+    plot.add_argument("results", help="a CSV written by 'edora-kernels bench' (draws one of its "
+                      "runs) or one run's JSON")
+    plot.add_argument("--run", metavar="TIMESTAMP",
+                      help="the run to draw, by its timestamp (as in the CSV's timestamp column "
+                           "or in the run JSON's name); default: the latest run with ratios")
+    plot.add_argument("--out", help="PNG path (default: the results' path with .png)")
     plot.set_defaults(func=cmd_plot, error=plot.error)
     check = sub.add_parser("check", help="self-test every available backend against the "
                            "reference; exit status 1 on any mismatch")
@@ -396,8 +406,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OMP_POLICY = "OMP_WAIT_POLICY"
+# Set for the re-executed benchmark: it says who chose the policy and stops a second re-execution.
+OMP_POLICY_SET_BY_BENCH = "EDORA_BENCH_SET_OMP_WAIT_POLICY"
+OMP_NOTE = (f"{OMP_POLICY}=PASSIVE set by edora-kernels bench (busy-waiting OpenMP threads swing "
+            f"CPU timings by up to 2x on shared machines); set {OMP_POLICY} to choose another")
+
+
+def _rerun_with_passive_openmp(args: argparse.Namespace) -> None:
+    """Re-execute a CPU benchmark with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set.
+
+    The OpenMP runtime reads it when torch's library loads, which importing this package has
+    done already: hence a new process running the same command."""
+    device = args.init_device if args.init else default_device()
+    if (device.type != "cpu" or OMP_POLICY in os.environ
+            or OMP_POLICY_SET_BY_BENCH in os.environ):
+        return
+    print(f"edora-kernels bench: {OMP_NOTE}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "edora_kernels", *sys.argv[1:]],
+              {**os.environ, OMP_POLICY: "PASSIVE", OMP_POLICY_SET_BY_BENCH: "1"})
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: this process's own). From the command line
+    (``argv`` None) a CPU benchmark re-executes itself under a passive OpenMP wait policy;
+    called with ``argv``, everything runs in this process."""
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        _check_bench(args)  # an argument error stops here, before any re-execution
+        if argv is None:
+            _rerun_with_passive_openmp(args)
     try:
         return args.func(args)
     except BenchError as err:

@@ -1,5 +1,6 @@
-"""The ``edora-kernels`` command line on tiny shapes: info, bench (CSV and JSON; op, --init),
-plot, check; one-line argument errors, results saved as they are measured, failing providers."""
+"""The ``edora-kernels`` command line on tiny shapes: info, bench (CSV and JSON; op, --init;
+the OpenMP policy on CPU; burst timing on CUDA with fake events), plot (one run), check;
+one-line argument errors, results saved as they are measured, failing providers."""
 import csv
 import importlib.util
 import json
@@ -14,9 +15,10 @@ import torch
 from edora_kernels import backends
 from edora_kernels.backends import torch_backend
 from edora_kernels.bench import init as init_bench
-from edora_kernels.bench import model_step, op, providers
-from edora_kernels.bench.io import BENCH_COLUMNS, append_rows, csv_path
-from edora_kernels.cli import main
+from edora_kernels.bench import model_step, op, providers, timing
+from edora_kernels.bench.io import BENCH_COLUMNS, append_rows, compact_stamp, csv_path
+from edora_kernels.bench.plot import ratio_rows
+from edora_kernels.cli import OMP_NOTE, OMP_POLICY, OMP_POLICY_SET_BY_BENCH, main
 from edora_kernels.svd import DEFAULT_N_ITER, default_oversample
 from edora_kernels.tolerances import TOLERANCE
 
@@ -77,9 +79,10 @@ def test_bench_writes_valid_csv(bench_dir):
             assert float(metrics[(provider, mode, "max_error")]["p50"]) <= TOLERANCE[torch.float32]
         assert (provider, "fwd+bwd", "saved_bytes") in metrics
     assert float(metrics[("frozen", "fwd", "ratio_to_frozen")]["p50"]) == 1.0
-    # The torch backend keeps v (N×r), z (N×out) and the per-step float64 norm n (out).
+    # The torch backend keeps its output y (N×out), v (N×r), the per-step float64 norm n and
+    # the fp32 gate g (out each).
     saved = float(metrics[("torch", "fwd+bwd", "saved_bytes")]["p50"])
-    assert saved == TOKENS * (OUT + RANK) * 4 + OUT * 8
+    assert saved == TOKENS * (OUT + RANK) * 4 + OUT * (8 + 4)
     row = rows[0]
     assert row["kernel"] == "edora_linear" and row["dtype"] == "float32"
     assert row["shape"] == f"N={TOKENS};in={IN};out={OUT};r={RANK}"
@@ -94,6 +97,9 @@ def test_bench_writes_json(bench_dir):
     assert all(len(r["seconds"]) == 3 for r in run["results"])
     assert run["settings"]["repeats"] == 3
     assert len(run["rows"]) == len(_read_csv(next(bench_dir.glob("bench_*.csv"))))
+    y_mib, x_mib = (TOKENS * n * 4 / 2 ** 20 for n in (OUT, IN))
+    (memory,) = [note for note in run["notes"] if note.startswith("saved MiB: the EDoRA")]
+    assert f"y {y_mib:.3g} vs x {x_mib:.3g} MiB at {TOKENS}x{IN}x{OUT};" in memory
 
 
 def test_bench_appends_to_the_csv(tmp_path):
@@ -217,6 +223,51 @@ def test_plot_writes_png(bench_dir, tmp_path):
     png = tmp_path / "chart.png"
     assert main(["plot", str(path), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """A CSV holding two op runs (the second with dropout), and the first run's JSON."""
+    out = tmp_path_factory.mktemp("two_runs")
+    assert main([*OP_TINY, "--out", str(out)]) == 0
+    (first_json,) = out.glob("bench_*.json")
+    assert main([*OP_TINY, "--dropout", "0.1", "--out", str(out)]) == 0
+    stamps = sorted({r["timestamp"] for r in _read_csv(csv_path(out))})
+    return csv_path(out), first_json, stamps
+
+
+def _plotted_run(capsys, args: list[str], tmp_path) -> str:
+    """Plot ``args``; the run the command says it drew, after checking the PNG exists."""
+    png = tmp_path / "chart.png"
+    assert main(["plot", *args, "--out", str(png)]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith(f"wrote {png}: run ") and png.is_file()
+    return line.split(": run ", 1)[1].split(" ", 1)[0]
+
+
+def test_plot_draws_the_latest_run_by_default(two_runs, tmp_path, capsys):
+    path, _, (_, second) = two_runs
+    assert _plotted_run(capsys, [str(path)], tmp_path) == second
+    assert {r["timestamp"] for r in ratio_rows(path)} == {second}
+
+
+@pytest.mark.parametrize("how", ["timestamp", "compact", "json"])
+def test_plot_draws_the_run_asked_for(two_runs, tmp_path, capsys, how):
+    path, first_json, (first, _) = two_runs
+    results, run = {"timestamp": (path, first), "compact": (path, compact_stamp(first)),
+                    "json": (first_json, None)}[how]
+    args = [str(results)] + (["--run", run] if run else [])
+    assert _plotted_run(capsys, args, tmp_path) == first
+    rows = ratio_rows(results, run)
+    assert {r["timestamp"] for r in rows} == {first}
+    assert not [r for r in rows if "p0.1" in r["x"]]  # the dropout run's cases
+
+
+def test_plot_rejects_a_run_that_is_not_there(two_runs, capsys):
+    path, _, (first, second) = two_runs
+    err = _one_line_error(capsys, ["plot", str(path), "--run", "2000-01-01T00:00:00.000Z"])
+    assert (f"has no run '2000-01-01T00:00:00.000Z' with ratio_to_* rows; its runs: "
+            f"{first}, {second}") in err
 
 
 def test_check_passes(capsys):
@@ -344,19 +395,23 @@ def test_bench_init_rejects_a_bad_out_before_running(tmp_path, monkeypatch, caps
     assert "argument --out: " in err and not calls
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "cannot read"),
-    ("", "is empty"),
-    ("a,b\n1,2\n", "is not a bench CSV"),
-    (",".join(BENCH_COLUMNS) + "\n", "has no ratio_to_* rows"),
-], ids=["missing", "empty", "other columns", "no rows"])
-def test_plot_rejects_a_bad_csv(tmp_path, capsys, content, message):
-    path = tmp_path / "bench.csv"
+@pytest.mark.parametrize("name, content, message", [
+    ("bench.csv", None, "cannot read"),
+    ("bench.csv", "", "is empty"),
+    ("bench.csv", "a,b\n1,2\n", "is not a bench CSV"),
+    ("bench.csv", ",".join(BENCH_COLUMNS) + "\n", "has no ratio_to_* rows"),
+    ("run.json", "{", "is not valid JSON"),
+    ("run.json", '{"results": []}', "has no 'rows' list"),
+    ("run.json", '{"rows": [{"kernel": "op"}]}', "rows[0]: expected the keys (kernel, provider,"),
+], ids=["missing", "empty", "other columns", "no rows", "bad json", "json without rows",
+        "json row keys"])
+def test_plot_rejects_bad_results(tmp_path, capsys, name, content, message):
+    path = tmp_path / name
     if content is not None:
         path.write_text(content)
     err = _one_line_error(capsys, ["plot", str(path)])
-    assert err.startswith("edora-kernels plot: error: argument csv: ") and message in err
-    assert not (tmp_path / "bench.png").exists()
+    assert err.startswith("edora-kernels plot: error: argument results: ") and message in err
+    assert not path.with_suffix(".png").exists()
 
 
 def test_plot_rejects_an_out_that_is_not_png(bench_dir, tmp_path, capsys):
@@ -365,8 +420,8 @@ def test_plot_rejects_an_out_that_is_not_png(bench_dir, tmp_path, capsys):
     assert "argument --out: expected a .png path" in err
 
 
-@pytest.mark.parametrize("args", [["bench", "--warmup", "-1"], ["plot", "missing.csv"]],
-                         ids=["bench", "plot"])
+@pytest.mark.parametrize("args", [["bench", "--warmup", "-1"], ["bench", "--init-shrink", "4"],
+                                  ["plot", "missing.csv"]], ids=["bench", "bench checks", "plot"])
 def test_error_is_one_line_without_traceback(tmp_path, args):
     proc = subprocess.run([sys.executable, "-m", "edora_kernels", *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
@@ -529,3 +584,79 @@ def test_bench_with_dropout_times_both_semantics_without_an_oracle(tmp_path):
     # each provider draws its own mask: no comparison with a float64 oracle is reported
     assert not [r for r in rows if r["metric"] == "max_error"]
     assert not [r for r in rows if r["metric"] == "error"]
+
+
+# --- the OpenMP wait policy of a CPU benchmark ---------------------------------------------------
+
+@NO_CUDA
+@pytest.mark.parametrize("policy", [None, "ACTIVE"], ids=["unset", "set by the user"])
+def test_bench_runs_under_a_passive_openmp_policy_unless_one_is_set(tmp_path, policy):
+    """From the command line, a CPU benchmark re-executes itself with OMP_WAIT_POLICY=PASSIVE
+    and says so; a policy the user set is kept. Either way the results record it."""
+    env = {k: v for k, v in os.environ.items() if k not in (OMP_POLICY, OMP_POLICY_SET_BY_BENCH)}
+    if policy is not None:
+        env[OMP_POLICY] = policy
+    proc = subprocess.run([sys.executable, "-m", "edora_kernels", *OP_TINY, "--out", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    seen = policy or "PASSIVE"
+    (json_path,) = tmp_path.glob("bench_*.json")
+    run = json.loads(json_path.read_text())
+    assert run["settings"]["omp_wait_policy"] == seen  # as the measuring process saw it
+    assert {r["versions"].rpartition(";")[2] for r in _read_csv(csv_path(tmp_path))} == {
+        f"{OMP_POLICY}={seen}"}
+    said = policy is None
+    assert proc.stderr.count(OMP_NOTE) == said and (OMP_NOTE in run["notes"]) == said
+
+
+# --- timing: CUDA bursts, on a fake clock ---------------------------------------------------------
+
+@pytest.mark.parametrize("seconds, calls", [
+    (1.0, 1), (timing.BURST_S, 1), (0.004, 3), (3e-4, 34), (1e-6, timing.MAX_BURST),
+    (0.0, timing.MAX_BURST),
+])
+def test_burst_calls_last_about_burst_s(seconds, calls):
+    assert timing.burst_calls(seconds) == calls
+
+
+def test_round_robin_on_cuda_times_bursts_with_one_sync_each(monkeypatch):
+    """CUDA events replaced by a fake clock that only the calls advance by their cost (and
+    resets by a lot, which must stay out of the times): each turn is one burst sized from the
+    provider's last time, ended by the one synchronisation."""
+    now, log = [0.0], []  # ms; what happened, in order
+
+    class Event:
+        def __init__(self, enable_timing: bool):
+            assert enable_timing
+
+        def record(self):
+            self.ms = now[0]
+
+        def synchronize(self):
+            log.append("sync")
+
+        def elapsed_time(self, end: "Event") -> float:
+            return end.ms - self.ms
+
+    def call(name: str, ms: float):
+        def step():
+            now[0] += ms
+            log.append(name)
+        return step
+
+    def reset():
+        now[0] += 100.0
+        log.append("reset")
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    samples = timing.round_robin({"slow": (reset, call("slow", 4.0)),
+                                  "fast": (reset, call("fast", 0.3))},
+                                 torch.device("cuda"), repeats=2, warmup=1)
+    assert samples == {"slow": [pytest.approx(0.004)] * 2, "fast": [pytest.approx(3e-4)] * 2}
+    bursts = " ".join(log).split(" sync")
+    # Turns in rotation; the first of each provider is one call, the next ones last ~10 ms.
+    assert [b.split() for b in bursts[:-1]] == [
+        ["reset", "slow"], ["reset", "fast"],
+        ["reset", "slow"] * 3, ["reset", "fast"] * 34,
+        ["reset", "slow"] * 3, ["reset", "fast"] * 34,
+    ] and bursts[-1] == ""

@@ -5,7 +5,9 @@ percentiles; single-valued metrics (bytes, errors) repeat the value in all three
 row reads the same way. ``x`` is the case label a chart puts on its axis; ``shape`` spells the
 same case out as ``key=value`` pairs for programs. A provider that failed on a case gets, per
 mode, one row with metric ``error``, the exception's type as unit and NaN values (the message is
-in the run's JSON).
+in the run's JSON). ``versions`` holds what besides the device decides the numbers (package
+versions and, when set, ``OMP_WAIT_POLICY``); ``timestamp`` names the run, whose JSON carries it
+in its file name (``compact_stamp``).
 """
 from __future__ import annotations
 
@@ -68,6 +70,15 @@ def append_rows(path: str | os.PathLike, rows: list[dict]) -> Path:
     return path
 
 
+def _numbers(row: dict, where: str) -> None:
+    """p50/p20/p80 of ``row`` as floats, in place; ValueError naming ``where`` otherwise."""
+    for key in ("p50", "p20", "p80"):
+        try:
+            row[key] = float(row[key])
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: {key} is not a number: {row[key]!r}") from None
+
+
 def read_rows(path: str | os.PathLike) -> list[dict]:
     """The rows of a benchmark CSV, with p50/p20/p80 as floats; ValueError naming the file (and
     line) when it is not one."""
@@ -88,12 +99,28 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
         # DictReader fills short rows with None and files extra cells under the key None.
         if None in row or None in row.values():
             raise ValueError(f"{path} line {line}: expected {len(BENCH_COLUMNS)} fields")
-        for key in ("p50", "p20", "p80"):
-            try:
-                row[key] = float(row[key])
-            except ValueError:
-                raise ValueError(f"{path} line {line}: {key} is not a number: "
-                                 f"{row[key]!r}") from None
+        _numbers(row, f"{path} line {line}")
+    return rows
+
+
+def read_json_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of one run's JSON (``save_run``, ``results.save_json``), with p50/p20/p80 as
+    floats; ValueError naming the file when it is not one."""
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    rows = payload.get("rows") if isinstance(payload, dict) else None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path} has no 'rows' list: expected a run's JSON written by "
+                         "'edora-kernels bench'")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or set(row) != set(BENCH_COLUMNS):
+            raise ValueError(f"{path} rows[{i}]: expected the keys ({', '.join(BENCH_COLUMNS)})")
+        _numbers(row, f"{path} rows[{i}]")
     return rows
 
 
@@ -109,12 +136,15 @@ def csv_path(out_dir: str | os.PathLike, device: torch.device | None = None) -> 
     return Path(out_dir) / f"bench_{device_slug(device)}.csv"
 
 
+def compact_stamp(stamp: str) -> str:
+    """A ``timestamp()`` without separators, as run files are named: 20261203T073545965Z."""
+    return stamp.replace("-", "").replace(":", "").replace(".", "")
+
+
 def json_path(out_dir: str | os.PathLike, stamp: str, device: torch.device | None = None,
               prefix: str = "bench") -> Path:
-    """``<out_dir>/<prefix>_<device>_<stamp>.json``, ``stamp`` (a ``timestamp()``) without
-    separators."""
-    compact = stamp.replace("-", "").replace(":", "").replace(".", "")
-    return Path(out_dir) / f"{prefix}_{device_slug(device)}_{compact}.json"
+    """``<out_dir>/<prefix>_<device>_<compact stamp>.json``."""
+    return Path(out_dir) / f"{prefix}_{device_slug(device)}_{compact_stamp(stamp)}.json"
 
 
 def save_run(out_dir: str | os.PathLike, rows: list[dict], payload: dict, *, stamp: str,
@@ -156,7 +186,8 @@ def default_device() -> torch.device:
 
 def versions(extra: tuple[str, ...] = ()) -> str:
     """``name=version`` pairs of the packages that decide the numbers, ``;``-separated;
-    ``extra`` names further distributions (as pip spells them) a benchmark depends on."""
+    ``extra`` names further distributions (as pip spells them) a benchmark depends on. Last,
+    when set, ``OMP_WAIT_POLICY=...``: CPU timings depend on it as much."""
     def version(name: str) -> str:
         try:
             return f"{name}={importlib.metadata.version(name)}"
@@ -164,8 +195,11 @@ def versions(extra: tuple[str, ...] = ()) -> str:
             return f"{name}=none"
 
     # extras after cuda: where the init benchmark's rows have always had scikit-learn.
-    return ";".join([*map(version, _VERSIONED), f"cuda={torch.version.cuda or 'none'}",
-                     *map(version, extra)])
+    pairs = [*map(version, _VERSIONED), f"cuda={torch.version.cuda or 'none'}",
+             *map(version, extra)]
+    if "OMP_WAIT_POLICY" in os.environ:
+        pairs.append(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+    return ";".join(pairs)
 
 
 def timestamp() -> str:

@@ -10,7 +10,16 @@ from ..backends import NAMES
 from ..testing import Case, make_case
 from ..tolerances import normalised_error
 from .providers import BUILDERS, MODES, Runner, Unavailable, oracle_name
-from .results import FLOP_NOTE, GEMMS_PER_MODE, BenchError, Result, Run, describe, progress_bar
+from .results import (
+    FLOP_NOTE,
+    GEMMS_PER_MODE,
+    MIB,
+    BenchError,
+    Result,
+    Run,
+    describe,
+    progress_bar,
+)
 from .timing import peak_bytes, round_robin, saved_bytes
 
 KERNEL = "edora_linear"
@@ -57,6 +66,17 @@ def _label(case: Case, dropout: float = 0.0) -> str:
     """The case as tables and plots name it (dropout runs are other cases)."""
     tokens, in_f, out_f, rank = case.dims
     return f"{tokens}x{in_f}x{out_f} r{rank}" + (f" p{dropout:g}" if dropout else "")
+
+
+def _kept_output_note(cfg: OpConfig, cases: list[tuple[int, int, int, int]]) -> str:
+    """What EDoRA's saved MiB holds against PEFT LoRA's, with the sizes of this run's cases."""
+    mib = cfg.dtype.itemsize / MIB
+    sizes = ", ".join(dict.fromkeys(  # once per layer shape, whatever the ranks
+        f"y {n * o * mib:.3g} vs x {n * i * mib:.3g} MiB at {n}x{i}x{o}" for n, i, o, _ in cases))
+    return ("saved MiB: the EDoRA backends keep their output y (N x out) for backward where PEFT "
+            f"LoRA keeps its input x (N x in): {sizes}; y costs nothing when the next op keeps "
+            "it anyway (a following linear, activation or residual that saves its input), "
+            "N x out when it does not")
 
 
 def _check_baseline(failures: dict[str, Exception], where: str) -> None:
@@ -135,6 +155,8 @@ def run_op_bench(cfg: OpConfig, run: Run) -> None:
                          "EDoRA: PEFT's semantics, 'lowrank': the rank branch only); no max err: "
                          "each provider draws its own mask")
     cases = [(n, i, o, r) for n in cfg.tokens for (i, o) in cfg.shapes for r in cfg.ranks]
+    if "fwd+bwd" in cfg.modes:
+        run.notes.append(_kept_output_note(cfg, cases))
     skipped: set[str] = set()
     bar = progress_bar(len(cases) * len(cfg.modes) * (cfg.repeats + cfg.warmup) * len(providers),
                        "bench")

@@ -1,30 +1,32 @@
-"""``edora-kernels plot``: the latest run of each kernel in a benchmark CSV as bar charts of the
-ratio to the baseline (the frozen linear for the op), one panel per kernel and mode, one group
-of bars per case, one bar per provider with its p20-p80 range."""
+"""``edora-kernels plot``: one benchmark run as bar charts of the ratio to the baseline (the
+frozen linear for the op), one panel per kernel and mode, one group of bars per case, one bar
+per provider with its p20-p80 range. Exactly one run, so that a figure shows the very run a
+table beside it quotes: a CSV holds every run on its device, told apart by ``timestamp``."""
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
 
-from .io import read_rows
+from .io import compact_stamp, read_json_rows, read_rows
 from .providers import LABELS
 
 
-def _latest_ratio_rows(rows: list[dict]) -> list[dict]:
-    latest: dict[str, str] = {}
-    for row in rows:
-        latest[row["kernel"]] = max(latest.get(row["kernel"], ""), row["timestamp"])
-    return [r for r in rows if r["metric"].startswith("ratio_to_")
-            and r["timestamp"] == latest[r["kernel"]]]
-
-
-def ratio_rows(csv_path: str | Path) -> list[dict]:
-    """What ``plot_rows`` draws from a bench CSV; ValueError when the file is not a bench CSV or
-    has nothing to draw, OSError when it cannot be read."""
-    rows = _latest_ratio_rows(read_rows(csv_path))
+def ratio_rows(path: str | Path, run: str | None = None) -> list[dict]:
+    """The ratio rows of one run, what ``plot_rows`` draws: from a run's JSON (``*.json``) or a
+    bench CSV, the run whose timestamp is ``run`` (as in the rows or in the JSON's file name)
+    or by default the latest with ratio rows. ValueError when the file is not a bench CSV or
+    JSON or has no such run, OSError when it cannot be read."""
+    read = read_json_rows if Path(path).suffix.lower() == ".json" else read_rows
+    rows = [r for r in read(path) if r["metric"].startswith("ratio_to_")]
     if not rows:
-        raise ValueError(f"{csv_path} has no ratio_to_* rows to plot")
-    return rows
+        raise ValueError(f"{path} has no ratio_to_* rows to plot")
+    runs = sorted({r["timestamp"] for r in rows})  # ISO 8601: sorted is chronological
+    chosen = runs[-1] if run is None else next(
+        (stamp for stamp in runs if compact_stamp(run) == compact_stamp(stamp)), None)
+    if chosen is None:
+        raise ValueError(f"{path} has no run {run!r} with ratio_to_* rows; its runs: "
+                         f"{', '.join(runs)}")
+    return [r for r in rows if r["timestamp"] == chosen]
 
 
 def plot_rows(rows: list[dict], out: str | Path) -> Path:
@@ -64,7 +66,8 @@ def plot_rows(rows: list[dict], out: str | Path) -> Path:
         ax.set_title(f"{kernel}, {mode}, {panel[0]['dtype']}")
         ax.legend(fontsize=8, ncols=min(len(providers), 6), loc="upper left")
         ax.set_ylim(0, max(r["p80"] for r in panel) * 1.25)
-    fig.suptitle(f"{rows[0]['device']}  (bars: p50, whiskers: p20-p80)")
+    fig.suptitle(f"{rows[0]['device']}, run {rows[0]['timestamp']}  (bars: p50, whiskers: "
+                 "p20-p80)")
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

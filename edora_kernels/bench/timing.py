@@ -5,11 +5,19 @@ from other processes lands on all of them alike; ratios are then taken round by 
 """
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from collections.abc import Callable, Iterable
 
 import torch
+
+# On CUDA a turn is a burst of calls issued back to back, as a training loop issues them: timing
+# a call alone after a full synchronisation adds the launch latency a running loop hides. A burst
+# lasts about BURST_S at the provider's last measured rate: one call where a call takes longer
+# (the initialiser's SVDs), up to MAX_BURST for the tiniest ones.
+BURST_S = 0.01
+MAX_BURST = 1000
 
 
 def synchronize(device: torch.device) -> None:
@@ -17,25 +25,38 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _Clock:
-    """Seconds for one call: CUDA events on a GPU (no host overhead in the number), else
-    ``perf_counter``; both after a full synchronisation, so each call is timed alone."""
+def burst_calls(seconds_per_call: float) -> int:
+    """Calls in a provider's next CUDA burst, from its last per-call time: enough to last
+    ``BURST_S``, at least 1, at most ``MAX_BURST`` (also for a time of zero)."""
+    if seconds_per_call * MAX_BURST <= BURST_S:
+        return MAX_BURST
+    return math.ceil(BURST_S / seconds_per_call)
 
-    def __init__(self, device: torch.device):
-        self.device = device
 
-    def __call__(self, fn: Callable[[], object]) -> float:
-        synchronize(self.device)
-        if self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+def _time_call(reset: Callable[[], object], step: Callable[[], object]) -> float:
+    """Seconds of one ``step`` on the CPU, ``reset`` untimed before it."""
+    reset()
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
+def _time_burst(reset: Callable[[], object], step: Callable[[], object], calls: int) -> float:
+    """Seconds per call over ``calls`` back-to-back ``step``s on the current CUDA stream, with
+    one synchronisation, at the end. Each call has its own pair of events, so that ``reset``
+    (between two calls, host work that must not synchronise) stays untimed as on the CPU: on
+    the stream, the next call's start is reached as soon as the previous call ends unless the
+    host fell behind."""
+    spans = []
+    for _ in range(calls):
+        reset()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        spans.append((start, end))
+    end.synchronize()
+    return sum(start.elapsed_time(end) for start, end in spans) / 1e3 / calls
 
 
 def round_robin(
@@ -49,24 +70,29 @@ def round_robin(
     """Seconds per call for each name, ``repeats`` samples each, taken in turns.
 
     ``calls[name] = (reset, step)``: ``reset`` runs untimed before each ``step`` (e.g. clearing
-    gradients). ``warmup`` untimed turns come first (compilation, allocator, caches). With
-    ``failures``, a name whose call raises goes there with its exception and out of the
-    rotation (the others keep their turns); without, the exception propagates.
+    gradients). On the CPU a sample is one call (``perf_counter``); on CUDA it is the mean of a
+    burst of calls (``burst_calls``; the first turn, a warm-up one unless ``warmup`` is 0, is one
+    call), timed with CUDA events. ``warmup`` untimed turns come first (compilation, allocator,
+    caches). With ``failures``, a name whose call raises goes there with its exception and out
+    of the rotation (the others keep their turns); without, the exception propagates.
     """
-    clock = _Clock(device)
+    on_cuda = device.type == "cuda"
+    burst = dict.fromkeys(calls, 1)
     samples: dict[str, list[float]] = {name: [] for name in calls}
     active = dict(calls)
     for i in range(warmup + repeats):
         for name, (reset, step) in list(active.items()):
             try:
-                reset()
-                seconds = clock(step)
+                seconds = (_time_burst(reset, step, burst[name]) if on_cuda
+                           else _time_call(reset, step))
             except Exception as err:
                 if failures is None:
                     raise
                 failures[name] = err
                 del active[name]
                 continue
+            if on_cuda:
+                burst[name] = burst_calls(seconds)
             if i >= warmup:
                 samples[name].append(seconds)
             progress(1)
