@@ -2,11 +2,11 @@
 the host wait (docs/DESIGN.md §4).
 
 A GPU step is judged by its launches and host syncs as much as by its kernels. Both can be
-counted without a GPU: the step runs on CPU tensors with the Triton kernels stubbed
-(:func:`stub_kernels`: each launch is recorded instead of run, so its outputs hold garbage), under
-``torch.profiler``; every ATen op that would launch a kernel on a GPU is counted where it
-computes (an op whose work is done by ATen ops under it counts as those), views and
-allocations are not, and ops that read device data on the host are flagged as syncs.
+counted without a GPU: the step runs on CPU or meta tensors with the Triton kernels stubbed
+(:func:`stub_kernels`: each launch is recorded instead of run, so its outputs hold garbage),
+under ``torch.profiler``; every ATen op that would launch a kernel on a GPU counts once,
+composite ops count as the ops under them, views and allocations not at all, and ops that read
+device data on the host are flagged as syncs. On meta tensors such an op fails outright.
 """
 from __future__ import annotations
 
@@ -19,14 +19,20 @@ import torch
 from ..backends import BACKENDS
 from ..backends.triton import launch as triton_launch
 
-# ATen ops that launch no kernel on a GPU: allocation, views, metadata, no-op conversions.
+# ATen ops that launch no kernel on a GPU: allocation, views, metadata.
 NO_KERNEL = frozenset(f"aten::{op}" for op in (
     "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view",
-    "_unsafe_view", "reshape", "_reshape_alias", "as_strided", "t", "transpose", "permute",
-    "expand", "expand_as", "unsqueeze", "squeeze", "select", "slice", "narrow", "detach",
-    "alias", "lift_fresh", "resolve_conj", "resolve_neg", "to", "contiguous", "set_",
-    "resize_", "split", "split_with_sizes", "unbind", "chunk", "view_as", "numpy_T",
-    "diagonal", "result_type", "_has_compatible_shallow_copy_type", "is_same_size",
+    "_unsafe_view", "_reshape_alias", "as_strided", "as_strided_", "t", "transpose",
+    "permute", "expand", "expand_as", "unsqueeze", "squeeze", "select", "slice", "narrow",
+    "detach", "alias", "lift_fresh", "resolve_conj", "resolve_neg", "set_", "resize_", "split",
+    "split_with_sizes", "unbind", "chunk", "view_as", "numpy_T", "diagonal", "result_type",
+    "_has_compatible_shallow_copy_type", "is_same_size",
+))
+# Composite ATen ops: they launch what the ops under them launch (a no-op conversion nothing).
+COMPOSITE = frozenset(f"aten::{op}" for op in (
+    "to", "_to_copy", "contiguous", "clone", "reshape", "flatten", "matmul", "linear",
+    "zeros", "zeros_like", "ones", "ones_like", "full", "full_like", "new_zeros", "new_ones",
+    "new_full", "linalg_vecdot", "einsum", "dropout", "tensordot",
 ))
 # ATen ops that make the host wait for the device (data-dependent results or shapes).
 SYNC_OPS = frozenset(f"aten::{op}" for op in (
@@ -98,13 +104,15 @@ def count_launches(step: Callable[[], object]) -> StepLog:
 
 
 def _launches(event) -> list[str]:
-    """The launches under ``event``: its children's, or itself when it computes alone."""
-    if event.name.startswith(TRITON_PREFIX):
-        return [event.name]
+    """The launches of ``event``: none for an allocation or a view, its children's for a
+    composite op (and for non-ATen ranges such as autograd's), itself once for any other ATen
+    op (what it calls inside is its own implementation: one kernel on a GPU)."""
+    name = event.name
+    if name.startswith(TRITON_PREFIX):
+        return [name]
+    if name in NO_KERNEL:
+        return []
+    if name.startswith("aten::") and name not in COMPOSITE:
+        return [name]
     children = sorted(event.cpu_children, key=lambda e: e.time_range.start)
-    inner = [name for child in children for name in _launches(child)]
-    if inner:
-        return inner
-    if event.name.startswith("aten::") and event.name not in NO_KERNEL:
-        return [event.name]
-    return []
+    return [launch for child in children for launch in _launches(child)]
