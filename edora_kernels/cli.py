@@ -5,6 +5,7 @@
             initialiser's randomised SVD) on this device
     plot    PNG charts of one benchmark run
     check   every available backend against the reference; non-zero exit on a mismatch
+    plan    the cost model of a layer's step on a named GPU: every launch, predicted ratios
 """
 from __future__ import annotations
 
@@ -117,9 +118,11 @@ def _dtype(text: str) -> torch.dtype:
 
 
 INIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Flags that --init and --model would ignore; --model takes --providers from its own list.
+# Flags that --init, --model and --host would ignore; --model and --host take --providers from
+# their own lists.
 NOT_FOR = {"--init": ("tokens", "shapes", "providers", "modes", "compile", "dropout"),
-           "--model": ("tokens", "shapes", "modes", "compile", "dropout")}
+           "--model": ("tokens", "shapes", "modes", "compile", "dropout"),
+           "--host": ("modes", "compile", "dropout")}
 
 
 def _init_case(args: argparse.Namespace) -> str:
@@ -135,17 +138,32 @@ def _check_bench(args: argparse.Namespace) -> None:
             if getattr(args, key) not in (None, False):
                 args.error(f"{flag} applies to --init only")
     # Rejected rather than ignored: a flag that silently does nothing misleads the reader.
-    what = "--init" if args.init else "--model" if args.model is not None else None
+    what = ("--init" if args.init else "--model" if args.model is not None
+            else "--host" if args.host else None)
     for key in NOT_FOR.get(what, ()):
         if getattr(args, key) not in (None, False):
             args.error(f"--{key} does not apply to {what}")
-    if args.model is not None and args.providers is not None:
+    if what in ("--model", "--host") and args.providers is not None:
+        from .bench.host import HOST_PROVIDERS
         from .bench.model_step import MODEL_PROVIDERS
 
-        other = [p for p in args.providers if p not in MODEL_PROVIDERS]
+        allowed = MODEL_PROVIDERS if what == "--model" else HOST_PROVIDERS
+        other = [p for p in args.providers if p not in allowed]
         if other:
-            args.error(f"argument --providers: with --model, expected providers from "
-                       f"{', '.join(MODEL_PROVIDERS)}, got {other[0]!r}")
+            args.error(f"argument --providers: with {what}, expected providers from "
+                       f"{', '.join(allowed)}, got {other[0]!r}")
+    if args.host:
+        for flag, values in (("--tokens", args.tokens), ("--shapes", args.shapes),
+                             ("--ranks", args.ranks)):
+            if values is not None and len(values) > 1:
+                args.error(f"argument {flag}: --host measures one case, got {len(values)}")
+        if args.ranks:
+            from .bench.host import HostConfig
+
+            default = HostConfig()
+            in_f, out_f = (args.shapes[0] if args.shapes
+                           else (default.in_features, default.out_features))
+            _check_rank(args, args.ranks[0], min(in_f, out_f), f"the --host case {in_f}x{out_f}")
     if not args.init:
         return
     case = _init_case(args)
@@ -224,6 +242,20 @@ def _model_config(args: argparse.Namespace, device: torch.device):
     return cfg
 
 
+def _host_config(args: argparse.Namespace):
+    from dataclasses import replace
+
+    from .bench.host import HostConfig
+
+    cfg = HostConfig()
+    changes = {"tokens": args.tokens and args.tokens[0], "rank": args.ranks and args.ranks[0],
+               "in_features": args.shapes and args.shapes[0][0],
+               "out_features": args.shapes and args.shapes[0][1], "dtype": args.dtype,
+               "providers": args.providers and tuple(args.providers), "repeats": args.repeats,
+               "warmup": args.warmup}
+    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+
+
 def _op_config(args: argparse.Namespace, device: torch.device):
     from .bench.op import default_config
 
@@ -260,6 +292,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.model_step import run_model_bench
 
         cfg, bench = _model_config(args, default_device()), run_model_bench
+    elif args.host:
+        from .bench.host import run_host_bench
+
+        cfg, bench = _host_config(args), run_host_bench
     else:
         from .bench.op import run_op_bench
 
@@ -294,6 +330,34 @@ def cmd_plot(args: argparse.Namespace) -> int:
     kernels = ", ".join(dict.fromkeys(r["kernel"] for r in rows))
     print(f"wrote {plot_rows(rows, out)}: run {rows[0]['timestamp']} ({kernels}) of "
           f"{args.results}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .plan import format_plan, plan_step
+
+    for rank in args.ranks:
+        for in_f, out_f in args.shapes:
+            _check_rank(args, rank, min(in_f, out_f), f"--shapes {in_f}x{out_f}")
+    plans = [plan_step(args.backend, tokens, in_f, out_f, rank, args.dtype, args.device,
+                       args.exact_norm)
+             for tokens in args.tokens for in_f, out_f in args.shapes for rank in args.ranks]
+    for plan in plans:
+        print(format_plan(plan) + "\n")
+    print(f"{'N':>6} {'in x out':>12} {'r':>4} {'launches':>8} {'forward':>8} {'fwd+bwd':>8}")
+    for p in plans:
+        print(f"{p.tokens:>6} {f'{p.in_features}x{p.out_features}':>12} {p.rank:>4} "
+              f"{len(p.launches):>8} {p.forward_ratio:>8.3f} {p.step_ratio:>8.3f}")
+    if args.json:
+        rows = [{"backend": p.backend, "device": p.device, "dtype": p.dtype, "tokens": p.tokens,
+                 "in": p.in_features, "out": p.out_features, "rank": p.rank,
+                 "exact_norm": p.exact_norm, "forward_ratio": p.forward_ratio,
+                 "step_ratio": p.step_ratio,
+                 "launches": [vars(launch) for launch in p.launches]} for p in plans]
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -334,10 +398,13 @@ def _add_bench(sub) -> None:
     p.add_argument("--dtype", type=_one(_dtype, f"one of {', '.join(DTYPES)}"),
                    help="fp32, bf16, fp16 or fp64 (--init-llama7b: the model's dtype, default "
                         "bf16; the SVDs run in fp32 either way)")
-    any_provider = tuple(dict.fromkeys(PROVIDERS + MODEL_PROVIDERS))
+    from .bench.host import HOST_PROVIDERS
+
+    any_provider = tuple(dict.fromkeys(PROVIDERS + MODEL_PROVIDERS + HOST_PROVIDERS))
     p.add_argument("--providers", type=_csv_list(_choice(any_provider), "providers from "
                                                  f"{', '.join(any_provider)}"),
-                   help=f"op: {', '.join(PROVIDERS)}; --model: {', '.join(MODEL_PROVIDERS)}")
+                   help=f"op: {', '.join(PROVIDERS)}; --model: {', '.join(MODEL_PROVIDERS)}; "
+                        f"--host: {', '.join(HOST_PROVIDERS)}")
     p.add_argument("--modes", type=_csv_list(_choice(MODES), f"modes from {', '.join(MODES)}"),
                    help="fwd (inference forward), fwd+bwd (training step of the layer)")
     p.add_argument("--repeats", type=_one(_int_at_least(1), "an integer >= 1"),
@@ -360,6 +427,11 @@ def _add_bench(sub) -> None:
     what.add_argument("--model", nargs="?", const="auto", choices=["auto", *MODEL_PRESETS],
                       help="time one training step of a small Llama instead of the op "
                            "(auto: tiny on CPU, small on GPU)")
+    what.add_argument("--host", action="store_true",
+                      help="the host's share of one layer's step instead: a tiny layer (N=16, "
+                           "64x64, r=8, bf16 unless --tokens/--shapes/--ranks/--dtype say "
+                           "otherwise) with every kernel launch replaced by a no-op, against "
+                           "the frozen nn.Linear, with launches and host syncs per call")
     what.add_argument("--init", action="store_true",
                       help="time the initialiser instead: batched randomized_svd against "
                            "per-layer torch.linalg.svd, torch.svd_lowrank and scikit-learn on "
@@ -403,7 +475,37 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"check only these, from {', '.join(NAMES)} (default: every "
                             "available one)")
     check.set_defaults(func=cmd_check)
+    _add_plan(sub)
     return parser
+
+
+def _add_plan(sub) -> None:
+    from .plan import BACKENDS, DEVICES, ELEMENT_BYTES
+
+    p = sub.add_parser(
+        "plan", help="the cost model of one layer's training step on a named GPU",
+        description="Every launch of a training step (forward, then backward with x needing a "
+        "gradient) with its FLOPs, bytes and roofline time, and the predicted ratio to the "
+        "frozen F.linear, under the efficiency assumptions of docs/DESIGN.md §4. A model, not "
+        "a measurement (bench/gpu_check.sh measures).")
+    p.set_defaults(func=cmd_plan, error=p.error)
+    p.add_argument("--shapes", type=_csv_list(_shape, "shapes INxOUT,... like 4096x11008"),
+                   default=[(4096, 4096), (4096, 11008), (11008, 4096)],
+                   help="layer shapes as INxOUT,... (default: the LLaMA-7B layers)")
+    p.add_argument("--ranks", type=_csv_list(_int_at_least(1), "ranks >= 1 like 16,64"),
+                   default=[16, 64], help="adapter ranks (default: 16,64)")
+    p.add_argument("--tokens", type=_csv_list(_int_at_least(1), "token counts >= 1"),
+                   default=[8192], help="N, the flattened leading dims of x (default: 8192)")
+    p.add_argument("--dtype", type=_one(_choice(tuple(ELEMENT_BYTES)),
+                                        f"one of {', '.join(ELEMENT_BYTES)}"),
+                   default="bf16", help="the layer's dtype (default: bf16)")
+    p.add_argument("--device", type=_one(_choice(tuple(DEVICES)), f"one of {', '.join(DEVICES)}"),
+                   default="h100", help="the GPU whose data sheet times the launches")
+    p.add_argument("--backend", type=_one(_choice(BACKENDS), f"one of {', '.join(BACKENDS)}"),
+                   default="triton", help="the backend whose launches are listed")
+    p.add_argument("--exact-norm", action="store_true",
+                   help="detach_norm=False: the norm's share of dR (one more small launch)")
+    p.add_argument("--json", help="also write the plans to this JSON file")
 
 
 OMP_POLICY = "OMP_WAIT_POLICY"

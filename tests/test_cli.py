@@ -660,3 +660,31 @@ def test_round_robin_on_cuda_times_bursts_with_one_sync_each(monkeypatch):
         ["reset", "slow"] * 3, ["reset", "fast"] * 34,
         ["reset", "slow"] * 3, ["reset", "fast"] * 34,
     ] and bursts[-1] == ""
+
+
+def test_bench_host_counts_launches_and_times_the_host(tmp_path, capsys):
+    """bench --host: the triton step with its kernels stubbed (5 launches, no sync) and the
+    frozen layer as the baseline, rows in the CSV."""
+    assert main(["bench", "--host", "--providers", "frozen,triton", "--repeats", "3",
+                 "--warmup", "1", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("bench_*.csv")
+    metrics = {(r["provider"], r["mode"], r["metric"]): float(r["p50"])
+               for r in _read_csv(path)}
+    assert metrics[("triton", "fwd+bwd", "launches")] == 5
+    assert metrics[("triton", "fwd", "launches")] == 2
+    assert metrics[("triton", "fwd+bwd", "host_syncs")] == 0
+    assert metrics[("frozen", "fwd+bwd", "ratio_to_frozen")] == 1.0
+    assert metrics[("triton", "fwd+bwd", "ratio_to_frozen")] > 0
+    assert "every kernel launch replaced by a no-op" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--host", "--modes", "fwd"], "--modes does not apply to --host"),
+    (["--host", "--providers", "peft_dora"], "with --host, expected providers from"),
+    (["--host", "--ranks", "8,16"], "--host measures one case"),
+    (["--host", "--ranks", "80"], "rank 80 exceeds min(in, out) = 64"),
+])
+def test_bench_host_argument_errors(argv, words, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", *argv, "--out", str(tmp_path)])
+    assert info.value.code == 2 and words in capsys.readouterr().err

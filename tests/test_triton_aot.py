@@ -121,20 +121,21 @@ def _problem_args(kernel: str, dtype: str, r_pad: int, config) -> tuple:
         x = e(K, M).T if kernel == "forward:strided" else e(M, K)
         train = kernel != "forward:eval"
         zbuf = e(M, slots if train else 0)
-        args = triton_fwd.fwd_args(x, e(N, K), e(N) if train else None, saved.v, saved.P,
-                                   saved.g, saved.slots, 0.5, e(M, N), zbuf)
+        args = triton_fwd.fwd_args(x, e(N, K), e(N) if train else None, saved.v, e(N, R),
+                                   saved.g, e(slots + 1, d=i32), e(M, N), zbuf)
         fn = triton_fwd.edora_fwd_kernel.fn
     elif kernel.startswith("dx"):
         args = triton_bwd.dx_args(e(M, N), saved.g, e(N, K), e(M, R), e(R, K, d=adapter), e(M, K))
         fn = triton_bwd.edora_dx_kernel.fn
     elif kernel == "epilogue":
-        args = triton_epilogue.epilogue_args(e(M, N), saved.v, e(N), saved.P, saved.g,
-                                             saved.slots, 0.5, e(M, N), saved.zbuf)
+        args = triton_epilogue.epilogue_args(e(M, N), saved.v, e(N), e(N, R), saved.g,
+                                             e(slots + 1, d=i32), e(M, N), saved.zbuf)
         fn = triton_epilogue.edora_epilogue_kernel.fn
     elif kernel == "prologue":
         args = triton_prologue.prologue_args(
             e(M, K), e(R, K, d=adapter), e(N, R), e(R, R, d=f32), e(N, d=f32), terms, 0.5,
-            saved.P, saved.n, saved.g, saved.slots, saved.v, slots, kw["BLOCK_O"])
+            saved.P, e(N, R), saved.n, saved.g, saved.slots, e(slots + 1, d=i32), saved.v,
+            slots, kw["BLOCK_O"])
         fn = triton_prologue.prologue_kernel
     elif kernel.startswith("prepass"):
         epilogue = kernel == "prepass:epilogue"
@@ -157,13 +158,17 @@ def _problem_args(kernel: str, dtype: str, r_pad: int, config) -> tuple:
     return fn, args
 
 
-def _small_configs(kernel: str, r_pad: int):
-    """The configs a small kernel is launched with at this padded rank."""
+def _small_configs(kernel: str, r_pad: int, dtype: str = "bfloat16"):
+    """The configs a small kernel is launched with at this padded rank (distinct ones)."""
     import triton
     if kernel == "prologue":
         return [triton_configs.prologue_config(b) for b in triton_configs.ROW_BLOCKS]
     if kernel.startswith("prepass"):
-        return [triton_configs.prepass_config(b, r_pad) for b in triton_configs.ROW_BLOCKS]
+        elt = 4 if dtype == "float32" else 2
+        configs = {triton_configs.prepass_config(b, r_pad, elt).kwargs["BLOCK_M"]:
+                   triton_configs.prepass_config(b, r_pad, elt)
+                   for b in triton_configs.ROW_BLOCKS}
+        return list(configs.values())
     if kernel.startswith("finalize:") or kernel == "finalize":
         return [triton_configs.finalize_config(r_pad)]
     return [triton.Config({"DR_TILE": triton_configs.finalize_config(r_pad).kwargs["DR_TILE"]},
@@ -183,7 +188,7 @@ def _jobs(arch: int):
             yield "epilogue", dtype, 16, config
         for kernel in ("prologue", "prepass"):
             for r_pad in R_PADS:
-                for config in _small_configs(kernel, r_pad):
+                for config in _small_configs(kernel, r_pad, dtype):
                     yield kernel, dtype, r_pad, config
     for kernel in ("finalize", "finalize_exact"):  # adapter dtypes only: fp32 and bf16
         for dtype in ("float32", "bfloat16"):

@@ -123,7 +123,9 @@ def _lowrank(case: Case, dropout: float = 0.0) -> Runner:
                   dropout_mode="lowrank", norm_terms=_terms(case))
 
 
-class _OneLinear(nn.Module):
+class OneLinear(nn.Module):
+    """A model holding one linear as `linear`: what PEFT wraps."""
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.linear = linear
@@ -149,7 +151,7 @@ def _peft(use_dora: bool) -> Callable[[Case], Runner]:
                 linear.bias.copy_(case.bias)
         config = LoraConfig(r=rank, lora_alpha=case.scaling * rank, lora_dropout=dropout,
                             target_modules=["linear"], use_dora=use_dora)
-        layer = get_peft_model(_OneLinear(linear), config).base_model.model.linear
+        layer = get_peft_model(OneLinear(linear), config).base_model.model.linear
         with torch.no_grad():
             layer.lora_A["default"].weight.copy_(case.A)
             layer.lora_B["default"].weight.copy_(case.B @ case.R)

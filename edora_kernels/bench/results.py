@@ -55,6 +55,8 @@ class Result:
     saved_bytes: int | None = None
     peak_bytes: int | None = None
     max_error: float | None = None
+    launches: int | None = None    # kernels one call would launch on a GPU (bench --host)
+    host_syncs: int | None = None  # ops in one call that make the host wait for the device
     error: str | None = None  # ``describe`` of why this provider failed here; no samples then
 
 
@@ -96,7 +98,9 @@ def _metrics(r: Result) -> list[tuple[str, str, tuple[float, float, float]]]:
         out.append(("tflops", "TFLOP/s", quantiles(r.flops / s / 1e12 for s in r.seconds)))
     for metric, unit, value in (("saved_bytes", "bytes", r.saved_bytes),
                                 ("peak_bytes", "bytes", r.peak_bytes),
-                                ("max_error", "normalised", r.max_error)):
+                                ("max_error", "normalised", r.max_error),
+                                ("launches", "count", r.launches),
+                                ("host_syncs", "count", r.host_syncs)):
         if value is not None:
             out.append((metric, unit, (value,) * 3))
     return out
@@ -137,8 +141,10 @@ def format_table(results: list[Result]) -> str:
     baseline = results[0].baseline
     show_flops = any(r.flops is not None for r in results)
     show_peak = any(r.peak_bytes is not None for r in results)
+    show_launches = any(r.launches is not None for r in results)
     header = ["case", "mode", "provider", "ms p50 [p20-p80]", f"x{baseline} p50 [p20-p80]"]
     header += ["TFLOP/s"] * show_flops + ["saved MiB"] + ["peak MiB"] * show_peak + ["max err"]
+    header += ["launches", "syncs"] * show_launches
     lines = [header]
     for r in results:
         if r.error is not None:
@@ -153,6 +159,8 @@ def format_table(results: list[Result]) -> str:
         if show_peak:
             line.append("-" if r.peak_bytes is None else f"{r.peak_bytes / MIB:.2f}")
         line.append("-" if r.max_error is None else f"{r.max_error:.2e}")
+        if show_launches:
+            line += ["-" if v is None else str(v) for v in (r.launches, r.host_syncs)]
         lines.append(line)
     # A failure's message runs on past the columns rather than widen them.
     widths = [max(len(line[i]) for line in lines if len(line) == len(header) or i < 3)

@@ -167,7 +167,7 @@ def edora_dx_kernel(
     # --- epilogue: dx = gz·W0 + u·A
     dx = add_lowrank(acc, u_ptr + row0 * stride_um, stride_um, stride_ur,      # L = u
                      a_ptr + col0 * stride_an, stride_ar, stride_an,           # Q = A
-                     rows, cols, RANK, 1.0, BLOCK_M, BLOCK_N, INPUT_PRECISION,
+                     rows, cols, RANK, BLOCK_M, BLOCK_N, INPUT_PRECISION,
                      gy_ptr.dtype.element_ty)
     store_tile(dx_ptr + row0 * stride_dxm + col0 * stride_dxn, dx, stride_dxm, stride_dxn,
                rows, cols, BLOCK_M, BLOCK_N)
@@ -344,7 +344,7 @@ def _steps(gy, B, R, magnitude, terms, scaling, detach_norm, y, bias, saved, nee
     (M, K), rank = gy.shape, B.shape[1]
     exact = need_dR and not detach_norm
     need_cs = need_dm or exact
-    prepass = prepass_config(row_block(M, gy.device), r_pad(rank))
+    prepass = prepass_config(row_block(M, gy.device), r_pad(rank), gy.element_size())
     parts = cdiv(M, prepass.kwargs["BLOCK_M"])
     f32 = torch.float32
     u = gy.new_empty((M, rank) if need_u else (0,))

@@ -1,5 +1,6 @@
 """@triton.jit helpers shared by the kernels: tile ordering, the GEMM main loop, the rank-r
-epilogue product, the scale-and-shift, the zero-magnitude z columns and masked stores."""
+epilogue product, the output store (scale, shift and the zero-magnitude z columns) and
+masked stores."""
 import triton
 import triton.language as tl
 
@@ -65,15 +66,15 @@ def add_lowrank(
     acc,
     # L, the tile's BLOCK_M rows × RANK (v forward, u in dx), offset to the tile's first row
     low_ptr, stride_lm, stride_lr,
-    # Q, RANK × the tile's columns (Pᵀ forward, A in dx), offset to the tile's first column
+    # Q, RANK × the tile's columns (s·Pᵀ forward, A in dx), offset to the tile's first column
     q_ptr, stride_qr, stride_qn,
-    rows, cols, RANK, scaling,
+    rows, cols, RANK,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
-    """``acc + s·L·Q``, both factors rounded to DTYPE (the main product's operand dtype, as the
-    torch backend rounds v and P) and s folded into each small Q chunk, not the result. The
-    rank runs in RANK_CHUNK-wide chunks: the registers needed do not grow with r."""
+    """``acc + L·Q``, both factors rounded to DTYPE (the main product's operand dtype, as the
+    torch backend rounds v and P), the scaling already in one of them. The rank runs in
+    RANK_CHUNK-wide chunks: the registers needed do not grow with r."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, RANK_CHUNK)
@@ -83,24 +84,37 @@ def add_lowrank(
                       mask=(offs_m[:, None] < rows) & r_mask[None, :], other=0.0)
         q = tl.load(q_ptr + (r0 + offs_c)[:, None] * stride_qr + offs_n[None, :] * stride_qn,
                     mask=r_mask[:, None] & (offs_n[None, :] < cols), other=0.0)
-        q = (q.to(tl.float32) * scaling).to(DTYPE)
-        acc = tl.dot(low.to(DTYPE), q, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(low.to(DTYPE), q.to(DTYPE), acc, input_precision=INPUT_PRECISION)
     return acc
 
 
 @triton.jit
-def keep_zero_columns(z, slot_ptr, zbuf_ptr, stride_zm, rows, cols,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Store the columns of z whose magnitude is 0 into their slots of zbuf (docs/DESIGN.md §3);
-    ``slot_ptr`` and ``zbuf_ptr`` are offset to the tile's first column and row. Almost no
-    tile has one: the store is skipped unless some column of the tile holds a slot."""
+def store_output(y_ptr, stride_ym, stride_yn, z, g_ptr, bias_ptr, index_ptr, zbuf_ptr,
+                 stride_zm, col0, rows, cols, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store ``y = g ⊙ z + b`` (z in fp32) and the z columns of zero magnitudes into their slots
+    of zbuf (docs/DESIGN.md §3). ``y_ptr``, ``g_ptr`` and ``bias_ptr`` are offset to the tile's
+    first column (col0), ``zbuf_ptr`` to its first row.
+
+    The slot index lists the columns that took a slot (almost always none): each one in this
+    tile is reduced out of z and stored alone, so no scattered store or second tile of z ever
+    needs the registers of the widest GEMM tiles."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    slot = tl.load(slot_ptr + offs_n, mask=offs_n < cols, other=-1)
-    if tl.max(slot, axis=0) >= 0:
-        tl.store(zbuf_ptr + offs_m[:, None] * stride_zm + slot[None, :],
-                 z.to(zbuf_ptr.dtype.element_ty),
-                 mask=(offs_m[:, None] < rows) & (slot[None, :] >= 0))
+    col_in = offs_n < cols
+    row_mask = offs_m < rows
+    if HAS_SLOTS:
+        for k in range(0, tl.load(index_ptr)):
+            c = tl.load(index_ptr + 1 + k) - col0
+            if (c >= 0) & (c < BLOCK_N):
+                z_c = tl.sum(tl.where(offs_n[None, :] == c, z, 0.0), axis=1)
+                tl.store(zbuf_ptr + offs_m * stride_zm + k, z_c, mask=row_mask)
+    g = tl.load(g_ptr + offs_n, mask=col_in, other=0.0).to(tl.float32)
+    y = z * g[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=col_in, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             y.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_in[None, :])
 
 
 @triton.jit
@@ -112,14 +126,3 @@ def store_tile(ptr, value, stride_m, stride_n, rows, cols,
     tl.store(ptr + offs_m[:, None] * stride_m + offs_n[None, :] * stride_n,
              value.to(ptr.dtype.element_ty),
              mask=(offs_m[:, None] < rows) & (offs_n[None, :] < cols))
-
-
-@triton.jit
-def scale_shift(z, g_ptr, bias_ptr, cols, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``g ⊙ z + b`` for a tile whose columns start at g_ptr / bias_ptr."""
-    offs_n = tl.arange(0, BLOCK_N)
-    g = tl.load(g_ptr + offs_n, mask=offs_n < cols, other=0.0).to(tl.float32)
-    y = z * g[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=offs_n < cols, other=0.0).to(tl.float32)[None, :]
-    return y

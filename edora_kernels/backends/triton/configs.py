@@ -38,6 +38,7 @@ GEMM_CONFIGS_SM90 = [
     _gemm_config(128, 128, 64, 4, 8),
     _gemm_config(128, 128, 32, 3, 8),
     _gemm_config(64, 128, 64, 4, 4),
+    _gemm_config(64, 128, 32, 3, 8),
 ]
 GEMM_CONFIGS_SM80 = [
     _gemm_config(128, 128, 32, 4, 8),
@@ -70,9 +71,13 @@ def prologue_config(block_m: int) -> triton.Config:
                          num_stages=2)
 
 
-def prepass_config(block_m: int, r_pad: int) -> triton.Config:
-    """block_m rows per program over 32-wide slices of the output columns (64-wide ones left
-    ptxas a stack frame at fp16, 32 rows, r = 16)."""
+def prepass_config(block_m: int, r_pad: int, elt_size: int) -> triton.Config:
+    """block_m rows per program (at most 32 once a row of t holds 256 bytes of operands, 16
+    from 512: the t tile and its operand fragments then leave no registers for the streamed
+    gy and y tiles; measured ahead of time) over 32-wide slices of the output columns (64-wide
+    ones left ptxas a stack frame at fp16, 32 rows, r = 16)."""
+    width = r_pad * elt_size
+    block_m = min(block_m, 16 if width >= 512 else 32 if width >= 256 else block_m)
     return triton.Config({"BLOCK_M": block_m, "BLOCK_K": 32}, num_warps=small_warps(r_pad),
                          num_stages=2)
 
@@ -126,8 +131,8 @@ def gemm_candidates(arch: int, elt_size: int, smem_limit: int | None = None,
     """Every config the autotuner may pick on ``arch`` for this dtype size. The rank does not
     enter: it streams through the epilogue in 16-wide chunks. ``aligned=False``: sizes or row
     strides not divisible by 16, where loads are scalar and masked; measured ahead of time, only
-    the BLOCK_K = 32, 8-warp tiles then stay clear of spills (in = 4095 spilled up to 912 B with
-    BLOCK_K = 64 on sm_90).
+    the 64×128×32, 8-warp tile then stays clear of spills under triton 3.6 and 3.8 (in = 4095:
+    128×128×32 spilled 160 B on sm_90, BLOCK_K = 64 tiles up to 912 B).
 
     The shape-independent part of the prune filter: shared memory within the chip's limit and
     the accumulator within the register budget. Never empty: the config needing the least
@@ -142,8 +147,13 @@ def gemm_candidates(arch: int, elt_size: int, smem_limit: int | None = None,
 
     kept = [c for c in configs
             if smem(c) <= limit and gemm_acc_regs(c) <= ACC_REG_BUDGET[family, elt_size]
-            and (aligned or (c.kwargs["BLOCK_K"] == 32 and c.num_warps == 8))]
+            and (aligned or _unaligned_tile(c))]
     return kept or [min(configs, key=smem)]
+
+
+def _unaligned_tile(config) -> bool:
+    kw = config.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps) == (64, 128, 32, 8)
 
 
 def fit_to_problem(configs: list, m_bucket: int, n: int) -> list:

@@ -9,7 +9,7 @@ import triton.language as tl
 from ...norm import compute_dtype
 from ...op_common import Saved
 from .. import torch_backend
-from .common import add_lowrank, keep_zero_columns, scale_shift, store_tile, tile_coords
+from .common import add_lowrank, store_output, tile_coords
 from .configs import (
     EPILOGUE_CONFIG_INTERPRET,
     EPILOGUE_CONFIGS,
@@ -32,9 +32,10 @@ from .prologue import prologue
 )
 @triton.jit
 def edora_epilogue_kernel(
-    # inputs: y0 = base(x) (M×N), v = x·Aᵀ (M×RANK), P = B R (N×RANK), g (N), bias (N), slots (N)
-    y0_ptr, v_ptr, p_ptr, g_ptr, bias_ptr, slot_ptr,
-    # outputs: y (M×N), the z columns of zero magnitudes (M×SLOTS)
+    # inputs: y0 = base(x) (M×N), v = x·Aᵀ (M×RANK), s·P = s·B R (N×RANK, y0's dtype), g (N),
+    # bias (N), the slot index (1 + slots: their number, then their columns)
+    y0_ptr, v_ptr, ps_ptr, g_ptr, bias_ptr, index_ptr,
+    # outputs: y (M×N), the z columns of zero magnitudes (M×slots)
     y_ptr, zbuf_ptr,
     M, N, RANK, M_BUCKET,
     stride_y0m, stride_y0n,
@@ -42,7 +43,6 @@ def edora_epilogue_kernel(
     stride_pn, stride_pr,
     stride_ym, stride_yn,
     stride_zm,
-    scaling,
     HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -65,32 +65,28 @@ def edora_epilogue_kernel(
 
     # --- z = y0 − b + s·v·Pᵀ, the zero-magnitude columns of z kept, y = g ⊙ z + b
     z = add_lowrank(z0, v_ptr + row0 * stride_vm, stride_vm, stride_vr,        # L = v
-                    p_ptr + col0 * stride_pn, stride_pr, stride_pn,            # Q = Pᵀ
-                    rows, cols, RANK, scaling, BLOCK_M, BLOCK_N, INPUT_PRECISION,
+                    ps_ptr + col0 * stride_pn, stride_pr, stride_pn,           # Q = s·Pᵀ
+                    rows, cols, RANK, BLOCK_M, BLOCK_N, INPUT_PRECISION,
                     y0_ptr.dtype.element_ty)
-    if HAS_SLOTS:
-        keep_zero_columns(z, slot_ptr + col0, zbuf_ptr + row0 * stride_zm, stride_zm, rows,
-                          cols, BLOCK_M, BLOCK_N)
-    y = scale_shift(z, g_ptr + col0, bias_ptr + col0, cols, HAS_BIAS, BLOCK_N)
-    store_tile(y_ptr + row0 * stride_ym + col0 * stride_yn, y, stride_ym, stride_yn,
-               rows, cols, BLOCK_M, BLOCK_N)
+    store_output(y_ptr + row0 * stride_ym + col0 * stride_yn, stride_ym, stride_yn, z,
+                 g_ptr + col0, bias_ptr + col0, index_ptr, zbuf_ptr + row0 * stride_zm,
+                 stride_zm, col0, rows, cols, HAS_BIAS, HAS_SLOTS, BLOCK_M, BLOCK_N)
 
 
-def epilogue_args(y0, v, bias, P, g, slots, scaling, y, zbuf) -> dict:
+def epilogue_args(y0, v, bias, Ps, g, index, y, zbuf) -> dict:
     """Arguments of ``edora_epilogue_kernel`` except the config's."""
-    (M, N), rank = y0.shape, P.shape[1]
+    (M, N), rank = y0.shape, Ps.shape[1]
     has_slots = zbuf.shape[1] > 0
     return dict(
-        y0_ptr=y0, v_ptr=v, p_ptr=P, g_ptr=g, bias_ptr=bias if bias is not None else y,
-        slot_ptr=slots if has_slots else g,
+        y0_ptr=y0, v_ptr=v, ps_ptr=Ps, g_ptr=g, bias_ptr=bias if bias is not None else y,
+        index_ptr=index if has_slots else g,
         y_ptr=y, zbuf_ptr=zbuf if has_slots else y,
         M=M, N=N, RANK=rank, M_BUCKET=m_bucket(M),
         stride_y0m=y0.stride(0), stride_y0n=y0.stride(1),
         stride_vm=v.stride(0), stride_vr=v.stride(1),
-        stride_pn=P.stride(0), stride_pr=P.stride(1),
+        stride_pn=Ps.stride(0), stride_pr=Ps.stride(1),
         stride_ym=y.stride(0), stride_yn=y.stride(1),
         stride_zm=zbuf.stride(0) if has_slots else 0,
-        scaling=float(scaling),
         HAS_BIAS=bias is not None, HAS_SLOTS=has_slots,
         INPUT_PRECISION=input_precision(y0.dtype),
     )
@@ -104,10 +100,10 @@ def epilogue_forward(y0, x, bias, A, B, R, magnitude, terms, scaling, save, capa
                                               save, capacity)
     cdt = compute_dtype(y0.dtype)
     M, N = y0.shape
-    P, n, g, slots, v = prologue(x, A, B, R, magnitude, terms, scaling, cdt, capacity)
+    P, Ps, n, g, slots, index, v = prologue(x, A, B, R, magnitude, terms, scaling, cdt, capacity)
     y = y0.new_empty(M, N)
     zbuf = y0.new_empty(M, capacity)
     if M > 0:
         launch(edora_epilogue_kernel, tiles_grid(M, N),
-               **epilogue_args(y0, v, bias, P, g, slots, scaling, y, zbuf))
+               **epilogue_args(y0, v, bias, Ps, g, index, y, zbuf))
     return y, Saved(v if save else v.new_empty(0), P, n, g, slots, zbuf)

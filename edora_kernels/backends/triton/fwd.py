@@ -14,7 +14,7 @@ import triton.language as tl
 from ...norm import compute_dtype
 from ...op_common import Saved
 from .. import torch_backend
-from .common import add_lowrank, keep_zero_columns, mainloop, scale_shift, store_tile, tile_coords
+from .common import add_lowrank, mainloop, store_output, tile_coords
 from .configs import (
     GEMM_CONFIG_INTERPRET,
     GEMM_CONFIGS_SM80,
@@ -38,9 +38,10 @@ from .prologue import prologue
 )
 @triton.jit
 def edora_fwd_kernel(
-    # inputs: x (M×K), W0 (N×K), v = x Aᵀ (M×RANK), P = B R (N×RANK), g (N), bias (N), slots (N)
-    x_ptr, w_ptr, v_ptr, p_ptr, g_ptr, bias_ptr, slot_ptr,
-    # outputs: y (M×N), the z columns of zero magnitudes (M×SLOTS)
+    # inputs: x (M×K), W0 (N×K), v = x Aᵀ (M×RANK), s·P = s·B R (N×RANK, x's dtype), g (N),
+    # bias (N), the slot index (1 + slots: their number, then their columns)
+    x_ptr, w_ptr, v_ptr, ps_ptr, g_ptr, bias_ptr, index_ptr,
+    # outputs: y (M×N), the z columns of zero magnitudes (M×slots)
     y_ptr, zbuf_ptr,
     # sizes: M tokens, N = out, K = in; M_BUCKET only keys the autotuner
     M, N, K, RANK, M_BUCKET,
@@ -50,7 +51,6 @@ def edora_fwd_kernel(
     stride_pn, stride_pr,
     stride_ym, stride_yn,
     stride_zm,
-    scaling,
     HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -68,36 +68,32 @@ def edora_fwd_kernel(
                    rows, cols, K,
                    False, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
 
-    # --- epilogue: z = z₀ + s·v·Pᵀ, the zero-magnitude columns of z kept, y = g ⊙ z + b
+    # --- epilogue: z = z₀ + s·v·Pᵀ, y = g ⊙ z + b, the zero-magnitude columns of z kept
     z = add_lowrank(acc, v_ptr + row0 * stride_vm, stride_vm, stride_vr,       # L = v
-                    p_ptr + col0 * stride_pn, stride_pr, stride_pn,            # Q = Pᵀ
-                    rows, cols, RANK, scaling, BLOCK_M, BLOCK_N, INPUT_PRECISION,
+                    ps_ptr + col0 * stride_pn, stride_pr, stride_pn,           # Q = s·Pᵀ
+                    rows, cols, RANK, BLOCK_M, BLOCK_N, INPUT_PRECISION,
                     x_ptr.dtype.element_ty)
-    if HAS_SLOTS:
-        keep_zero_columns(z, slot_ptr + col0, zbuf_ptr + row0 * stride_zm, stride_zm, rows,
-                          cols, BLOCK_M, BLOCK_N)
-    y = scale_shift(z, g_ptr + col0, bias_ptr + col0, cols, HAS_BIAS, BLOCK_N)
-    store_tile(y_ptr + row0 * stride_ym + col0 * stride_yn, y, stride_ym, stride_yn,
-               rows, cols, BLOCK_M, BLOCK_N)
+    store_output(y_ptr + row0 * stride_ym + col0 * stride_yn, stride_ym, stride_yn, z,
+                 g_ptr + col0, bias_ptr + col0, index_ptr, zbuf_ptr + row0 * stride_zm,
+                 stride_zm, col0, rows, cols, HAS_BIAS, HAS_SLOTS, BLOCK_M, BLOCK_N)
 
 
-def fwd_args(x, weight, bias, v, P, g, slots, scaling, y, zbuf) -> dict:
+def fwd_args(x, weight, bias, v, Ps, g, index, y, zbuf) -> dict:
     """Arguments of ``edora_fwd_kernel`` except the config's; also used by the AOT checks."""
-    (M, K), N, rank = x.shape, weight.shape[0], P.shape[1]
+    (M, K), N, rank = x.shape, weight.shape[0], Ps.shape[1]
     has_slots = zbuf.shape[1] > 0
     # Unused pointers point at y: never dereferenced, and typed like a real output.
     return dict(
-        x_ptr=x, w_ptr=weight, v_ptr=v, p_ptr=P, g_ptr=g,
-        bias_ptr=bias if bias is not None else y, slot_ptr=slots if has_slots else g,
+        x_ptr=x, w_ptr=weight, v_ptr=v, ps_ptr=Ps, g_ptr=g,
+        bias_ptr=bias if bias is not None else y, index_ptr=index if has_slots else g,
         y_ptr=y, zbuf_ptr=zbuf if has_slots else y,
         M=M, N=N, K=K, RANK=rank, M_BUCKET=m_bucket(M),
         stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_wn=weight.stride(0), stride_wk=weight.stride(1),
         stride_vm=v.stride(0), stride_vr=v.stride(1),
-        stride_pn=P.stride(0), stride_pr=P.stride(1),
+        stride_pn=Ps.stride(0), stride_pr=Ps.stride(1),
         stride_ym=y.stride(0), stride_yn=y.stride(1),
         stride_zm=zbuf.stride(0) if has_slots else 0,
-        scaling=float(scaling),
         HAS_BIAS=bias is not None, HAS_SLOTS=has_slots,
         INPUT_PRECISION=input_precision(x.dtype),
     )
@@ -111,10 +107,10 @@ def forward(x, weight, bias, A, B, R, magnitude, terms, scaling, save, capacity)
                                      capacity)
     cdt = compute_dtype(x.dtype)
     (M, _), N = x.shape, weight.shape[0]
-    P, n, g, slots, v = prologue(x, A, B, R, magnitude, terms, scaling, cdt, capacity)
+    P, Ps, n, g, slots, index, v = prologue(x, A, B, R, magnitude, terms, scaling, cdt, capacity)
     y = x.new_empty(M, N)
     zbuf = x.new_empty(M, capacity)
     if M > 0:
         launch(edora_fwd_kernel, tiles_grid(M, N),
-               **fwd_args(x, weight, bias, v, P, g, slots, scaling, y, zbuf))
+               **fwd_args(x, weight, bias, v, Ps, g, index, y, zbuf))
     return y, Saved(v if save else v.new_empty(0), P, n, g, slots, zbuf)

@@ -28,7 +28,7 @@ SLOT_NONE = tl.constexpr(op_common.SLOT_NONE)
 def _gate(
     pid,
     b_ptr, r_ptr, gram_ptr, c_ptr, c0_ptr, m_ptr,
-    p_ptr, n_ptr, g_ptr, slot_ptr,
+    p_ptr, ps_ptr, n_ptr, g_ptr, slot_ptr, index_ptr,
     OUT, RANK, SLOTS, scaling,
     stride_bo, stride_br, stride_rr, stride_rc, stride_gr, stride_gc, stride_co, stride_cr,
     stride_po, stride_pr,
@@ -48,8 +48,12 @@ def _gate(
         b_k = tl.load(b_ptr + offs_o * stride_bo + k * stride_br, mask=row_mask, other=0.0)
         r_k = tl.load(r_ptr + k * stride_rr + offs_r * stride_rc, mask=rank_mask, other=0.0)
         P += b_k.to(tl.float64)[:, None] * r_k.to(tl.float64)[None, :]
-    p_tile = p_ptr + offs_o[:, None] * stride_po + offs_r[None, :] * stride_pr
-    tl.store(p_tile, P, mask=tile_mask)
+    tl.store(p_ptr + offs_o[:, None] * stride_po + offs_r[None, :] * stride_pr, P,
+             mask=tile_mask)
+    # s·P rounded to the GEMM's operand dtype (via fp32: the interpreter cannot cast float64
+    # to bf16), the small operand of the forward's rank-r epilogue
+    tl.store(ps_ptr + offs_o[:, None] * RANK + offs_r[None, :],
+             (P * scaling).to(tl.float32).to(ps_ptr.dtype.element_ty), mask=tile_mask)
     tl.debug_barrier()  # every thread's columns of P are stored before any is read back
     PG = tl.zeros((BLOCK_O, RANK_PAD), dtype=tl.float64)
     for k in range(0, RANK):
@@ -78,6 +82,10 @@ def _gate(
         order = before + tl.cumsum(zero.to(tl.int32), axis=0) - 1
         slot = tl.where(zero, tl.where(order < SLOTS, order, SLOT_FULL), SLOT_NONE)
         tl.store(slot_ptr + offs_o, slot, mask=row_mask)
+        # the column of each slot (after the count), and the count from the last block
+        tl.store(index_ptr + 1 + slot, offs_o, mask=row_mask & (slot >= 0))
+        if (pid + 1) * BLOCK_O >= OUT:
+            tl.store(index_ptr, tl.minimum(before + tl.sum(zero.to(tl.int32), axis=0), SLOTS))
 
 
 @triton.jit
@@ -85,8 +93,10 @@ def prologue_kernel(
     # gate inputs: B (OUT×RANK), R (RANK×RANK), G = A Aᵀ (RANK×RANK, float64),
     # C = W0 Aᵀ (OUT×RANK, float64), c0 (OUT, float64), m (OUT)
     b_ptr, r_ptr, gram_ptr, c_ptr, c0_ptr, m_ptr,
-    # gate outputs: P (OUT×RANK, float64), n (OUT, float64), g (OUT), slots (OUT, int32)
-    p_ptr, n_ptr, g_ptr, slot_ptr,
+    # gate outputs: P (OUT×RANK, float64), s·P (OUT×RANK contiguous, x's dtype), n (OUT,
+    # float64), g (OUT), slots (OUT, int32), the slot index (SLOTS + 1, int32: the number of
+    # slots taken, then the column of each)
+    p_ptr, ps_ptr, n_ptr, g_ptr, slot_ptr, index_ptr,
     # row inputs: x (M×K), A (RANK×K); output v (M×RANK, fp32)
     x_ptr, a_ptr, v_ptr,
     OUT, M, K, RANK, SLOTS, GATE_PROGRAMS, scaling,
@@ -98,7 +108,8 @@ def prologue_kernel(
 ):
     pid = tl.program_id(0)
     if pid < GATE_PROGRAMS:
-        _gate(pid, b_ptr, r_ptr, gram_ptr, c_ptr, c0_ptr, m_ptr, p_ptr, n_ptr, g_ptr, slot_ptr,
+        _gate(pid, b_ptr, r_ptr, gram_ptr, c_ptr, c0_ptr, m_ptr, p_ptr, ps_ptr, n_ptr, g_ptr,
+              slot_ptr, index_ptr,
               OUT, RANK, SLOTS, scaling,
               stride_bo, stride_br, stride_rr, stride_rc, stride_gr, stride_gc, stride_co,
               stride_cr, stride_po, stride_pr, RANK_PAD, HAS_SLOTS, BLOCK_O)
@@ -115,14 +126,15 @@ def prologue_kernel(
                    BLOCK_M, RANK_PAD)
 
 
-def prologue_args(x, A, B, R, magnitude, terms, scaling, P, n, g, slots, v, capacity,
-                  block_o: int) -> dict:
+def prologue_args(x, A, B, R, magnitude, terms, scaling, P, Ps, n, g, slots, index, v,
+                  capacity, block_o: int) -> dict:
     """Arguments of ``prologue_kernel`` except the config's; also used by the AOT checks."""
     out, rank = B.shape
     has_v = v.numel() > 0
     return dict(
         b_ptr=B, r_ptr=R, gram_ptr=terms.G, c_ptr=terms.C, c0_ptr=terms.c0, m_ptr=magnitude,
-        p_ptr=P, n_ptr=n, g_ptr=g, slot_ptr=slots if capacity else n,
+        p_ptr=P, ps_ptr=Ps, n_ptr=n, g_ptr=g, slot_ptr=slots if capacity else n,
+        index_ptr=index if capacity else n,
         x_ptr=x, a_ptr=A, v_ptr=v if has_v else g,  # unused pointer: typed like a real output
         OUT=out, M=x.shape[0], K=x.shape[1], RANK=rank, SLOTS=capacity,
         GATE_PROGRAMS=cdiv(out, block_o), scaling=float(scaling),
@@ -140,19 +152,22 @@ def prologue_args(x, A, B, R, magnitude, terms, scaling, P, n, g, slots, v, capa
 
 
 def prologue(x, A, B, R, magnitude, terms, scaling, cdt, capacity):
-    """Launch the gate and the ``x Aᵀ`` programs; returns ``(P, n, g, slots, v)``."""
+    """Launch the gate and the ``x Aᵀ`` programs; returns ``(P, s·P, n, g, slots, index, v)``,
+    s·P in x's dtype, ``index`` the slot index (empty without slots)."""
     out, rank = B.shape
     M = x.shape[0]
     f64 = torch.float64
     P = B.new_empty(out, rank, dtype=f64)
+    Ps = x.new_empty(out, rank)
     n = B.new_empty(out, dtype=f64)
     g = B.new_empty(out, dtype=cdt)
     slots = B.new_empty(out if capacity else 0, dtype=torch.int32)
+    index = B.new_empty(capacity + 1 if capacity else 0, dtype=torch.int32)
     v = x.new_empty(M, rank, dtype=cdt)
     config = prologue_config(row_block(M, x.device))
     kw = config.kwargs
-    args = prologue_args(x, A, B, R, magnitude, terms, scaling, P, n, g, slots, v, capacity,
-                         kw["BLOCK_O"])
+    args = prologue_args(x, A, B, R, magnitude, terms, scaling, P, Ps, n, g, slots, index, v,
+                         capacity, kw["BLOCK_O"])
     launch(prologue_kernel, (args["GATE_PROGRAMS"] + cdiv(M, kw["BLOCK_M"]),), **args,
            **kw, num_warps=config.num_warps, num_stages=config.num_stages)
-    return P, n, g, slots, v
+    return P, Ps, n, g, slots, index, v

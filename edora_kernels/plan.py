@@ -1,0 +1,208 @@
+"""A cost model of one layer's step (docs/DESIGN.md §4): every launch with its FLOPs, its bytes
+to and from device memory and its roofline time on a named GPU, and the predicted ratio to the
+frozen layer. ``edora-kernels plan`` prints it.
+
+The launch list is the one the backends issue (``tests/test_plan.py`` checks it against the
+launches counted on CPU); the times rest on the assumptions in ``ASSUMPTIONS``, stated in
+docs/DESIGN.md §4. A prediction, not a measurement: ``bench/gpu_check.sh`` measures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .backends.triton.configs import cdiv
+
+# Dense peak FLOP/s by operand dtype (tensor cores; TF32 for fp32) and HBM bandwidth, from the
+# vendors' data sheets (SXM parts).
+DEVICES = {
+    "h100": {"name": "NVIDIA H100 SXM", "bf16": 989e12, "fp16": 989e12, "fp32": 495e12,
+             "hbm": 3.35e12},
+    "h200": {"name": "NVIDIA H200 SXM", "bf16": 989e12, "fp16": 989e12, "fp32": 495e12,
+             "hbm": 4.8e12},
+    "a100": {"name": "NVIDIA A100 SXM", "bf16": 312e12, "fp16": 312e12, "fp32": 156e12,
+             "hbm": 2.039e12},
+}
+ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+ASSUMPTIONS = {
+    # cuBLAS reaches about 75% of the dense peak on these large GEMMs (the frozen layer).
+    "gemm_efficiency": 0.75,
+    # The fused GEMMs run the same tiles over the same operands: the same efficiency, their
+    # epilogue's extra work counted on top at the same rates.
+    "fused_gemm_efficiency": 0.75,
+    # A streaming kernel reaches about 85% of the memory bandwidth.
+    "memory_efficiency": 0.85,
+    # Every kernel costs at least this much device time (launch, ramp-up, tail), and a kernel
+    # that depends on the previous one starts this much after it ends, the host keeping ahead.
+    "min_kernel_us": 3.0,
+    "gap_us": 1.0,
+}
+BACKENDS = ("triton", "cuda")
+
+
+@dataclass
+class Launch:
+    name: str     # as counted: triton::<kernel> or aten::<op>
+    phase: str    # "fwd" or "bwd"
+    flops: float
+    bytes: float
+    gemm: bool    # tensor-core bound at the GEMM efficiency, else streaming
+    seconds: float = 0.0
+    bound: str = ""
+
+
+@dataclass
+class Plan:
+    backend: str
+    device: str
+    dtype: str
+    tokens: int
+    in_features: int
+    out_features: int
+    rank: int
+    exact_norm: bool
+    launches: list[Launch] = field(default_factory=list)
+    frozen: list[Launch] = field(default_factory=list)
+
+    def seconds(self, launches: list[Launch], phases=("fwd", "bwd")) -> float:
+        return sum(launch.seconds for launch in launches if launch.phase in phases)
+
+    @property
+    def forward_ratio(self) -> float:
+        return self.seconds(self.launches, ("fwd",)) / self.seconds(self.frozen, ("fwd",))
+
+    @property
+    def step_ratio(self) -> float:
+        return self.seconds(self.launches) / self.seconds(self.frozen)
+
+
+def plan_step(backend: str, tokens: int, in_features: int, out_features: int, rank: int,
+              dtype: str = "bf16", device: str = "h100", exact_norm: bool = False,
+              assumptions: dict | None = None) -> Plan:
+    """The launches of one training step (forward, then backward with x needing a gradient) of
+    ``backend`` and of the frozen layer, each timed by the roofline of ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {tuple(DEVICES)}, got {device!r}")
+    if dtype not in ELEMENT_BYTES:
+        raise ValueError(f"dtype must be one of {tuple(ELEMENT_BYTES)}, got {dtype!r}")
+    plan = Plan(backend, device, dtype, tokens, in_features, out_features, rank, exact_norm)
+    shape = _Shape(tokens, in_features, out_features, rank, ELEMENT_BYTES[dtype])
+    plan.launches = (_triton_step if backend == "triton" else _cuda_step)(shape, exact_norm)
+    plan.frozen = _frozen_step(shape)
+    a = {**ASSUMPTIONS, **(assumptions or {})}
+    for launch in plan.launches + plan.frozen:
+        _time(launch, DEVICES[device], dtype, a, fused=launch in plan.launches)
+    return plan
+
+
+@dataclass(frozen=True)
+class _Shape:
+    N: int
+    In: int
+    Out: int
+    r: int
+    e: int       # bytes per element of x, W0, y
+    f32: int = 4
+    f64: int = 8
+
+    @property
+    def row_parts(self) -> int:
+        """Row-block partial sums of the backward pre-pass (64 rows each at these sizes)."""
+        return cdiv(self.N, 64)
+
+
+def _frozen_step(s: _Shape) -> list[Launch]:
+    gemm = 2.0 * s.N * s.In * s.Out
+    return [
+        Launch("aten::mm", "fwd", gemm, (s.N * s.In + s.Out * s.In + s.N * s.Out) * s.e, True),
+        Launch("aten::mm", "bwd", gemm, (s.N * s.Out + s.Out * s.In + s.N * s.In) * s.e, True),
+    ]
+
+
+def _gate_bytes(s: _Shape) -> float:
+    """B, R, C, c0, m, G in; P (float64 and s·P), n, g, slots out."""
+    return (s.Out * s.r * (s.e + 2 * s.f64 + s.e) + s.Out * (2 * s.f64 + 3 * s.f32)
+            + 2 * s.r * s.r * s.f64)
+
+
+def _finalize(s: _Shape, exact: bool) -> list[Launch]:
+    parts = s.row_parts
+    reads = parts * (s.Out + s.r * s.r) * s.f32 + s.Out * (s.f32 + s.f64)
+    launches = [Launch("triton::finalize_kernel", "bwd", 2.0 * s.Out * s.r * s.r * exact,
+                       reads + s.Out * s.f32 + s.r * s.r * s.f32, False)]
+    if exact:
+        launches.append(Launch("triton::finalize_exact_kernel", "bwd", 0.0,
+                               cdiv(s.Out, 32) * s.r * s.r * s.f64, False))
+    return launches
+
+
+def _triton_step(s: _Shape, exact: bool) -> list[Launch]:
+    """backends/triton: prologue, GEMM; pre-pass, finalize, dx GEMM."""
+    N, In, Out, r, e = s.N, s.In, s.Out, s.r, s.e
+    return [
+        Launch("triton::prologue_kernel", "fwd", 2.0 * N * In * r + 4.0 * Out * r * r,
+               N * In * e + r * In * e + N * r * s.f32 + _gate_bytes(s), False),
+        Launch("triton::edora_fwd_kernel", "fwd", 2.0 * N * In * Out + 2.0 * N * r * Out,
+               (N * In + Out * In + N * Out) * e + N * r * s.f32 + Out * r * e, True),
+        Launch("triton::prepass_kernel", "bwd", 2.0 * N * Out * r + 4.0 * N * r * r,
+               2 * N * Out * e + N * r * (s.f32 + e) + Out * r * e
+               + s.row_parts * (Out + r * r) * s.f32, False),
+        *_finalize(s, exact),
+        Launch("triton::edora_dx_kernel", "bwd", 2.0 * N * Out * In + 2.0 * N * r * In,
+               (N * Out + Out * In + N * In) * e + N * r * e + r * In * e, True),
+    ]
+
+
+def _cuda_step(s: _Shape, exact: bool) -> list[Launch]:
+    """backends/cuda: prologue, cuBLAS GEMM, rescale; pre-pass, finalize, cuBLAS dx and its
+    rank-r update."""
+    N, In, Out, r, e = s.N, s.In, s.Out, s.r, s.e
+    finalize = [Launch(launch.name.replace("triton::finalize_kernel", "edora::finalize")
+                       .replace("triton::finalize_exact_kernel", "edora::finalize_exact"),
+                       launch.phase, launch.flops, launch.bytes, launch.gemm)
+                for launch in _finalize(s, exact)]
+    return [
+        Launch("edora::prologue", "fwd", 2.0 * N * In * r + 4.0 * Out * r * r,
+               N * In * e + r * In * e + N * r * s.f32 + _gate_bytes(s), False),
+        Launch("aten::mm", "fwd", 2.0 * N * In * Out, (N * In + Out * In + N * Out) * e, True),
+        Launch("edora::rescale", "fwd", 2.0 * N * r * Out,
+               2 * N * Out * e + N * r * s.f32 + Out * r * s.f32, False),
+        Launch("edora::prepass", "bwd", 2.0 * N * Out * r + 4.0 * N * r * r,
+               3 * N * Out * e + N * r * (s.f32 + e) + s.row_parts * (Out + r * r) * s.f32,
+               False),
+        *finalize,
+        Launch("aten::mm", "bwd", 2.0 * N * Out * In, (N * Out + Out * In + N * In) * e, True),
+        Launch("aten::addmm_", "bwd", 2.0 * N * r * In, (2 * N * In + N * r + r * In) * e,
+               False),
+    ]
+
+
+def _time(launch: Launch, device: dict, dtype: str, a: dict, fused: bool) -> None:
+    efficiency = a["fused_gemm_efficiency"] if fused else a["gemm_efficiency"]
+    compute = launch.flops / (device[dtype] * (efficiency if launch.gemm else
+                                               a["memory_efficiency"]))
+    memory = launch.bytes / (device["hbm"] * a["memory_efficiency"])
+    floor = a["min_kernel_us"] * 1e-6
+    body = max(compute, memory, floor)
+    launch.bound = ("launch" if body == floor else "compute" if compute >= memory
+                    else "memory")
+    launch.seconds = body + a["gap_us"] * 1e-6
+
+
+def format_plan(plan: Plan) -> str:
+    """The launch table of one plan, then its totals and predicted ratios."""
+    dev = DEVICES[plan.device]
+    lines = [f"{plan.backend} on {dev['name']}, {plan.dtype}: N={plan.tokens} "
+             f"in={plan.in_features} out={plan.out_features} r={plan.rank}"
+             f"{' (exact norm gradient)' if plan.exact_norm else ''}",
+             f"  {'phase':<5} {'launch':<32} {'GFLOP':>9} {'MB':>9} {'us':>8}  bound"]
+    for launch in plan.launches:
+        lines.append(f"  {launch.phase:<5} {launch.name:<32} {launch.flops / 1e9:9.2f} "
+                     f"{launch.bytes / 1e6:9.1f} {launch.seconds * 1e6:8.1f}  {launch.bound}")
+    frozen_fwd, frozen = plan.seconds(plan.frozen, ("fwd",)), plan.seconds(plan.frozen)
+    lines.append(f"  frozen F.linear: forward {frozen_fwd * 1e6:.1f} us, forward+backward "
+                 f"{frozen * 1e6:.1f} us")
+    lines.append(f"  predicted: forward {plan.forward_ratio:.3f}x frozen, forward+backward "
+                 f"{plan.step_ratio:.3f}x frozen, {len(plan.launches)} launches")
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""The cost model (edora_kernels.plan): its launch list is the one the backend issues, and its
+predictions move the way the roofline says they must."""
+import json
+
+import pytest
+import torch
+
+from edora_kernels import EDoRALinear
+from edora_kernels.bench.launches import count_launches, stub_kernels
+from edora_kernels.cli import main
+from edora_kernels.plan import DEVICES, plan_step
+
+LLAMA = [(4096, 4096), (4096, 11008), (11008, 4096)]
+
+
+@pytest.mark.parametrize("exact_norm", [False, True])
+def test_triton_plan_lists_the_launches_a_step_issues(exact_norm):
+    with stub_kernels():
+        torch.manual_seed(0)
+        layer = EDoRALinear.from_linear(torch.nn.Linear(48, 40), 8, backend="triton",
+                                        detach_norm=not exact_norm)
+        layer = layer.to(torch.bfloat16).to("meta")
+        x = torch.empty(16, 48, dtype=torch.bfloat16, device="meta", requires_grad=True)
+        gy = torch.empty(16, 40, dtype=torch.bfloat16, device="meta")
+
+        def step():
+            for t in (x, layer.R, layer.magnitude):
+                t.grad = None
+            layer(x).backward(gy)
+
+        step()
+        issued = count_launches(step).launches
+    planned = plan_step("triton", 16, 48, 40, 8, exact_norm=exact_norm).launches
+    assert [launch.name for launch in planned] == issued
+
+
+@pytest.mark.parametrize("in_f,out_f", LLAMA)
+def test_ratios_follow_the_roofline(in_f, out_f):
+    for backend in ("triton", "cuda"):
+        r16, r64 = (plan_step(backend, 8192, in_f, out_f, r) for r in (16, 64))
+        for plan in (r16, r64):
+            assert 1.0 < plan.forward_ratio and 1.0 < plan.step_ratio
+            assert all(launch.seconds > 0 and launch.bound for launch in plan.launches)
+        # a larger rank adds work, never removes it
+        assert r64.forward_ratio > r16.forward_ratio and r64.step_ratio > r16.step_ratio
+        # more memory bandwidth shortens the streaming launches (H200 = H100's compute)
+        h200 = plan_step(backend, 8192, in_f, out_f, 16, device="h200")
+        assert h200.step_ratio < r16.step_ratio
+    # the exact norm gradient costs one more small launch
+    detached = plan_step("triton", 8192, in_f, out_f, 16)
+    exact = plan_step("triton", 8192, in_f, out_f, 16, exact_norm=True)
+    assert len(exact.launches) == len(detached.launches) + 1
+    assert exact.step_ratio > detached.step_ratio
+
+
+def test_frozen_gemms_are_compute_bound_at_the_assumed_efficiency():
+    plan = plan_step("triton", 8192, 4096, 4096, 16, device="a100")
+    gemm = plan.frozen[0]
+    expected = 2 * 8192 * 4096 * 4096 / (DEVICES["a100"]["bf16"] * 0.75) + 1e-6
+    assert gemm.bound == "compute" and gemm.seconds == pytest.approx(expected)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="device must be one of"):
+        plan_step("triton", 8, 16, 16, 4, device="v100")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        plan_step("torch", 8, 16, 16, 4)
+
+
+def test_cli_plan(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--shapes", "64x48", "--ranks", "4,8", "--tokens", "16", "--device",
+                 "h200", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "triton::edora_fwd_kernel" in text and "predicted: forward" in text
+    rows = json.loads(out.read_text())
+    assert [(r["rank"], r["device"], len(r["launches"])) for r in rows] == [(4, "h200", 5),
+                                                                           (8, "h200", 5)]
+    with pytest.raises(SystemExit) as info:
+        main(["plan", "--shapes", "16x16", "--ranks", "32"])
+    assert info.value.code == 2
+    assert "rank 32 exceeds" in capsys.readouterr().err
