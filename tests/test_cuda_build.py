@@ -25,7 +25,9 @@ ARCHS = ("sm_80", "sm_90")
 # rely on implicit half/bfloat16 conversions or operators.
 TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                       "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
-EXPECTED_FUNCTIONS = ("rescale", "grad_scale_colsum")
+EXPECTED_FUNCTIONS = ("prologue", "rescale", "prepass", "finalize", "finalize_exact")
+EXPECTED_CONSTANTS = {"MAX_RANK": 128, "PREPASS_TILE_ROWS": 32, "FINALIZE_SHARE_COLUMNS": 32,
+                      "SLOT_NONE": -1, "SLOT_FULL": -2, "NORM_SQ_FLOOR": 1e-24}
 
 requires_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on the PATH")
 
@@ -121,21 +123,36 @@ module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 for name in {EXPECTED_FUNCTIONS!r}:
     assert callable(getattr(module, name)), name
-x = torch.zeros(3, 4)
-try:
-    module.rescale(x, torch.zeros(3, 2), torch.zeros(4, 2), torch.zeros(4), None, 1.0,
-                   subtract_bias=False, overwrite_base=False)
-except RuntimeError as err:
-    print(str(err).splitlines()[0])
-try:
-    module.grad_scale_colsum(x, torch.zeros(4), x, None, need_gz=True, need_colsum=True)
-except RuntimeError as err:
-    print(str(err).splitlines()[0])
+for name, value in {EXPECTED_CONSTANTS!r}.items():
+    assert getattr(module, name) == value, name
+x, v, f64 = torch.zeros(3, 4), torch.zeros(3, 2), torch.zeros(4, 2, dtype=torch.float64)
+calls = [
+    lambda: module.prologue(x, torch.zeros(2, 4), torch.zeros(4, 2), torch.zeros(2, 2),
+                            torch.ones(4), f64[:, 0], f64, f64[:2], 1.0, 0),
+    lambda: module.rescale(x, v, f64, torch.zeros(4), None, torch.zeros(0, dtype=torch.int32),
+                           0, 1.0, False, False),
+    lambda: module.prepass(x, x, None, torch.zeros(4), torch.zeros(4, 2), torch.zeros(2, 2),
+                           torch.zeros(2, 5), v, torch.zeros(0, dtype=torch.int32),
+                           torch.zeros(3, 0), 1.0, 32, True, True, True, True, False),
+    lambda: module.finalize(torch.zeros(1, 4), torch.zeros(1, 2, 2), torch.ones(4),
+                            f64[:, 0], torch.zeros(0, dtype=torch.int32), torch.zeros(4, 2),
+                            f64, f64, f64[:2], torch.zeros(2, 2), 1.0, True, True, False),
+    lambda: module.finalize_exact(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), torch.zeros(2, 2),
+                                  1.0),
+]
+for call in calls:
+    try:
+        call()
+    except RuntimeError as err:
+        print(str(err).splitlines()[0])
 """
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines() == [
+        "edora_kernels._C.prologue: x must be a CUDA tensor, got one on cpu",
         "edora_kernels._C.rescale: base must be a CUDA tensor, got one on cpu",
-        "edora_kernels._C.grad_scale_colsum: gy must be a CUDA tensor, got one on cpu",
+        "edora_kernels._C.prepass: gy must be a CUDA tensor, got one on cpu",
+        "edora_kernels._C.finalize: n must be a CUDA tensor, got one on cpu",
+        "edora_kernels._C.finalize_exact: shares must be a CUDA tensor, got one on cpu",
     ]
