@@ -41,7 +41,7 @@ BACKENDS = ("triton", "cuda")
 
 @dataclass
 class Launch:
-    name: str     # as counted: triton::<kernel> or aten::<op>
+    name: str     # as counted: triton::<kernel>, _C.<function> (the CUDA extension), aten::<op>
     phase: str    # "fwd" or "bwd"
     flops: float
     bytes: float
@@ -158,17 +158,17 @@ def _cuda_step(s: _Shape, exact: bool) -> list[Launch]:
     """backends/cuda: prologue, cuBLAS GEMM, rescale; pre-pass, finalize, cuBLAS dx and its
     rank-r update."""
     N, In, Out, r, e = s.N, s.In, s.Out, s.r, s.e
-    finalize = [Launch(launch.name.replace("triton::finalize_kernel", "edora::finalize")
-                       .replace("triton::finalize_exact_kernel", "edora::finalize_exact"),
+    finalize = [Launch(launch.name.replace("triton::finalize_kernel", "_C.finalize")
+                       .replace("triton::finalize_exact_kernel", "_C.finalize_exact"),
                        launch.phase, launch.flops, launch.bytes, launch.gemm)
                 for launch in _finalize(s, exact)]
     return [
-        Launch("edora::prologue", "fwd", 2.0 * N * In * r + 4.0 * Out * r * r,
+        Launch("_C.prologue", "fwd", 2.0 * N * In * r + 4.0 * Out * r * r,
                N * In * e + r * In * e + N * r * s.f32 + _gate_bytes(s), False),
         Launch("aten::mm", "fwd", 2.0 * N * In * Out, (N * In + Out * In + N * Out) * e, True),
-        Launch("edora::rescale", "fwd", 2.0 * N * r * Out,
+        Launch("_C.rescale", "fwd", 2.0 * N * r * Out,
                2 * N * Out * e + N * r * s.f32 + Out * r * s.f32, False),
-        Launch("edora::prepass", "bwd", 2.0 * N * Out * r + 4.0 * N * r * r,
+        Launch("_C.prepass", "bwd", 2.0 * N * Out * r + 4.0 * N * r * r,
                3 * N * Out * e + N * r * (s.f32 + e) + s.row_parts * (Out + r * r) * s.f32,
                False),
         *finalize,

@@ -90,8 +90,9 @@ def _t(gy, B, g, needed):
 
 
 def _u(t, R, scaling, dtype):
-    """``u = s·t R`` (N×r), dx's rank-r rows, in the gradient's dtype."""
-    return torch.mm(t, R.to(t.dtype)).mul_(scaling).to(dtype)
+    """``u = s·t R`` (N×r), dx's rank-r rows, in the gradient's dtype; s scales the r×r
+    factor."""
+    return torch.mm(t, R.to(t.dtype) * scaling).to(dtype)
 
 
 def _adapter_grads(gy, bias, B, R, magnitude, terms, scaling, detach_norm, y, saved, t,
