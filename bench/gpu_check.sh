@@ -59,14 +59,16 @@ exec > >(tee -a "$LOG") 2>&1
 # Budgets in seconds. A step never runs past its own, so the run takes at most their sum (under
 # 5 minutes, printed first) plus a few seconds of preamble.
 GRACE=3
-B_INSTALL=15 B_INFO=15 B_CHECK=20 B_BENCH=90 B_TESTS=40 B_DROPOUT=25 B_COMPILE=35 B_INIT=45
+B_INSTALL=15 B_INFO=10 B_CHECK=20 B_BENCH=85 B_TESTS=40 B_DROPOUT=20 B_COMPILE=35 B_INIT=45
+B_PLAN=10 B_HOST=10
 if [ "${GPU_CHECK_BUILD_CUDA:-0}" = "1" ] && [ "$DRY_RUN" = 0 ]; then
     export EDORA_BUILD_CUDA=1
     B_INSTALL=150
 else
     export EDORA_SKIP_CUDA_BUILD=1
 fi
-BUDGET=$((B_INSTALL + B_INFO + B_CHECK + B_BENCH + B_TESTS + B_DROPOUT + B_COMPILE + B_INIT))
+BUDGET=$((B_INSTALL + B_INFO + B_CHECK + B_BENCH + B_TESTS + B_DROPOUT + B_COMPILE + B_INIT
+        + B_PLAN + B_HOST))
 
 RECORDS=$(mktemp)  # one line per finished step, tab-separated; the summary is built from it
 MARK=$(mktemp)     # touched as a step starts: the files newer than it are the step's
@@ -116,6 +118,7 @@ if [ "$DRY_RUN" = 1 ]; then
     OP=(--tokens 16 --shapes 32x48 --ranks 4 --repeats 1 --warmup 0)
     ONE_SHAPE=("${OP[@]}")
     INIT=(--init-shrink 64 --init-device cpu --ranks 4 --repeats 1 --warmup 0)
+    HOST=(--repeats 5 --warmup 1)
 else
     # Offline install: no dependency resolution, the installed setuptools/torch, no downloads.
     INSTALL=("$PYTHON" -m pip install --no-deps --no-build-isolation --no-index -q -e .)
@@ -125,6 +128,7 @@ else
         --repeats 10 --warmup 2)
     ONE_SHAPE=(--tokens 8192 --shapes 4096x4096 --ranks 16 --dtype bf16 --repeats 10 --warmup 2)
     INIT=(--repeats 1 --warmup 1)
+    HOST=(--repeats 200 --warmup 20)
 fi
 
 echo "=== gpu_check $RUN $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
@@ -136,6 +140,8 @@ fi
 
 step install "$B_INSTALL" "${INSTALL[@]}"
 step info "$B_INFO" "$PYTHON" -m edora_kernels info
+# The cost model's predictions for this step list, beside the measurements that follow.
+step plan "$B_PLAN" "$PYTHON" -m edora_kernels plan --json "$OUT/plan_h100.json"
 # Correctness steps take one Triton config per launch (EDORA_TRITON_FIXED_CONFIG): compiling
 # every autotuning candidate on a cold cache costs seconds each and proves nothing more here.
 step check "$B_CHECK" env EDORA_TRITON_FIXED_CONFIG=1 "$PYTHON" -m edora_kernels check
@@ -150,10 +156,8 @@ step "bench dropout" "$B_DROPOUT" "$PYTHON" -m edora_kernels bench "${ONE_SHAPE[
 # of this step's budget.
 step "bench compile" "$B_COMPILE" "$PYTHON" -m edora_kernels bench "${ONE_SHAPE[@]}" \
     --modes fwd+bwd --providers frozen,torch --compile --out "$OUT"
-# Later steps go here, their budgets taken from the others so that the sum stays under 5
-# minutes:
-#   step "bench host" ... edora-kernels bench --host   (host time per training step)
-#   step plan ... edora-kernels plan                   (the cost model's predictions)
+# The host's share of a step (kernels stubbed, on this machine's CPU).
+step "bench host" "$B_HOST" "$PYTHON" -m edora_kernels bench --host "${HOST[@]}" --out "$OUT"
 step "init llama7b" "$B_INIT" "$PYTHON" -m edora_kernels bench --init --init-llama7b \
     "${INIT[@]}" --out "$OUT"
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["install", "info", "check", "bench", "gpu tests", "bench dropout", "bench compile",
-         "init llama7b"]
-WRITES_RESULTS = {"bench", "bench dropout", "bench compile", "init llama7b"}
+STEPS = ["install", "info", "plan", "check", "bench", "gpu tests", "bench dropout",
+         "bench compile", "bench host", "init llama7b"]
+WRITES_RESULTS = {"bench", "bench dropout", "bench compile", "bench host", "init llama7b"}
 
 
 @pytest.mark.slow  # about a minute and a half on 2 CPU cores
@@ -33,7 +33,9 @@ def test_dry_run_runs_every_step_and_writes_the_summary(tmp_path):
         assert f"=== {s['name']}: budget {s['budget_s']}s" in proc.stdout
         for name in s["files"]:
             assert (tmp_path / name).is_file()
-        if s["name"] in WRITES_RESULTS:
+        if s["name"] == "plan":
+            assert s["files"] == ["plan_h100.json"]
+        elif s["name"] in WRITES_RESULTS:
             assert any(name.startswith("bench_") and name.endswith(".csv") for name in s["files"])
             prefix = "init_" if s["name"] == "init llama7b" else "bench_"
             assert any(name.startswith(prefix) and name.endswith(".json") for name in s["files"])
