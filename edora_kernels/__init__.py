@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 
 from .adapter_io import edora_state_dict, load_edora_state_dict, save_edora  # noqa: E402
 from .backends import info as backend_info  # noqa: E402
-from .edora_model import EDoRAConfig, EDoRAModel, get_edora_model  # noqa: E402
+from .config import EDoRAConfig  # noqa: E402
+from .edora_model import EDoRAModel, get_edora_model  # noqa: E402
 from .export import export_peft_dora, merge_and_unload, unload  # noqa: E402
 from .layer import EDoRALinear, refresh_norm_terms  # noqa: E402
 from .model import apply_edora  # noqa: E402

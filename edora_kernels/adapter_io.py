@@ -1,10 +1,11 @@
 """The adapter of a model as a file or a dict: what to save, how to read it back, all validated.
 
 The file is safetensors: for every EDoRA layer ``name`` the tensors ``name.A``, ``name.B``,
-``name.R`` and ``name.magnitude``, plus a JSON config in the metadata (per layer: rank, alpha,
-dropout, dropout_mode, detach_norm, shape) so that a plain model can be rebuilt from the file
-alone. Loading checks every key, shape, dtype and value (finite, on no meta device) and builds
-every new layer before the model changes: an error leaves the model as it was.
+``name.R`` and ``name.magnitude``, plus a JSON config in the metadata (per layer: rank, the
+saved ``LayerOptions``, shape, base kind) so that a model without EDoRA layers can be rebuilt
+from the file alone, around whatever base layers it has. Loading checks every key, shape, dtype
+and value (finite, on no meta device) and builds every new layer before the model changes (the
+shared installer, ``install``): an error leaves the model as it was.
 """
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checks import check_dropout, check_dropout_mode, check_finite_number, check_rank, quote
+from . import bases
+from .checks import check_rank, quote
+from .install import install, positions
 from .layer import EDoRALinear, freeze_all_but_adapters
+from .options import LayerOptions
 
 ADAPTER_TENSORS = ("A", "B", "R", "magnitude")
 FORMAT = "edora_kernels.adapter"
@@ -52,9 +56,8 @@ def edora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _layer_config(layer: EDoRALinear) -> dict:
     """What the file records of one layer, enough to rebuild it from A and B."""
-    return {"rank": layer.rank, "alpha": layer.alpha, "dropout": layer.dropout,
-            "dropout_mode": layer.dropout_mode, "detach_norm": layer.detach_norm,
-            "in_features": layer.in_features, "out_features": layer.out_features}
+    return {"rank": layer.rank, **layer.options.saved(), "in_features": layer.in_features,
+            "out_features": layer.out_features, "base": layer.kind.name}
 
 
 def save_edora(model: nn.Module, path: str | os.PathLike) -> None:
@@ -113,18 +116,20 @@ def _check_layer_config(where: str, cfg) -> None:
     """One layer's config has every field, each of a value the layer accepts."""
     if not isinstance(cfg, dict):
         raise ValueError(f"{where}: config must be an object, got {cfg!r}")
-    missing = [k for k in ("rank", "alpha", "dropout", "detach_norm") if k not in cfg]
+    missing = [k for k in ("rank", *LayerOptions.SAVED) if k not in cfg
+               and k != "dropout_mode"]  # files before dropout_mode existed: "peft"
     if missing:
         raise ValueError(f"{where}: config lacks {missing}")
     try:
         check_rank(cfg["rank"])
-        check_finite_number("alpha", cfg["alpha"])
-        check_dropout(cfg["dropout"])
-        check_dropout_mode(cfg.get("dropout_mode", "peft"))
-        if not isinstance(cfg["detach_norm"], bool):
-            raise ValueError(f"detach_norm must be true or false, got {cfg['detach_norm']!r}")
+        _options(cfg)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: {err}") from None
+
+
+def _options(cfg: dict) -> LayerOptions:
+    """The layer options a file records (backend "auto", the initialisation irrelevant)."""
+    return LayerOptions(**{k: cfg[k] for k in LayerOptions.SAVED if k in cfg})
 
 
 def _source(state_or_path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -147,18 +152,22 @@ def _expected_shapes(rank: int, out_features: int, in_features: int) -> dict[str
 
 
 def _plan(model: nn.Module, config: dict) -> tuple[dict, dict, dict[str, tuple]]:
-    """Existing EDoRA layers, the nn.Linear modules the config rebuilds, each key's shape."""
+    """Existing EDoRA layers, the base layers the config rebuilds (with every name each is
+    registered under), each key's shape."""
     existing = edora_layers(model)
     modules = dict(model.named_modules())
-    to_build = {name: cfg for name, cfg in config.items()
-                if name not in existing and type(modules.get(name)) is nn.Linear}
+    where = positions(model)
+    to_build = {name: (cfg, where[id(modules[name])]) for name, cfg in config.items()
+                if name not in existing and name in modules
+                and bases.kind_of(modules[name]) is not None}
     expected: dict[str, tuple] = {}
     for name, layer in existing.items():
         shapes = _expected_shapes(layer.rank, layer.out_features, layer.in_features)
         expected.update({_key(name, t): shape for t, shape in shapes.items()})
-    for name, cfg in to_build.items():
-        linear = modules[name]
-        shapes = _expected_shapes(cfg["rank"], linear.out_features, linear.in_features)
+    for name, (cfg, _) in to_build.items():
+        module = modules[name]
+        in_f, out_f = bases.features(module, bases.kind_of(module))
+        shapes = _expected_shapes(cfg["rank"], out_f, in_f)
         expected.update({_key(name, t): shape for t, shape in shapes.items()})
     return existing, to_build, expected
 
@@ -204,26 +213,24 @@ def _load_problems(state, config, existing, expected, keys: LoadResult, strict) 
     return problems
 
 
-def _build_layers(model, state, to_build) -> dict[str, EDoRALinear]:
+def _build_layers(model, state, to_build) -> list[tuple[list[str], EDoRALinear]]:
     """The layers the config rebuilds from its A and B (no SVD), not yet installed."""
-    built = {}
-    for name, cfg in to_build.items():
+    built = []
+    for name, (cfg, names) in to_build.items():
         if any(_key(name, t) not in state for t in ADAPTER_TENSORS):
-            continue  # strict=False and incomplete: the layer stays a plain nn.Linear
+            continue  # strict=False and incomplete: the base layer stays as it is
         layer = EDoRALinear.from_factors(
             model.get_submodule(name), state[_key(name, "A")], state[_key(name, "B")],
-            cfg["alpha"], sigma=0.0, dropout=cfg["dropout"],
-            dropout_mode=cfg.get("dropout_mode", "peft"), detach_norm=cfg["detach_norm"])
-        layer.adapted_name = name
-        built[name] = layer
+            **vars(_options(cfg).replace(sigma=0.0)))
+        built.append((names, layer))
     return built
 
 
 def _assign(model, state, existing, built) -> None:
     """Install the built layers, then copy every tensor of ``state`` into its layer."""
-    for name, layer in built.items():
-        model.set_submodule(name, layer)
-    for name, layer in {**existing, **built}.items():
+    install(model, built)
+    layers = {**existing, **{names[0]: layer for names, layer in built}}
+    for name, layer in layers.items():
         for t in ADAPTER_TENSORS:
             if _key(name, t) in state:
                 getattr(layer, t).copy_(state[_key(name, t)])
@@ -241,11 +248,13 @@ def load_edora_state_dict(
     :func:`save_edora`.
 
     EDoRA layers already in the model receive the tensors (copied, cast to their dtype and
-    device; ``requires_grad`` untouched). Given a file, plain ``nn.Linear`` modules named in its
-    config are first rebuilt as EDoRA layers from the saved A and B (no SVD is run; rank, alpha,
-    dropout and detach_norm from the file, backend "auto"), and the model is then frozen as
-    :func:`apply_edora` leaves it. Nothing is changed unless every check passes: a tensor that is
-    not a finite floating tensor of the expected shape, a damaged file or config, and an alpha
+    device; ``requires_grad`` untouched). Given a file, the base layers named in its config
+    (``nn.Linear``, ``Conv1D``, quantized linears) are first wrapped in EDoRA layers from the
+    saved A and B (no SVD is run; rank and the saved options from the file, backend "auto"), at
+    every name each is registered under and with tied weights recorded, as
+    :func:`apply_edora` does; the model is then frozen as it leaves it. Nothing is changed
+    unless every check passes: a tensor that is not a finite floating tensor of the expected
+    shape, a damaged file or config, and an alpha
     that differs from the file's always raise, and with ``strict`` so do missing and unexpected
     keys, each listed by name. Returns the tolerated ``(missing_keys, unexpected_keys)``.
     """

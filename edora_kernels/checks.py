@@ -9,11 +9,9 @@ import re
 import torch
 
 from .backends import CHOICES as BACKEND_NAMES
-from .dropout import DROPOUT_MODES
+from .options import DROPOUT_MODES, INITS, SPLITS
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-INITS = ("rsvd", "svd", "random")
-SPLITS = ("u", "sqrt")
 _SHOWN_NAMES = 12  # names quoted in an error message before "... and N more"
 
 
@@ -196,6 +194,18 @@ def check_rank(rank, in_features: int | None = None, out_features: int | None = 
     if not 1 <= rank <= upper:
         raise ValueError(f"rank must be in [1, min({dims})] = [1, {upper}]"
                          f"{' for ' + what if what else ''}, got rank = {rank}")
+
+
+def check_layer_options(options) -> None:
+    """Every field of a ``LayerOptions`` accepted, or the first bad one named."""
+    check_finite_number("alpha", options.alpha)
+    check_dropout_backend(options.dropout, options.backend)
+    check_dropout_mode(options.dropout_mode)
+    if not isinstance(options.detach_norm, bool):
+        raise TypeError(f"detach_norm must be True or False, got {options.detach_norm!r}")
+    check_init(options.init)
+    check_split(options.split)
+    check_finite_number("sigma", options.sigma)
 
 
 def check_finite_number(name: str, value) -> None:

@@ -31,9 +31,6 @@ from .op_common import (
     slot_capacity,
 )
 
-DROPOUT_MODES = ("peft", "lowrank")
-
-
 # The mask is drawn 15 bits per element, four elements per 64-bit random word (its four 16-bit
 # lanes, low 15 bits each; the generator fills 63 bits): a quarter of the generator calls of
 # torch.rand, the CPU's main cost here. p is rounded to a multiple of 2⁻¹⁵.

@@ -1,25 +1,29 @@
-"""A PEFT-shaped front door: ``EDoRAConfig`` and ``get_edora_model(model, config)``.
+"""A PEFT-shaped front door: ``get_edora_model(model, EDoRAConfig(...))`` → ``EDoRAModel``.
 
 ``EDoRAModel`` wraps a model the way ``PeftModel`` does: forward and generate pass through,
 ``save_pretrained`` writes a small adapter directory (``adapter_config.json`` +
-``adapter_model.safetensors``: R, magnitude, A, B and the ``modules_to_save`` heads), and
+``adapter_model.safetensors``: R, magnitude, A, B; the trained heads beside them), and
 ``EDoRAModel.from_pretrained(model, directory)`` restores the outputs bit-exactly.
 ``merge_and_unload``/``unload`` hand back a plain model; ``disable_adapter()`` runs the base
-model for a block. The config file says ``"peft_type": "EDORA"``, which PEFT's and transformers'
-own loaders refuse (KeyError) instead of silently dropping the adapter.
+model — the base layers and the original heads — for a block. The config file says
+``"peft_type": "EDORA"``, which PEFT's and transformers' own loaders refuse (KeyError) instead of
+silently dropping the adapter.
 
-With PEFT installed, ``EDoRAModel`` is a ``peft.PeftModel`` subclass (its ``__init__`` is not
-used) with the surface ``transformers.Trainer`` relies on: Trainer then writes adapter-sized
-checkpoints through ``save_pretrained`` and resumes through ``load_adapter``.
+Heads (``modules_to_save`` and the ``task_type``'s heads) are wrapped as PEFT wraps them: a
+trained copy beside the frozen original (``TrainedHead``).
+
+No PEFT is imported until a model is wrapped. With PEFT installed, the model returned is also a
+``peft.PeftModel`` (a subclass made on first use, its ``__init__`` unused) with the surface
+``transformers.Trainer`` relies on: Trainer then writes adapter-sized checkpoints through
+``save_pretrained`` and resumes through ``load_adapter``.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import copy
+import importlib.util
 import json
-import math
 import os
-from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,99 +31,78 @@ from torch import nn
 
 from .adapter_io import edora_layers, load_edora_state_dict, save_edora
 from .checks import exact_names, matches_target
+from .config import EDoRAConfig
 from .export import merge_and_unload, unload
+from .install import install, positions
 from .integrations.peft import target_names
 from .model import apply_edora
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 HEADS_NAME = "modules_to_save.safetensors"
-PEFT_TYPE = "EDORA"
-# PEFT's defaults for the task heads it trains and saves with the adapter.
-TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
-              "QUESTION_ANS": ["qa_outputs"]}
 
 
-@dataclass
-class EDoRAConfig:
-    """What ``get_edora_model`` builds; round-trips through JSON (``to_dict``/``from_dict``)."""
+class TrainedHead(nn.Module):
+    """A head EDoRA trains and saves with the adapter (PEFT's ``modules_to_save``): a trainable
+    copy beside the frozen original, which runs instead while the adapter is disabled."""
 
-    r: int = 16
-    alpha: float = 16.0
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    dropout: float = 0.0
-    dropout_mode: str = "peft"
-    init: str = "rsvd"
-    seed: int | None = 0
-    modules_to_save: list[str] | None = None
-    task_type: str | None = None
-    detach_norm: bool = True
-    backend: str = "auto"
-    peft_type: str = field(default=PEFT_TYPE, init=False)
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original.requires_grad_(False)
+        self.trained_module = copy.deepcopy(original)
+        self.use_original = False
 
-    def heads(self) -> list[str]:
-        """``modules_to_save``, or PEFT's default heads for ``task_type``."""
-        return list(self.modules_to_save or TASK_HEADS.get(self.task_type or "", []))
+    def forward(self, *args, **kwargs):
+        module = self.original_module if self.use_original else self.trained_module
+        return module(*args, **kwargs)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "EDoRAConfig":
-        values = dict(values)
-        if values.pop("peft_type", PEFT_TYPE) != PEFT_TYPE:
-            raise ValueError("not an EDoRA config (peft_type is not 'EDORA')")
-        known = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown EDoRAConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
-    @classmethod
-    def from_lora_config(cls, lora_config) -> "EDoRAConfig":
-        """The EDoRA counterpart of a PEFT ``LoraConfig`` (rsLoRA's alpha/√r scaling kept)."""
-        rank = lora_config.r
-        alpha = lora_config.lora_alpha * (math.sqrt(rank) if lora_config.use_rslora else 1.0)
-        task = lora_config.task_type
-        return cls(r=rank, alpha=alpha, target_modules=_plain(lora_config.target_modules),
-                   exclude_modules=_plain(lora_config.exclude_modules),
-                   dropout=lora_config.lora_dropout,
-                   modules_to_save=_plain(lora_config.modules_to_save),
-                   task_type=None if task is None else str(getattr(task, "value", task)))
-
-
-def _plain(value):
-    return sorted(value) if isinstance(value, (set, frozenset)) else value
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # the head's own attributes (out_features, weight, ...)
+            return getattr(self.trained_module, name)
 
 
 def _head_names(model: nn.Module, heads: list[str]) -> list[str]:
-    return [n for n, _ in model.named_modules() if n and heads and matches_target(n, heads)]
+    """The modules the head patterns select, outermost only (a head's own children are part of
+    it), once each."""
+    names = [n for n, _ in model.named_modules() if n and heads and matches_target(n, heads)]
+    return [n for n in names if not any(n.startswith(other + ".") for other in names)]
 
 
-try:  # only for isinstance checks in Trainer and accelerate; no PEFT machinery is used
-    from peft import PeftModel as _Base
-except ImportError:
-    _Base = nn.Module
-
-
-class EDoRAModel(_Base):
-    """``model`` with EDoRA layers in place; see the module docstring."""
+class EDoRAModel(nn.Module):
+    """``model`` with EDoRA layers in place; see the module docstring. Build one with
+    :func:`get_edora_model` or :meth:`from_pretrained`."""
 
     def __init__(self, model: nn.Module, config: EDoRAConfig, *, apply: bool = True) -> None:
         nn.Module.__init__(self)
-        self.base_model = model
-        self.edora_config = config
         if apply:
             names = target_names(model, config, "EDoRAConfig")
             if not names:
                 raise ValueError(f"EDoRAConfig.target_modules={config.target_modules!r} selects "
-                                 f"no nn.Linear of {type(model).__name__}")
-            apply_edora(model, exact_names(names), config.r, config.alpha,
-                        init=config.init, seed=config.seed, progress=False,
-                        dropout=config.dropout, dropout_mode=config.dropout_mode,
-                        detach_norm=config.detach_norm, backend=config.backend)
-        self.set_trainable(True)
+                                 f"no layer EDoRA can wrap in {type(model).__name__}")
+            options = config.layer_options()
+            apply_edora(model, exact_names(names), config.r, seed=config.seed, progress=False,
+                        **vars(options))
+        self.base_model = model
+        self.edora_config = config
+        self._wrap_heads()
+        self.set_trainable(not config.inference_mode)
+
+    def __new__(cls, *args, **kwargs):
+        # With PEFT installed, an EDoRAModel is also a peft.PeftModel (Trainer's isinstance).
+        if cls is EDoRAModel:
+            cls = _peft_flavoured()
+        return super().__new__(cls)
+
+    def _wrap_heads(self) -> None:
+        where = positions(self.base_model)
+        wrapped = []
+        for name in _head_names(self.base_model, self.edora_config.heads()):
+            module = self.base_model.get_submodule(name)
+            if not isinstance(module, TrainedHead):
+                wrapped.append((where[id(module)], TrainedHead(module)))
+        install(self.base_model, wrapped)
 
     # --- pass-through -------------------------------------------------------------------------
 
@@ -157,25 +140,28 @@ class EDoRAModel(_Base):
         resume path)."""
         if adapter_name != "default":
             raise ValueError(f"EDoRAModel holds one adapter, 'default'; got {adapter_name!r}")
-        _load_into(self.base_model, directory)
+        _load_into(self.base_model, directory, self.heads())
         self.set_trainable(is_trainable)
 
     # --- training state -----------------------------------------------------------------------
 
+    def heads(self) -> dict[str, TrainedHead]:
+        """The trained heads by name."""
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, TrainedHead)}
+
     def head_names(self) -> list[str]:
-        return _head_names(self.base_model, self.edora_config.heads())
+        return list(self.heads())
 
     def set_trainable(self, trainable: bool) -> None:
-        """R and magnitude of every EDoRA layer and the ``modules_to_save`` heads train (or
-        not); everything else stays frozen."""
+        """R and magnitude of every EDoRA layer and the trained heads train (or not);
+        everything else stays frozen."""
         for p in self.base_model.parameters():
             p.requires_grad_(False)
         for layer in edora_layers(self.base_model).values():
             layer.R.requires_grad_(trainable)
             layer.magnitude.requires_grad_(trainable)
-        for name in self.head_names():
-            for p in self.base_model.get_submodule(name).parameters():
-                p.requires_grad_(trainable)
+        for head in self.heads().values():
+            head.trained_module.requires_grad_(trainable)
 
     def print_trainable_parameters(self) -> None:
         params = list(self.base_model.parameters())
@@ -186,20 +172,25 @@ class EDoRAModel(_Base):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Run the base model (W0, no adapter) inside the block."""
-        layers = list(edora_layers(self.base_model).values())
-        for layer in layers:
-            layer.adapter_disabled = True
+        """Run the base model inside the block: W0 alone in every EDoRA layer and the original
+        heads — bit-exactly the model before EDoRA."""
+        switches = [*edora_layers(self.base_model).values(), *self.heads().values()]
+        for module in switches:
+            _set_disabled(module, True)
         try:
             yield
         finally:
-            for layer in layers:
-                layer.adapter_disabled = False
+            for module in switches:
+                _set_disabled(module, False)
 
     def merge_and_unload(self) -> nn.Module:
+        """The base model with merged weights and the trained heads (PEFT's meaning)."""
+        _unwrap_heads(self.base_model, trained=True)
         return merge_and_unload(self.base_model)
 
     def unload(self) -> nn.Module:
+        """The base model as it was: W0 and the original heads."""
+        _unwrap_heads(self.base_model, trained=False)
         return unload(self.base_model)
 
     # --- files --------------------------------------------------------------------------------
@@ -210,9 +201,9 @@ class EDoRAModel(_Base):
         with open(os.path.join(directory, CONFIG_NAME), "w") as f:
             json.dump(self.edora_config.to_dict(), f, indent=2)
         save_edora(self.base_model, os.path.join(directory, WEIGHTS_NAME))
-        heads = {f"{name}.{k}": v.detach().cpu().contiguous()
-                 for name in self.head_names()
-                 for k, v in self.base_model.get_submodule(name).state_dict().items()}
+        heads = {f"{name}.{k}": _full(v).detach().cpu().contiguous()
+                 for name, head in self.heads().items()
+                 for k, v in head.trained_module.state_dict().items()}
         if heads:
             save_file(heads, os.path.join(directory, HEADS_NAME))
 
@@ -220,12 +211,34 @@ class EDoRAModel(_Base):
     def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike, *,
                         is_trainable: bool = False) -> "EDoRAModel":
         """``model`` (the base architecture with its pretrained weights) with the adapter and
-        heads of ``directory``; frozen unless ``is_trainable``."""
+        heads of ``directory``; frozen and in eval mode unless ``is_trainable``."""
         config = _read_config(directory)
-        _load_into(model, directory)
+        load_edora_state_dict(model, os.path.join(directory, WEIGHTS_NAME))
         wrapped = cls(model, config, apply=False)
+        _load_into(model, directory, wrapped.heads(), adapter=False)
         wrapped.set_trainable(is_trainable)
+        if not is_trainable:
+            wrapped.eval()
         return wrapped
+
+
+def _set_disabled(module, disabled: bool) -> None:
+    if isinstance(module, TrainedHead):
+        module.use_original = disabled
+    else:
+        module.adapter_disabled = disabled
+
+
+def _unwrap_heads(model: nn.Module, *, trained: bool) -> None:
+    where = positions(model)
+    install(model, [(where[id(head)], head.trained_module if trained else head.original_module)
+                    for head in {id(m): m for m in model.modules()
+                                 if isinstance(m, TrainedHead)}.values()])
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor (FSDP2's DTensor) gathered whole; any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _read_config(directory) -> EDoRAConfig:
@@ -237,20 +250,50 @@ def _read_config(directory) -> EDoRAConfig:
         raise ValueError(f"{path}: not a readable EDoRA adapter config ({err})") from None
 
 
-def _load_into(model: nn.Module, directory) -> None:
+def _load_into(model: nn.Module, directory, heads: dict[str, TrainedHead], *,
+               adapter: bool = True) -> None:
     """The adapter (layers rebuilt from the file where the model has none) and the heads."""
-    load_edora_state_dict(model, os.path.join(directory, WEIGHTS_NAME))
+    if adapter:
+        load_edora_state_dict(model, os.path.join(directory, WEIGHTS_NAME))
     heads_path = os.path.join(directory, HEADS_NAME)
     if not os.path.exists(heads_path):
         return
-    heads = load_file(heads_path)
-    state = model.state_dict(keep_vars=True)
-    unknown = sorted(set(heads) - set(state))
+    saved = load_file(heads_path)
+    state = {f"{name}.{k}": v for name, head in heads.items()
+             for k, v in head.trained_module.state_dict(keep_vars=True).items()}
+    unknown = sorted(set(saved) - set(state))
     if unknown:
-        raise ValueError(f"{heads_path}: {unknown[:8]} are not in {type(model).__name__}")
+        raise ValueError(f"{heads_path}: {unknown[:8]} are not heads of {type(model).__name__} "
+                         f"(its heads: {sorted(heads)})")
     with torch.no_grad():
-        for key, value in heads.items():
+        for key, value in saved.items():
             state[key].copy_(value)
+
+
+_PEFT_CLASS: type | None = None
+
+
+def _peft_flavoured() -> type:
+    """``EDoRAModel``, or with PEFT installed a subclass that is also a ``peft.PeftModel`` (made
+    on first use: importing PEFT imports transformers, seconds that ``import edora_kernels``
+    does not pay)."""
+    global _PEFT_CLASS
+    if _PEFT_CLASS is None:
+        if importlib.util.find_spec("peft") is None:
+            _PEFT_CLASS = EDoRAModel
+        else:
+            from peft import PeftModel
+
+            _PEFT_CLASS = type("EDoRAPeftModel", (EDoRAModel, PeftModel),
+                               {"__module__": __name__, "__doc__": EDoRAModel.__doc__})
+    return _PEFT_CLASS
+
+
+def __getattr__(name):
+    # Unpickling an EDoRAPeftModel in a fresh process finds the class here.
+    if name == "EDoRAPeftModel":
+        return _peft_flavoured()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_edora_model(model: nn.Module, config: EDoRAConfig) -> EDoRAModel:

@@ -1,8 +1,9 @@
-"""Leaving EDoRA: plain ``nn.Linear`` layers (merged or not), or a stock PEFT DoRA adapter.
+"""Leaving EDoRA: plain base layers (merged or not), or a stock PEFT DoRA adapter.
 
-- :func:`merge_and_unload` replaces every EDoRA layer by an ``nn.Linear`` whose weight is the
-  merged ``m/‖V‖ ⊙ V``: a model that loads and runs without this package.
-- :func:`unload` replaces them by the ``nn.Linear`` with the original W0 (the adapter dropped).
+- :func:`merge_and_unload` replaces every EDoRA layer by a base layer of its base's kind whose
+  weight is the merged ``m/‖V‖ ⊙ V`` (``nn.Linear``, ``Conv1D``, a quantized layer quantized
+  again): a model that loads and runs without this package.
+- :func:`unload` replaces them by their base layers with the original W0 (the adapter dropped).
 - :func:`export_peft_dora` writes a directory that ``peft.PeftModel.from_pretrained`` loads as a
   DoRA adapter with identical outputs: EDoRA is DoRA with ``lora_A = A`` and ``lora_B = B R``
   (same scaling, same magnitude), so tools that only know PEFT can serve it.
@@ -16,52 +17,48 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from . import bases
 from .adapter_io import edora_layers
 from .checks import exact_names
-
-
-def _plain_linear(layer, weight: torch.Tensor) -> nn.Linear:
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                       device="meta")
-    linear.weight = nn.Parameter(weight, requires_grad=False)
-    if layer.bias is not None:
-        linear.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
-    return linear
+from .install import install, positions
 
 
 def _replace_all(model: nn.Module, build) -> nn.Module:
     """Every EDoRA layer (at every name it is registered under) replaced by ``build(layer)``;
     all are built before the model changes."""
-    names: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if name and id(module) in {id(m) for m in edora_layers(model).values()}:
-            names.setdefault(id(module), []).append(name)
-    layers = {id(m): m for m in edora_layers(model).values()}
-    built = {key: build(layers[key]) for key in names}
-    for key, where in names.items():
-        for name in where:
-            model.set_submodule(name, built[key])
+    where = positions(model)
+    install(model, [(where[id(layer)], build(layer))
+                    for layer in edora_layers(model).values()])
     return model
 
 
 @torch.no_grad()
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every EDoRA layer by an ``nn.Linear`` holding the merged weight
-    ``m/‖W0 + s·BRA‖ ⊙ (W0 + s·BRA)`` (rounded once to W0's dtype); returns ``model``.
+    """Replace every EDoRA layer by a base layer of its base's kind holding the merged weight
+    ``m/‖W0 + s·BRA‖ ⊙ (W0 + s·BRA)`` (rounded once to W0's dtype; for a quantized base,
+    quantized again — a fresh quantization error of the scheme's size); returns ``model``.
 
     The new weights are fresh tensors: W0 and any parameter tied to it stay untouched.
     """
     if not edora_layers(model):
         raise ValueError(f"{type(model).__name__} has no EDoRALinear layers")
-    return _replace_all(model, lambda layer: _plain_linear(layer, layer.merged_weight()))
+    return _replace_all(model, lambda layer: bases.rebuilt(layer.base_layer, layer.kind,
+                                                          layer.merged_weight()))
 
 
 @torch.no_grad()
 def unload(model: nn.Module) -> nn.Module:
-    """Replace every EDoRA layer by the ``nn.Linear`` with its original W0 (adapter dropped)."""
+    """Replace every EDoRA layer by its base layer with the original W0 (adapter dropped; a
+    merged dense layer gets W0 back in a fresh layer)."""
     if not edora_layers(model):
         raise ValueError(f"{type(model).__name__} has no EDoRALinear layers")
-    return _replace_all(model, lambda layer: _plain_linear(layer, layer.base_weight()))
+
+    def base(layer):
+        if not layer.merged:
+            return layer.base_layer
+        return bases.rebuilt(layer.base_layer, layer.kind, layer.base_weight())
+
+    return _replace_all(model, base)
 
 
 def export_peft_dora(model: nn.Module, directory: str | os.PathLike, *,
@@ -77,9 +74,10 @@ def export_peft_dora(model: nn.Module, directory: str | os.PathLike, *,
     """
     from .edora_model import EDoRAModel  # the wrapper imports this module
 
-    heads: list[str] = []
+    heads: dict[str, nn.Module] = {}
     if isinstance(model, EDoRAModel):
-        heads, task_type = model.head_names(), task_type or model.edora_config.task_type
+        heads = {name: head.trained_module for name, head in model.heads().items()}
+        task_type = task_type or model.edora_config.task_type
         model = model.get_base_model()
     layers = edora_layers(model)
     if not layers:
@@ -96,16 +94,21 @@ def export_peft_dora(model: nn.Module, directory: str | os.PathLike, *,
         tensors[f"{prefix}.lora_A.weight"] = layer.A.detach().float().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = B_R.float().contiguous()
         tensors[f"{prefix}.lora_magnitude_vector"] = layer.magnitude.detach().float()
-    for name in heads:  # PEFT stores a modules_to_save copy under the module's own name
-        for key, value in model.get_submodule(name).state_dict().items():
+    for name, head in heads.items():  # PEFT stores a modules_to_save copy under its own name
+        for key, value in head.state_dict().items():
             tensors[f"base_model.model.{name}.{key}"] = value.detach().contiguous()
     os.makedirs(directory, exist_ok=True)
     save_file({k: v.cpu() for k, v in tensors.items()},
               os.path.join(directory, "adapter_model.safetensors"))
+    conv1d = {layer.kind is bases.CONV1D for layer in layers.values()}
+    if len(conv1d) > 1:
+        raise ValueError("layers mix GPT-2 Conv1D and other bases: PEFT's fan_in_fan_out is one "
+                         "setting per adapter")
     config = {"peft_type": "LORA", "task_type": task_type, "r": rank, "lora_alpha": alpha,
               "target_modules": exact_names(sorted(layers)),
               "use_dora": True, "lora_dropout": 0.0, "bias": "none",
-              "modules_to_save": heads or None,
+              "fan_in_fan_out": conv1d == {True},
+              "modules_to_save": sorted(heads) or None,
               "base_model_name_or_path": base_model_name_or_path}
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)

@@ -1,4 +1,13 @@
-"""``EDoRALinear``: a drop-in replacement for ``nn.Linear`` that calls the ``edora_linear`` op."""
+"""``EDoRALinear``: EDoRA around a base layer, which it wraps (``base_layer``, as PEFT's tuner
+layers do).
+
+The base layer keeps W0 and the bias (frozen); the EDoRA layer adds the frozen factors A, B and
+the trainable R and magnitude. The kind of the base decides the path (``edora_kernels.bases``):
+an ``nn.Linear`` or a GPT-2 ``Conv1D`` goes through the fused ``edora_linear`` on W0 itself (a
+transposed view for Conv1D, never a copy); a quantized base (bitsandbytes 4/8-bit, torchao int8)
+runs its own forward and ``edora_epilogue`` adds the adapter, its norm terms computed once from
+the dequantized weight.
+"""
 from __future__ import annotations
 
 import os
@@ -7,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_dropout_backend, check_dropout_mode, check_finite_number, check_rank
+from . import bases
+from .checks import check_rank
 from .norm import NormTermsCache, compute_dtype, compute_norm_terms, row_norm
-from .ops import edora_linear
+from .ops import edora_epilogue, edora_linear
+from .options import LayerOptions
 from .svd import edora_factors
 
 # Recompute the norm terms on every forward and compare with the cached ones (debugging writes
@@ -23,168 +34,198 @@ def _adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return compute_dtype(weight_dtype)
 
 
-class EDoRALinear(nn.Module):
-    """``y = m/‖W0 + s·BRA‖_row ⊙ (x W0ᵀ + s·x Aᵀ Rᵀ Bᵀ) + b`` with W0, b, A, B frozen.
+def base_kind(name: str, module: nn.Module) -> bases.Kind:
+    """The kind of a base layer, or a ValueError naming ``name`` and what is supported."""
+    kind = bases.kind_of(module)
+    if kind is None:
+        raise ValueError(f"{bases.unsupported(name, module)} is not a base layer EDoRA can "
+                         f"wrap; {bases.SUPPORTED}")
+    return kind
 
-    Parameters: ``weight`` and ``bias`` (frozen), ``R`` and ``magnitude`` (trainable).
-    Buffers: ``A`` and ``B`` (frozen, saved with the adapter since SVD signs make them
-    non-reproducible). Build one with :meth:`from_linear`.
+
+class EDoRALinear(nn.Module):
+    """``y = m/‖W0 + s·BRA‖_row ⊙ (base(x) − b + s·x Aᵀ Rᵀ Bᵀ) + b`` around ``base_layer``.
+
+    Submodule ``base_layer`` (frozen, holding W0 and b); buffers ``A`` and ``B`` (frozen, saved
+    with the adapter since SVD signs make them non-reproducible); parameters ``R`` and
+    ``magnitude`` (trainable). ``weight`` and ``bias`` are the base layer's.
+    ``EDoRALinear(base, rank)`` is a bare layer (zero factors) to be loaded into;
+    :meth:`from_linear` initialises one from the base's weight.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        alpha: float = 16.0,
-        *,
-        bias: bool = True,
-        dropout: float = 0.0,
-        dropout_mode: str = "peft",
-        detach_norm: bool = True,
-        backend: str = "auto",
-        device=None,
-        dtype=None,
-    ) -> None:
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float = 16.0, **options) -> None:
         super().__init__()
-        check_rank(rank, in_features, out_features)
-        check_dropout_backend(dropout, backend)
-        check_dropout_mode(dropout_mode)
-        check_finite_number("alpha", alpha)
-        factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.alpha, self.dropout, self.dropout_mode = float(alpha), float(dropout), dropout_mode
-        self.detach_norm, self.backend = detach_norm, backend
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory),
-                                   requires_grad=False)
-        self.bias = (nn.Parameter(torch.zeros(out_features, **factory), requires_grad=False)
-                     if bias else None)
-        self.register_buffer("A", torch.zeros(rank, in_features, **factory))
-        self.register_buffer("B", torch.zeros(out_features, rank, **factory))
-        adapter = {"device": device, "dtype": _adapter_dtype(self.weight.dtype)}
+        self.kind = base_kind(type(base_layer).__name__, base_layer)
+        self.options = LayerOptions.from_kwargs("EDoRALinear", alpha=alpha, **options)
+        self.in_features, self.out_features = bases.features(base_layer, self.kind)
+        check_rank(rank, self.in_features, self.out_features)
+        self.rank = rank
+        self.base_layer = base_layer.requires_grad_(False)
+        dtype = bases.weight_dtype(base_layer, self.kind)
+        device = bases.stamped_weight(base_layer, self.kind).device
+        self.register_buffer("A", torch.zeros(rank, self.in_features, device=device, dtype=dtype))
+        self.register_buffer("B", torch.zeros(self.out_features, rank, device=device,
+                                              dtype=dtype))
+        adapter = {"device": device, "dtype": _adapter_dtype(dtype)}
         self.R = nn.Parameter(torch.zeros(rank, rank, **adapter))
-        self.magnitude = nn.Parameter(torch.ones(out_features, **adapter))
+        self.magnitude = nn.Parameter(torch.ones(self.out_features, **adapter))
         self.merged = False
         # (R, m, n) as merge() used them: unmerge() inverts exactly that, whatever happened to
         # the parameters in between (an optimizer step on leftover gradients, a load).
         self._merge_snapshot: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.norm_cache = NormTermsCache()
-        self.adapter_disabled = False  # EDoRAModel.disable_adapter(): run W0 alone
-        # Set by apply_edora: other parameters of the model that share W0's storage (tied
+        self.adapter_disabled = False  # EDoRAModel.disable_adapter(): run the base alone
+        # Set by the installer: other parameters of the model that share W0's storage (tied
         # embeddings) and that storage; merge() would change them too, so it refuses while the
         # layer still holds that storage.
         self.tied_to: list[str] = []
         self.tied_storage: int | None = None
+        self.register_state_dict_post_hook(self._state_dict_holds_w0)
+
+    def _option(name: str):  # noqa: N805 (a property factory, used in the class body)
+        """The option ``name`` as an attribute; setting it checks the new value."""
+        return property(lambda self: getattr(self.options, name),
+                        lambda self, value: setattr(self, "options",
+                                                    self.options.replace(**{name: value})))
+
+    alpha = _option("alpha")
+    dropout = _option("dropout")
+    dropout_mode = _option("dropout_mode")
+    detach_norm = _option("detach_norm")
+    backend = _option("backend")
+    del _option
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
 
+    @property
+    def weight(self):
+        """The base layer's weight, in its own layout (as PEFT's tuner layers expose it): W0
+        (out×in) for an ``nn.Linear``, in×out for a Conv1D, the quantized tensor otherwise."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def __setattr__(self, name, value):
+        # layer.weight = ... (untying a shared embedding) sets the base layer's own weight.
+        if name == "weight" and "base_layer" in self.__dict__.get("_modules", {}):
+            self.base_layer.weight = value
+            return
+        super().__setattr__(name, value)
+
+    def _w0(self) -> torch.Tensor:
+        """W0 (out×in) of a dense base: the weight itself or Conv1D's transposed view."""
+        return bases.dense_weight(self.base_layer, self.kind)
+
     # --- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        rank: int,
-        alpha: float = 16.0,
-        *,
-        init: str = "rsvd",
-        split: str = "u",
-        sigma: float = 1e-5,
-        dropout: float = 0.0,
-        dropout_mode: str = "peft",
-        detach_norm: bool = True,
-        backend: str = "auto",
-        seed: int | None = None,
-    ) -> "EDoRALinear":
-        """Wrap ``linear`` (its weight and bias are shared, not copied) and initialise A, B, R, m.
-
-        ``init``: "rsvd" (randomised SVD), "svd" (exact) or "random" (ablation). ``split``: "u"
-        (B = U_r, A = U_rᵀ W0, the paper's choice) or "sqrt". ``sigma``: std of R's Gaussian init
-        (0 gives zeros). ``seed`` makes the random parts reproducible.
-        """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        A, B = edora_factors(linear.weight, rank, init=init, split=split, seed=seed)
-        return cls.from_factors(linear, A, B, alpha, sigma=sigma, dropout=dropout,
-                                dropout_mode=dropout_mode, detach_norm=detach_norm,
-                                backend=backend, seed=seed)
+    def from_linear(cls, base_layer: nn.Module, rank: int, alpha: float = 16.0, *,
+                    seed: int | None = None, **options) -> "EDoRALinear":
+        """Wrap ``base_layer`` (an ``nn.Linear``, a GPT-2 ``Conv1D`` or a quantized linear; its
+        weight is shared, never copied) and initialise A, B, R, m from its weight
+        (``init``, ``split``, ``sigma`` and the other ``LayerOptions``); ``seed`` makes the
+        random parts reproducible."""
+        layer = cls(base_layer, rank, alpha, **options)
+        A, B = edora_factors(layer.base_weight(), rank, init=layer.options.init,
+                             split=layer.options.split, seed=seed)
+        layer.initialise(A, B, seed=seed)
+        return layer
 
     @classmethod
-    def from_factors(
-        cls,
-        linear: nn.Linear,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        alpha: float = 16.0,
-        *,
-        sigma: float = 1e-5,
-        dropout: float = 0.0,
-        dropout_mode: str = "peft",
-        detach_norm: bool = True,
-        backend: str = "auto",
-        seed: int | None = None,
-    ) -> "EDoRALinear":
-        """Like :meth:`from_linear` with precomputed factors (used by batched initialisation)."""
-        weight = linear.weight
-        out_features, in_features = weight.shape
-        rank = A.shape[0]
-        layer = cls(in_features, out_features, rank, alpha, bias=linear.bias is not None,
-                    dropout=dropout, dropout_mode=dropout_mode, detach_norm=detach_norm,
-                    backend=backend,
-                    device="meta")
-        layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        layer.bias = (None if linear.bias is None
-                      else nn.Parameter(linear.bias.detach(), requires_grad=False))
-        if tuple(A.shape) != (rank, in_features) or tuple(B.shape) != (out_features, rank):
-            raise ValueError(f"factors must be A ({rank}, {in_features}) and B ({out_features}, "
-                             f"{rank}); got A {tuple(A.shape)}, B {tuple(B.shape)}")
-        layer.A = A.detach().to(device=weight.device, dtype=weight.dtype).contiguous()
-        layer.B = B.detach().to(device=weight.device, dtype=weight.dtype).contiguous()
-        adapter = {"device": weight.device, "dtype": _adapter_dtype(weight.dtype)}
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=weight.device).manual_seed(seed + 1)
-        R = torch.randn(rank, rank, generator=gen, **adapter) * sigma
-        layer.R = nn.Parameter(R)
-        # m = ‖W0 + s·B R A‖ at init, so that g = 1 and the layer starts as the base layer.
-        cdt = compute_dtype(weight.dtype)
-        n = row_norm(compute_norm_terms(weight, layer.A), layer.B.to(cdt) @ R.to(cdt),
-                     layer.scaling)
-        layer.magnitude = nn.Parameter(n.to(adapter["dtype"]))
+    def from_factors(cls, base_layer: nn.Module, A: torch.Tensor, B: torch.Tensor,
+                     alpha: float = 16.0, *, seed: int | None = None,
+                     **options) -> "EDoRALinear":
+        """Like :meth:`from_linear` with precomputed factors (batched initialisation, loading)."""
+        layer = cls(base_layer, A.shape[0], alpha, **options)
+        layer.initialise(A, B, seed=seed)
         return layer
+
+    @torch.no_grad()
+    def initialise(self, A: torch.Tensor, B: torch.Tensor, *, seed: int | None = None) -> None:
+        """Set the factors, draw R (std ``sigma``) and start m at ‖W0 + s·B R A‖, so that g = 1
+        and the layer starts as its base."""
+        shapes = {"A": (self.rank, self.in_features), "B": (self.out_features, self.rank)}
+        for name, t in (("A", A), ("B", B)):
+            if tuple(t.shape) != shapes[name]:
+                raise ValueError(f"factors must be A {shapes['A']} and B {shapes['B']}; got "
+                                 f"{name} {tuple(t.shape)}")
+        self.A = A.detach().to(self.A).contiguous()
+        self.B = B.detach().to(self.B).contiguous()
+        gen = None
+        if seed is not None and self.R.device.type != "meta":
+            gen = torch.Generator(device=self.R.device).manual_seed(seed + 1)
+        R = torch.randn(self.rank, self.rank, generator=gen, device=self.R.device,
+                        dtype=self.R.dtype) * self.options.sigma
+        self.R.copy_(R)
+        cdt = compute_dtype(self.A.dtype)
+        n = row_norm(self.norm_terms(cached=False), self.B.to(cdt) @ R.to(cdt), self.scaling)
+        self.magnitude.copy_(n)
 
     # --- forward ------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.adapter_disabled:
-            return F.linear(x, self.base_weight(), self.bias)
+            if self.merged:  # the base holds the merged weight: W0 is reconstructed
+                return F.linear(x, self.base_weight(), self.bias)
+            return self.base_layer(x)
         if self.merged:
             if torch.is_grad_enabled() and (self.R.requires_grad or self.magnitude.requires_grad):
                 raise RuntimeError(
                     "EDoRALinear is merged, so R and magnitude would get no gradient: call "
                     "unmerge() before training, or run under torch.no_grad() / freeze them")
-            return F.linear(x, self.weight, self.bias)
-        return edora_linear(
-            x, self.weight, self.bias, self.A, self.B, self.R, self.magnitude, self.scaling,
-            dropout=self.dropout if self.training else 0.0, dropout_mode=self.dropout_mode,
-            detach_norm=self.detach_norm, backend=self.backend, norm_terms=self.norm_terms(),
-        )
+            return self.base_layer(x)
+        dropout = self.dropout if self.training else 0.0
+        if self.kind.dense:
+            return edora_linear(
+                x, self._w0(), self.bias, self.A, self.B, self.R, self.magnitude, self.scaling,
+                dropout=dropout, dropout_mode=self.dropout_mode, detach_norm=self.detach_norm,
+                backend=self.backend, norm_terms=self.norm_terms())
+        return self._quantized_forward(x, dropout)
+
+    def _quantized_forward(self, x: torch.Tensor, dropout: float) -> torch.Tensor:
+        """The base layer's own forward and the epilogue op. With dropout, as PEFT's DoRA on a
+        quantized base: "peft" mode runs the base on the dropped input too, ``y = epi(base(x̃),
+        x̃) + base(x) − base(x̃)``; "lowrank" feeds the dropped input to the rank-r branch
+        only."""
+        terms = self.norm_terms()
+
+        def epilogue(y0, x_in):
+            return edora_epilogue(y0, x_in, self.bias, self.A, self.B, self.R, self.magnitude,
+                                  self.scaling, norm_terms=terms, detach_norm=self.detach_norm,
+                                  backend=self.backend)
+
+        y0 = self.base_layer(x)
+        if dropout == 0.0:
+            return epilogue(y0, x)
+        x_drop = F.dropout(x, p=dropout, training=True)
+        if self.dropout_mode == "lowrank":
+            return epilogue(y0, x_drop)
+        y0_drop = self.base_layer(x_drop)
+        return epilogue(y0_drop, x_drop) + (y0 - y0_drop)
 
     # --- norm terms -----------------------------------------------------------------------------
 
-    def norm_terms(self):
-        """The float64 norm terms of (weight, A), cached here and recomputed when either tensor
-        changes (docs/DESIGN.md §2); None under torch.compile, where the op computes them in the
-        graph (a cache keyed on storages and version counters cannot be traced)."""
+    def norm_terms(self, cached: bool = True):
+        """The float64 norm terms of (W0, A), cached here and recomputed when W0 or A changes
+        (docs/DESIGN.md §2); a quantized W0 is dequantized only then. None under
+        torch.compile for a dense base, where the op computes them in the graph (a cache keyed
+        on storages and version counters cannot be traced)."""
+        if not cached:
+            return compute_norm_terms(self.base_weight(), self.A)
         if torch.compiler.is_compiling():
-            return None
-        terms = self.norm_cache.get(self.weight, self.A)
+            if self.kind.dense:
+                return None
+            return compute_norm_terms(self.base_weight(), self.A)
+        terms = self.norm_cache.get(bases.stamped_weight(self.base_layer, self.kind), self.A,
+                                    self.base_weight)
         if os.environ.get(VERIFY_NORM_ENV, "0") not in ("", "0"):
-            fresh = compute_norm_terms(self.weight, self.A)
-            for name, cached, exact in zip(terms._fields, terms, fresh):
-                if not torch.allclose(cached, exact, rtol=1e-12, atol=0):
+            fresh = compute_norm_terms(self.base_weight(), self.A)
+            for name, cached_term, exact in zip(terms._fields, terms, fresh):
+                if not torch.allclose(cached_term, exact, rtol=1e-12, atol=0):
                     raise RuntimeError(
                         f"{self._display_name()}: cached norm term {name} is stale (weight or "
                         "A was written without moving its version counter, e.g. through "
@@ -193,7 +234,7 @@ class EDoRALinear(nn.Module):
         return terms
 
     def refresh_norm_terms(self) -> None:
-        """Forget the cached norm terms; the next forward recomputes them from weight and A."""
+        """Forget the cached norm terms; the next forward recomputes them from W0 and A."""
         self.norm_cache.clear()
 
     def _display_name(self) -> str:
@@ -213,30 +254,39 @@ class EDoRALinear(nn.Module):
     # --- merging ------------------------------------------------------------------------------
 
     def _norm_and_direction(self) -> tuple[torch.Tensor, torch.Tensor]:
-        cdt = compute_dtype(self.weight.dtype)
+        w0 = self.base_weight()
+        cdt = compute_dtype(w0.dtype)
         P = self.B.to(cdt) @ self.R.detach().to(cdt)
-        n = row_norm(compute_norm_terms(self.weight, self.A), P, self.scaling)
-        return n, self.weight.detach().to(cdt) + self.scaling * (P @ self.A.to(cdt))
+        n = row_norm(compute_norm_terms(w0, self.A), P, self.scaling)
+        return n, w0.detach().to(cdt) + self.scaling * (P @ self.A.to(cdt))
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """``(m / ‖V‖)[:, None] · V`` with ``V = W0 + s·BRA``: the weight of the merged layer."""
+        """``(m / ‖V‖)[:, None] · V`` with ``V = W0 + s·BRA`` (out×in, dense): the weight of the
+        merged layer."""
         if self.merged:
-            return self.weight.detach().clone()
+            return self._w0().detach().clone()
         n, V = self._norm_and_direction()
         g = self.magnitude.detach().to(n.dtype) / n
-        return (g.unsqueeze(1) * V).to(self.weight.dtype)
+        return (g.unsqueeze(1) * V).to(bases.weight_dtype(self.base_layer, self.kind))
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into ``weight`` (in place) so that forward is a plain ``F.linear``.
+        """Fold the adapter into the base's weight (in place), so that forward is the base's.
 
-        Refused when a magnitude entry is 0: that row of W0 would be erased and
-        :meth:`unmerge` could not restore it.
+        Refused for a quantized base (the merged weight would have to be quantized again:
+        ``merge_and_unload`` does that, into a new base layer), when a magnitude entry is 0
+        (that row of W0 would be erased and :meth:`unmerge` could not restore it), and while
+        W0 is tied to another parameter of the model.
         """
         if self.merged:
             raise RuntimeError("EDoRALinear is already merged")
-        if self.tied_to and self.weight.untyped_storage().data_ptr() == self.tied_storage:
+        if not self.kind.dense:
+            raise RuntimeError(
+                f"cannot merge {self._display_name()} in place: its {self.kind.name} base would "
+                "have to be quantized again; edora_kernels.merge_and_unload(model) returns a "
+                "model whose base layers hold the merged weight, quantized again")
+        if self.tied_to and self._w0().untyped_storage().data_ptr() == self.tied_storage:
             raise RuntimeError(
                 f"cannot merge {self._display_name()}: its weight is tied to {self.tied_to}, "
                 "which merging in place would change too; untie it first (give the layer its "
@@ -248,15 +298,15 @@ class EDoRALinear(nn.Module):
                                "merging would erase those rows of W0 for good")
         n, V = self._norm_and_direction()
         self._merge_snapshot = (self.R.detach().clone(), self.magnitude.detach().clone(), n)
-        self.weight.copy_((self.magnitude.to(n.dtype) / n).unsqueeze(1) * V)
+        self._w0().copy_((self.magnitude.to(n.dtype) / n).unsqueeze(1) * V)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore ``weight = W0`` from the (R, m, n) that :meth:`merge` used."""
+        """Restore W0 from the (R, m, n) that :meth:`merge` used."""
         if not self.merged:
             raise RuntimeError("EDoRALinear is not merged")
-        self.weight.copy_(self.base_weight())
+        self._w0().copy_(self.base_weight())
         self._merge_snapshot = None
         self.merged = False
 
@@ -264,34 +314,45 @@ class EDoRALinear(nn.Module):
 
     @torch.no_grad()
     def base_weight(self) -> torch.Tensor:
-        """W0: the weight itself, or — merged — the weight unmerge() would restore (a copy)."""
+        """W0 (out×in): the weight itself (a view for Conv1D), dequantized for a quantized base,
+        or — merged — the weight unmerge() would restore (a copy)."""
         if not self.merged:
-            return self.weight.detach()
-        R, m, n = (t.to(self.weight.device) for t in self._merge_snapshot)
+            return bases.dequantized_weight(self.base_layer, self.kind).detach()
+        merged = self._w0()
+        R, m, n = (t.to(merged.device) for t in self._merge_snapshot)
         cdt = n.dtype
         delta = self.scaling * (self.B.to(cdt) @ R.to(cdt) @ self.A.to(cdt))
-        w0 = self.weight.detach().to(cdt) * (n / m.to(cdt)).unsqueeze(1) - delta
-        return w0.to(self.weight.dtype)
+        w0 = merged.detach().to(cdt) * (n / m.to(cdt)).unsqueeze(1) - delta
+        return w0.to(merged.dtype)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.merged:
-            # A state dict always holds W0 (and only tensors): a merged layer writes the weight
-            # that unmerge() would restore, so the file loads into any layer, merged or not.
-            destination[prefix + "weight"] = self.base_weight()
+    @staticmethod
+    def _state_dict_holds_w0(layer, state_dict, prefix, local_metadata) -> None:
+        """A state dict always holds W0 (and only tensors): a merged layer writes the weight
+        that unmerge() would restore, so the file loads into any layer, merged or not. (A hook:
+        it runs after the base layer wrote its merged weight.)"""
+        if layer.merged:
+            w0 = layer.base_weight()
+            state_dict[prefix + "base_layer.weight"] = w0.T if layer.kind is bases.CONV1D else w0
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The base model's own keys (weight, bias) load into the base layer: a checkpoint of
+        # the unadapted model fills a model built with EDoRA already in place (meta-device
+        # initialisation, FSDP).
+        for name in ("weight", "bias"):
+            if prefix + name in state_dict and prefix + "base_layer." + name not in state_dict:
+                state_dict[prefix + "base_layer." + name] = state_dict.pop(prefix + name)
         # What is loaded is W0 and an adapter: the layer is unmerged afterwards.
-        if self.merged and prefix + "weight" in state_dict:
+        if self.merged and prefix + "base_layer.weight" in state_dict:
             self.merged, self._merge_snapshot = False, None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
+        o = self.options
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}, "
-                f"dropout_mode={self.dropout_mode!r}, "
-                f"bias={self.bias is not None}, detach_norm={self.detach_norm}, "
-                f"backend={self.backend!r}, merged={self.merged}")
+                f"rank={self.rank}, alpha={o.alpha}, dropout={o.dropout}, "
+                f"dropout_mode={o.dropout_mode!r}, base={self.kind.name}, "
+                f"bias={self.bias is not None}, detach_norm={o.detach_norm}, "
+                f"backend={o.backend!r}, merged={self.merged}")
 
 
 def refresh_norm_terms(module: nn.Module) -> int:

@@ -116,14 +116,20 @@ class NormTermsCache:
     def __init__(self) -> None:
         self._entry: tuple[tuple, tuple, NormTerms] | None = None
 
-    def get(self, weight: torch.Tensor, A: torch.Tensor) -> NormTerms:
-        if weight.is_inference() or A.is_inference():
-            return compute_norm_terms(weight, A)  # inference tensors carry no version counter
+    def get(self, stamped: torch.Tensor, A: torch.Tensor, weight=None) -> NormTerms:
+        """The terms of (W0, A). ``stamped`` is W0 itself, or for a quantized base the tensor
+        whose storage and version change with it; then ``weight()`` gives W0 dense, called
+        only when the terms are recomputed (the base is dequantized only then)."""
+        def compute():
+            return compute_norm_terms(stamped if weight is None else weight(), A)
+
+        if stamped.is_inference() or A.is_inference():
+            return compute()  # inference tensors carry no version counter
         entry = self._entry
-        if entry is not None and _same(entry[0], weight) and _same(entry[1], A):
+        if entry is not None and _same(entry[0], stamped) and _same(entry[1], A):
             return entry[2]
-        stamps = (_stamp(weight), _stamp(A))  # taken before reading: a racing write re-stamps
-        terms = compute_norm_terms(weight, A)
+        stamps = (_stamp(stamped), _stamp(A))  # taken before reading: a racing write re-stamps
+        terms = compute()
         self._entry = (*stamps, terms)
         return terms
 

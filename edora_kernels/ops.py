@@ -403,8 +403,9 @@ def edora_epilogue(
     magnitude: Tensor,
     scaling: float,
     *,
-    base_norm_sq: Tensor,
-    base_times_A: Tensor,
+    base_norm_sq: Tensor | None = None,
+    base_times_A: Tensor | None = None,
+    norm_terms: NormTerms | None = None,
     detach_norm: bool = True,
     backend: str = "auto",
 ) -> Tensor:
@@ -414,7 +415,9 @@ def edora_epilogue(
     included) is computed by the caller and its gradient ``gy ⊙ g`` flows back through the base
     layer's own autograd. The norm needs two frozen terms of the (dequantised) base weight W0,
     computed once with :func:`edora_kernels.base_norm_terms`: ``base_norm_sq = rowsum(W0 ⊙ W0)``
-    (out) and ``base_times_A = W0 Aᵀ`` (out×r). Other arguments as in :func:`edora_linear`.
+    (out) and ``base_times_A = W0 Aᵀ`` (out×r) — or all three float64 terms as ``norm_terms``
+    (``NormTerms(c0, C, G)``, e.g. a layer's cache; G = A Aᵀ is then not formed per call).
+    Other arguments as in :func:`edora_linear`.
     """
     for name, t in (("y0", y0), ("x", x)):
         if not isinstance(t, torch.Tensor):
@@ -424,8 +427,8 @@ def edora_epilogue(
         with torch.autocast(x.device.type, enabled=False):
             return edora_epilogue(
                 _cast(y0, cast), x.to(cast), _cast(bias, cast), A, B, R, magnitude, scaling,
-                base_norm_sq=base_norm_sq, base_times_A=base_times_A, detach_norm=detach_norm,
-                backend=backend)
+                base_norm_sq=base_norm_sq, base_times_A=base_times_A, norm_terms=norm_terms,
+                detach_norm=detach_norm, backend=backend)
     out_features, in_features = B.shape[0], x.shape[-1]
     if tuple(y0.shape[:-1]) != tuple(x.shape[:-1]) or y0.shape[-1] != out_features:
         raise ValueError(f"y0 must have shape {(*x.shape[:-1], out_features)} (x's leading dims, "
@@ -433,19 +436,25 @@ def edora_epilogue(
     if y0.dtype != x.dtype or y0.device != x.device:
         raise TypeError(f"y0 ({y0.dtype}, {y0.device}) must match x ({x.dtype}, {x.device})")
     check_adapter_args("y0", y0, bias, A, B, R, magnitude, scaling, in_features, out_features)
-    for name, t, shape in (("base_norm_sq", base_norm_sq, (out_features,)),
-                           ("base_times_A", base_times_A, (out_features, A.shape[0]))):
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must have shape {shape}, got {got}")
+    if norm_terms is not None:
+        if base_norm_sq is not None or base_times_A is not None:
+            raise ValueError("pass norm_terms or base_norm_sq and base_times_A, not both")
+        check_norm_terms(norm_terms, B, A)
+    else:
+        for name, t, shape in (("base_norm_sq", base_norm_sq, (out_features,)),
+                               ("base_times_A", base_times_A, (out_features, A.shape[0]))):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must have shape {shape}, got {got}")
     check_dropout_backend(0.0, backend)
     check_frozen(torch.is_grad_enabled(), A=A, B=B)
     backend = backends.resolve(backend, x.device)
-    a = A.detach().to(TERMS_DTYPE)
-    terms = NormTerms(base_norm_sq.detach().to(TERMS_DTYPE),
-                      base_times_A.detach().to(TERMS_DTYPE), a @ a.T)
+    if norm_terms is None:
+        a = A.detach().to(TERMS_DTYPE)
+        norm_terms = NormTerms(base_norm_sq.detach().to(TERMS_DTYPE),
+                               base_times_A.detach().to(TERMS_DTYPE), a @ a.T)
     y = _epilogue_step(y0.reshape(-1, out_features), x.reshape(-1, in_features), bias, A, B, R,
-                       magnitude, terms, float(scaling), detach_norm, backend)
+                       magnitude, norm_terms, float(scaling), detach_norm, backend)
     return y.reshape(y0.shape)
 
 

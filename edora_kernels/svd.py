@@ -29,8 +29,7 @@ import numbers
 
 import torch
 
-# INITS and SPLITS are re-exported: the rules live in checks, the names are the initialiser's.
-from .checks import INITS, SPLITS, check_init, check_rank, check_split  # noqa: F401
+from .checks import check_init, check_rank, check_split
 from .norm import compute_dtype
 
 # randomized_svd's defaults, chosen by measurement (see the module docstring): five Krylov steps

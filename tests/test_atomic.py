@@ -107,7 +107,7 @@ def test_merge_refuses_a_weight_tied_to_another_parameter():
 
 def test_alpha_nan_refused_at_construction():
     with pytest.raises(ValueError, match="alpha must be a finite number"):
-        EDoRALinear(8, 8, 2, alpha=math.nan)
+        EDoRALinear(nn.Linear(8, 8), 2, alpha=math.nan)
 
 
 # --- loading ---------------------------------------------------------------------------------

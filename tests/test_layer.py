@@ -25,7 +25,8 @@ def test_from_linear_starts_as_the_base_layer():
     layer = EDoRALinear.from_linear(linear, 4, sigma=0.0)
     x = torch.randn(7, 40)
     assert_close(layer(x), linear(x).double(), torch.float32)
-    assert layer.weight is not linear.weight and layer.weight.data_ptr() == linear.weight.data_ptr()
+    # the layer wraps the linear itself: W0 is shared, never copied
+    assert layer.base_layer is linear and layer.weight is linear.weight
 
 
 def test_trainable_parameters_are_R_and_magnitude():
@@ -102,7 +103,7 @@ def test_state_dict_round_trip_is_exact():
     layer = make_layer()
     buffer = io.BytesIO()
     torch.save(layer.state_dict(), buffer)
-    fresh = EDoRALinear(40, 30, 4)
+    fresh = EDoRALinear(nn.Linear(40, 30), 4)
     fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
     for name, tensor in layer.state_dict().items():
         if isinstance(tensor, torch.Tensor):
@@ -121,8 +122,8 @@ def test_state_dict_of_a_merged_layer_holds_w0_and_only_tensors():
     layer.merge()
     state = layer.state_dict()
     assert all(isinstance(t, torch.Tensor) for t in state.values())
-    torch.testing.assert_close(state["weight"], w0, rtol=1e-5, atol=1e-6)
-    fresh = EDoRALinear(40, 30, 4)
+    torch.testing.assert_close(state["base_layer.weight"], w0, rtol=1e-5, atol=1e-6)
+    fresh = EDoRALinear(nn.Linear(40, 30), 4)
     fresh.load_state_dict(state)
     assert not fresh.merged
     torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-5)
@@ -174,8 +175,11 @@ def test_extra_repr_and_bad_construction():
     for part in ("in_features=40", "out_features=30", "rank=4", "alpha=16.0", "dropout=0.1"):
         assert part in text
     with pytest.raises(ValueError, match="rank must be in"):
-        EDoRALinear(10, 8, 9)
-    with pytest.raises(TypeError, match="nn.Linear"):
+        EDoRALinear(nn.Linear(10, 8), 9)
+    # a module it cannot wrap is named with its type, its weight's, and what EDoRA wraps
+    with pytest.raises(ValueError, match=r"Conv1d \(torch.nn.modules.conv.Conv1d, weight "
+                       r"torch.nn.parameter.Parameter\) is not a base layer.*EDoRA wraps "
+                       r"torch.nn.Linear"):
         EDoRALinear.from_linear(nn.Conv1d(3, 3, 1), 2)
 
 

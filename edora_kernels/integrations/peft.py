@@ -1,48 +1,20 @@
-"""For PEFT users: EDoRA from the ``LoraConfig`` you already have.
+"""For PEFT users: EDoRA from the ``LoraConfig`` you already have, and PEFT's module selection.
 
-Swap ``get_peft_model(model, lora_config)`` for ``apply_edora_from_lora_config(model,
-lora_config)``: the targets, rank, alpha, dropout, rsLoRA scaling, ``exclude_modules`` and
-``modules_to_save`` carry over. Options PEFT offers that EDoRA has no counterpart for are refused
-by name rather than ignored.
+``get_edora_model(model, EDoRAConfig.from_lora_config(lora_config))`` is the counterpart of
+``get_peft_model(model, lora_config)``; ``apply_edora_from_lora_config(model, lora_config)``
+applies the same in place without the wrapper. Both go through ``EDoRAConfig.from_lora_config``,
+the one converter: options PEFT offers that EDoRA has no counterpart for are refused by name
+rather than ignored. No PEFT is imported here.
 """
 from __future__ import annotations
 
-import math
-
 from torch import nn
 
+from .. import bases
 from ..checks import check_target_modules, exact_names, matches_target
+from ..config import EDoRAConfig
 from ..layer import EDoRALinear, freeze_all_but_adapters
 from ..model import EDoRASummary, apply_edora
-
-# LoraConfig fields whose non-default value changes what PEFT would build and that EDoRA cannot
-# honour; each maps to the value that means "off".
-_UNSUPPORTED = {
-    "rank_pattern": {},
-    "alpha_pattern": {},
-    "layers_to_transform": None,
-    "layers_pattern": None,
-    "fan_in_fan_out": False,
-    "bias": "none",
-    "init_lora_weights": True,
-    "megatron_config": None,
-    "trainable_token_indices": None,
-    "loftq_config": {},
-    "eva_config": None,
-    "corda_config": None,
-    "lora_ga_config": None,
-    "velora_config": None,
-    "alora_invocation_tokens": None,
-    "use_qalora": False,
-    "monteclora_config": None,
-    "layer_replication": None,
-    "lora_bias": False,
-    "target_parameters": None,
-    "use_bdlora": None,
-    "arrow_config": None,
-    "kasa_config": None,
-    "ensure_weight_tying": False,
-}
 
 
 def _matches(name: str, patterns, field: str) -> bool:
@@ -54,13 +26,14 @@ def _matches(name: str, patterns, field: str) -> bool:
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    """The modules of ``model`` EDoRA can wrap (``edora_kernels.bases``)."""
+    return [n for n, m in model.named_modules() if n and bases.kind_of(m) is not None]
 
 
 def target_names(model: nn.Module, config, kind: str = "LoraConfig") -> list[str]:
     """The module names PEFT's ``target_modules`` (including "all-linear") and
-    ``exclude_modules`` select among the plain ``nn.Linear`` modules of ``model``; ``config``
-    is a LoraConfig or an EDoRAConfig (``kind`` names it in errors)."""
+    ``exclude_modules`` select among the layers of ``model`` EDoRA can wrap; ``config`` is a
+    LoraConfig or an EDoRAConfig (``kind`` names it in errors)."""
     targets = config.target_modules
     if targets is None:
         raise ValueError(f"{kind}.target_modules is None; name the modules to adapt "
@@ -80,46 +53,36 @@ def apply_edora_from_lora_config(
     model: nn.Module,
     config,
     *,
-    init: str = "rsvd",
     seed: int | None = None,
     progress: bool = True,
-    **layer_kwargs,
+    **options,
 ) -> EDoRASummary:
-    """Apply EDoRA to ``model`` in place with the settings of a PEFT ``LoraConfig``.
+    """Apply EDoRA to ``model`` in place with the settings of a PEFT ``LoraConfig`` (converted
+    by ``EDoRAConfig.from_lora_config``, which refuses what EDoRA cannot honour).
 
-    ``r`` → rank, ``lora_alpha`` → alpha (``use_rslora`` keeps PEFT's ``alpha/√r`` scaling),
-    ``lora_dropout`` → dropout, ``target_modules``/``exclude_modules`` → the replaced layers,
-    ``modules_to_save`` → those modules stay trainable (in place: no copy is kept as PEFT does),
-    ``inference_mode=True`` → every parameter frozen, adapters included. ``use_dora`` is
-    irrelevant (EDoRA always splits magnitude and direction). Fields with no EDoRA counterpart
-    (``rank_pattern``, ``layer_replication``, ``trainable_token_indices``,
-    ``target_parameters``, other initialisations, ...) are refused by name when set. Everything
-    is checked before the model changes. Other arguments go to
-    :func:`edora_kernels.apply_edora`.
+    The selected layers are wrapped; ``modules_to_save`` (and the heads of ``task_type``) stay
+    trainable in place (no copy is kept, as ``get_edora_model`` does); ``inference_mode=True``
+    freezes every parameter, adapters included. Everything is checked before the model
+    changes. ``options`` (layer options such as ``init``) go to :func:`edora_kernels.apply_edora`.
     """
-    for name, off in _UNSUPPORTED.items():
-        value = getattr(config, name, off)
-        if value not in (off, None, {}, []):
-            raise ValueError(f"LoraConfig.{name}={value!r} has no EDoRA counterpart; "
-                             f"leave it at {off!r}")
-    rank = config.r
-    alpha = config.lora_alpha * (math.sqrt(rank) if getattr(config, "use_rslora", False) else 1.0)
-    names = target_names(model, config)
+    edora = EDoRAConfig.from_lora_config(config)
+    names = target_names(model, edora)
     if not names:
         raise ValueError(f"LoraConfig.target_modules={config.target_modules!r} (exclude_modules="
-                         f"{getattr(config, 'exclude_modules', None)!r}) selects no nn.Linear of "
-                         f"{type(model).__name__}; its linear layers are "
+                         f"{getattr(config, 'exclude_modules', None)!r}) selects no layer EDoRA "
+                         f"can wrap in {type(model).__name__}; those are "
                          f"{_linear_names(model)[:12]}")
     # modules_to_save is resolved before apply_edora changes anything.
     to_save = list(getattr(config, "modules_to_save", None) or [])
     field = "LoraConfig.modules_to_save"
-    kept = [n for n, m in model.named_modules() if n and _matches(n, to_save, field)]
+    kept = [n for n, m in model.named_modules() if n and _matches(n, edora.heads(), field)]
     missing = [p for p in to_save if not any(_matches(n, [p], field) for n in kept)]
     if missing:
         raise ValueError(f"LoraConfig.modules_to_save entries {missing} match no module")
-    summary = apply_edora(model, exact_names(names), rank, alpha, init=init, seed=seed,
-                          progress=progress, dropout=config.lora_dropout, **layer_kwargs)
-    if getattr(config, "inference_mode", False):
+    layer_options = {**vars(edora.layer_options()), **options}
+    summary = apply_edora(model, exact_names(names), edora.r, seed=seed, progress=progress,
+                          **layer_options)
+    if edora.inference_mode:
         freeze_all_but_adapters(model, trainable=False)
         summary.trainable_params = 0
         return summary

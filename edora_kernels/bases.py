@@ -1,0 +1,169 @@
+"""The base layers an EDoRA layer can wrap, and what it needs of each (docs/DESIGN.md §5).
+
+A kind is recognised without importing its library (a model can only hold a transformers or
+bitsandbytes module once that library is imported):
+
+- ``linear``: a plain ``nn.Linear`` — W0 is its weight; the fused op computes the layer.
+- ``conv1d``: transformers' ``Conv1D`` (GPT-2) — W0 is its weight transposed, a view with
+  strides (no copy); the fused op as for ``linear``.
+- ``bnb_4bit``, ``bnb_8bit``: bitsandbytes ``Linear4bit`` (nf4/fp4) and ``Linear8bitLt``;
+  ``torchao_int8``: an ``nn.Linear`` whose weight torchao replaced by an int8 weight-only tensor.
+  The base layer's own forward gives ``y0 = base(x)`` and the epilogue op adds the adapter; W0
+  is dequantized only to compute the norm terms (once, and again only when the base changes).
+
+Anything else is refused, naming the module, its type, its weight's type and the kinds above
+(``SUPPORTED``).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    dense: bool        # W0 is a plain tensor of the module: the fused op
+    description: str
+
+
+LINEAR = Kind("linear", True, "torch.nn.Linear")
+CONV1D = Kind("conv1d", True, "transformers.pytorch_utils.Conv1D (GPT-2's layout: weight in×out)")
+BNB_4BIT = Kind("bnb_4bit", False, "bitsandbytes.nn.Linear4bit (nf4, fp4)")
+BNB_8BIT = Kind("bnb_8bit", False, "bitsandbytes.nn.Linear8bitLt")
+TORCHAO_INT8 = Kind("torchao_int8", False,
+                    "torch.nn.Linear with a torchao int8 weight-only weight (Int8WeightOnlyConfig)")
+KINDS = (LINEAR, CONV1D, BNB_4BIT, BNB_8BIT, TORCHAO_INT8)
+
+
+def _loaded(module_name: str):
+    return sys.modules.get(module_name)
+
+
+def _is_torchao_int8(weight) -> bool:
+    torchao = _loaded("torchao.quantization")
+    int8 = getattr(torchao, "Int8Tensor", None) if torchao is not None else None
+    return int8 is not None and isinstance(weight, int8)
+
+
+def kind_of(module: nn.Module) -> Kind | None:
+    """The kind of ``module`` as a base layer, or None when EDoRA cannot wrap it."""
+    bnb = _loaded("bitsandbytes.nn")
+    if bnb is not None:
+        if isinstance(module, bnb.Linear4bit):
+            return BNB_4BIT
+        if isinstance(module, bnb.Linear8bitLt):
+            return BNB_8BIT
+    pytorch_utils = _loaded("transformers.pytorch_utils")
+    if pytorch_utils is not None and type(module) is pytorch_utils.Conv1D:
+        return CONV1D
+    # nn.Linear subclasses (nn.MultiheadAttention's out_proj, whose weight is read directly)
+    # are not wrapped: the swap would be silently ignored.
+    if type(module) is nn.Linear:
+        weight = module.weight
+        if type(weight) in (torch.Tensor, nn.Parameter):
+            return LINEAR
+        if _is_torchao_int8(weight):
+            return TORCHAO_INT8
+    return None
+
+
+SUPPORTED = "EDoRA wraps " + "; ".join(k.description for k in KINDS)
+
+
+def unsupported(name: str, module: nn.Module) -> str:
+    """``module`` (registered as ``name``) described for an error: its type and its weight's
+    (torchao keeps the module an ``nn.Linear`` and swaps the weight). Follow it with
+    ``SUPPORTED``."""
+    weight = getattr(module, "weight", None)
+    weight_type = ("" if weight is None
+                   else f", weight {type(weight).__module__}.{type(weight).__name__}")
+    return f"{name} ({type(module).__module__}.{type(module).__name__}{weight_type})"
+
+
+def features(module: nn.Module, kind: Kind) -> tuple[int, int]:
+    """(in_features, out_features)."""
+    if kind is CONV1D:
+        return module.weight.shape[0], module.nf
+    return module.in_features, module.out_features
+
+
+def dense_weight(module: nn.Module, kind: Kind) -> torch.Tensor:
+    """W0 (out×in) of a dense base: the weight itself, or Conv1D's transposed (a view)."""
+    return module.weight.T if kind is CONV1D else module.weight
+
+
+def stamped_weight(module: nn.Module, kind: Kind) -> torch.Tensor:
+    """A plain tensor whose storage and version change whenever W0 does (what the norm cache
+    stamps): the weight, or the quantized data beneath it."""
+    if kind.dense:
+        return dense_weight(module, kind)
+    if kind is TORCHAO_INT8:
+        return module.weight.qdata
+    return module.weight.data  # bitsandbytes: the packed or int8 data
+
+
+def dequantized_weight(module: nn.Module, kind: Kind) -> torch.Tensor:
+    """W0 (out×in) as a dense tensor: a view for dense bases, dequantized otherwise."""
+    weight = module.weight
+    if kind.dense:
+        return dense_weight(module, kind)
+    if kind is TORCHAO_INT8:
+        return weight.dequantize()
+    import bitsandbytes.functional as bnb_f
+
+    if kind is BNB_4BIT:
+        return bnb_f.dequantize_4bit(weight.data, weight.quant_state)
+    return bnb_f.int8_vectorwise_dequant(weight.CB, weight.SCB)
+
+
+def weight_dtype(module: nn.Module, kind: Kind) -> torch.dtype:
+    """The dtype the layer computes in: W0's, or the quantized base's compute dtype."""
+    if kind.dense:
+        return module.weight.dtype
+    if kind is BNB_4BIT:
+        return module.compute_dtype or torch.float32
+    if kind is TORCHAO_INT8:
+        return module.weight.dtype
+    return module.bias.dtype if module.bias is not None else torch.float32
+
+
+def rebuilt(module: nn.Module, kind: Kind, weight: torch.Tensor) -> nn.Module:
+    """A new base layer of ``module``'s kind holding ``weight`` (out×in, dense) as W0 and the
+    same bias: Linear and Conv1D exactly, quantized kinds quantized again (a fresh
+    quantization error, of the scheme's size)."""
+    bias = None if module.bias is None else module.bias.detach()
+    in_f, out_f = weight.shape[1], weight.shape[0]
+    device = weight.device
+    if kind is CONV1D:
+        new = type(module)(out_f, in_f)
+        new.weight = nn.Parameter(weight.T.contiguous(), requires_grad=False)
+        new.bias = nn.Parameter(bias.clone(), requires_grad=False)
+        return new
+    linear = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.clone(), requires_grad=False)
+    if kind is LINEAR:
+        return linear
+    if kind is TORCHAO_INT8:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(linear, Int8WeightOnlyConfig())
+        return linear
+    import bitsandbytes as bnb
+
+    if kind is BNB_4BIT:
+        new = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None,
+                                compute_dtype=module.compute_dtype,
+                                quant_type=module.weight.quant_type,
+                                quant_storage=module.weight.quant_storage, device="cpu")
+    else:
+        new = bnb.nn.Linear8bitLt(in_f, out_f, bias=bias is not None, has_fp16_weights=False,
+                                  threshold=module.state.threshold, device="cpu")
+    new.load_state_dict({"weight": weight.detach().to("cpu", torch.float32),
+                         **({} if bias is None else {"bias": bias.cpu()})}, strict=False)
+    return new.to(device)  # moving the fresh weight to a device quantizes it
