@@ -8,7 +8,8 @@
 # Installs the package from this working tree (offline), prints versions, runs the backend
 # self-check, the op benchmark (the priority: N=8192 bf16 on the LLaMA-7B layer shapes at ranks
 # 16 and 64), the GPU-marked tests, the op benchmark with dropout and with torch.compile (one
-# shape) and the LLaMA-7B initialiser benchmark. Each step has a budget: it is interrupted
+# shape), the LLaMA-7B initialiser benchmark and one DDP and FSDP2 training step under torchrun
+# (NCCL, one process per GPU, checked against one process). Each step has a budget: it is interrupted
 # (SIGINT, as Ctrl-C: a benchmark then prints and saves what it measured; its CSV rows are on
 # disk as each case finishes) GRACE seconds before its budget and killed at it. The budgets add
 # up to under 5 minutes on a cold H100 (empty Triton and Inductor caches). A failing step does
@@ -59,8 +60,8 @@ exec > >(tee -a "$LOG") 2>&1
 # Budgets in seconds. A step never runs past its own, so the run takes at most their sum (under
 # 5 minutes, printed first) plus a few seconds of preamble.
 GRACE=3
-B_INSTALL=15 B_INFO=10 B_CHECK=20 B_BENCH=85 B_TESTS=40 B_DROPOUT=20 B_COMPILE=35 B_INIT=45
-B_PLAN=10 B_HOST=10
+B_INSTALL=15 B_INFO=10 B_CHECK=20 B_BENCH=70 B_TESTS=40 B_DROPOUT=20 B_COMPILE=30 B_INIT=35
+B_PLAN=10 B_HOST=15 B_DIST=25
 if [ "${GPU_CHECK_BUILD_CUDA:-0}" = "1" ] && [ "$DRY_RUN" = 0 ]; then
     export EDORA_BUILD_CUDA=1
     B_INSTALL=150
@@ -68,7 +69,7 @@ else
     export EDORA_SKIP_CUDA_BUILD=1
 fi
 BUDGET=$((B_INSTALL + B_INFO + B_CHECK + B_BENCH + B_TESTS + B_DROPOUT + B_COMPILE + B_INIT
-        + B_PLAN + B_HOST))
+        + B_PLAN + B_HOST + B_DIST))
 
 RECORDS=$(mktemp)  # one line per finished step, tab-separated; the summary is built from it
 MARK=$(mktemp)     # touched as a step starts: the files newer than it are the step's
@@ -119,6 +120,7 @@ if [ "$DRY_RUN" = 1 ]; then
     ONE_SHAPE=("${OP[@]}")
     INIT=(--init-shrink 64 --init-device cpu --ranks 4 --repeats 1 --warmup 0)
     HOST=(--repeats 5 --warmup 1)
+    DIST=(--nproc_per_node 2 tests/distributed_worker.py step --device cpu)
 else
     # Offline install: no dependency resolution, the installed setuptools/torch, no downloads.
     INSTALL=("$PYTHON" -m pip install --no-deps --no-build-isolation --no-index -q -e .)
@@ -129,6 +131,8 @@ else
     ONE_SHAPE=(--tokens 8192 --shapes 4096x4096 --ranks 16 --dtype bf16 --repeats 10 --warmup 2)
     INIT=(--repeats 1 --warmup 1)
     HOST=(--repeats 200 --warmup 20)
+    DIST=(--nproc_per_node "$(nvidia-smi -L 2>/dev/null | wc -l | awk '{print ($1 > 0) ? $1 : 1}')"
+          tests/distributed_worker.py step --device cuda)
 fi
 
 echo "=== gpu_check $RUN $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
@@ -160,6 +164,9 @@ step "bench compile" "$B_COMPILE" "$PYTHON" -m edora_kernels bench "${ONE_SHAPE[
 step "bench host" "$B_HOST" "$PYTHON" -m edora_kernels bench --host "${HOST[@]}" --out "$OUT"
 step "init llama7b" "$B_INIT" "$PYTHON" -m edora_kernels bench --init --init-llama7b \
     "${INIT[@]}" --out "$OUT"
+# Distributed training as users launch it (tests/test_distributed.py runs it on CPU with gloo).
+step "torchrun ddp fsdp2" "$B_DIST" "$PYTHON" -m torch.distributed.run --standalone "${DIST[@]}" \
+    --modes ddp fsdp2 --compare --out "$OUT/distributed"
 
 write_summary 1
 echo

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import bases
 from .checks import check_rank, quote
+from .distributed import copy_whole, main_process, whole
 from .install import install, positions
 from .layer import EDoRALinear, freeze_all_but_adapters
 from .options import LayerOptions
@@ -49,8 +50,9 @@ def edora_layers(model: nn.Module) -> dict[str, EDoRALinear]:
 # --- saving ------------------------------------------------------------------------------------
 
 def edora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{f"{name}.{t}": tensor}`` for t in A, B, R, magnitude of every EDoRA layer (detached)."""
-    return {_key(name, t): getattr(layer, t).detach()
+    """``{f"{name}.{t}": tensor}`` for t in A, B, R, magnitude of every EDoRA layer (detached,
+    whole: a tensor FSDP2 sharded is gathered, so under FSDP2 every rank calls this)."""
+    return {_key(name, t): whole(getattr(layer, t).detach())
             for name, layer in edora_layers(model).items() for t in ADAPTER_TENSORS}
 
 
@@ -60,15 +62,32 @@ def _layer_config(layer: EDoRALinear) -> dict:
             "out_features": layer.out_features, "base": layer.kind.name}
 
 
-def save_edora(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapter of ``model`` (see :func:`edora_state_dict`) and its config to ``path``."""
+def save_edora(model: nn.Module, path: str | os.PathLike, *,
+               state_dict: dict[str, torch.Tensor] | None = None,
+               is_main_process: bool | None = None) -> None:
+    """Write the adapter of ``model`` (see :func:`edora_state_dict`) and its config to ``path``.
+
+    In several processes only the main one writes (rank 0 unless ``is_main_process`` says).
+    Under FSDP2 either every rank calls this (the shards are gathered) or the caller passes
+    ``state_dict``, ``model``'s state dict gathered already (accelerate's ``get_state_dict``):
+    the adapter's tensors are then taken from it and nothing is communicated.
+    """
     layers = edora_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no EDoRALinear layers; "
                          "call apply_edora first")
-    tensors = {k: v.cpu().contiguous() for k, v in edora_state_dict(model).items()}
+    if state_dict is None:
+        tensors = edora_state_dict(model)
+    else:
+        keys = [_key(name, t) for name in layers for t in ADAPTER_TENSORS]
+        missing = [k for k in keys if k not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict lacks the adapter tensors {quote(missing)}")
+        tensors = {k: whole(state_dict[k]).detach() for k in keys}
+    if not main_process(is_main_process):
+        return
     config = {"layers": {name: _layer_config(layer) for name, layer in layers.items()}}
-    save_file(tensors, os.fspath(path), metadata={
+    save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, os.fspath(path), metadata={
         "format": FORMAT, "format_version": FORMAT_VERSION, "edora_config": json.dumps(config)})
 
 
@@ -233,7 +252,7 @@ def _assign(model, state, existing, built) -> None:
     for name, layer in layers.items():
         for t in ADAPTER_TENSORS:
             if _key(name, t) in state:
-                getattr(layer, t).copy_(state[_key(name, t)])
+                copy_whole(getattr(layer, t), state[_key(name, t)])
     if built:
         freeze_all_but_adapters(model)
 

@@ -117,7 +117,9 @@ def dequantized_weight(module: nn.Module, kind: Kind) -> torch.Tensor:
 
     if kind is BNB_4BIT:
         return bnb_f.dequantize_4bit(weight.data, weight.quant_state)
-    return bnb_f.int8_vectorwise_dequant(weight.CB, weight.SCB)
+    # The row scales move from the weight to the layer's state at its first forward.
+    scales = weight.SCB if weight.SCB is not None else module.state.SCB
+    return bnb_f.int8_vectorwise_dequant(weight.data, scales)
 
 
 def weight_dtype(module: nn.Module, kind: Kind) -> torch.dtype:

@@ -29,9 +29,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter_io import edora_layers, load_edora_state_dict, save_edora
+from .adapter_io import edora_layers, edora_state_dict, load_edora_state_dict, save_edora
 from .checks import exact_names, matches_target
 from .config import EDoRAConfig
+from .distributed import copy_whole, main_process, whole
 from .export import merge_and_unload, unload
 from .install import install, positions
 from .integrations.peft import target_names
@@ -55,6 +56,16 @@ class TrainedHead(nn.Module):
     def forward(self, *args, **kwargs):
         module = self.original_module if self.use_original else self.trained_module
         return module(*args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The unwrapped head's own keys (a checkpoint of the base model, loaded after a
+        # meta-device build) fill both copies.
+        copies = (prefix + "original_module.", prefix + "trained_module.")
+        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(copies)]:
+            value = state_dict.pop(key)
+            for copy_prefix in copies:
+                state_dict.setdefault(copy_prefix + key[len(prefix):], value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __getattr__(self, name):
         try:
@@ -195,15 +206,36 @@ class EDoRAModel(nn.Module):
 
     # --- files --------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | os.PathLike, **_ignored) -> None:
-        """``adapter_config.json``, the adapter (R, magnitude, A, B) and the trained heads."""
+    def save_pretrained(self, directory: str | os.PathLike, *,
+                        state_dict: dict[str, torch.Tensor] | None = None,
+                        is_main_process: bool | None = None, **_ignored) -> None:
+        """``adapter_config.json``, the adapter (R, magnitude, A, B) and the trained heads.
+
+        Only the main process writes (rank 0 unless ``is_main_process`` says, PEFT's argument).
+        Under FSDP2 call it on every rank — the sharded tensors are gathered, a collective — or
+        pass ``state_dict``, this model's state dict gathered already (Trainer does): the
+        tensors are then read from it and nothing is communicated.
+        """
+        if state_dict is None:
+            adapter = edora_state_dict(self.base_model)  # gathered (every rank joins)
+        else:  # this wrapper's keys, or the base model's
+            state_dict = adapter = {k.removeprefix("base_model."): v
+                                    for k, v in state_dict.items()}
+        heads = {}
+        for name, head in self.heads().items():
+            for k, v in head.trained_module.state_dict().items():
+                key = f"{name}.trained_module.{k}"
+                if state_dict is not None and key not in state_dict:
+                    raise ValueError(f"state_dict lacks the trained head tensor {key!r}")
+                value = v if state_dict is None else state_dict[key]
+                heads[f"{name}.{k}"] = whole(value).detach().cpu().contiguous()
+        if not main_process(is_main_process):
+            return
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, CONFIG_NAME), "w") as f:
             json.dump(self.edora_config.to_dict(), f, indent=2)
-        save_edora(self.base_model, os.path.join(directory, WEIGHTS_NAME))
-        heads = {f"{name}.{k}": _full(v).detach().cpu().contiguous()
-                 for name, head in self.heads().items()
-                 for k, v in head.trained_module.state_dict().items()}
+        save_edora(self.base_model, os.path.join(directory, WEIGHTS_NAME),
+                   state_dict=adapter, is_main_process=True)
         if heads:
             save_file(heads, os.path.join(directory, HEADS_NAME))
 
@@ -236,11 +268,6 @@ def _unwrap_heads(model: nn.Module, *, trained: bool) -> None:
                                  if isinstance(m, TrainedHead)}.values()])
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A sharded tensor (FSDP2's DTensor) gathered whole; any other tensor as it is."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def _read_config(directory) -> EDoRAConfig:
     path = os.path.join(directory, CONFIG_NAME)
     try:
@@ -267,7 +294,7 @@ def _load_into(model: nn.Module, directory, heads: dict[str, TrainedHead], *,
                          f"(its heads: {sorted(heads)})")
     with torch.no_grad():
         for key, value in saved.items():
-            state[key].copy_(value)
+            copy_whole(state[key], value)
 
 
 _PEFT_CLASS: type | None = None

@@ -38,8 +38,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     ``m/‖W0 + s·BRA‖ ⊙ (W0 + s·BRA)`` (rounded once to W0's dtype; for a quantized base,
     quantized again — a fresh quantization error of the scheme's size); returns ``model``.
 
-    The new weights are fresh tensors: W0 and any parameter tied to it stay untouched.
+    The new weights are fresh tensors: W0 and any parameter tied to it stay untouched. Given an
+    ``EDoRAModel``, returns its base model with the trained heads.
     """
+    from .edora_model import EDoRAModel  # the wrapper imports this module
+
+    if isinstance(model, EDoRAModel):
+        return model.merge_and_unload()
     if not edora_layers(model):
         raise ValueError(f"{type(model).__name__} has no EDoRALinear layers")
     return _replace_all(model, lambda layer: bases.rebuilt(layer.base_layer, layer.kind,
@@ -49,7 +54,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def unload(model: nn.Module) -> nn.Module:
     """Replace every EDoRA layer by its base layer with the original W0 (adapter dropped; a
-    merged dense layer gets W0 back in a fresh layer)."""
+    merged dense layer gets W0 back in a fresh layer). Given an ``EDoRAModel``, returns its base
+    model with the original heads."""
+    from .edora_model import EDoRAModel  # the wrapper imports this module
+
+    if isinstance(model, EDoRAModel):
+        return model.unload()
     if not edora_layers(model):
         raise ValueError(f"{type(model).__name__} has no EDoRALinear layers")
 

@@ -8,6 +8,7 @@ change them too.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .layer import EDoRALinear
@@ -23,9 +24,11 @@ def positions(model: nn.Module) -> dict[int, list[str]]:
 
 
 def _parameters_by_storage(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter names by storage; parameters with no storage of their own (meta tensors,
+    tensor subclasses such as torchao's quantized weights) are left out."""
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        if p.device.type != "meta":
+        if p.device.type != "meta" and type(p) in (torch.Tensor, nn.Parameter):
             names.setdefault(p.untyped_storage().data_ptr(), []).append(name)
     return names
 

@@ -153,8 +153,10 @@ class EDoRALinear(nn.Module):
             if tuple(t.shape) != shapes[name]:
                 raise ValueError(f"factors must be A {shapes['A']} and B {shapes['B']}; got "
                                  f"{name} {tuple(t.shape)}")
-        self.A = A.detach().to(self.A).contiguous()
-        self.B = B.detach().to(self.B).contiguous()
+        # Copied into the layer's own buffers: never an alias of the caller's tensor (a slice
+        # of a batched factorisation or of a loaded file, unaligned: BLAS would round differently).
+        self.A.copy_(A.detach())
+        self.B.copy_(B.detach())
         gen = None
         if seed is not None and self.R.device.type != "meta":
             gen = torch.Generator(device=self.R.device).manual_seed(seed + 1)

@@ -171,3 +171,104 @@ def test_export_of_an_edora_model_carries_its_head_to_stock_peft(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=IDS).logits, expected, rtol=1e-5,
                                    atol=1e-5)
+
+
+# --- PEFT's semantics where users rely on them ----------------------------------------------------
+
+def test_task_heads_join_modules_to_save_as_in_peft():
+    """LoraConfig(modules_to_save=["pooler"], task_type="SEQ_CLS"): PEFT trains and saves the
+    pooler and the classifier; so does EDoRA."""
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query"],
+                           modules_to_save=["pooler"], task_type="SEQ_CLS")
+    model = get_edora_model(classifier(), EDoRAConfig.from_lora_config(lora))
+    assert sorted(model.head_names()) == ["bert.pooler", "classifier"]
+    trainable = {n.split(".trained_module")[0] for n, p in model.named_parameters()
+                 if p.requires_grad and "trained_module" in n}
+    assert trainable == {"base_model.bert.pooler", "base_model.classifier"}
+
+
+def test_disable_adapter_runs_the_original_heads_bit_exactly():
+    base = classifier()
+    with torch.no_grad():
+        plain = base(input_ids=IDS).logits
+    model = get_edora_model(base, CONFIG)
+    with torch.no_grad():  # a trained adapter and head
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+        assert not torch.equal(model(input_ids=IDS).logits, plain)
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=IDS).logits, plain)
+        assert not torch.equal(model(input_ids=IDS).logits, plain)
+
+
+def test_from_pretrained_returns_an_eval_model_unless_trainable(tmp_path):
+    model = get_edora_model(classifier(), CONFIG)
+    model.train()
+    model.save_pretrained(tmp_path)
+    restored = EDoRAModel.from_pretrained(classifier().train(), tmp_path)
+    assert not restored.training and not restored.base_model.training
+    assert EDoRAModel.from_pretrained(classifier().train(), tmp_path,
+                                      is_trainable=True).training
+
+
+@pytest.mark.parametrize("field, value", [("rank_pattern", {"query": 8}),
+                                          ("alpha_pattern", {"query": 8}),
+                                          ("layers_to_transform", [0]),
+                                          ("bias", "all")])
+def test_both_lora_paths_refuse_what_edora_cannot_honour(field, value):
+    from edora_kernels.integrations.peft import apply_edora_from_lora_config
+    lora = peft.LoraConfig(r=4, target_modules=["query"], **{field: value})
+    with pytest.raises(ValueError, match=f"LoraConfig.{field}=.*has no EDoRA counterpart"):
+        EDoRAConfig.from_lora_config(lora)
+    model = classifier()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"LoraConfig.{field}="):
+        apply_edora_from_lora_config(model, lora, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_loading_keeps_ties_and_shared_modules_as_applying_does(tmp_path):
+    """A head tied to the embedding and a module registered under two names: after a save and a
+    load into a fresh model, merge() still refuses the tied head and the shared module is one
+    EDoRA layer at both names."""
+    from torch import nn
+
+    from edora_kernels import apply_edora, load_edora_state_dict, save_edora
+
+    def model_():
+        torch.manual_seed(0)
+        m = nn.ModuleDict({"embed": nn.Embedding(10, 16), "head": nn.Linear(16, 10, bias=False),
+                           "proj": nn.Linear(16, 16)})
+        m.head.weight = m.embed.weight
+        m["alias"] = m.proj
+        return m
+
+    source = model_()
+    apply_edora(source, ["head", "proj"], 2, seed=0, progress=False)
+    save_edora(source, tmp_path / "adapter.safetensors")
+    fresh = model_()
+    load_edora_state_dict(fresh, tmp_path / "adapter.safetensors")
+    assert isinstance(fresh.proj, EDoRALinear) and fresh.alias is fresh.proj
+    assert fresh.head.tied_to == ["embed.weight"]
+    with pytest.raises(RuntimeError, match="tied to \\['embed.weight'\\]"):
+        fresh.head.merge()
+
+
+def test_import_loads_no_optional_library():
+    """import edora_kernels (and the CLI's module) imports no PEFT, transformers,
+    bitsandbytes or torchao: they load when a feature needs them."""
+    import subprocess
+    import sys
+    code = ("import sys, edora_kernels, edora_kernels.cli\n"
+            "found = sorted({m.split('.')[0] for m in sys.modules} & {'peft', 'transformers', "
+            "'bitsandbytes', 'torchao', 'triton'})\n"
+            "print(found)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip().splitlines()[-1]
+    assert out == "[]"
+
+
+def test_the_peft_subclass_appears_once_peft_is_imported():
+    model = get_edora_model(classifier(), CONFIG)
+    assert isinstance(model, EDoRAModel) and isinstance(model, peft.PeftModel)

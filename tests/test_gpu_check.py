@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["install", "info", "plan", "check", "bench", "gpu tests", "bench dropout",
-         "bench compile", "bench host", "init llama7b"]
+         "bench compile", "bench host", "init llama7b", "torchrun ddp fsdp2"]
 WRITES_RESULTS = {"bench", "bench dropout", "bench compile", "bench host", "init llama7b"}
 
 
@@ -35,6 +35,9 @@ def test_dry_run_runs_every_step_and_writes_the_summary(tmp_path):
             assert (tmp_path / name).is_file()
         if s["name"] == "plan":
             assert s["files"] == ["plan_h100.json"]
+        elif s["name"] == "torchrun ddp fsdp2":  # both ranks' records, both saved adapters
+            assert {"distributed/ddp_rank1.pt", "distributed/fsdp2_rank0.pt",
+                    "distributed/adapter_fsdp2/adapter_model.safetensors"} <= set(s["files"])
         elif s["name"] in WRITES_RESULTS:
             assert any(name.startswith("bench_") and name.endswith(".csv") for name in s["files"])
             prefix = "init_" if s["name"] == "init llama7b" else "bench_"
@@ -42,6 +45,8 @@ def test_dry_run_runs_every_step_and_writes_the_summary(tmp_path):
         else:
             assert s["files"] == []
     assert (tmp_path / "gpu_check.log").read_text().count("=== ") >= 2 * len(STEPS)
+    for mode in ("ddp", "fsdp2"):  # each checked against one process on the global batch
+        assert f"{mode} on 2 process(es), cpu: grads max |diff| vs one process" in proc.stdout
 
 
 def test_rejects_an_unknown_argument():
