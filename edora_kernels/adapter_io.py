@@ -62,6 +62,23 @@ def _layer_config(layer: EDoRALinear) -> dict:
             "out_features": layer.out_features, "base": layer.kind.name}
 
 
+def adapter_tensors(model: nn.Module,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """What :func:`save_edora` writes: :func:`edora_state_dict`, or the same keys taken from
+    ``state_dict`` (``model``'s state dict, gathered already); a missing key raises."""
+    layers = edora_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no EDoRALinear layers; "
+                         "call apply_edora first")
+    if state_dict is None:
+        return edora_state_dict(model)
+    keys = [_key(name, t) for name in layers for t in ADAPTER_TENSORS]
+    missing = [k for k in keys if k not in state_dict]
+    if missing:
+        raise ValueError(f"state_dict lacks the adapter tensors {quote(missing)}")
+    return {k: whole(state_dict[k]).detach() for k in keys}
+
+
 def save_edora(model: nn.Module, path: str | os.PathLike, *,
                state_dict: dict[str, torch.Tensor] | None = None,
                is_main_process: bool | None = None) -> None:
@@ -72,21 +89,11 @@ def save_edora(model: nn.Module, path: str | os.PathLike, *,
     ``state_dict``, ``model``'s state dict gathered already (accelerate's ``get_state_dict``):
     the adapter's tensors are then taken from it and nothing is communicated.
     """
-    layers = edora_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no EDoRALinear layers; "
-                         "call apply_edora first")
-    if state_dict is None:
-        tensors = edora_state_dict(model)
-    else:
-        keys = [_key(name, t) for name in layers for t in ADAPTER_TENSORS]
-        missing = [k for k in keys if k not in state_dict]
-        if missing:
-            raise ValueError(f"state_dict lacks the adapter tensors {quote(missing)}")
-        tensors = {k: whole(state_dict[k]).detach() for k in keys}
+    tensors = adapter_tensors(model, state_dict)
     if not main_process(is_main_process):
         return
-    config = {"layers": {name: _layer_config(layer) for name, layer in layers.items()}}
+    config = {"layers": {name: _layer_config(layer)
+                         for name, layer in edora_layers(model).items()}}
     save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, os.fspath(path), metadata={
         "format": FORMAT, "format_version": FORMAT_VERSION, "edora_config": json.dumps(config)})
 

@@ -1,4 +1,4 @@
-"""The base layers an EDoRA layer can wrap, and what it needs of each (docs/DESIGN.md §5).
+"""The base layers an EDoRA layer can wrap, and what it needs of each (docs/DESIGN.md §11).
 
 A kind is recognised without importing its library (a model can only hold a transformers or
 bitsandbytes module once that library is imported):
@@ -16,6 +16,7 @@ Anything else is refused, naming the module, its type, its weight's type and the
 """
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass
 
@@ -116,10 +117,46 @@ def dequantized_weight(module: nn.Module, kind: Kind) -> torch.Tensor:
     import bitsandbytes.functional as bnb_f
 
     if kind is BNB_4BIT:
-        return bnb_f.dequantize_4bit(weight.data, weight.quant_state)
+        data, state = weight.data, weight.quant_state
+        if _cpu_packed(weight):  # on copies: the layer keeps its layout
+            data, state = _standard_layout(data.clone(), copy.deepcopy(state))
+        return bnb_f.dequantize_4bit(data, state)
     # The row scales move from the weight to the layer's state at its first forward.
     scales = weight.SCB if weight.SCB is not None else module.state.SCB
     return bnb_f.int8_vectorwise_dequant(weight.data, scales)
+
+
+def _cpu_packed(weight) -> bool:
+    return getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False)
+
+
+def _standard_layout(data: torch.Tensor, state):
+    """A 4-bit weight bitsandbytes re-laid out for its CPU inference kernel, back in the layout
+    its training path and ``dequantize_4bit`` read. bitsandbytes' own inverse leaves unnested
+    block scales transposed (bitsandbytes 0.50): they are put back here. The scales stay as the
+    re-layout rounded them (bf16): that change of W0 cannot be undone."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    nested = state.original_nested
+    data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+    if not nested:
+        state.absmax = state.absmax.T.reshape(-1).float()
+    return data, state
+
+
+def prepare_base(module: nn.Module, kind: Kind) -> None:
+    """Keep a bitsandbytes 4-bit base in its standard layout. On AVX512-BF16 CPUs an eval-mode
+    forward without grad re-lays the weight out for a bf16 inference kernel — rounding the
+    block scales to bf16, a silent change of W0, after which a forward on an input that
+    requires grad fails (evaluate, then train). A wrapped base does not re-lay (its eval
+    forward computes as training does); a weight re-laid before wrapping, or by a caller
+    re-enabling it, is put back before the next forward."""
+    if kind is not BNB_4BIT:
+        return
+    module.support_avx512bf16_for_cpu = False
+    weight = module.weight
+    if _cpu_packed(weight):
+        weight.data, weight.quant_state = _standard_layout(weight.data, weight.quant_state)
 
 
 def weight_dtype(module: nn.Module, kind: Kind) -> torch.dtype:

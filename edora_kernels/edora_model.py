@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter_io import edora_layers, edora_state_dict, load_edora_state_dict, save_edora
+from .adapter_io import adapter_tensors, edora_layers, load_edora_state_dict, save_edora
 from .checks import exact_names, matches_target
 from .config import EDoRAConfig
 from .distributed import copy_whole, main_process, whole
@@ -216,11 +216,9 @@ class EDoRAModel(nn.Module):
         pass ``state_dict``, this model's state dict gathered already (Trainer does): the
         tensors are then read from it and nothing is communicated.
         """
-        if state_dict is None:
-            adapter = edora_state_dict(self.base_model)  # gathered (every rank joins)
-        else:  # this wrapper's keys, or the base model's
-            state_dict = adapter = {k.removeprefix("base_model."): v
-                                    for k, v in state_dict.items()}
+        if state_dict is not None:  # this wrapper's keys, or the base model's
+            state_dict = {k.removeprefix("base_model."): v for k, v in state_dict.items()}
+        adapter = adapter_tensors(self.base_model, state_dict)  # gathered: every rank joins
         heads = {}
         for name, head in self.heads().items():
             for k, v in head.trained_module.state_dict().items():

@@ -61,6 +61,7 @@ class EDoRALinear(nn.Module):
         check_rank(rank, self.in_features, self.out_features)
         self.rank = rank
         self.base_layer = base_layer.requires_grad_(False)
+        bases.prepare_base(base_layer, self.kind)
         dtype = bases.weight_dtype(base_layer, self.kind)
         device = bases.stamped_weight(base_layer, self.kind).device
         self.register_buffer("A", torch.zeros(rank, self.in_features, device=device, dtype=dtype))
@@ -193,6 +194,7 @@ class EDoRALinear(nn.Module):
         quantized base: "peft" mode runs the base on the dropped input too, ``y = epi(base(x̃),
         x̃) + base(x) − base(x̃)``; "lowrank" feeds the dropped input to the rank-r branch
         only."""
+        bases.prepare_base(self.base_layer, self.kind)
         terms = self.norm_terms()
 
         def epilogue(y0, x_in):

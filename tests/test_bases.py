@@ -298,3 +298,44 @@ def test_models_built_under_the_meta_device(tmp_path):
                                      for t in ("A", "B", "R", "magnitude"))
     load_edora_state_dict(model, os.path.join(tmp_path, "adapter.safetensors"))
     assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_bnb_4bit_cpu_inference_layout(nested):
+    """bitsandbytes re-lays a 4-bit weight out for its CPU inference kernel at an eval-mode
+    forward without grad (AVX512-BF16 CPUs), rounding the block scales to bf16. A wrapped base
+    never re-lays; one re-laid before wrapping (evaluate, then apply EDoRA, then train) is put
+    back in the standard layout — with unnested scales too, which bitsandbytes' own inverse
+    leaves transposed — and the layer matches the reference on the weight it then holds."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    base = bnb.nn.Linear4bit(128, 64, quant_type="nf4", compute_dtype=torch.float32,
+                             compress_statistics=nested)
+    base.load_state_dict(nn.Linear(128, 64).state_dict())
+    base = base.to("cpu")
+    weight = base.weight
+    before = functional.dequantize_4bit(weight.data, weight.quant_state)
+    # the re-layout (done by hand: it needs 32-row blocks of 64-column quantization blocks)
+    weight.data, weight.quant_state = functional._convert_weight_packed_for_cpu(
+        weight.data, weight.quant_state)
+    layer = _trained(EDoRALinear.from_linear(base, RANK, seed=0))
+    assert not weight.quant_state.packing_format_for_cpu
+    assert not base.support_avx512bf16_for_cpu  # eval forwards compute as training does
+    w0 = layer.base_weight()
+    # every element within the bf16 rounding of its block's scale (scales left transposed
+    # would put errors of the weight's own size on most elements)
+    torch.testing.assert_close(w0, before, rtol=2.0 ** -8, atol=1e-7)
+    x = torch.randn(6, 128, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    expected = edora_linear_reference(x.detach().double(), w0.double(), layer.bias.double(),
+                                      layer.A.double(), layer.B.double(),
+                                      layer.R.detach().double(),
+                                      layer.magnitude.detach().double(), layer.scaling)
+    assert_close(y, expected, torch.float32, "y")
+    # a caller re-laying the weight behind the layer's back: put back before the next forward
+    weight.data, weight.quant_state = functional._convert_weight_packed_for_cpu(
+        weight.data, weight.quant_state)
+    assert_close(layer(x), y, torch.bfloat16, "y after a second re-layout")
+    assert not weight.quant_state.packing_format_for_cpu

@@ -65,6 +65,43 @@ def test_save_and_from_pretrained_restore_outputs_bit_exactly(tmp_path):
     assert any(p.requires_grad for p in trainable.parameters())
 
 
+def test_save_pretrained_from_a_gathered_state_dict_and_only_on_the_main_process(tmp_path):
+    """Trainer's FSDP path hands save_pretrained a gathered state dict and says which process
+    writes: the files equal a plain save, and a non-main process writes nothing."""
+    from safetensors.torch import load_file
+
+    model = get_edora_model(classifier(), CONFIG)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "plain")
+    # the wrapper's own keys (Trainer) and the base model's keys both work
+    for name, state in [("wrapper", model.state_dict()),
+                        ("base", model.base_model.state_dict())]:
+        given = {k: v.clone() for k, v in state.items()}
+        model.save_pretrained(tmp_path / name, state_dict=given, is_main_process=True)
+        for file in ("adapter_model.safetensors", "modules_to_save.safetensors"):
+            got, want = load_file(tmp_path / name / file), load_file(tmp_path / "plain" / file)
+            assert got.keys() == want.keys()
+            assert all(torch.equal(got[k], want[k]) for k in want)
+    # the tensors come from the given state dict, not from the model
+    doubled = {k: v * 2 for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "doubled", state_dict=doubled)
+    key = "bert.encoder.layer.0.attention.self.query.R"
+    assert torch.equal(load_file(tmp_path / "doubled" / "adapter_model.safetensors")[key],
+                       2 * model.base_model.get_submodule(key[:-2]).R.detach())
+    model.save_pretrained(tmp_path / "other_rank", is_main_process=False)
+    assert not (tmp_path / "other_rank").exists()
+    partial = {k: v for k, v in model.state_dict().items() if not k.endswith(".magnitude")}
+    with pytest.raises(ValueError, match="state_dict lacks the adapter tensors .*magnitude"):
+        model.save_pretrained(tmp_path / "partial", state_dict=partial)
+    headless = {k: v for k, v in model.state_dict().items() if "classifier" not in k}
+    with pytest.raises(ValueError, match="lacks the trained head tensor 'classifier"):
+        model.save_pretrained(tmp_path / "headless", state_dict=headless)
+    assert not (tmp_path / "partial").exists() and not (tmp_path / "headless").exists()
+
+
 def test_peft_loader_refuses_an_edora_directory(tmp_path):
     get_edora_model(classifier(), CONFIG).save_pretrained(tmp_path)
     with pytest.raises((KeyError, ValueError)):
