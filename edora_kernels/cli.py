@@ -122,7 +122,8 @@ INIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # their own lists.
 NOT_FOR = {"--init": ("tokens", "shapes", "providers", "modes", "compile", "dropout"),
            "--model": ("tokens", "shapes", "modes", "compile", "dropout"),
-           "--host": ("modes", "compile", "dropout")}
+           "--host": ("modes", "compile", "dropout"),
+           "--adapters": ("shapes", "compile", "dropout")}
 
 
 def _init_case(args: argparse.Namespace) -> str:
@@ -139,15 +140,17 @@ def _check_bench(args: argparse.Namespace) -> None:
                 args.error(f"{flag} applies to --init only")
     # Rejected rather than ignored: a flag that silently does nothing misleads the reader.
     what = ("--init" if args.init else "--model" if args.model is not None
-            else "--host" if args.host else None)
+            else "--host" if args.host else "--adapters" if args.adapters else None)
     for key in NOT_FOR.get(what, ()):
         if getattr(args, key) not in (None, False):
             args.error(f"--{key} does not apply to {what}")
-    if what in ("--model", "--host") and args.providers is not None:
+    if what in ("--model", "--host", "--adapters") and args.providers is not None:
+        from .bench.adapters import ADAPTER_PROVIDERS
         from .bench.host import HOST_PROVIDERS
         from .bench.model_step import MODEL_PROVIDERS
 
-        allowed = MODEL_PROVIDERS if what == "--model" else HOST_PROVIDERS
+        allowed = {"--model": MODEL_PROVIDERS, "--host": HOST_PROVIDERS,
+                   "--adapters": ADAPTER_PROVIDERS}[what]
         other = [p for p in args.providers if p not in allowed]
         if other:
             args.error(f"argument --providers: with {what}, expected providers from "
@@ -256,6 +259,25 @@ def _host_config(args: argparse.Namespace):
     return replace(cfg, **{k: v for k, v in changes.items() if v is not None})
 
 
+def _adapters_config(args: argparse.Namespace, device: torch.device):
+    from .bench.adapters import default_adapters_config
+
+    cfg = default_adapters_config(device)
+    cfg.counts = args.adapters
+    if args.tokens is not None:
+        if len(args.tokens) > 1:
+            args.error("argument --tokens: --adapters takes one token count per row")
+        cfg.seq = args.tokens[0]
+    for key in ("dtype", "repeats", "warmup", "providers", "modes"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    if args.ranks is not None:
+        cfg.rank = args.ranks[0]
+    _check_rank(args, cfg.rank, cfg.hidden, f"the {cfg.preset} model's {cfg.hidden}x"
+                f"{cfg.hidden} linears")
+    return cfg
+
+
 def _op_config(args: argparse.Namespace, device: torch.device):
     from .bench.op import default_config
 
@@ -296,6 +318,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.host import run_host_bench
 
         cfg, bench = _host_config(args), run_host_bench
+    elif args.adapters:
+        from .bench.adapters import run_adapters_bench
+
+        cfg, bench = _adapters_config(args, default_device()), run_adapters_bench
     else:
         from .bench.op import run_op_bench
 
@@ -398,13 +424,16 @@ def _add_bench(sub) -> None:
     p.add_argument("--dtype", type=_one(_dtype, f"one of {', '.join(DTYPES)}"),
                    help="fp32, bf16, fp16 or fp64 (--init-llama7b: the model's dtype, default "
                         "bf16; the SVDs run in fp32 either way)")
+    from .bench.adapters import ADAPTER_PROVIDERS
     from .bench.host import HOST_PROVIDERS
 
-    any_provider = tuple(dict.fromkeys(PROVIDERS + MODEL_PROVIDERS + HOST_PROVIDERS))
+    any_provider = tuple(dict.fromkeys(PROVIDERS + MODEL_PROVIDERS + HOST_PROVIDERS
+                                       + ADAPTER_PROVIDERS))
     p.add_argument("--providers", type=_csv_list(_choice(any_provider), "providers from "
                                                  f"{', '.join(any_provider)}"),
                    help=f"op: {', '.join(PROVIDERS)}; --model: {', '.join(MODEL_PROVIDERS)}; "
-                        f"--host: {', '.join(HOST_PROVIDERS)}")
+                        f"--host: {', '.join(HOST_PROVIDERS)}; --adapters: "
+                        f"{', '.join(ADAPTER_PROVIDERS)}")
     p.add_argument("--modes", type=_csv_list(_choice(MODES), f"modes from {', '.join(MODES)}"),
                    help="fwd (inference forward), fwd+bwd (training step of the layer)")
     p.add_argument("--repeats", type=_one(_int_at_least(1), "an integer >= 1"),
@@ -432,6 +461,12 @@ def _add_bench(sub) -> None:
                            "64x64, r=8, bf16 unless --tokens/--shapes/--ranks/--dtype say "
                            "otherwise) with every kernel launch replaced by a no-op, against "
                            "the frozen nn.Linear, with launches and host syncs per call")
+    what.add_argument("--adapters", type=_csv_list(_int_at_least(1), "adapter counts >= 1 "
+                                                   "like 1,8,64"),
+                      help="many adapters instead: a mixed batch (row i with adapter i mod K; "
+                           "max(K) rows of --tokens tokens each) through the tiny Llama with K "
+                           "EDoRA adapters on one basis, against one adapter and PEFT LoRA's "
+                           "mixed batch with K adapters")
     what.add_argument("--init", action="store_true",
                       help="time the initialiser instead: batched randomized_svd against "
                            "per-layer torch.linalg.svd, torch.svd_lowrank and scikit-learn on "

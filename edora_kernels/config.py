@@ -54,7 +54,8 @@ class EDoRAConfig:
     ``r``, ``alpha`` (scaling alpha / r), ``target_modules`` and ``exclude_modules`` (PEFT's
     matching rules, "all-linear" included), ``modules_to_save`` (heads trained and saved with
     the adapter; the heads of ``task_type`` are added, as PEFT does), ``inference_mode``
-    (everything frozen) and the layer options of ``LayerOptions``.
+    (everything frozen), the layer options of ``LayerOptions`` and, in a saved config, the
+    ``basis`` fingerprint.
     """
 
     r: int = 16
@@ -70,6 +71,9 @@ class EDoRAConfig:
     detach_norm: bool = _DEFAULTS.detach_norm
     backend: str = _DEFAULTS.backend
     inference_mode: bool = False
+    # The fingerprint of the basis (A, B) the adapter was trained on; written by
+    # save_pretrained (edora_kernels.basis), checked when the adapter is loaded.
+    basis: dict | None = None
     peft_type: str = field(default=PEFT_TYPE, init=False)
 
     def layer_options(self) -> LayerOptions:

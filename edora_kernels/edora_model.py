@@ -21,23 +21,29 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib.util
 import json
 import os
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import basis
 from .adapter_io import adapter_tensors, edora_layers, load_edora_state_dict, save_edora
-from .checks import exact_names, matches_target
+from .checks import exact_names, matches_target, quote
 from .config import EDoRAConfig
 from .distributed import copy_whole, main_process, whole
 from .export import merge_and_unload, unload
 from .install import install, positions
 from .integrations.peft import target_names
+from .layer import DEFAULT_ADAPTER, check_adapter_name
+from .mixed import row_indices
 from .model import apply_edora
 
+CORES_FORMAT = "edora_kernels.adapter_cores"  # R and magnitude only, on a basis saved elsewhere
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 HEADS_NAME = "modules_to_save.safetensors"
@@ -45,25 +51,53 @@ HEADS_NAME = "modules_to_save.safetensors"
 
 class TrainedHead(nn.Module):
     """A head EDoRA trains and saves with the adapter (PEFT's ``modules_to_save``): a trainable
-    copy beside the frozen original, which runs instead while the adapter is disabled."""
+    copy per adapter beside the frozen original, which runs instead while the adapter is
+    disabled and for rows of the base model."""
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
         self.original_module = original.requires_grad_(False)
-        self.trained_module = copy.deepcopy(original)
+        self.trained_module = copy.deepcopy(original)     # the adapter "default"
+        self.extra_trained = nn.ModuleDict()              # the others, by name
+        self.active_adapter = DEFAULT_ADAPTER
         self.use_original = False
+        self.row_adapters: torch.Tensor | None = None     # as EDoRALinear.row_adapters
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [DEFAULT_ADAPTER, *self.extra_trained]
+
+    def module_for(self, name: str) -> nn.Module:
+        return self.trained_module if name == DEFAULT_ADAPTER else self.extra_trained[name]
+
+    def add_adapter(self, name: str) -> None:
+        self.extra_trained[name] = copy.deepcopy(self.original_module)
 
     def forward(self, *args, **kwargs):
-        module = self.original_module if self.use_original else self.trained_module
-        return module(*args, **kwargs)
+        if self.use_original:
+            return self.original_module(*args, **kwargs)
+        if self.row_adapters is None:
+            return self.module_for(self.active_adapter)(*args, **kwargs)
+        # Each row through its adapter's head (the base model's rows: the original).
+        x, rest = args[0], args[1:]
+        rows = self.row_adapters.to(x.device)
+        modules = [*map(self.module_for, self.adapter_names), self.original_module]
+        selections, outputs = [], []
+        for index in rows.unique().tolist():
+            selected = (rows == index).nonzero().squeeze(1)
+            selections.append(selected)
+            outputs.append(modules[index](x[selected], *rest, **kwargs))
+        order = torch.cat(selections).argsort()
+        return torch.cat(outputs)[order]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The unwrapped head's own keys (a checkpoint of the base model, loaded after a
         # meta-device build) fill both copies.
-        copies = (prefix + "original_module.", prefix + "trained_module.")
+        copies = (prefix + "original_module.", prefix + "trained_module.",
+                  prefix + "extra_trained.")
         for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(copies)]:
             value = state_dict.pop(key)
-            for copy_prefix in copies:
+            for copy_prefix in copies[:2]:
                 state_dict.setdefault(copy_prefix + key[len(prefix):], value)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -97,7 +131,9 @@ class EDoRAModel(nn.Module):
                         **vars(options))
         self.base_model = model
         self.edora_config = config
-        self._wrap_heads()
+        self._configs = {DEFAULT_ADAPTER: config}
+        self._active = [DEFAULT_ADAPTER]
+        self._wrap_heads(config)
         self.set_trainable(not config.inference_mode)
 
     def __new__(cls, *args, **kwargs):
@@ -106,22 +142,54 @@ class EDoRAModel(nn.Module):
             cls = _peft_flavoured()
         return super().__new__(cls)
 
-    def _wrap_heads(self) -> None:
+    def _wrap_heads(self, config: EDoRAConfig) -> None:
+        """Wrap the heads ``config`` names that are not wrapped yet (each with a copy for every
+        adapter the model holds)."""
         where = positions(self.base_model)
         wrapped = []
-        for name in _head_names(self.base_model, self.edora_config.heads()):
+        for name in _head_names(self.base_model, config.heads()):
             module = self.base_model.get_submodule(name)
             if not isinstance(module, TrainedHead):
-                wrapped.append((where[id(module)], TrainedHead(module)))
+                head = TrainedHead(module)
+                for adapter in self.adapter_names()[1:]:
+                    head.add_adapter(adapter)
+                wrapped.append((where[id(module)], head))
         install(self.base_model, wrapped)
 
     # --- pass-through -------------------------------------------------------------------------
 
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The model's forward; ``adapter_names`` (one per row, ``"__base__"`` for the base
+        model) runs every row with its own adapter in one pass."""
+        with self._rows(adapter_names, args, kwargs):
+            return self.base_model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        return self.base_model.generate(*args, **kwargs)
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        with self._rows(adapter_names, args, kwargs):
+            return self.base_model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _rows(self, adapter_names, args, kwargs):
+        if adapter_names is None:
+            if len(self._active) > 1:
+                raise ValueError(f"adapters {self._active} are active together: pass "
+                                 "adapter_names= (one per row) to say which row uses which")
+            yield
+            return
+        if isinstance(adapter_names, str):
+            raise TypeError("adapter_names must be a list with one adapter name per row, got "
+                            f"the string {adapter_names!r}")
+        inputs = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        batch = inputs[0].shape[0] if inputs and inputs[0].dim() else len(adapter_names)
+        rows = row_indices(adapter_names, self.adapter_names(), batch)
+        modules = [*edora_layers(self.base_model).values(), *self.heads().values()]
+        for module in modules:
+            module.row_adapters = rows
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.row_adapters = None
 
     def __getattr__(self, name):
         try:
@@ -132,27 +200,135 @@ class EDoRAModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model
 
-    # What Trainer reads on a PeftModel: one adapter, called "default".
+    # --- adapters (PEFT's multi-adapter API) ----------------------------------------------------
+
     @property
-    def peft_config(self) -> dict:
-        return {"default": self.edora_config}
+    def peft_config(self) -> dict[str, EDoRAConfig]:
+        return dict(self._configs)
+
+    def adapter_names(self) -> list[str]:
+        """Every adapter, "default" first, in the order they were added."""
+        return list(self._configs)
 
     @property
     def active_adapters(self) -> list[str]:
-        return ["default"]
+        return list(self._active)
 
     @property
     def active_adapter(self) -> str:
-        return "default"
+        return self._active[0]
+
+    def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False,
+                    **_ignored) -> None:
+        """A new adapter on the model's basis: the layers and settings of "default" (same
+        targets, rank, alpha, dropout, norm treatment), a fresh R (``peft_config.seed``) and m
+        that start as the base model, its own copies of the heads. Reads no W0 while the norm
+        terms are cached and runs no factorisation. Not made active (``set_adapter``)."""
+        config = _as_edora_config(peft_config)
+        check_adapter_name(adapter_name, self.adapter_names())
+        self._check_same_basis_settings(adapter_name, config)
+        for layer in edora_layers(self.base_model).values():
+            layer.add_adapter(adapter_name, seed=config.seed)
+        for head in self.heads().values():
+            head.add_adapter(adapter_name)
+        self._configs[adapter_name] = config
+        self._wrap_heads(config)
+        self._set_requires_grad()
+
+    def _check_same_basis_settings(self, adapter_name: str, config: EDoRAConfig) -> None:
+        base = self.edora_config
+        for field in ("r", "alpha", "dropout", "dropout_mode", "detach_norm", "init"):
+            if getattr(config, field) != getattr(base, field):
+                raise ValueError(
+                    f"adapter {adapter_name!r}: {field}={getattr(config, field)!r} differs from "
+                    f"the model's basis ({field}={getattr(base, field)!r}); adapters on one "
+                    "basis share their layers and settings (a second basis is not supported)")
+        if config.target_modules is None:
+            return  # the basis's layers
+        layers = set(edora_layers(self.base_model))
+        wanted = set(target_names(self.base_model, config, "EDoRAConfig", adapted=True))
+        outside = target_names(self.base_model, config, "EDoRAConfig")  # wrappable, not wrapped
+        if wanted != layers or outside:
+            raise ValueError(
+                f"adapter {adapter_name!r} targets other layers than the model's basis (not in "
+                f"the basis: {sorted(outside)[:4]}, left out: {sorted(layers - wanted)[:4]}); "
+                "adapters on one basis adapt the same layers")
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make ``adapter_name`` the one forward uses and the one that trains; a list makes
+        several trainable together, for batches with ``adapter_names`` (multi-tenant
+        training)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        known = self.adapter_names()
+        unknown = [n for n in names if n not in known]
+        if not names or unknown:
+            raise ValueError(f"no adapter {unknown or names!r} in this model (its adapters: "
+                             f"{known})")
+        for layer in edora_layers(self.base_model).values():
+            layer.set_active_adapter(names[0])
+        for head in self.heads().values():
+            head.active_adapter = names[0]
+        self._active = names
+        self._set_requires_grad()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Drop an adapter (not "default": its R and m are the layers' own). The model's other
+        adapters, its basis and its norm terms are untouched; an active adapter deleted leaves
+        "default" active."""
+        if adapter_name == DEFAULT_ADAPTER:
+            raise ValueError(f"the adapter {DEFAULT_ADAPTER!r} holds the basis and cannot be "
+                             "deleted; load another adapter into it instead")
+        if adapter_name not in self._configs:
+            raise ValueError(f"no adapter {adapter_name!r} in this model (its adapters: "
+                             f"{self.adapter_names()})")
+        for layer in edora_layers(self.base_model).values():
+            layer.delete_adapter(adapter_name)
+        for head in self.heads().values():
+            del head.extra_trained[adapter_name]
+            if head.active_adapter == adapter_name:
+                head.active_adapter = DEFAULT_ADAPTER
+        del self._configs[adapter_name]
+        self._active = [n for n in self._active if n != adapter_name] or [DEFAULT_ADAPTER]
+        self.set_adapter(self._active)
+
+    def basis_fingerprint(self) -> dict:
+        """The fingerprint of the basis every adapter of this model shares
+        (``edora_kernels.basis``)."""
+        return basis.fingerprint(edora_layers(self.base_model), init=self.edora_config.init,
+                                 seed=self.edora_config.seed)
 
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default", *,
                      is_trainable: bool = False, **_ignored) -> None:
-        """Load a ``save_pretrained`` directory's adapter and heads into this model (Trainer's
-        resume path)."""
-        if adapter_name != "default":
-            raise ValueError(f"EDoRAModel holds one adapter, 'default'; got {adapter_name!r}")
-        _load_into(self.base_model, directory, self.heads())
-        self.set_trainable(is_trainable)
+        """Load a ``save_pretrained`` directory's adapter (and heads) as ``adapter_name``,
+        adding it if the model does not hold it: Trainer's resume path, and the hot swap of a
+        served adapter. Only R and m (and heads) are read when the model holds the adapter's
+        basis — no W0 read, no factorisation, other adapters untouched; an adapter of another
+        basis is refused naming the first difference."""
+        config = _read_config(directory)
+        state = _read_cores(directory)
+        self._check_basis(directory, config)
+        # PEFT's rule: an adapter loaded without is_trainable is for inference only.
+        config = dataclasses.replace(config, basis=None, inference_mode=not is_trainable)
+        if adapter_name not in self._configs:
+            self.add_adapter(adapter_name, config)
+        layers = edora_layers(self.base_model)
+        _copy_cores(layers, state, adapter_name, os.path.join(directory, WEIGHTS_NAME))
+        _load_heads(self.base_model, directory, self.heads(), adapter_name)
+        self._configs[adapter_name] = config
+        self.edora_config = self._configs[DEFAULT_ADAPTER]
+        self._set_requires_grad()
+
+    def _check_basis(self, directory, config: EDoRAConfig) -> None:
+        saved = config.basis
+        if saved is None:  # saved before fingerprints: the file carries its own A and B
+            return
+        why = basis.difference(saved, self.basis_fingerprint())
+        if why is not None:
+            raise ValueError(
+                f"{directory}: the adapter was trained on basis {saved['digest']}, not this "
+                f"model's ({self.basis_fingerprint()['digest']}): {why}. Load it into the base "
+                "model it was trained on (EDoRAModel.from_pretrained builds the basis from the "
+                "saved tree); a second basis in one model is not supported")
 
     # --- training state -----------------------------------------------------------------------
 
@@ -164,15 +340,25 @@ class EDoRAModel(nn.Module):
         return list(self.heads())
 
     def set_trainable(self, trainable: bool) -> None:
-        """R and magnitude of every EDoRA layer and the trained heads train (or not);
-        everything else stays frozen."""
+        """R and magnitude of the active adapters in every EDoRA layer, and their heads, train
+        (or not); everything else stays frozen."""
+        self._trainable = trainable
+        self._set_requires_grad()
+
+    def _set_requires_grad(self) -> None:
+        """Everything frozen but the active adapters (unless frozen as a whole, or loaded for
+        inference only)."""
+        trainable = [name for name in self._active if getattr(self, "_trainable", True)
+                     and not self._configs[name].inference_mode]
         for p in self.base_model.parameters():
             p.requires_grad_(False)
         for layer in edora_layers(self.base_model).values():
-            layer.R.requires_grad_(trainable)
-            layer.magnitude.requires_grad_(trainable)
+            for name in trainable:
+                for p in layer.adapter_weights(name):
+                    p.requires_grad_(True)
         for head in self.heads().values():
-            head.trained_module.requires_grad_(trainable)
+            for name in trainable:
+                head.module_for(name).requires_grad_(True)
 
     def print_trainable_parameters(self) -> None:
         params = list(self.base_model.parameters())
@@ -195,7 +381,7 @@ class EDoRAModel(nn.Module):
                 _set_disabled(module, False)
 
     def merge_and_unload(self) -> nn.Module:
-        """The base model with merged weights and the trained heads (PEFT's meaning)."""
+        """The base model with the active adapter merged and its heads (PEFT's meaning)."""
         _unwrap_heads(self.base_model, trained=True)
         return merge_and_unload(self.base_model)
 
@@ -207,49 +393,161 @@ class EDoRAModel(nn.Module):
     # --- files --------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike, *,
+                        selected_adapters: list[str] | None = None,
                         state_dict: dict[str, torch.Tensor] | None = None,
                         is_main_process: bool | None = None, **_ignored) -> None:
-        """``adapter_config.json``, the adapter (R, magnitude, A, B) and the trained heads.
+        """PEFT's layout: "default" in ``directory`` (``adapter_config.json``, the adapter with
+        the basis A, B — the only copy of the basis — and the trained heads), every other
+        adapter in ``directory/<name>/`` (its config, R and magnitude, its heads). Each config
+        records the basis fingerprint. ``selected_adapters`` limits what is written.
 
         Only the main process writes (rank 0 unless ``is_main_process`` says, PEFT's argument).
         Under FSDP2 call it on every rank — the sharded tensors are gathered, a collective — or
         pass ``state_dict``, this model's state dict gathered already (Trainer does): the
-        tensors are then read from it and nothing is communicated.
+        default adapter's tensors are then read from it and nothing is communicated.
         """
+        names = self.adapter_names() if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self._configs]
+        if unknown:
+            raise ValueError(f"selected_adapters {unknown} are not adapters of this model "
+                             f"(its adapters: {self.adapter_names()})")
         if state_dict is not None:  # this wrapper's keys, or the base model's
             state_dict = {k.removeprefix("base_model."): v for k, v in state_dict.items()}
-        adapter = adapter_tensors(self.base_model, state_dict)  # gathered: every rank joins
+        fingerprint = self.basis_fingerprint()
+        layers = edora_layers(self.base_model)
+        written = {}  # adapter -> (tensors, heads), gathered on every rank first
+        for name in names:
+            if name == DEFAULT_ADAPTER:
+                tensors = adapter_tensors(self.base_model, state_dict)
+            else:
+                tensors = {f"{layer_name}.{t}": whole(p.detach())
+                           for layer_name, layer in layers.items()
+                           for t, p in zip(("R", "magnitude"), layer.adapter_weights(name))}
+            written[name] = (tensors, self._head_tensors(name, state_dict))
+        if not main_process(is_main_process):
+            return
+        for name, (tensors, heads) in written.items():
+            where = directory if name == DEFAULT_ADAPTER else os.path.join(directory, name)
+            os.makedirs(where, exist_ok=True)
+            config = dataclasses.replace(self._configs[name], basis=fingerprint)
+            with open(os.path.join(where, CONFIG_NAME), "w") as f:
+                json.dump(config.to_dict(), f, indent=2)
+            path = os.path.join(where, WEIGHTS_NAME)
+            if name == DEFAULT_ADAPTER:
+                save_edora(self.base_model, path, state_dict=tensors, is_main_process=True)
+            else:
+                save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, path,
+                          metadata={"format": CORES_FORMAT, "format_version": "1"})
+            if heads:
+                save_file(heads, os.path.join(where, HEADS_NAME))
+
+    def _head_tensors(self, adapter_name: str, state_dict) -> dict[str, torch.Tensor]:
+        """The trained heads of one adapter, whole, by ``{head}.{key}``."""
         heads = {}
         for name, head in self.heads().items():
-            for k, v in head.trained_module.state_dict().items():
-                key = f"{name}.trained_module.{k}"
+            prefix = ("trained_module" if adapter_name == DEFAULT_ADAPTER
+                      else f"extra_trained.{adapter_name}")
+            for k, v in head.module_for(adapter_name).state_dict().items():
+                key = f"{name}.{prefix}.{k}"
                 if state_dict is not None and key not in state_dict:
                     raise ValueError(f"state_dict lacks the trained head tensor {key!r}")
                 value = v if state_dict is None else state_dict[key]
                 heads[f"{name}.{k}"] = whole(value).detach().cpu().contiguous()
-        if not main_process(is_main_process):
-            return
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(self.edora_config.to_dict(), f, indent=2)
-        save_edora(self.base_model, os.path.join(directory, WEIGHTS_NAME),
-                   state_dict=adapter, is_main_process=True)
-        if heads:
-            save_file(heads, os.path.join(directory, HEADS_NAME))
+        return heads
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike, *,
-                        is_trainable: bool = False) -> "EDoRAModel":
+    def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike,
+                        adapter_name: str = "default", *,
+                        is_trainable: bool = False, **_ignored) -> "EDoRAModel":
         """``model`` (the base architecture with its pretrained weights) with the adapter and
-        heads of ``directory``; frozen and in eval mode unless ``is_trainable``."""
-        config = _read_config(directory)
-        load_edora_state_dict(model, os.path.join(directory, WEIGHTS_NAME))
-        wrapped = cls(model, config, apply=False)
-        _load_into(model, directory, wrapped.heads(), adapter=False)
+        heads of ``directory`` — the basis (A, B) from that directory, or for an adapter saved
+        in a subdirectory from the tree's root — checked against the fingerprint the adapter
+        recorded (a different base model is refused, naming the first layer whose W0
+        differs); frozen and in eval mode unless ``is_trainable``. More adapters of the tree:
+        :meth:`load_adapter`."""
+        basis_dir = _basis_directory(directory)
+        root_config = _read_config(basis_dir)
+        load_edora_state_dict(model, os.path.join(basis_dir, WEIGHTS_NAME))
+        wrapped = cls(model, _without_basis(root_config), apply=False)
+        wrapped._check_basis(basis_dir, root_config)
+        if os.path.samefile(basis_dir, directory) and adapter_name == DEFAULT_ADAPTER:
+            _load_heads(model, directory, wrapped.heads(), DEFAULT_ADAPTER)
+        else:
+            wrapped.load_adapter(directory, adapter_name, is_trainable=is_trainable)
+            wrapped.set_adapter(adapter_name)
         wrapped.set_trainable(is_trainable)
         if not is_trainable:
             wrapped.eval()
         return wrapped
+
+
+def _as_edora_config(config) -> EDoRAConfig:
+    if isinstance(config, EDoRAConfig):
+        return config
+    if hasattr(config, "lora_alpha"):  # a PEFT LoraConfig
+        return EDoRAConfig.from_lora_config(config)
+    raise TypeError(f"expected an EDoRAConfig or a peft LoraConfig, got {type(config).__name__}")
+
+
+def _without_basis(config: EDoRAConfig) -> EDoRAConfig:
+    return dataclasses.replace(config, basis=None)
+
+
+def _basis_directory(directory) -> str:
+    """Where the basis of the adapter in ``directory`` is: there when its file holds A and B,
+    else the parent (PEFT's layout: other adapters in subdirectories of the default's)."""
+    if _holds_basis(os.path.join(directory, WEIGHTS_NAME)):
+        return os.fspath(directory)
+    parent = os.path.dirname(os.path.abspath(directory))
+    if _holds_basis(os.path.join(parent, WEIGHTS_NAME)):
+        return parent
+    raise ValueError(f"{directory}: its adapter holds only R and magnitude, and neither it nor "
+                     f"{parent} holds the basis (A, B) it was trained on: load it into a model "
+                     "that has that basis (EDoRAModel.load_adapter)")
+
+
+def _holds_basis(path: str) -> bool:
+    if not os.path.exists(path):
+        return False
+    with safe_open(path, framework="pt") as f:
+        return f.metadata() is not None and f.metadata().get("format") != CORES_FORMAT
+
+
+def _read_cores(directory) -> dict[str, torch.Tensor]:
+    path = os.path.join(directory, WEIGHTS_NAME)
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"{path}: not a readable adapter file ({err})") from None
+
+
+@torch.no_grad()
+def _copy_cores(layers: dict, state: dict, adapter_name: str, where: str) -> None:
+    """R and magnitude of every layer from ``state`` into ``adapter_name``; every key, shape and
+    value checked before anything is copied."""
+    problems, pairs = [], []
+    for layer_name, layer in layers.items():
+        for t, target in zip(("R", "magnitude"), layer.adapter_weights(adapter_name)):
+            key = f"{layer_name}.{t}"
+            value = state.get(key)
+            if value is None:
+                problems.append(f"{key}: missing")
+            elif tuple(value.shape) != tuple(target.shape):
+                problems.append(f"{key}: got {tuple(value.shape)}, expected "
+                                f"{tuple(target.shape)}")
+            elif not value.is_floating_point() or not torch.isfinite(value).all():
+                problems.append(f"{key}: not a finite floating tensor")
+            else:
+                pairs.append((target, value))
+    unexpected = sorted(set(state) - {f"{n}.{t}" for n in layers
+                                      for t in ("R", "magnitude", "A", "B")})
+    if unexpected:
+        problems.append(f"unexpected keys {quote(unexpected)}")
+    if problems:
+        raise ValueError(f"cannot load {where} as adapter {adapter_name!r}: "
+                         + "; ".join(problems[:12]))
+    for target, value in pairs:
+        copy_whole(target, value)
 
 
 def _set_disabled(module, disabled: bool) -> None:
@@ -261,7 +559,8 @@ def _set_disabled(module, disabled: bool) -> None:
 
 def _unwrap_heads(model: nn.Module, *, trained: bool) -> None:
     where = positions(model)
-    install(model, [(where[id(head)], head.trained_module if trained else head.original_module)
+    install(model, [(where[id(head)], head.module_for(head.active_adapter) if trained
+                     else head.original_module)
                     for head in {id(m): m for m in model.modules()
                                  if isinstance(m, TrainedHead)}.values()])
 
@@ -275,17 +574,15 @@ def _read_config(directory) -> EDoRAConfig:
         raise ValueError(f"{path}: not a readable EDoRA adapter config ({err})") from None
 
 
-def _load_into(model: nn.Module, directory, heads: dict[str, TrainedHead], *,
-               adapter: bool = True) -> None:
-    """The adapter (layers rebuilt from the file where the model has none) and the heads."""
-    if adapter:
-        load_edora_state_dict(model, os.path.join(directory, WEIGHTS_NAME))
+def _load_heads(model: nn.Module, directory, heads: dict[str, TrainedHead],
+                adapter_name: str) -> None:
+    """The trained heads saved in ``directory`` into ``adapter_name``'s copies."""
     heads_path = os.path.join(directory, HEADS_NAME)
     if not os.path.exists(heads_path):
         return
     saved = load_file(heads_path)
     state = {f"{name}.{k}": v for name, head in heads.items()
-             for k, v in head.trained_module.state_dict(keep_vars=True).items()}
+             for k, v in head.module_for(adapter_name).state_dict(keep_vars=True).items()}
     unknown = sorted(set(saved) - set(state))
     if unknown:
         raise ValueError(f"{heads_path}: {unknown[:8]} are not heads of {type(model).__name__} "

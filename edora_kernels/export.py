@@ -80,13 +80,15 @@ def export_peft_dora(model: nn.Module, directory: str | os.PathLike, *,
     Every EDoRA layer must share one rank and alpha (PEFT's rank/alpha patterns could express
     more, but a mixed export is refused rather than approximated). Keys follow PEFT's layout
     for a model wrapped as ``base_model.model``. Given an ``EDoRAModel``, its base model is
-    exported with its trained heads as PEFT ``modules_to_save`` and its ``task_type``.
+    exported with its trained heads as PEFT ``modules_to_save`` and its ``task_type``. Each
+    layer's active adapter is exported.
     """
     from .edora_model import EDoRAModel  # the wrapper imports this module
 
     heads: dict[str, nn.Module] = {}
     if isinstance(model, EDoRAModel):
-        heads = {name: head.trained_module for name, head in model.heads().items()}
+        heads = {name: head.module_for(head.active_adapter)
+                 for name, head in model.heads().items()}
         task_type = task_type or model.edora_config.task_type
         model = model.get_base_model()
     layers = edora_layers(model)
@@ -100,10 +102,11 @@ def export_peft_dora(model: nn.Module, directory: str | os.PathLike, *,
     tensors = {}
     for name, layer in layers.items():
         prefix = f"base_model.model.{name}"
-        B_R = layer.B.double() @ layer.R.detach().double()
+        R, magnitude = layer.adapter_weights(layer.active_adapter)
+        B_R = layer.B.double() @ R.detach().double()
         tensors[f"{prefix}.lora_A.weight"] = layer.A.detach().float().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = B_R.float().contiguous()
-        tensors[f"{prefix}.lora_magnitude_vector"] = layer.magnitude.detach().float()
+        tensors[f"{prefix}.lora_magnitude_vector"] = magnitude.detach().float()
     for name, head in heads.items():  # PEFT stores a modules_to_save copy under its own name
         for key, value in head.state_dict().items():
             tensors[f"base_model.model.{name}.{key}"] = value.detach().contiguous()

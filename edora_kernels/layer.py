@@ -18,7 +18,16 @@ from torch import nn
 
 from . import bases
 from .checks import check_rank
-from .norm import NormTermsCache, compute_dtype, compute_norm_terms, row_norm
+from .mixed import BASE_NAME, mixed_epilogue
+from .norm import (
+    TERMS_DTYPE,
+    NormTermsCache,
+    _same,
+    _stamp,
+    compute_dtype,
+    compute_norm_terms,
+    row_norm,
+)
 from .ops import edora_epilogue, edora_linear
 from .options import LayerOptions
 from .svd import edora_factors
@@ -26,6 +35,8 @@ from .svd import edora_factors
 # Recompute the norm terms on every forward and compare with the cached ones (debugging writes
 # that bypass the version counter); read at each forward so a test or a session can flip it.
 VERIFY_NORM_ENV = "EDORA_VERIFY_NORM"
+# The adapter a layer is built with; its R and magnitude are the layer's own parameters.
+DEFAULT_ADAPTER = "default"
 
 
 def _adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -43,12 +54,25 @@ def base_kind(name: str, module: nn.Module) -> bases.Kind:
     return kind
 
 
+class AdapterWeights(nn.Module):
+    """R and magnitude of one more adapter on a layer's basis (A, B)."""
+
+    def __init__(self, R: torch.Tensor, magnitude: torch.Tensor) -> None:
+        super().__init__()
+        self.R = nn.Parameter(R)
+        self.magnitude = nn.Parameter(magnitude)
+
+
 class EDoRALinear(nn.Module):
     """``y = m/‖W0 + s·BRA‖_row ⊙ (base(x) − b + s·x Aᵀ Rᵀ Bᵀ) + b`` around ``base_layer``.
 
     Submodule ``base_layer`` (frozen, holding W0 and b); buffers ``A`` and ``B`` (frozen, saved
     with the adapter since SVD signs make them non-reproducible); parameters ``R`` and
-    ``magnitude`` (trainable). ``weight`` and ``bias`` are the base layer's.
+    ``magnitude`` (trainable) of the adapter "default". More adapters share the basis A, B
+    (:meth:`add_adapter`; their R and magnitude in ``extra_adapters``); ``active_adapter``
+    names the one forward uses, and ``row_adapters`` (set by ``EDoRAModel`` for
+    ``adapter_names=``) gives each row of a batch its own. ``weight`` and ``bias`` are the base
+    layer's.
     ``EDoRALinear(base, rank)`` is a bare layer (zero factors) to be loaded into;
     :meth:`from_linear` initialises one from the base's weight.
     """
@@ -76,6 +100,13 @@ class EDoRALinear(nn.Module):
         self._merge_snapshot: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.norm_cache = NormTermsCache()
         self.adapter_disabled = False  # EDoRAModel.disable_adapter(): run the base alone
+        self.extra_adapters = nn.ModuleDict()
+        self.active_adapter = DEFAULT_ADAPTER
+        # Per leading row of the input, the index of its adapter in adapter_names (len() for
+        # the base model); None: every row uses active_adapter.
+        self.row_adapters: torch.Tensor | None = None
+        # adapter -> (stamp of its R, the norm terms used, its detached row norms)
+        self._norm_rows: dict[str, tuple] = {}
         # Set by the installer: other parameters of the model that share W0's storage (tied
         # embeddings) and that storage; merge() would change them too, so it refuses while the
         # layer still holds that storage.
@@ -158,15 +189,73 @@ class EDoRALinear(nn.Module):
         # of a batched factorisation or of a loaded file, unaligned: BLAS would round differently).
         self.A.copy_(A.detach())
         self.B.copy_(B.detach())
+        R, m = self._fresh_adapter(seed, self.norm_terms(cached=False))
+        self.R.copy_(R)
+        self.magnitude.copy_(m)
+
+    def _fresh_adapter(self, seed: int | None, terms=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """R drawn with std ``sigma`` and m = ‖W0 + s·B R A‖: an adapter that starts as the
+        base layer."""
         gen = None
         if seed is not None and self.R.device.type != "meta":
             gen = torch.Generator(device=self.R.device).manual_seed(seed + 1)
         R = torch.randn(self.rank, self.rank, generator=gen, device=self.R.device,
                         dtype=self.R.dtype) * self.options.sigma
-        self.R.copy_(R)
         cdt = compute_dtype(self.A.dtype)
-        n = row_norm(self.norm_terms(cached=False), self.B.to(cdt) @ R.to(cdt), self.scaling)
-        self.magnitude.copy_(n)
+        terms = self.norm_terms() if terms is None else terms
+        n = row_norm(terms, self.B.to(cdt) @ R.to(cdt), self.scaling)
+        return R, n.to(self.magnitude.dtype)
+
+    # --- adapters -----------------------------------------------------------------------------
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every adapter of the layer: "default" first, then the added ones in order."""
+        return [DEFAULT_ADAPTER, *self.extra_adapters]
+
+    def adapter_weights(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """(R, magnitude) of the adapter ``name``."""
+        if name == DEFAULT_ADAPTER:
+            return self.R, self.magnitude
+        if name not in self.extra_adapters:
+            raise ValueError(f"{self._display_name()} has no adapter {name!r} (its adapters: "
+                             f"{self.adapter_names})")
+        weights = self.extra_adapters[name]
+        return weights.R, weights.magnitude
+
+    @torch.no_grad()
+    def add_adapter(self, name: str, *, seed: int | None = None) -> None:
+        """A new adapter on this layer's basis: R drawn as at initialisation (std ``sigma``,
+        ``seed``), m such that it starts as the base layer. Reads no W0 while the norm terms
+        are cached, runs no factorisation."""
+        check_adapter_name(name, self.adapter_names)
+        if self.merged:
+            raise RuntimeError(f"{self._display_name()} is merged; unmerge() before adding "
+                               "adapters")
+        R, m = self._fresh_adapter(seed)
+        self.extra_adapters[name] = AdapterWeights(R, m)
+
+    def delete_adapter(self, name: str) -> None:
+        """Drop the adapter ``name`` (not "default", whose R and m are the layer's own); the
+        active adapter falls back to "default" if it was ``name``."""
+        if name == DEFAULT_ADAPTER:
+            raise ValueError(f"the adapter {DEFAULT_ADAPTER!r} is the layer's own and cannot be "
+                             "deleted; load another adapter into it instead")
+        self.adapter_weights(name)  # raises for an unknown name
+        del self.extra_adapters[name]
+        self._norm_rows.pop(name, None)
+        if self.active_adapter == name:
+            self.active_adapter = DEFAULT_ADAPTER
+
+    def set_active_adapter(self, name: str) -> None:
+        self.adapter_weights(name)  # raises for an unknown name
+        if self.merged and name != self.active_adapter:
+            raise RuntimeError(f"{self._display_name()} is merged with adapter "
+                               f"{self.active_adapter!r}; unmerge() before switching")
+        self.active_adapter = name
+
+    def _active(self) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.adapter_weights(self.active_adapter)
 
     # --- forward ------------------------------------------------------------------------------
 
@@ -175,41 +264,93 @@ class EDoRALinear(nn.Module):
             if self.merged:  # the base holds the merged weight: W0 is reconstructed
                 return F.linear(x, self.base_weight(), self.bias)
             return self.base_layer(x)
+        R, magnitude = self._active()
         if self.merged:
-            if torch.is_grad_enabled() and (self.R.requires_grad or self.magnitude.requires_grad):
+            if torch.is_grad_enabled() and (R.requires_grad or magnitude.requires_grad):
                 raise RuntimeError(
                     "EDoRALinear is merged, so R and magnitude would get no gradient: call "
                     "unmerge() before training, or run under torch.no_grad() / freeze them")
             return self.base_layer(x)
         dropout = self.dropout if self.training else 0.0
+        if self.row_adapters is not None:
+            return self._mixed_forward(x, dropout)
         if self.kind.dense:
             return edora_linear(
-                x, self._w0(), self.bias, self.A, self.B, self.R, self.magnitude, self.scaling,
+                x, self._w0(), self.bias, self.A, self.B, R, magnitude, self.scaling,
                 dropout=dropout, dropout_mode=self.dropout_mode, detach_norm=self.detach_norm,
                 backend=self.backend, norm_terms=self.norm_terms())
-        return self._quantized_forward(x, dropout)
-
-    def _quantized_forward(self, x: torch.Tensor, dropout: float) -> torch.Tensor:
-        """The base layer's own forward and the epilogue op. With dropout, as PEFT's DoRA on a
-        quantized base: "peft" mode runs the base on the dropped input too, ``y = epi(base(x̃),
-        x̃) + base(x) − base(x̃)``; "lowrank" feeds the dropped input to the rank-r branch
-        only."""
         bases.prepare_base(self.base_layer, self.kind)
         terms = self.norm_terms()
+        return self._through_epilogue(x, dropout, self.base_layer, lambda y0, x_in: (
+            edora_epilogue(y0, x_in, self.bias, self.A, self.B, R, magnitude, self.scaling,
+                           norm_terms=terms, detach_norm=self.detach_norm,
+                           backend=self.backend)))
 
-        def epilogue(y0, x_in):
-            return edora_epilogue(y0, x_in, self.bias, self.A, self.B, self.R, self.magnitude,
-                                  self.scaling, norm_terms=terms, detach_norm=self.detach_norm,
-                                  backend=self.backend)
-
-        y0 = self.base_layer(x)
+    def _through_epilogue(self, x, dropout: float, base, epilogue) -> torch.Tensor:
+        """``epilogue(base(x), x)``. With dropout, as PEFT's DoRA on a quantized base: "peft"
+        mode runs the base on the dropped input too, ``y = epi(base(x̃), x̃) + base(x) −
+        base(x̃)``; "lowrank" feeds the dropped input to the rank-r branch only."""
+        y0 = base(x)
         if dropout == 0.0:
             return epilogue(y0, x)
         x_drop = F.dropout(x, p=dropout, training=True)
         if self.dropout_mode == "lowrank":
             return epilogue(y0, x_drop)
-        y0_drop = self.base_layer(x_drop)
+        y0_drop = base(x_drop)
         return epilogue(y0_drop, x_drop) + (y0 - y0_drop)
+
+    def _mixed_forward(self, x: torch.Tensor, dropout: float) -> torch.Tensor:
+        """Each leading row of ``x`` with its own adapter (``row_adapters``): one base pass for
+        the batch, the rank-r term and g per row (``edora_kernels.mixed``). Only the adapters
+        the batch uses take part, however many the layer holds."""
+        rows = self.row_adapters
+        if x.dim() < 2 or x.shape[0] != rows.numel():
+            raise ValueError(f"{self._display_name()}: adapter_names gives {rows.numel()} rows "
+                             f"but the input has shape {tuple(x.shape)} (batch first)")
+        if self.merged:
+            raise RuntimeError(f"{self._display_name()} is merged; unmerge() before a batch "
+                               "with adapter_names")
+        names = self.adapter_names
+        present = sorted(set(rows.tolist()) - {len(names)})  # rows live on the host
+        local = {index: i for i, index in enumerate(present)}
+        rows = torch.tensor([local.get(i, len(present)) for i in rows.tolist()])
+        if self.kind.dense:
+            def base(inp):
+                return F.linear(inp, self._w0(), self.bias)
+        else:
+            bases.prepare_base(self.base_layer, self.kind)
+            base = self.base_layer
+        if not present:  # the base model's rows only
+            return base(x)
+        used = [names[i] for i in present]
+        weights = [self.adapter_weights(name) for name in used]
+        Rs = torch.stack([R for R, _ in weights])
+        ms = torch.stack([m for _, m in weights])
+        norms = self._adapter_norms(used, Rs)
+        return self._through_epilogue(x, dropout, base, lambda y0, x_in: mixed_epilogue(
+            y0, x_in, self.bias, self.A, self.B, Rs, ms, self.scaling, rows, norms))
+
+    def _adapter_norms(self, names: list[str], Rs: torch.Tensor) -> torch.Tensor:
+        """‖W0 + s·B R_a A‖ per row for the adapters ``names`` (K×out, float64). Detached norms
+        (``detach_norm``) are kept per adapter while its R and the norm terms stay the same: a
+        served adapter's norm is computed once, a trained one's once per step."""
+        terms = self.norm_terms()
+        if terms is None:  # under torch.compile
+            terms = compute_norm_terms(self.base_weight(), self.A)
+        B = self.B.to(TERMS_DTYPE)
+        if not self.detach_norm or torch.compiler.is_compiling():
+            n = row_norm(terms, B @ Rs.to(TERMS_DTYPE), self.scaling)
+            return n.detach() if self.detach_norm else n
+        cache = self._norm_rows
+        stale = [i for i, name in enumerate(names)
+                 if name not in cache or cache[name][1] is not terms
+                 or not _same(cache[name][0], self.adapter_weights(name)[0])]
+        if stale:
+            with torch.no_grad():
+                fresh = row_norm(terms, B @ Rs[stale].to(TERMS_DTYPE), self.scaling)
+            for i, n in zip(stale, fresh):
+                cache[names[i]] = (_stamp(self.adapter_weights(names[i])[0]), terms, n)
+        return torch.stack([cache[name][2] for name in names])
 
     # --- norm terms -----------------------------------------------------------------------------
 
@@ -247,10 +388,11 @@ class EDoRALinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to()/.half()/.cuda(): the cached terms belong to the old tensors; free them now.
         self.norm_cache.clear()
+        self._norm_rows.clear()
         result = super()._apply(fn, recurse)
         # model.to(bf16) must not round R and m to half: an optimizer step of 1e-4 relative
         # would not move them (as PEFT keeps adapters in fp32 on half models).
-        for param in (self.R, self.magnitude):
+        for param in (p for name in self.adapter_names for p in self.adapter_weights(name)):
             if param.dtype in (torch.float16, torch.bfloat16):
                 param.data = param.data.float()
         return result
@@ -260,7 +402,8 @@ class EDoRALinear(nn.Module):
     def _norm_and_direction(self) -> tuple[torch.Tensor, torch.Tensor]:
         w0 = self.base_weight()
         cdt = compute_dtype(w0.dtype)
-        P = self.B.to(cdt) @ self.R.detach().to(cdt)
+        R, _ = self._active()
+        P = self.B.to(cdt) @ R.detach().to(cdt)
         n = row_norm(compute_norm_terms(w0, self.A), P, self.scaling)
         return n, w0.detach().to(cdt) + self.scaling * (P @ self.A.to(cdt))
 
@@ -271,7 +414,7 @@ class EDoRALinear(nn.Module):
         if self.merged:
             return self._w0().detach().clone()
         n, V = self._norm_and_direction()
-        g = self.magnitude.detach().to(n.dtype) / n
+        g = self._active()[1].detach().to(n.dtype) / n
         return (g.unsqueeze(1) * V).to(bases.weight_dtype(self.base_layer, self.kind))
 
     @torch.no_grad()
@@ -296,13 +439,14 @@ class EDoRALinear(nn.Module):
                 "which merging in place would change too; untie it first (give the layer its "
                 "own copy: layer.weight = nn.Parameter(layer.weight.detach().clone(), "
                 "requires_grad=False))")
-        zero = (self.magnitude == 0).nonzero().flatten()
+        R, magnitude = self._active()
+        zero = (magnitude == 0).nonzero().flatten()
         if zero.numel():
             raise RuntimeError(f"cannot merge: magnitude is 0 for rows {zero[:8].tolist()}; "
                                "merging would erase those rows of W0 for good")
         n, V = self._norm_and_direction()
-        self._merge_snapshot = (self.R.detach().clone(), self.magnitude.detach().clone(), n)
-        self._w0().copy_((self.magnitude.to(n.dtype) / n).unsqueeze(1) * V)
+        self._merge_snapshot = (R.detach().clone(), magnitude.detach().clone(), n)
+        self._w0().copy_((magnitude.to(n.dtype) / n).unsqueeze(1) * V)
         self.merged = True
 
     @torch.no_grad()
@@ -377,5 +521,15 @@ def freeze_all_but_adapters(model: nn.Module, trainable: bool = True) -> None:
         p.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, EDoRALinear):
-            module.R.requires_grad_(trainable)
-            module.magnitude.requires_grad_(trainable)
+            for p in module.adapter_weights(module.active_adapter):
+                p.requires_grad_(trainable)
+
+
+def check_adapter_name(name, existing: list[str]) -> None:
+    """A new adapter's name: a non-empty string without dots (a module name), not the base
+    model's row name, not taken."""
+    if not isinstance(name, str) or not name or "." in name or name == BASE_NAME:
+        raise ValueError(f"adapter name {name!r} must be a non-empty string without '.', other "
+                         f"than {BASE_NAME!r}")
+    if name in existing:
+        raise ValueError(f"an adapter {name!r} exists already (adapters: {existing})")

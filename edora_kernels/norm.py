@@ -67,13 +67,19 @@ def base_norm_terms(weight: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor
 
 
 def row_norm(terms: NormTerms, P: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``n = ‖W0 + s·P A‖`` per row, in float64; P = B R (cast to float64 here).
+    """``n = ‖W0 + s·P A‖`` per row, in float64; P = B R (cast to float64 here), out×r — or
+    K×out×r for K adapters sharing the basis (K×out norms).
 
     Differentiable in P through plain autograd (the composed path and the tests use that).
     """
     P = P.to(TERMS_DTYPE)
-    # n² = c0 + rowsum(P ⊙ (2s·C + s²·P G)): the inner term is one addmm
-    inner = torch.addmm(terms.C, P, terms.G, beta=2.0 * scaling, alpha=scaling * scaling)
+    # n² = c0 + rowsum(P ⊙ (2s·C + s²·P G)): the inner term is one addmm (per adapter)
+    beta, alpha = 2.0 * scaling, scaling * scaling
+    if P.dim() == 2:
+        inner = torch.addmm(terms.C, P, terms.G, beta=beta, alpha=alpha)
+    else:
+        inner = torch.baddbmm(terms.C.expand(P.shape), P, terms.G.expand(len(P), -1, -1),
+                              beta=beta, alpha=alpha)
     return (terms.c0 + torch.linalg.vecdot(P, inner)).clamp_min(NORM_SQ_FLOOR).sqrt()
 
 

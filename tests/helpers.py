@@ -103,3 +103,16 @@ def epilogue_on_dense_base(x, weight, bias, A, B, R, magnitude, scaling, backend
     c0, C = base_norm_terms(weight, A)
     return edora_epilogue(F.linear(x, weight, bias), x, bias, A, B, R, magnitude, scaling,
                           base_norm_sq=c0, base_times_A=C, backend=backend, **kwargs)
+
+
+def tiny_bert_classifier(seed: int = 0):
+    """A 2-layer BERT with a 3-way classification head (transformers), the same for a seed, in
+    eval mode and without dropout."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=48,
+                                     max_position_embeddings=40, num_labels=3,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(config).eval()

@@ -3,6 +3,7 @@
 merge_and_unload, and PEFT's loader refusing an EDoRA directory instead of dropping it."""
 import pytest
 import torch
+from helpers import tiny_bert_classifier
 
 from edora_kernels import (
     EDoRAConfig,
@@ -17,12 +18,7 @@ peft = pytest.importorskip("peft")
 
 
 def classifier(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=48,
-                                     max_position_embeddings=40, num_labels=3,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return transformers.BertForSequenceClassification(config).eval()
+    return tiny_bert_classifier(seed)
 
 
 CONFIG = EDoRAConfig(r=4, alpha=8.0, target_modules=["query", "value"], task_type="SEQ_CLS",

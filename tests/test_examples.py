@@ -34,3 +34,17 @@ def test_minilm_example_trains_saves_reloads_and_exports(base, tmp_path):
         assert (tmp_path / "adapter" / name).is_file()
     config = json.loads((tmp_path / "peft_dora" / "adapter_config.json").read_text())
     assert config["use_dora"] and config["modules_to_save"] == ["classifier"]
+
+
+@pytest.mark.slow  # about half a minute on 2 CPU cores
+def test_many_adapters_example_trains_together_and_serves_one_mixed_batch():
+    proc = subprocess.run([sys.executable, str(EXAMPLE.with_name("many_adapters.py"))],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [line] = [x for x in proc.stdout.splitlines() if x.startswith("one mixed batch")]
+    assert float(line.rsplit("= ", 1)[1]) < 1e-5
+    accuracies = [line.split() for line in proc.stdout.splitlines()
+                  if line.startswith(("alice", "bob", "carol"))]
+    assert len(accuracies) == 3
+    # trained beats untrained on every user's task
+    assert all(float(row[-2]) > float(row[-1]) for row in accuracies)

@@ -25,15 +25,21 @@ def _matches(name: str, patterns, field: str) -> bool:
     return matches_target(name, check_target_modules(patterns, field))
 
 
-def _linear_names(model: nn.Module) -> list[str]:
-    """The modules of ``model`` EDoRA can wrap (``edora_kernels.bases``)."""
+def _linear_names(model: nn.Module, adapted: bool) -> list[str]:
+    """The modules of ``model`` EDoRA can wrap (``edora_kernels.bases``), or has wrapped."""
+    from ..layer import EDoRALinear
+
+    if adapted:
+        return [n for n, m in model.named_modules() if isinstance(m, EDoRALinear)]
     return [n for n, m in model.named_modules() if n and bases.kind_of(m) is not None]
 
 
-def target_names(model: nn.Module, config, kind: str = "LoraConfig") -> list[str]:
+def target_names(model: nn.Module, config, kind: str = "LoraConfig", *,
+                 adapted: bool = False) -> list[str]:
     """The module names PEFT's ``target_modules`` (including "all-linear") and
-    ``exclude_modules`` select among the layers of ``model`` EDoRA can wrap; ``config`` is a
-    LoraConfig or an EDoRAConfig (``kind`` names it in errors)."""
+    ``exclude_modules`` select among the layers of ``model`` EDoRA can wrap (``adapted``: among
+    its EDoRA layers); ``config`` is a LoraConfig or an EDoRAConfig (``kind`` names it in
+    errors)."""
     targets = config.target_modules
     if targets is None:
         raise ValueError(f"{kind}.target_modules is None; name the modules to adapt "
@@ -41,9 +47,10 @@ def target_names(model: nn.Module, config, kind: str = "LoraConfig") -> list[str
     if targets == "all-linear":
         # PEFT's meaning: every linear layer except the output head.
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        names = [n for n in _linear_names(model) if model.get_submodule(n) is not head]
+        names = [n for n in _linear_names(model, adapted)
+                 if model.get_submodule(n) is not head]
     else:
-        names = [n for n in _linear_names(model)
+        names = [n for n in _linear_names(model, adapted)
                  if _matches(n, targets, f"{kind}.target_modules")]
     excluded = getattr(config, "exclude_modules", None)
     return [n for n in names if not _matches(n, excluded, f"{kind}.exclude_modules")]

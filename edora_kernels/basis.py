@@ -1,0 +1,87 @@
+"""The basis a model's adapters share, and its fingerprint (docs/DESIGN.md §13).
+
+EDoRA's frozen factors A, B are functions of W0 and the initialisation settings (rank, init,
+split, seed), so every adapter trained on one base model can share them; an adapter is then only
+R and m. A basis is identified by its **fingerprint**: per adapted layer a SHA-256 of W0's bytes
+(dequantized for a quantized base) with its shape, dtype and rank, and the settings. Every saved
+adapter records it; an adapter is loaded only onto the basis it was trained on.
+
+A layer's digest is kept with the stamp of the tensor that carries W0 (its storage, offset,
+version: §2's cache rule), so a fingerprint read again — loading or swapping adapters — reads
+no W0 unless W0 changed.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from . import bases
+from .distributed import is_sharded, whole
+from .norm import _same, _stamp
+
+VERSION = 1
+_CHUNK_BYTES = 64 << 20
+
+
+def _digest(t: torch.Tensor) -> str:
+    """SHA-256 of the tensor's bytes (row-major), read to the host in chunks."""
+    h = hashlib.sha256()
+    flat = t.detach().contiguous().reshape(-1)
+    step = max(1, _CHUNK_BYTES // max(flat.element_size(), 1))
+    for chunk in flat.split(step):
+        h.update(chunk.cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def weight_digest(layer: nn.Module) -> str:
+    """The digest of ``layer``'s W0, cached on the layer while W0 keeps its stamp."""
+    stamped = bases.stamped_weight(layer.base_layer, layer.kind)
+    if stamped.device.type == "meta":
+        return "meta"
+    cached = getattr(layer, "_weight_digest", None)
+    if is_sharded(stamped):  # FSDP2: a frozen W0 keeps the digest it had when whole
+        if cached is None:
+            layer._weight_digest = (None, _digest(whole(layer.base_weight())))
+        return layer._weight_digest[1]
+    if cached is not None and cached[0] is not None and _same(cached[0], stamped):
+        return cached[1]
+    stamp = _stamp(stamped)
+    digest = _digest(layer.base_weight())
+    layer._weight_digest = (stamp, digest)
+    return digest
+
+
+def fingerprint(layers: dict[str, nn.Module], *, init: str, split: str = "u",
+                seed: int | None) -> dict:
+    """The basis of ``layers`` (name → EDoRA layer) as a JSON-able dict: the settings, each
+    layer's W0 digest, shape, dtype and rank, and one ``digest`` over all of it."""
+    per_layer = {name: {"shape": [layer.out_features, layer.in_features],
+                        "dtype": str(bases.weight_dtype(layer.base_layer, layer.kind)),
+                        "rank": layer.rank, "weight": weight_digest(layer)}
+                 for name, layer in sorted(layers.items())}
+    settings = {"version": VERSION, "init": init, "split": split, "seed": seed}
+    h = hashlib.sha256(repr((sorted(settings.items()),
+                             [(n, sorted(v.items())) for n, v in per_layer.items()])).encode())
+    return {**settings, "digest": h.hexdigest()[:32], "layers": per_layer}
+
+
+def difference(saved: dict, current: dict) -> str | None:
+    """Why an adapter saved on basis ``saved`` does not fit ``current``: the first setting or
+    layer that differs, or None when they are the same basis."""
+    if saved.get("digest") == current.get("digest"):
+        return None
+    for key in ("version", "init", "split", "seed"):
+        if saved.get(key) != current.get(key):
+            return f"{key}: adapter {saved.get(key)!r}, model {current.get(key)!r}"
+    for name in sorted(set(saved["layers"]) | set(current["layers"])):
+        a, b = saved["layers"].get(name), current["layers"].get(name)
+        if a is None or b is None:
+            where = "the model" if b is None else "the adapter"
+            return f"layer {name!r} is not in {where}"
+        for key in ("shape", "dtype", "rank", "weight"):
+            if a[key] != b[key]:
+                what = "W0's bytes" if key == "weight" else key
+                return f"layer {name!r}: {what} differ (adapter {a[key]}, model {b[key]})"
+    return "the digests differ"
