@@ -25,7 +25,7 @@ def _matches(name: str, patterns, field: str) -> bool:
     return matches_target(name, check_target_modules(patterns, field))
 
 
-def _linear_names(model: nn.Module, adapted: bool) -> list[str]:
+def _linear_names(model: nn.Module, adapted: bool = False) -> list[str]:
     """The modules of ``model`` EDoRA can wrap (``edora_kernels.bases``), or has wrapped."""
     from ..layer import EDoRALinear
 
