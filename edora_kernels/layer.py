@@ -18,7 +18,7 @@ from torch import nn
 
 from . import bases
 from .checks import check_rank
-from .mixed import BASE_NAME, mixed_epilogue
+from .mixed import BASE_NAME, mixed_epilogue, serve_mixed
 from .norm import (
     TERMS_DTYPE,
     NormTermsCache,
@@ -327,8 +327,26 @@ class EDoRALinear(nn.Module):
         Rs = torch.stack([R for R, _ in weights])
         ms = torch.stack([m for _, m in weights])
         norms = self._adapter_norms(used, Rs)
+        if dropout == 0.0 and self._serves_on_triton(x, Rs, ms):
+            return serve_mixed(x, None if self.kind.dense else base(x),
+                               self._w0() if self.kind.dense else None, self.bias, self.A,
+                               self.B, Rs, ms, self.scaling, rows, norms)
         return self._through_epilogue(x, dropout, base, lambda y0, x_in: mixed_epilogue(
             y0, x_in, self.bias, self.A, self.B, Rs, ms, self.scaling, rows, norms))
+
+    def _serves_on_triton(self, x: torch.Tensor, Rs: torch.Tensor, ms: torch.Tensor) -> bool:
+        """Whether a mixed batch runs on the Triton kernels: the layer's backend resolves to
+        Triton for x and nothing needs gradients (training takes the composed path)."""
+        from .backends import resolve
+
+        if torch.is_grad_enabled() and (x.requires_grad or Rs.requires_grad
+                                        or ms.requires_grad):
+            return False
+        if torch.compiler.is_compiling() or resolve(self.backend, x.device) != "triton":
+            return False
+        from .backends.triton.configs import use_torch_path
+
+        return not use_torch_path(x.dtype, self.rank)
 
     def _adapter_norms(self, names: list[str], Rs: torch.Tensor) -> torch.Tensor:
         """‖W0 + s·B R_a A‖ per row for the adapters ``names`` (K×out, float64). Detached norms

@@ -52,6 +52,33 @@ def mixed_epilogue(y0: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
     return y.reshape(y0.shape)
 
 
+def serve_mixed(x: torch.Tensor, y0: torch.Tensor | None, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, Rs: torch.Tensor,
+                ms: torch.Tensor, scaling: float, rows: torch.Tensor,
+                norms: torch.Tensor) -> torch.Tensor:
+    """The mixed batch of :func:`mixed_epilogue` (no autograd) on the Triton kernels: the
+    forward GEMM on ``weight`` (a dense base), or the epilogue pass over ``y0`` (any other
+    base). Rows of the base model get the table row g = 1 and t = 0."""
+    from .backends.triton.mixed import mixed_epilogue_forward, mixed_forward
+
+    batch, cdt = x.shape[0], compute_dtype(x.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    tokens = x2.shape[0] // max(batch, 1)
+    cores = torch.cat([Rs.to(cdt), Rs.new_zeros(1, *Rs.shape[1:]).to(cdt)])  # + the base's
+    idx = rows.to(x.device)
+    v = x.reshape(batch, -1, x.shape[-1]).to(cdt) @ A.to(cdt).T               # batch×T×r
+    t = torch.bmm(v, cores[idx].transpose(1, 2)).reshape(-1, Rs.shape[-1])
+    g = (ms.to(TERMS_DTYPE) / norms).to(cdt)
+    g_table = torch.cat([g, g.new_ones(1, g.shape[1])])                       # (K+1)×out
+    g_rows = idx.to(torch.int32).repeat_interleave(tokens)
+    sB = (scaling * B.to(cdt)).to(x.dtype)
+    if y0 is None:
+        y = mixed_forward(x2, weight, bias, t, sB, g_table, g_rows)
+    else:
+        y = mixed_epilogue_forward(y0.reshape(-1, y0.shape[-1]), bias, t, sB, g_table, g_rows)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def row_indices(adapter_names, known: list[str], batch: int) -> torch.Tensor:
     """The index of each row's adapter in ``known`` (``len(known)`` for ``BASE_NAME``), or a
     ValueError naming the unknown names or the length mismatch."""

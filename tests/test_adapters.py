@@ -333,3 +333,53 @@ def test_bench_adapters_writes_each_provider_and_the_peft_refusal(tmp_path):
         assert (k, "fwd", "peft_lora_mixed", "ratio_to_edora_one") in cases
         assert peft_installed and (k, "fwd+bwd", "peft_lora_mixed", "error") in cases
     assert all(float(r["p50"]) > 0 for r in rows if r["metric"] == "time_ms")
+
+
+@pytest.mark.parametrize("kind", ["linear", "nf4"])
+def test_triton_serves_a_mixed_batch_in_one_launch(kind, monkeypatch):
+    """Serving (no grad) on the Triton backend: one launch of the forward GEMM (or of the
+    epilogue pass over a quantized base's y0) with g per token from the adapters' table,
+    against the composed path and the float64 reference; base rows are the base layer."""
+    from helpers import assert_close
+
+    from edora_kernels.backends.triton import mixed as triton_mixed
+
+    torch.manual_seed(0)
+    if kind == "nf4":
+        bnb = pytest.importorskip("bitsandbytes")
+        base = bnb.nn.Linear4bit(64, 48, quant_type="nf4", compute_dtype=torch.float32)
+        base.load_state_dict(nn.Linear(64, 48).state_dict())
+        base = base.to("cpu")
+    else:
+        base = nn.Linear(64, 48)
+    layer = EDoRALinear.from_linear(base, 3, seed=0, backend="triton")
+    for name, seed in (("a", 1), ("b", 2)):
+        layer.add_adapter(name, seed=seed)
+    with torch.no_grad():
+        for name in layer.adapter_names:
+            for p in layer.adapter_weights(name):
+                p.add_(0.3 * torch.randn_like(p))
+    launches = []
+    monkeypatch.setattr(triton_mixed, "launch",
+                        lambda kernel, grid, **args: launches.append(args) or
+                        kernel[grid](**args))
+    rows = torch.tensor([1, 0, 3, 2, 1])  # a, default, base, b, a
+    x = torch.randn(5, 7, 64)
+    layer.row_adapters = rows
+    with torch.no_grad():
+        served = layer(x)
+        layer.backend = "torch"
+        composed = layer(x)
+    layer.row_adapters = None
+    assert len(launches) == 1 and launches[0]["G_ROWS"]
+    assert_close(served, composed.double(), torch.float32, "triton vs composed")
+    w0, b = layer.base_weight().double(), layer.bias.double()
+    for i, index in enumerate(rows.tolist()):
+        if index == 3:
+            want = F.linear(x[i].double(), w0, b)
+        else:
+            R, m = layer.adapter_weights(layer.adapter_names[index])
+            want = edora_linear_reference(x[i].double(), w0, b, layer.A.double(),
+                                          layer.B.double(), R.double(), m.double(),
+                                          layer.scaling)
+        assert_close(served[i], want, torch.float32, f"row {i}")

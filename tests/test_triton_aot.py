@@ -51,6 +51,9 @@ VARIANTS = ("forward:eval", "forward:strided", "dx:fp32-adapters", "prepass:epil
             "finalize:detached")
 # Sizes and strides divisible by nothing (37 tokens, in = 4095, out = 45): no load vectorises.
 UNALIGNED = ("forward:unaligned", "dx:unaligned")
+# A batch mixing adapters (g a table, one row per token's adapter: a BLOCK_M×BLOCK_N load of g
+# in the epilogue), compiled with every candidate the autotuner may pick.
+MIXED = ("forward:mixed", "epilogue:mixed")
 R_PADS = (16, 32, 64, 128)
 FIELDS = ("arch", "kernel", "dtype", "r_pad", "block_m", "block_n", "block_k", "group_m",
           "num_warps", "num_stages", "regs", "stack", "local", "static_shared", "dynamic_shared",
@@ -117,19 +120,22 @@ def _problem_args(kernel: str, dtype: str, r_pad: int, config) -> tuple:
                   slots=e(N, d=i32), zbuf=e(M, slots))
     terms = NormTerms(e(N, d=f64), e(N, R, d=f64), e(R, R, d=f64))
     kw = config.kwargs
+    mixed = dict(g_rows=e(M, d=i32)) if kernel.endswith(":mixed") else {}
+    g = e(5, N, d=f32) if mixed else saved.g  # mixed: a table of 5 adapters' g
     if kernel.startswith("forward"):
         x = e(K, M).T if kernel == "forward:strided" else e(M, K)
-        train = kernel != "forward:eval"
+        train = kernel not in ("forward:eval", "forward:mixed")
         zbuf = e(M, slots if train else 0)
-        args = triton_fwd.fwd_args(x, e(N, K), e(N) if train else None, saved.v, e(N, R),
-                                   saved.g, e(slots + 1, d=i32), e(M, N), zbuf)
+        args = triton_fwd.fwd_args(x, e(N, K), e(N) if train or mixed else None, saved.v,
+                                   e(N, R), g, e(slots + 1, d=i32), e(M, N), zbuf, **mixed)
         fn = triton_fwd.edora_fwd_kernel.fn
     elif kernel.startswith("dx"):
         args = triton_bwd.dx_args(e(M, N), saved.g, e(N, K), e(M, R), e(R, K, d=adapter), e(M, K))
         fn = triton_bwd.edora_dx_kernel.fn
-    elif kernel == "epilogue":
-        args = triton_epilogue.epilogue_args(e(M, N), saved.v, e(N), e(N, R), saved.g,
-                                             e(slots + 1, d=i32), e(M, N), saved.zbuf)
+    elif kernel.startswith("epilogue"):
+        args = triton_epilogue.epilogue_args(e(M, N), saved.v, e(N), e(N, R), g,
+                                             e(slots + 1, d=i32), e(M, N),
+                                             e(M, 0) if mixed else saved.zbuf, **mixed)
         fn = triton_epilogue.edora_epilogue_kernel.fn
     elif kernel == "prologue":
         args = triton_prologue.prologue_args(
@@ -203,6 +209,10 @@ def _jobs(arch: int):
     for variant in UNALIGNED:
         for config in triton_configs.gemm_candidates(arch, 2, aligned=False):
             yield variant, "bfloat16", 16, config
+    for config in triton_configs.gemm_candidates(arch, 2, gathered_g=True):
+        yield "forward:mixed", "bfloat16", 16, config
+    for config in triton_configs.EPILOGUE_CONFIGS:
+        yield "epilogue:mixed", "bfloat16", 16, config
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -330,7 +340,7 @@ def test_gemm_kernels_pipeline_and_use_wgmma_on_hopper(aot_rows, arch, kernel, d
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_variants_compile_without_spills(aot_rows, arch):
-    for variant in VARIANTS + UNALIGNED:
+    for variant in VARIANTS + UNALIGNED + MIXED:
         for r in _select(aot_rows, arch, variant, "bfloat16"):
             assert r["stack"] == 0 and r["local"] == 0, f"{_label(r)} spills: {r}"
             # Rows of 4095 bf16 elements cannot be copied asynchronously (cp.async needs at

@@ -4,6 +4,15 @@ masked stores."""
 import triton
 import triton.language as tl
 
+
+def mixed_args(g, g_rows) -> dict:
+    """The kernels' arguments for a batch mixing adapters: ``g`` a table (adapters × N) and
+    ``g_rows`` the table row of each token (int32); without ``g_rows``, g is one vector."""
+    if g_rows is None:
+        return dict(grow_ptr=g, stride_gk=0, G_ROWS=False)  # never dereferenced
+    return dict(grow_ptr=g_rows, stride_gk=g.stride(0), G_ROWS=True)
+
+
 # Width of the rank chunks of the epilogue products (tl.dot needs every dimension ≥ 16): the
 # rank-r operands stream through in 16-wide chunks, so no tile grows with the rank.
 RANK_CHUNK = tl.constexpr(16)
@@ -90,11 +99,15 @@ def add_lowrank(
 
 @triton.jit
 def store_output(y_ptr, stride_ym, stride_yn, z, g_ptr, bias_ptr, index_ptr, zbuf_ptr,
-                 stride_zm, col0, rows, cols, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                 stride_zm, grow_ptr, stride_gk, col0, rows, cols, HAS_BIAS: tl.constexpr,
+                 HAS_SLOTS: tl.constexpr, G_ROWS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Store ``y = g ⊙ z + b`` (z in fp32) and the z columns of zero magnitudes into their slots
     of zbuf (docs/DESIGN.md §3). ``y_ptr``, ``g_ptr`` and ``bias_ptr`` are offset to the tile's
-    first column (col0), ``zbuf_ptr`` to its first row.
+    first column (col0), ``zbuf_ptr`` and ``grow_ptr`` to its first row.
+
+    With G_ROWS (a batch mixing adapters, docs/DESIGN.md §13) g is a table, one row per adapter
+    (``stride_gk`` apart), and row m of the tile takes table row ``grow[m]``.
 
     The slot index lists the columns that took a slot (almost always none): each one in this
     tile is reduced out of z and stored alone, so no scattered store or second tile of z ever
@@ -109,8 +122,13 @@ def store_output(y_ptr, stride_ym, stride_yn, z, g_ptr, bias_ptr, index_ptr, zbu
             if (c >= 0) & (c < BLOCK_N):
                 z_c = tl.sum(tl.where(offs_n[None, :] == c, z, 0.0), axis=1)
                 tl.store(zbuf_ptr + offs_m * stride_zm + k, z_c, mask=row_mask)
-    g = tl.load(g_ptr + offs_n, mask=col_in, other=0.0).to(tl.float32)
-    y = z * g[None, :]
+    if G_ROWS:
+        adapter = tl.load(grow_ptr + offs_m, mask=row_mask, other=0).to(tl.int64)
+        y = z * tl.load(g_ptr + adapter[:, None] * stride_gk + offs_n[None, :],
+                        mask=row_mask[:, None] & col_in[None, :], other=0.0).to(tl.float32)
+    else:
+        g = tl.load(g_ptr + offs_n, mask=col_in, other=0.0).to(tl.float32)
+        y = z * g[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=col_in, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,

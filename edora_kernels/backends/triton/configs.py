@@ -127,12 +127,14 @@ def gemm_acc_regs(config) -> float:
 
 
 def gemm_candidates(arch: int, elt_size: int, smem_limit: int | None = None,
-                    aligned: bool = True) -> list:
+                    aligned: bool = True, gathered_g: bool = False) -> list:
     """Every config the autotuner may pick on ``arch`` for this dtype size. The rank does not
     enter: it streams through the epilogue in 16-wide chunks. ``aligned=False``: sizes or row
     strides not divisible by 16, where loads are scalar and masked; measured ahead of time, only
     the 64×128×32, 8-warp tile then stays clear of spills under triton 3.6 and 3.8 (in = 4095:
-    128×128×32 spilled 160 B on sm_90, BLOCK_K = 64 tiles up to 912 B).
+    128×128×32 spilled 160 B on sm_90, BLOCK_K = 64 tiles up to 912 B). ``gathered_g``: a batch
+    mixing adapters, whose epilogue holds a tile of g beside the accumulator: half the
+    accumulator budget (128×256 on sm_90 spilled 168 B).
 
     The shape-independent part of the prune filter: shared memory within the chip's limit and
     the accumulator within the register budget. Never empty: the config needing the least
@@ -145,8 +147,9 @@ def gemm_candidates(arch: int, elt_size: int, smem_limit: int | None = None,
     def smem(c):
         return gemm_smem_bytes(c, arch, elt_size)
 
+    budget = ACC_REG_BUDGET[family, elt_size] / (2 if gathered_g else 1)
     kept = [c for c in configs
-            if smem(c) <= limit and gemm_acc_regs(c) <= ACC_REG_BUDGET[family, elt_size]
+            if smem(c) <= limit and gemm_acc_regs(c) <= budget
             and (aligned or _unaligned_tile(c))]
     return kept or [min(configs, key=smem)]
 
@@ -196,7 +199,8 @@ def prune_gemm(configs, named_args, **kwargs):
     # W0 shares the dtype of the left operand (x or gy) in both GEMM kernels.
     arch, smem = device_arch_and_smem(args["w_ptr"])
     allowed = gemm_candidates(arch, args["w_ptr"].element_size(), smem,
-                              aligned=_main_operands_aligned(args))
+                              aligned=_main_operands_aligned(args),
+                              gathered_g=bool(args.get("G_ROWS", False)))
     kept = fit_to_problem([c for c in configs if any(c is a for a in allowed)],
                           args["M_BUCKET"], args["N"])
     return kept[:1] if fixed_config() else kept

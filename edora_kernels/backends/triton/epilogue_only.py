@@ -9,7 +9,7 @@ import triton.language as tl
 from ...norm import compute_dtype
 from ...op_common import Saved
 from .. import torch_backend
-from .common import add_lowrank, store_output, tile_coords
+from .common import add_lowrank, mixed_args, store_output, tile_coords
 from .configs import (
     EPILOGUE_CONFIG_INTERPRET,
     EPILOGUE_CONFIGS,
@@ -43,7 +43,10 @@ def edora_epilogue_kernel(
     stride_pn, stride_pr,
     stride_ym, stride_yn,
     stride_zm,
-    HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    # a batch mixing adapters: g is a table (one row per adapter), grow the row of each token
+    grow_ptr, stride_gk,
+    HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr, G_ROWS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # --- this program's tile
@@ -70,11 +73,13 @@ def edora_epilogue_kernel(
                     y0_ptr.dtype.element_ty)
     store_output(y_ptr + row0 * stride_ym + col0 * stride_yn, stride_ym, stride_yn, z,
                  g_ptr + col0, bias_ptr + col0, index_ptr, zbuf_ptr + row0 * stride_zm,
-                 stride_zm, col0, rows, cols, HAS_BIAS, HAS_SLOTS, BLOCK_M, BLOCK_N)
+                 stride_zm, grow_ptr + row0, stride_gk, col0, rows, cols, HAS_BIAS, HAS_SLOTS,
+                 G_ROWS, BLOCK_M, BLOCK_N)
 
 
-def epilogue_args(y0, v, bias, Ps, g, index, y, zbuf) -> dict:
-    """Arguments of ``edora_epilogue_kernel`` except the config's."""
+def epilogue_args(y0, v, bias, Ps, g, index, y, zbuf, g_rows=None) -> dict:
+    """Arguments of ``edora_epilogue_kernel`` except the config's (``g_rows``: as
+    ``fwd_args``)."""
     (M, N), rank = y0.shape, Ps.shape[1]
     has_slots = zbuf.shape[1] > 0
     return dict(
@@ -87,6 +92,7 @@ def epilogue_args(y0, v, bias, Ps, g, index, y, zbuf) -> dict:
         stride_pn=Ps.stride(0), stride_pr=Ps.stride(1),
         stride_ym=y.stride(0), stride_yn=y.stride(1),
         stride_zm=zbuf.stride(0) if has_slots else 0,
+        **mixed_args(g, g_rows),
         HAS_BIAS=bias is not None, HAS_SLOTS=has_slots,
         INPUT_PRECISION=input_precision(y0.dtype),
     )

@@ -14,7 +14,7 @@ import triton.language as tl
 from ...norm import compute_dtype
 from ...op_common import Saved
 from .. import torch_backend
-from .common import add_lowrank, mainloop, store_output, tile_coords
+from .common import add_lowrank, mainloop, mixed_args, store_output, tile_coords
 from .configs import (
     GEMM_CONFIG_INTERPRET,
     GEMM_CONFIGS_SM80,
@@ -51,7 +51,10 @@ def edora_fwd_kernel(
     stride_pn, stride_pr,
     stride_ym, stride_yn,
     stride_zm,
-    HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    # a batch mixing adapters: g is a table (one row per adapter), grow the row of each token
+    grow_ptr, stride_gk,
+    HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr, G_ROWS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # --- this program's tile; offsets in 64 bits (M·K or N·K may pass 2³¹ elements)
@@ -75,11 +78,13 @@ def edora_fwd_kernel(
                     x_ptr.dtype.element_ty)
     store_output(y_ptr + row0 * stride_ym + col0 * stride_yn, stride_ym, stride_yn, z,
                  g_ptr + col0, bias_ptr + col0, index_ptr, zbuf_ptr + row0 * stride_zm,
-                 stride_zm, col0, rows, cols, HAS_BIAS, HAS_SLOTS, BLOCK_M, BLOCK_N)
+                 stride_zm, grow_ptr + row0, stride_gk, col0, rows, cols, HAS_BIAS, HAS_SLOTS,
+                 G_ROWS, BLOCK_M, BLOCK_N)
 
 
-def fwd_args(x, weight, bias, v, Ps, g, index, y, zbuf) -> dict:
-    """Arguments of ``edora_fwd_kernel`` except the config's; also used by the AOT checks."""
+def fwd_args(x, weight, bias, v, Ps, g, index, y, zbuf, g_rows=None) -> dict:
+    """Arguments of ``edora_fwd_kernel`` except the config's; also used by the AOT checks.
+    ``g_rows`` (int32, one per row of x) makes ``g`` a table with a row per adapter."""
     (M, K), N, rank = x.shape, weight.shape[0], Ps.shape[1]
     has_slots = zbuf.shape[1] > 0
     # Unused pointers point at y: never dereferenced, and typed like a real output.
@@ -94,6 +99,7 @@ def fwd_args(x, weight, bias, v, Ps, g, index, y, zbuf) -> dict:
         stride_pn=Ps.stride(0), stride_pr=Ps.stride(1),
         stride_ym=y.stride(0), stride_yn=y.stride(1),
         stride_zm=zbuf.stride(0) if has_slots else 0,
+        **mixed_args(g, g_rows),
         HAS_BIAS=bias is not None, HAS_SLOTS=has_slots,
         INPUT_PRECISION=input_precision(x.dtype),
     )
