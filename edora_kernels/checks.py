@@ -242,3 +242,31 @@ def exact_names(names) -> str:
     """A pattern that selects exactly these module names: given as a list, ``matches_target``
     would also select every module whose name ends in "." + one of them."""
     return "^(" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+def check_pattern(name: str, pattern, value_check) -> dict:
+    """A ``rank_pattern`` / ``alpha_pattern``: a dict of regex → value, every key compiled and
+    every value passed to ``value_check(label, value)``; ``None`` is an empty pattern."""
+    if pattern is None:
+        return {}
+    if not isinstance(pattern, dict):
+        raise TypeError(f"{name} must be a dict of module-name patterns, got "
+                        f"{type(pattern).__name__}")
+    for key, value in pattern.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{name} keys must be non-empty strings, got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as err:
+            raise ValueError(f"{name} key {key!r} is not a valid regex: {err}") from None
+        value_check(f"{name}[{key!r}]", value)
+    return dict(pattern)
+
+
+def pattern_value(module_name: str, pattern: dict, default):
+    """PEFT's rule for ``rank_pattern`` and ``alpha_pattern``: the value of the first key (in
+    order) that matches the end of the module name at a "." boundary, else ``default``."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default

@@ -20,8 +20,6 @@ TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "s
 # LoraConfig fields whose non-default value changes what PEFT would build and that EDoRA cannot
 # honour; each maps to the value that means "off".
 UNSUPPORTED_LORA_FIELDS = {
-    "rank_pattern": {},
-    "alpha_pattern": {},
     "layers_to_transform": None,
     "layers_pattern": None,
     "bias": "none",
@@ -51,7 +49,8 @@ _DEFAULTS = LayerOptions()
 class EDoRAConfig:
     """What ``get_edora_model`` builds; round-trips through JSON (``to_dict``/``from_dict``).
 
-    ``r``, ``alpha`` (scaling alpha / r), ``target_modules`` and ``exclude_modules`` (PEFT's
+    ``r``, ``alpha`` (scaling alpha / r), ``rank_pattern`` and ``alpha_pattern`` (other values
+    for the layers they match, PEFT's rule), ``target_modules`` and ``exclude_modules`` (PEFT's
     matching rules, "all-linear" included), ``modules_to_save`` (heads trained and saved with
     the adapter; the heads of ``task_type`` are added, as PEFT does), ``inference_mode``
     (everything frozen), the layer options of ``LayerOptions`` and, in a saved config, the
@@ -60,6 +59,9 @@ class EDoRAConfig:
 
     r: int = 16
     alpha: float = _DEFAULTS.alpha
+    # Other ranks / alphas for some layers, by PEFT's rule (edora_kernels.checks.pattern_value)
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     dropout: float = _DEFAULTS.dropout
@@ -104,7 +106,8 @@ class EDoRAConfig:
     @classmethod
     def from_lora_config(cls, lora_config) -> "EDoRAConfig":
         """The EDoRA counterpart of a PEFT ``LoraConfig``: ``r``, ``lora_alpha`` (rsLoRA's
-        alpha/√r kept), ``lora_dropout``, ``target_modules``, ``exclude_modules``,
+        alpha/√r kept), ``rank_pattern``, ``alpha_pattern``, ``lora_dropout``,
+        ``target_modules``, ``exclude_modules``,
         ``modules_to_save``, ``task_type``, ``inference_mode``. ``use_dora`` is irrelevant
         (EDoRA always splits magnitude and direction) and ``fan_in_fan_out`` is read from the
         layers themselves (GPT-2's Conv1D); every other field PEFT offers with no EDoRA
@@ -116,9 +119,19 @@ class EDoRAConfig:
                 raise ValueError(f"LoraConfig.{name}={value!r} has no EDoRA counterpart; "
                                  f"leave it at {off!r}")
         rank = lora_config.r
-        rslora = math.sqrt(rank) if getattr(lora_config, "use_rslora", False) else 1.0
+        use_rslora = getattr(lora_config, "use_rslora", False)
+        rslora = math.sqrt(rank) if use_rslora else 1.0
+        rank_pattern = dict(getattr(lora_config, "rank_pattern", None) or {})
+        alpha_pattern = dict(getattr(lora_config, "alpha_pattern", None) or {})
+        if use_rslora and (rank_pattern or alpha_pattern):
+            # rsLoRA scales by alpha/√r per layer: EDoRA's alpha would depend on which rank
+            # and alpha patterns each layer matches, which one config cannot express.
+            raise ValueError("LoraConfig.use_rslora=True with rank_pattern or alpha_pattern has "
+                             "no EDoRA counterpart; give the per-layer alphas explicitly "
+                             "(alpha_l = lora_alpha_l * sqrt(r_l)) in an EDoRAConfig")
         task = getattr(lora_config, "task_type", None)
         return cls(r=rank, alpha=lora_config.lora_alpha * rslora,
+                   rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                    target_modules=_plain(lora_config.target_modules),
                    exclude_modules=_plain(getattr(lora_config, "exclude_modules", None)),
                    dropout=lora_config.lora_dropout,

@@ -128,6 +128,7 @@ class EDoRAModel(nn.Module):
                                  f"no layer EDoRA can wrap in {type(model).__name__}")
             options = config.layer_options()
             apply_edora(model, exact_names(names), config.r, seed=config.seed, progress=False,
+                        rank_pattern=config.rank_pattern, alpha_pattern=config.alpha_pattern,
                         **vars(options))
         self.base_model = model
         self.edora_config = config
@@ -237,7 +238,8 @@ class EDoRAModel(nn.Module):
 
     def _check_same_basis_settings(self, adapter_name: str, config: EDoRAConfig) -> None:
         base = self.edora_config
-        for field in ("r", "alpha", "dropout", "dropout_mode", "detach_norm", "init"):
+        for field in ("r", "alpha", "rank_pattern", "alpha_pattern", "dropout", "dropout_mode",
+                      "detach_norm", "init"):
             if getattr(config, field) != getattr(base, field):
                 raise ValueError(
                     f"adapter {adapter_name!r}: {field}={getattr(config, field)!r} differs from "

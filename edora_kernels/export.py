@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections import Counter
 
 import torch
 from safetensors.torch import save_file
@@ -77,8 +79,8 @@ def export_peft_dora(model: nn.Module, directory: str | os.PathLike, *,
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` of a PEFT LoRA adapter
     with ``use_dora=True`` whose outputs equal this EDoRA adapter's.
 
-    Every EDoRA layer must share one rank and alpha (PEFT's rank/alpha patterns could express
-    more, but a mixed export is refused rather than approximated). Keys follow PEFT's layout
+    Layers of other ranks or alphas than the most common ones are written to PEFT's
+    ``rank_pattern`` / ``alpha_pattern`` under their exact names. Keys follow PEFT's layout
     for a model wrapped as ``base_model.model``. Given an ``EDoRAModel``, its base model is
     exported with its trained heads as PEFT ``modules_to_save`` and its ``task_type``. Each
     layer's active adapter is exported.
@@ -94,11 +96,13 @@ def export_peft_dora(model: nn.Module, directory: str | os.PathLike, *,
     layers = edora_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no EDoRALinear layers")
-    settings = {(layer.rank, layer.alpha) for layer in layers.values()}
-    if len(settings) > 1:
-        raise ValueError(f"layers differ in (rank, alpha): {sorted(settings)}; a PEFT export "
-                         "needs one rank and alpha")
-    (rank, alpha), = settings
+    # The most common rank and alpha are the config's; the others go to PEFT's patterns, keyed
+    # by each layer's exact name.
+    rank = Counter(layer.rank for layer in layers.values()).most_common(1)[0][0]
+    alpha = Counter(layer.alpha for layer in layers.values()).most_common(1)[0][0]
+    rank_pattern = {re.escape(n): layer.rank for n, layer in layers.items() if layer.rank != rank}
+    alpha_pattern = {re.escape(n): layer.alpha for n, layer in layers.items()
+                     if layer.alpha != alpha}
     tensors = {}
     for name, layer in layers.items():
         prefix = f"base_model.model.{name}"
@@ -118,6 +122,7 @@ def export_peft_dora(model: nn.Module, directory: str | os.PathLike, *,
         raise ValueError("layers mix GPT-2 Conv1D and other bases: PEFT's fan_in_fan_out is one "
                          "setting per adapter")
     config = {"peft_type": "LORA", "task_type": task_type, "r": rank, "lora_alpha": alpha,
+              "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
               "target_modules": exact_names(sorted(layers)),
               "use_dora": True, "lora_dropout": 0.0, "bias": "none",
               "fan_in_fan_out": conv1d == {True},

@@ -11,7 +11,7 @@ leaves the model exactly as it was. Saving and loading the adapter is
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,7 +24,15 @@ from .adapter_io import (  # noqa: F401 (they lived here: edora_kernels.model.sa
     load_edora_state_dict,
     save_edora,
 )
-from .checks import check_rank, check_target_modules, matches_target, quote
+from .checks import (
+    check_finite_number,
+    check_pattern,
+    check_rank,
+    check_target_modules,
+    matches_target,
+    pattern_value,
+    quote,
+)
 from .install import install, positions
 from .layer import EDoRALinear, freeze_all_but_adapters
 from .norm import compute_dtype
@@ -45,12 +53,19 @@ class EDoRASummary:
     alpha: float
     trainable_params: int
     total_params: int
+    # per layer, where rank_pattern / alpha_pattern gave it another value than rank / alpha
+    ranks: dict[str, int] = field(default_factory=dict)
+    alphas: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         share = 100.0 * self.trainable_params / max(self.total_params, 1)
-        return (f"EDoRA: {len(self.layers)} layers replaced (rank={self.rank}, "
-                f"alpha={self.alpha:g}); trainable params: {self.trainable_params:,} of "
-                f"{self.total_params:,} ({share:.4f}%)")
+        ranks = sorted({self.rank, *self.ranks.values()})
+        rank = f"rank={self.rank}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+        alphas = sorted({self.alpha, *self.alphas.values()})
+        alpha = (f"alpha={self.alpha:g}" if len(alphas) == 1
+                 else f"alphas {alphas[0]:g}-{alphas[-1]:g}")
+        return (f"EDoRA: {len(self.layers)} layers replaced ({rank}, {alpha}); trainable "
+                f"params: {self.trainable_params:,} of {self.total_params:,} ({share:.4f}%)")
 
 
 def _find_targets(model: nn.Module, target_modules) -> list[tuple[list[str], nn.Module]]:
@@ -103,16 +118,18 @@ def _check_budget(memory_budget_bytes) -> None:
         raise ValueError(f"memory_budget_bytes must be a positive int, got {memory_budget_bytes!r}")
 
 
-def _check_weights(targets, rank) -> None:
+def _check_weights(targets, ranks: dict[int, int]) -> None:
     """Ranks fit and dense weights are finite, named, before any factorisation."""
     too_small = []
     for names, m in targets:
         in_f, out_f = bases.features(m, bases.kind_of(m))
-        if rank > min(in_f, out_f):
-            too_small.append(f"{names[0]} ({out_f}×{in_f})")
+        if ranks[id(m)] > min(in_f, out_f):
+            too_small.append((ranks[id(m)], f"{names[0]} ({out_f}×{in_f})"))
     if too_small:
-        raise ValueError(f"rank {rank} exceeds min(out_features, in_features) of "
-                         f"{quote(too_small)}")
+        raise ValueError("; ".join(
+            f"rank {r} exceeds min(out_features, in_features) of "
+            f"{quote([name for rank, name in too_small if rank == r])}"
+            for r in sorted({rank for rank, _ in too_small})))
     bad = []
     for names, m in targets:
         kind = bases.kind_of(m)
@@ -132,6 +149,8 @@ def apply_edora(
     seed: int | None = None,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = True,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
     **options,
 ) -> EDoRASummary:
     """Wrap the matching base layers of ``model`` in place in ``EDoRALinear``.
@@ -144,17 +163,26 @@ def apply_edora(
     Weights are grouped by (shape, dtype, device); each group is factorised with batched
     ``init`` calls ("rsvd", "svd" or "random") over chunks of at most ``memory_budget_bytes``
     working memory (at least one matrix per chunk). Weights on the meta device get meta factors
-    (shapes only). ``options``: the ``LayerOptions`` (``init``, ``split``, ``sigma``,
+    (shapes only). ``rank_pattern`` / ``alpha_pattern`` give layers another rank / alpha by
+    PEFT's rule (the first key, in order, matching the end of the module name at a "."
+    boundary); layers of one shape share one batched factorisation at their largest rank, a
+    smaller rank taking its leading directions. ``options``: the ``LayerOptions`` (``init``,
+    ``split``, ``sigma``,
     ``dropout``, ``dropout_mode``, ``detach_norm``, ``backend``). Afterwards every parameter of
     the model is frozen except ``R`` and ``magnitude`` of its EDoRA layers (unfreeze a task head
     yourself). ``seed`` makes the result reproducible for a given memory budget. On any error
     the model is left unchanged. Returns an :class:`EDoRASummary`.
     """
     check_rank(rank)
+    rank_pattern = check_pattern("rank_pattern", rank_pattern, _check_pattern_rank)
+    alpha_pattern = check_pattern("alpha_pattern", alpha_pattern, check_finite_number)
     layer_options = LayerOptions.from_kwargs("apply_edora", alpha=alpha, **options)
     _check_budget(memory_budget_bytes)
     targets = _find_targets(model, target_modules)
-    _check_weights(targets, rank)
+    ranks = {id(m): pattern_value(names[0], rank_pattern, rank) for names, m in targets}
+    alphas = {id(m): float(pattern_value(names[0], alpha_pattern, layer_options.alpha))
+              for names, m in targets}
+    _check_weights(targets, ranks)
 
     groups: dict[tuple, list[tuple[list[str], nn.Module]]] = {}
     for names, module in targets:
@@ -168,15 +196,21 @@ def apply_edora(
     built: list[tuple[list[str], EDoRALinear]] = []
     with tqdm(total=len(targets), desc="EDoRA init", unit="layer", disable=not progress) as bar:
         for (shape, dtype, device), members in groups.items():
-            per_chunk = max(1, memory_budget_bytes // _bytes_per_matrix(*shape, rank, dtype, init))
+            # One batched call per chunk at the chunk's largest rank: a layer of a smaller
+            # rank takes the leading singular directions of it.
+            top = max(ranks[id(m)] for _, m in members)
+            per_chunk = max(1, memory_budget_bytes // _bytes_per_matrix(*shape, top, dtype, init))
             for start in range(0, len(members), per_chunk):
                 chunk = members[start:start + per_chunk]
-                A, B = _chunk_factors(chunk, shape, dtype, device, rank, init,
+                A, B = _chunk_factors(chunk, shape, dtype, device,
+                                      max(ranks[id(m)] for _, m in chunk), init,
                                       layer_options.split, _next_seed(gen))
                 for i, (names, module) in enumerate(chunk):
+                    r = ranks[id(module)]
                     layer_seed = None if device.type == "meta" else _next_seed(gen)
-                    layer = EDoRALinear.from_factors(module, A[i].clone(), B[i].clone(),
-                                                     seed=layer_seed, **vars(layer_options))
+                    layer = EDoRALinear.from_factors(
+                        module, A[i, :r], B[i, :, :r], seed=layer_seed,
+                        **vars(layer_options.replace(alpha=alphas[id(module)])))
                     built.append((names, layer))
                     bar.update(1)
                 del A, B
@@ -185,8 +219,11 @@ def apply_edora(
     install(model, built)
     freeze_all_but_adapters(model)
     trainable, total = _param_counts(model)
-    return EDoRASummary([n for names, _ in targets for n in names], rank, layer_options.alpha,
-                        trainable, total)
+    return EDoRASummary(
+        [n for names, _ in targets for n in names], rank, layer_options.alpha, trainable, total,
+        ranks={names[0]: ranks[id(m)] for names, m in targets if ranks[id(m)] != rank},
+        alphas={names[0]: alphas[id(m)] for names, m in targets
+                if alphas[id(m)] != layer_options.alpha})
 
 
 def _chunk_factors(chunk, shape, dtype, device, rank, init, split, seed):
@@ -198,3 +235,10 @@ def _chunk_factors(chunk, shape, dtype, device, rank, init, split, seed):
     for i, (_, module) in enumerate(chunk):
         stack[i].copy_(bases.dequantized_weight(module, bases.kind_of(module)))
     return edora_factors(stack, rank, init=init, split=split, seed=seed)
+
+
+def _check_pattern_rank(label: str, value) -> None:
+    try:
+        check_rank(value)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{label}: {err}") from None

@@ -245,8 +245,8 @@ def test_from_pretrained_returns_an_eval_model_unless_trainable(tmp_path):
                                       is_trainable=True).training
 
 
-@pytest.mark.parametrize("field, value", [("rank_pattern", {"query": 8}),
-                                          ("alpha_pattern", {"query": 8}),
+@pytest.mark.parametrize("field, value", [("layer_replication", [(0, 1)]),
+                                          ("trainable_token_indices", [1]),
                                           ("layers_to_transform", [0]),
                                           ("bias", "all")])
 def test_both_lora_paths_refuse_what_edora_cannot_honour(field, value):

@@ -80,11 +80,3 @@ def test_export_loads_in_stock_peft_with_the_same_outputs(tmp_path):
     assert peft_model.peft_config["default"].use_dora
     with torch.no_grad():
         torch.testing.assert_close(peft_model(x), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_export_refuses_mixed_ranks(tmp_path):
-    model = Tiny()
-    apply_edora(model, ["query"], 2, progress=False)
-    apply_edora(model, ["value"], 4, progress=False)
-    with pytest.raises(ValueError, match="differ in \\(rank, alpha\\)"):
-        export_peft_dora(model, tmp_path)

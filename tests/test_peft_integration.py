@@ -60,7 +60,7 @@ def test_rslora_scaling_and_modules_to_save():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("rank_pattern", {"q_proj": 8}), ("layers_to_transform", [0]), ("bias", "all"),
+    ("layer_replication", [(0, 1)]), ("layers_to_transform", [0]), ("bias", "all"),
 ])
 def test_unsupported_fields_are_refused_by_name(field, value):
     config = peft.LoraConfig(r=2, target_modules=["q_proj"], **{field: value})

@@ -88,6 +88,7 @@ def apply_edora_from_lora_config(
         raise ValueError(f"LoraConfig.modules_to_save entries {missing} match no module")
     layer_options = {**vars(edora.layer_options()), **options}
     summary = apply_edora(model, exact_names(names), edora.r, seed=seed, progress=progress,
+                          rank_pattern=edora.rank_pattern, alpha_pattern=edora.alpha_pattern,
                           **layer_options)
     if edora.inference_mode:
         freeze_all_but_adapters(model, trainable=False)
