@@ -100,7 +100,7 @@ def save_edora(model: nn.Module, path: str | os.PathLike, *,
 
 # --- reading and checking ------------------------------------------------------------------------
 
-def _read_file(where: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_file(where: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and the metadata of a safetensors file, or a ValueError if it is not one."""
     try:
         with safe_open(where, framework="pt") as f:
@@ -166,7 +166,7 @@ def _source(state_or_path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
         raise TypeError("state_or_path must be a dict of tensors or a path to a save_edora file, "
                         f"got {type(state_or_path).__name__}")
     where = os.fspath(state_or_path)
-    state, metadata = _read_file(where)
+    state, metadata = read_file(where)
     _check_header(where, metadata)
     return state, _parse_config(where, metadata)
 
@@ -198,7 +198,7 @@ def _plan(model: nn.Module, config: dict) -> tuple[dict, dict, dict[str, tuple]]
     return existing, to_build, expected
 
 
-def _tensor_problems(state: dict, expected: dict[str, tuple]) -> list[str]:
+def tensor_problems(state: dict, expected: dict[str, tuple]) -> list[str]:
     """Each present key whose value is not a real, finite floating tensor of the expected shape."""
     problems = []
     for key in sorted(k for k in expected if k in state):
@@ -219,7 +219,7 @@ def _tensor_problems(state: dict, expected: dict[str, tuple]) -> list[str]:
 def _load_problems(state, config, existing, expected, keys: LoadResult, strict) -> list[str]:
     """Every reason to refuse the load: bad tensors, keys (strict), alpha, merged layers."""
     problems = []
-    bad = _tensor_problems(state, expected)
+    bad = tensor_problems(state, expected)
     if bad:
         problems.append(f"bad tensors: {quote(bad)}")
     if strict and keys.missing_keys:

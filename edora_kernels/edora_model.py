@@ -27,12 +27,19 @@ import json
 import os
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import basis
-from .adapter_io import adapter_tensors, edora_layers, load_edora_state_dict, save_edora
+from .adapter_io import (
+    adapter_tensors,
+    edora_layers,
+    load_edora_state_dict,
+    read_file,
+    save_edora,
+    tensor_problems,
+)
 from .checks import exact_names, matches_target, quote
 from .config import EDoRAConfig
 from .distributed import copy_whole, main_process, whole
@@ -307,7 +314,7 @@ class EDoRAModel(nn.Module):
         basis — no W0 read, no factorisation, other adapters untouched; an adapter of another
         basis is refused naming the first difference."""
         config = _read_config(directory)
-        state = _read_cores(directory)
+        state, _ = read_file(os.path.join(directory, WEIGHTS_NAME))
         self._check_basis(directory, config)
         # PEFT's rule: an adapter loaded without is_trainable is for inference only.
         config = dataclasses.replace(config, basis=None, inference_mode=not is_trainable)
@@ -515,41 +522,29 @@ def _holds_basis(path: str) -> bool:
         return f.metadata() is not None and f.metadata().get("format") != CORES_FORMAT
 
 
-def _read_cores(directory) -> dict[str, torch.Tensor]:
-    path = os.path.join(directory, WEIGHTS_NAME)
-    try:
-        return load_file(path)
-    except (OSError, SafetensorError) as err:
-        raise ValueError(f"{path}: not a readable adapter file ({err})") from None
-
-
 @torch.no_grad()
 def _copy_cores(layers: dict, state: dict, adapter_name: str, where: str) -> None:
     """R and magnitude of every layer from ``state`` into ``adapter_name``; every key, shape and
-    value checked before anything is copied."""
-    problems, pairs = [], []
-    for layer_name, layer in layers.items():
-        for t, target in zip(("R", "magnitude"), layer.adapter_weights(adapter_name)):
-            key = f"{layer_name}.{t}"
-            value = state.get(key)
-            if value is None:
-                problems.append(f"{key}: missing")
-            elif tuple(value.shape) != tuple(target.shape):
-                problems.append(f"{key}: got {tuple(value.shape)}, expected "
-                                f"{tuple(target.shape)}")
-            elif not value.is_floating_point() or not torch.isfinite(value).all():
-                problems.append(f"{key}: not a finite floating tensor")
-            else:
-                pairs.append((target, value))
-    unexpected = sorted(set(state) - {f"{n}.{t}" for n in layers
-                                      for t in ("R", "magnitude", "A", "B")})
+    value checked (as every adapter load checks them) before anything is copied."""
+    targets = {f"{layer_name}.{t}": target for layer_name, layer in layers.items()
+               for t, target in zip(("R", "magnitude"), layer.adapter_weights(adapter_name))}
+    expected = {key: tuple(target.shape) for key, target in targets.items()}
+    problems = []
+    missing = [key for key in expected if key not in state]
+    if missing:
+        problems.append(f"missing keys: {quote(missing)}")
+    bad = tensor_problems(state, expected)
+    if bad:
+        problems.append(f"bad tensors: {quote(bad)}")
+    basis_keys = {f"{n}.{t}" for n in layers for t in ("A", "B")}  # a file that holds the basis
+    unexpected = sorted(set(state) - set(expected) - basis_keys)
     if unexpected:
-        problems.append(f"unexpected keys {quote(unexpected)}")
+        problems.append(f"unexpected keys: {quote(unexpected)}")
     if problems:
         raise ValueError(f"cannot load {where} as adapter {adapter_name!r}: "
-                         + "; ".join(problems[:12]))
-    for target, value in pairs:
-        copy_whole(target, value)
+                         + "; ".join(problems))
+    for key, target in targets.items():
+        copy_whole(target, state[key])
 
 
 def _set_disabled(module, disabled: bool) -> None:

@@ -23,6 +23,14 @@ from .norm import TERMS_DTYPE, compute_dtype
 BASE_NAME = "__base__"
 
 
+def _row_terms(x, A, cores, ms, norms, idx, cdt) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` (batch×T×r): each leading row's core ``cores[idx[i]]`` applied to its x·Aᵀ; and
+    ``g = m / n`` per adapter (K×out), in ``cdt``."""
+    v = x.reshape(x.shape[0], -1, x.shape[-1]).to(cdt) @ A.to(cdt).T        # batch×T×r
+    t = torch.bmm(v, cores.to(cdt)[idx].transpose(1, 2))
+    return t, (ms.to(TERMS_DTYPE) / norms).to(cdt)
+
+
 def mixed_epilogue(y0: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
                    A: torch.Tensor, B: torch.Tensor, Rs: torch.Tensor, ms: torch.Tensor,
                    scaling: float, rows: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
@@ -33,12 +41,10 @@ def mixed_epilogue(y0: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
     ``rows`` stays on the host (whether base rows exist is read there)."""
     batch, out_features, K = x.shape[0], y0.shape[-1], Rs.shape[0]
     cdt = compute_dtype(y0.dtype)
-    g = (ms.to(TERMS_DTYPE) / norms).to(cdt)                                # K×out
     has_base_rows = bool((rows >= K).any())
     idx = rows.clamp_max(K - 1).to(x.device)
     y0_rows = y0.reshape(batch, -1, out_features)
-    v = x.reshape(batch, -1, x.shape[-1]).to(cdt) @ A.to(cdt).T           # batch×T×r
-    t = torch.bmm(v, Rs.to(cdt)[idx].transpose(1, 2))                       # each row's core
+    t, g = _row_terms(x, A, Rs, ms, norms, idx, cdt)
     base = y0_rows.to(cdt) if bias is None else y0_rows.to(cdt) - bias.to(cdt)
     z = torch.baddbmm(base, t, B.to(cdt).T.expand(batch, -1, -1), alpha=scaling)
     g_rows = g[idx].unsqueeze(1)
@@ -64,11 +70,10 @@ def serve_mixed(x: torch.Tensor, y0: torch.Tensor | None, weight: torch.Tensor |
     batch, cdt = x.shape[0], compute_dtype(x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
     tokens = x2.shape[0] // max(batch, 1)
-    cores = torch.cat([Rs.to(cdt), Rs.new_zeros(1, *Rs.shape[1:]).to(cdt)])  # + the base's
+    cores = torch.cat([Rs, Rs.new_zeros(1, *Rs.shape[1:])])                  # + the base's
     idx = rows.to(x.device)
-    v = x.reshape(batch, -1, x.shape[-1]).to(cdt) @ A.to(cdt).T               # batch×T×r
-    t = torch.bmm(v, cores[idx].transpose(1, 2)).reshape(-1, Rs.shape[-1])
-    g = (ms.to(TERMS_DTYPE) / norms).to(cdt)
+    t, g = _row_terms(x, A, cores, ms, norms, idx, cdt)
+    t = t.reshape(-1, Rs.shape[-1])
     g_table = torch.cat([g, g.new_ones(1, g.shape[1])])                       # (K+1)×out
     g_rows = idx.to(torch.int32).repeat_interleave(tokens)
     sB = (scaling * B.to(cdt)).to(x.dtype)

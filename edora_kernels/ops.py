@@ -150,19 +150,26 @@ def _linear_backward(ctx, gy, *_unused):
 _linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
-def _linear_step(x, weight, bias, A, B, R, magnitude, terms, scaling, detach_norm, backend):
-    """y for 2-D x, checked arguments: the custom ops under torch.compile, the autograd.Function
-    when something needs a gradient, the backend's forward alone otherwise."""
-    save = _needs_grad(x, R, magnitude, bias)
+def _step(custom_op, function, forward: str, args: tuple, differentiable: tuple, terms,
+          scaling, detach_norm, backend):
+    """The op's output for 2-D inputs and checked arguments: ``custom_op`` under torch.compile,
+    the autograd ``function`` when one of ``differentiable`` needs a gradient, the backend's
+    ``forward`` alone otherwise. ``args`` end with R and magnitude."""
+    R, magnitude = args[-2:]
+    save = _needs_grad(*differentiable)
     capacity = _capacity(magnitude, R, detach_norm, save, backend)
     if torch.compiler.is_compiling():
-        return _linear_fwd(x, weight, bias, A, B, R, magnitude, *terms, scaling, save, capacity,
-                           detach_norm, backend)[0]
+        return custom_op(*args, *terms, scaling, save, capacity, detach_norm, backend)[0]
     impl = backends.load(backend)
     if save:
-        return _LinearStep.apply(x, weight, bias, A, B, R, magnitude, terms, scaling,
-                                 detach_norm, impl, capacity)
-    return impl.forward(x, weight, bias, A, B, R, magnitude, terms, scaling, False, 0)[0]
+        return function.apply(*args, terms, scaling, detach_norm, impl, capacity)
+    return getattr(impl, forward)(*args, terms, scaling, False, 0)[0]
+
+
+def _linear_step(x, weight, bias, A, B, R, magnitude, terms, scaling, detach_norm, backend):
+    """y for 2-D x (``_step`` of the linear op)."""
+    return _step(_linear_fwd, _LinearStep, "forward", (x, weight, bias, A, B, R, magnitude),
+                 (x, R, magnitude, bias), terms, scaling, detach_norm, backend)
 
 
 def edora_linear(
@@ -459,14 +466,7 @@ def edora_epilogue(
 
 
 def _epilogue_step(y0, x, bias, A, B, R, magnitude, terms, scaling, detach_norm, backend):
-    """As ``_linear_step``, for the epilogue op."""
-    save = _needs_grad(y0, x, R, magnitude, bias)
-    capacity = _capacity(magnitude, R, detach_norm, save, backend)
-    if torch.compiler.is_compiling():
-        return _epilogue_fwd(y0, x, bias, A, B, R, magnitude, *terms, scaling, save, capacity,
-                             detach_norm, backend)[0]
-    impl = backends.load(backend)
-    if save:
-        return _EpilogueStep.apply(y0, x, bias, A, B, R, magnitude, terms, scaling,
-                                   detach_norm, impl, capacity)
-    return impl.epilogue_forward(y0, x, bias, A, B, R, magnitude, terms, scaling, False, 0)[0]
+    """y for 2-D y0 and x (``_step`` of the epilogue op)."""
+    return _step(_epilogue_fwd, _EpilogueStep, "epilogue_forward",
+                 (y0, x, bias, A, B, R, magnitude), (y0, x, R, magnitude, bias), terms, scaling,
+                 detach_norm, backend)

@@ -335,8 +335,11 @@ def test_bench_adapters_writes_each_provider_and_the_peft_refusal(tmp_path):
     assert all(float(r["p50"]) > 0 for r in rows if r["metric"] == "time_ms")
 
 
-@pytest.mark.parametrize("kind", ["linear", "nf4"])
-def test_triton_serves_a_mixed_batch_in_one_launch(kind, monkeypatch):
+@pytest.mark.parametrize("kind, in_f, out_f, rank, tokens", [
+    ("linear", 37, 45, 1, 1), ("linear", 64, 48, 3, 7), ("linear", 40, 24, 16, 5),
+    ("nf4", 64, 48, 3, 7)])  # bitsandbytes' CPU 4-bit kernel takes multiples of 64
+def test_triton_serves_a_mixed_batch_in_one_launch(kind, in_f, out_f, rank, tokens,
+                                                    monkeypatch):
     """Serving (no grad) on the Triton backend: one launch of the forward GEMM (or of the
     epilogue pass over a quantized base's y0) with g per token from the adapters' table,
     against the composed path and the float64 reference; base rows are the base layer."""
@@ -347,12 +350,12 @@ def test_triton_serves_a_mixed_batch_in_one_launch(kind, monkeypatch):
     torch.manual_seed(0)
     if kind == "nf4":
         bnb = pytest.importorskip("bitsandbytes")
-        base = bnb.nn.Linear4bit(64, 48, quant_type="nf4", compute_dtype=torch.float32)
-        base.load_state_dict(nn.Linear(64, 48).state_dict())
+        base = bnb.nn.Linear4bit(in_f, out_f, quant_type="nf4", compute_dtype=torch.float32)
+        base.load_state_dict(nn.Linear(in_f, out_f).state_dict())
         base = base.to("cpu")
     else:
-        base = nn.Linear(64, 48)
-    layer = EDoRALinear.from_linear(base, 3, seed=0, backend="triton")
+        base = nn.Linear(in_f, out_f)
+    layer = EDoRALinear.from_linear(base, rank, seed=0, backend="triton")
     for name, seed in (("a", 1), ("b", 2)):
         layer.add_adapter(name, seed=seed)
     with torch.no_grad():
@@ -364,7 +367,7 @@ def test_triton_serves_a_mixed_batch_in_one_launch(kind, monkeypatch):
                         lambda kernel, grid, **args: launches.append(args) or
                         kernel[grid](**args))
     rows = torch.tensor([1, 0, 3, 2, 1])  # a, default, base, b, a
-    x = torch.randn(5, 7, 64)
+    x = torch.randn(5, tokens, in_f)
     layer.row_adapters = rows
     with torch.no_grad():
         served = layer(x)

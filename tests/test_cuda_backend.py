@@ -721,18 +721,24 @@ def test_zero_magnitudes_past_the_slots_get_nan_on_cpu(cuda_on_cpu, monkeypatch)
         assert torch.isnan(op_outputs(case, backend, detach_norm=False)[2]).all(), backend
 
 
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("detach_norm", [True, False], ids=["detached", "exact"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_epilogue_on_cpu(cuda_on_cpu, standin, dtype, detach_norm, bias):
-    case = make_case(37, *CPU_SHAPES[0], 3, dtype, seed=53, bias=bias)
+def _check_epilogue_against_torch(case, dtype, detach_norm, label):
+    """The epilogue op on the CUDA backend against the reference, with the torch backend's
+    error as the baseline."""
     results = []
     for backend in ("cuda", "torch"):
         y, grads = run_with_grads(epilogue_on_dense_base, case.op_args(), backend=backend,
                                   detach_norm=detach_norm)
         results.append((y, grads["x"], grads["R"], grads["magnitude"]))
-    check_outputs(results[0], op_outputs(case, detach_norm=detach_norm), dtype,
-                  f"epilogue {dtype}", results[1])
+    check_outputs(results[0], op_outputs(case, detach_norm=detach_norm), dtype, label,
+                  results[1])
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("detach_norm", [True, False], ids=["detached", "exact"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_epilogue_on_cpu(cuda_on_cpu, standin, dtype, detach_norm, bias):
+    case = make_case(37, *CPU_SHAPES[0], 3, dtype, seed=53, bias=bias)
+    _check_epilogue_against_torch(case, dtype, detach_norm, f"epilogue {dtype}")
     assert standin.log[:2] == ["prologue", "rescale"]
 
 
@@ -1000,13 +1006,7 @@ def test_kernels_under_emulation(cuda_on_emulation, problem_, detach_norm):
     case = make_case(n_rows, in_f, out_f, rank, dtype, adapter_dtype=adapters, seed=rank + n_rows)
     case.magnitude[[2, out_f - 1]] = 0.0  # slots in use
     check_backend(case, "cuda", dtype, f"emulated {problem_}", detach_norm=detach_norm)
-    results = []
-    for backend in ("cuda", "torch"):
-        y, grads = run_with_grads(epilogue_on_dense_base, case.op_args(), backend=backend,
-                                  detach_norm=detach_norm)
-        results.append((y, grads["x"], grads["R"], grads["magnitude"]))
-    check_outputs(results[0], op_outputs(case, detach_norm=detach_norm), dtype,
-                  f"emulated epilogue {problem_}", results[1])
+    _check_epilogue_against_torch(case, dtype, detach_norm, f"emulated epilogue {problem_}")
 
 
 @pytest.mark.slow
