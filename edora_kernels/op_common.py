@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -28,21 +29,32 @@ SLOT_NONE = -1   # m_j ≠ 0: S_j comes from y
 SLOT_FULL = -2   # m_j = 0 and every slot taken: dm_j = NaN
 
 
+# Work (multiply-adds; an elementwise pass counts ELEMENTWISE_WORK per element) below which one
+# CPU thread beats waking OpenMP's others. Measured on 2 shared vCPUs: under
+# OMP_WAIT_POLICY=PASSIVE (what `edora-kernels bench` sets) a wake costs about 80 µs, against a
+# one-thread 256×256×16 product's 28 µs (101 µs on two threads) and a 65k-element multiply's
+# 8 µs (52 µs); with spinning threads (the default policy) the same product takes 17 µs on two
+# threads, so there only tiny ops stay on one thread.
+_SLEEPING_THREADS = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+SMALL_CPU_WORK = 1 << 21 if _SLEEPING_THREADS else 1 << 16
+ELEMENTWISE_WORK = 8
+
+
 def small_work(fn):
-    """Run ``fn`` (O(out·r²) work: a few thousand numbers per op) on one CPU thread: waking
-    OpenMP's other threads costs more than such an op (measured on 2 shared vCPUs under
-    OMP_WAIT_POLICY=PASSIVE: the gate in 95 µs with 2 threads, 45 µs with 1). Switching the
-    thread count costs well under a microsecond; other devices are untouched."""
+    """Run ``fn`` (O(out·r²) work: a few thousand numbers per op) on one CPU thread."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _one_cpu_thread():
+        with cpu_threads_for(0):
             return fn(*args, **kwargs)
     return wrapper
 
 
 @contextlib.contextmanager
-def _one_cpu_thread():
-    if torch.compiler.is_compiling():
+def cpu_threads_for(work: int):
+    """One CPU thread for the ops inside when their ``work`` is under ``SMALL_CPU_WORK``;
+    switching the thread count costs well under a microsecond, other devices are untouched
+    (the count only governs CPU ops), and nothing changes under torch.compile."""
+    if work >= SMALL_CPU_WORK or torch.compiler.is_compiling():
         yield
         return
     threads = torch.get_num_threads()

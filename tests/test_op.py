@@ -211,3 +211,32 @@ def test_in_place_write_to_the_output_raises_clearly():
     y.relu_()
     with pytest.raises(RuntimeError, match="modified in place.*out of place"):
         y.sum().backward()
+
+
+def test_small_cpu_ops_run_on_one_thread_and_the_count_is_restored(monkeypatch):
+    """The torch backend's rank-r ops on a small layer run on one CPU thread (waking OpenMP's
+    others costs more than such an op); the caller's thread count is back afterwards, also when
+    the op raises, and big work keeps every thread."""
+    import edora_kernels.backends.torch_backend as torch_backend
+    from edora_kernels.op_common import SMALL_CPU_WORK, cpu_threads_for
+
+    seen = []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: seen[-1] if seen else 4)
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    inner = []
+    original = torch_backend.mm_compute
+    monkeypatch.setattr(torch_backend, "mm_compute",
+                        lambda *a: inner.append(torch.get_num_threads()) or original(*a))
+    case = make_case(16, 24, 20, 3)
+    edora_linear(case.x, case.weight, case.bias, case.A, case.B, case.R, case.magnitude,
+                 case.scaling, backend="torch")
+    assert inner == [1] and seen[-1] == 4
+
+    seen.clear()
+    with pytest.raises(ValueError), cpu_threads_for(0):
+        raise ValueError
+    assert seen == [1, 4]
+    seen.clear()
+    with cpu_threads_for(SMALL_CPU_WORK):
+        pass
+    assert seen == []

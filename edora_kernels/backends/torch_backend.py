@@ -2,7 +2,8 @@
 
 Each step is one ATen call chosen to avoid temporaries: the rank-r term is added to the base
 product in place, the epilogue is a single ``addcmul`` written over that product. The O(out·r²)
-work is ``op_common``'s, in float64.
+work is ``op_common``'s, in float64. On CPU everything but the base GEMMs runs on one thread
+when it is small (``op_common.cpu_threads_for``): waking OpenMP's threads would cost more.
 """
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import torch
 
 from ..norm import compute_dtype
 from ..op_common import (
+    ELEMENTWISE_WORK,
     Saved,
     adapter_grads,
+    cpu_threads_for,
     gate,
     keep_slot_columns,
     magnitude_sums,
@@ -45,16 +48,26 @@ def _rescale(z, x, bias, A, B, R, magnitude, terms, scaling, save, capacity):
     """``z += s·v Pᵀ`` in place (z is this call's temporary), then ``y = g ⊙ z + b`` in g's
     dtype: fp32 for half inputs as in the kernels' epilogue, g is never rounded to half."""
     dtype, cdt = z.dtype, compute_dtype(z.dtype)
-    P, n, g, slots = gate(terms, B, R, magnitude, scaling, cdt, capacity)
-    v = mm_compute(x, A.T, cdt)
-    z.addmm_(v.to(dtype), P.to(dtype).T, alpha=scaling)
-    zbuf = keep_slot_columns(z, slots, capacity)
-    if g.dtype != dtype:
-        y = torch.mul(z, g) if bias is None else torch.addcmul(bias.to(g.dtype), z, g)
-        y = y.to(dtype)
-    else:
-        y = torch.mul(z, g, out=z) if bias is None else torch.addcmul(bias, z, g, out=z)
+    with _rank_ops(z, A):
+        P, n, g, slots = gate(terms, B, R, magnitude, scaling, cdt, capacity)
+        v = mm_compute(x, A.T, cdt)
+        z.addmm_(v.to(dtype), P.to(dtype).T, alpha=scaling)
+        zbuf = keep_slot_columns(z, slots, capacity)
+        if g.dtype != dtype:
+            y = torch.mul(z, g) if bias is None else torch.addcmul(bias.to(g.dtype), z, g)
+            y = y.to(dtype)
+        else:
+            y = torch.mul(z, g, out=z) if bias is None else torch.addcmul(bias, z, g, out=z)
     return y, Saved(v if save else v.new_empty(0), P, n, g, slots, zbuf)
+
+
+def _rank_ops(rows, A):
+    """The CPU threads for the rank-r products and elementwise passes over N = ``rows.shape[0]``
+    rows, sized by the largest of them (each op is one OpenMP region)."""
+    rank, in_features = A.shape
+    n_rows, out_features = rows.shape[0], rows.shape[-1]
+    return cpu_threads_for(max(n_rows * rank * max(in_features, out_features),
+                               ELEMENTWISE_WORK * n_rows * out_features))
 
 
 # --- backward ---------------------------------------------------------------------------------
@@ -62,25 +75,33 @@ def _rescale(z, x, bias, A, B, R, magnitude, terms, scaling, save, capacity):
 def backward(gy, weight, bias, A, B, R, magnitude, terms, scaling, detach_norm, y, saved,
              need_dx, need_dR, need_dm):
     """``(dx, dR, dm)`` of :func:`forward`; unneeded ones come back empty."""
-    t = _t(gy, B, saved.g, need_dx or need_dR)
     dx = gy.new_empty(0)
+    with _rank_ops(gy, A):
+        t = _t(gy, B, saved.g, need_dx or need_dR)
+        grads = _adapter_grads(gy, bias, B, R, magnitude, terms, scaling, detach_norm, y,
+                               saved, t, need_dR, need_dm)
+        if need_dx:
+            # dx = (gy ⊙ g) W0 + u A with u = s·t R: one pass over gy, the big GEMM, a rank-r one
+            gz = gy * saved.g.to(gy.dtype)
+            u = _u(t, R, scaling, gy.dtype)
     if need_dx:
-        # dx = (gy ⊙ g) W0 + u A with u = s·t R: one pass over gy, the big GEMM, a rank-r one
-        gz = gy * saved.g.to(gy.dtype)
-        dx = torch.mm(gz, weight).addmm_(_u(t, R, scaling, gy.dtype), A.to(gy.dtype))
-    return (dx, *_adapter_grads(gy, bias, B, R, magnitude, terms, scaling, detach_norm, y,
-                                saved, t, need_dR, need_dm))
+        dx = torch.mm(gz, weight)
+        with _rank_ops(gy, A):
+            dx.addmm_(u, A.to(gy.dtype))
+    return (dx, *grads)
 
 
 def epilogue_backward(gy, bias, A, B, R, magnitude, terms, scaling, detach_norm, y, saved,
                       need_dy0, need_dx, need_dR, need_dm):
     """``(dy0, dx, dR, dm)`` of :func:`epilogue_forward`: dy0 = gy ⊙ g goes to the base layer,
     dx is the rank-r branch's share only."""
-    t = _t(gy, B, saved.g, need_dx or need_dR)
-    dy0 = gy * saved.g.to(gy.dtype) if need_dy0 else gy.new_empty(0)
-    dx = torch.mm(_u(t, R, scaling, gy.dtype), A.to(gy.dtype)) if need_dx else gy.new_empty(0)
-    return (dy0, dx, *_adapter_grads(gy, bias, B, R, magnitude, terms, scaling, detach_norm, y,
-                                     saved, t, need_dR, need_dm))
+    with _rank_ops(gy, A):
+        t = _t(gy, B, saved.g, need_dx or need_dR)
+        dy0 = gy * saved.g.to(gy.dtype) if need_dy0 else gy.new_empty(0)
+        dx = (torch.mm(_u(t, R, scaling, gy.dtype), A.to(gy.dtype)) if need_dx
+              else gy.new_empty(0))
+        return (dy0, dx, *_adapter_grads(gy, bias, B, R, magnitude, terms, scaling,
+                                         detach_norm, y, saved, t, need_dR, need_dm))
 
 
 def _t(gy, B, g, needed):
