@@ -6,6 +6,7 @@
     plot    PNG charts of one benchmark run
     check   every available backend against the reference; non-zero exit on a mismatch
     plan    the cost model of a layer's step on a named GPU: every launch, predicted ratios
+    ranks   a rank per layer from a model directory's weights (captured energy vs rank)
 """
 from __future__ import annotations
 
@@ -401,6 +402,72 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_ranks(args: argparse.Namespace) -> int:
+    from .ranks import suggest_ranks, weight_energy
+
+    model_dir = Path(args.model_dir)
+    if not model_dir.is_dir():
+        args.error(f"argument model_dir: {model_dir} is not a directory")
+    _writable_dir(args, "--out", Path(args.out))
+    try:
+        curves = weight_energy(model_dir, args.target_modules,
+                               exclude_modules=args.exclude_modules, max_rank=args.max_rank)
+        advice = suggest_ranks(curves, energy=args.energy, budget=args.budget,
+                               measure="weight energy", target_modules=args.target_modules)
+    except (ValueError, TypeError) as err:
+        print(f"edora-kernels ranks: error: {err}", file=sys.stderr)
+        return 1
+    print(advice.table())
+    stem = Path(args.out) / f"ranks_{model_dir.resolve().name}"
+    config, curves = advice.save_json(stem.with_suffix(".json"))
+    print(f"wrote {config} (r, rank_pattern, target_modules: EDoRAConfig.from_dict reads it), "
+          f"{curves} and {advice.plot(stem.with_suffix('.png'))}")
+    return 0
+
+
+def _targets_arg(text: str):
+    """"all-linear", a regex (when it has regex characters) or module names, comma-separated."""
+    if text == "all-linear" or any(c in text for c in "^$*+?()[]|\\"):
+        return text
+    return _csv_list(str, "module names")(text)
+
+
+def _add_ranks(sub) -> None:
+    p = sub.add_parser(
+        "ranks", help="a rank per layer from a model directory's weights",
+        description="Reads every adapted weight of a Hugging Face model directory (safetensors, "
+        "one matrix at a time), prints per layer type the share of the weight's energy "
+        "(‖W0‖²) its top-r singular subspace holds at r = 1 … --max-rank, picks a rank per "
+        "layer for --energy or --budget, and writes the choice as JSON that EDoRAConfig reads "
+        "(r, rank_pattern, target_modules) with a plot beside it (docs/DESIGN.md §14).")
+    p.set_defaults(func=cmd_ranks, error=p.error)
+    p.add_argument("model_dir", help="a local Hugging Face model directory (config.json and "
+                   "model.safetensors or a sharded index)")
+    rule = p.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--energy", type=_one(_share, "a share in (0, 1]"),
+                      help="the smallest rank per layer whose subspace holds this share")
+    rule.add_argument("--budget", type=_one(_int_at_least(1), "an int >= 1"),
+                      help="trainable numbers Σ r² + out to spread over the layers for the "
+                           "most captured energy")
+    p.add_argument("--target-modules", type=_targets_arg, default="all-linear",
+                   help="PEFT's target_modules: all-linear (default), module names a,b,c or a "
+                        "regex")
+    p.add_argument("--exclude-modules", type=_targets_arg, default=None,
+                   help="PEFT's exclude_modules, same forms")
+    p.add_argument("--max-rank", type=_one(_int_at_least(1), "an int >= 1"), default=64,
+                   help="the largest rank measured (default 64)")
+    p.add_argument("--out", default="edora-results",
+                   help="folder for ranks_<model>.json, _curves.json and .png (default: "
+                        "./edora-results)")
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:  # NaN fails too
+        raise ValueError(text)
+    return value
+
+
 def _add_bench(sub) -> None:
     from .bench.model_step import MODEL_PRESETS, MODEL_PROVIDERS
     from .bench.providers import MODES, PROVIDERS
@@ -511,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "available one)")
     check.set_defaults(func=cmd_check)
     _add_plan(sub)
+    _add_ranks(sub)
     return parser
 
 
