@@ -81,10 +81,16 @@ class RankAdvice:
 
     def config(self) -> dict:
         """``r``, ``rank_pattern`` (the other layers by their exact names) and
-        ``target_modules``: what ``EDoRAConfig.from_dict`` takes."""
+        ``target_modules`` (as given, else these layers by name): what
+        ``EDoRAConfig.from_dict`` takes. Names match with any prefix, as PEFT's patterns do, so
+        a task model (``bert.encoder…``) takes the advice of its base's directory
+        (``encoder…``)."""
         r = self.r
         pattern = {re.escape(name): rank for name, rank in self.ranks.items() if rank != r}
-        return {"r": r, "rank_pattern": pattern, "target_modules": self.target_modules}
+        targets = self.target_modules
+        if targets is None:
+            targets = r"(.*\.)?(" + "|".join(re.escape(c.name) for c in self.curves) + ")"
+        return {"r": r, "rank_pattern": pattern, "target_modules": targets}
 
     def trainable(self) -> int:
         """Σ r_l² + out_l: the adapter's trainable numbers (R and the magnitude)."""
@@ -105,6 +111,8 @@ class RankAdvice:
             chosen = Counter(self.ranks[c.name] for c in curves)
             picks = ", ".join(f"{r}×{n}" if n > 1 else f"{r}" for r, n in sorted(chosen.items()))
             lines.append(f"| {group} | {len(curves)} | " + " | ".join(cells) + f" | {picks} |")
+        mean = sum(c.at(self.ranks[c.name]) for c in self.curves) / len(self.curves)
+        lines.append(f"mean {self.measure} at the chosen ranks: {mean:.4f}")
         lines.append(f"trainable numbers (Σ r² + out): {self.trainable():,}; config r = "
                      f"{self.r}, {len(self.config()['rank_pattern'])} layers in rank_pattern")
         if self.short:

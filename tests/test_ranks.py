@@ -151,7 +151,7 @@ def test_energy_rule_takes_the_smallest_rank_that_reaches_it():
     curves = [curve("a", [0.5, 0.8, 0.95, 1.0]), curve("b", [0.2, 0.3, 0.4])]
     advice = suggest_ranks(curves, energy=0.8)
     assert advice.ranks == {"a": 2, "b": 3} and advice.short == ["b"]
-    assert advice.config() == {"r": 2, "rank_pattern": {"b": 3}, "target_modules": None}
+    assert advice.config() == {"r": 2, "rank_pattern": {"b": 3}, "target_modules": r"(.*\.)?(a|b)"}
     assert advice.trainable() == 4 + 10 + 9 + 10
 
 
