@@ -60,8 +60,8 @@ exec > >(tee -a "$LOG") 2>&1
 # Budgets in seconds. A step never runs past its own, so the run takes at most their sum (under
 # 5 minutes, printed first) plus a few seconds of preamble.
 GRACE=3
-B_INSTALL=15 B_INFO=10 B_CHECK=20 B_BENCH=70 B_TESTS=40 B_DROPOUT=20 B_COMPILE=30 B_INIT=35
-B_PLAN=10 B_HOST=15 B_DIST=25
+B_INSTALL=15 B_INFO=10 B_CHECK=20 B_BENCH=60 B_TESTS=40 B_DROPOUT=15 B_COMPILE=30 B_INIT=35
+B_PLAN=10 B_HOST=10 B_DIST=25 B_TMA=20
 if [ "${GPU_CHECK_BUILD_CUDA:-0}" = "1" ] && [ "$DRY_RUN" = 0 ]; then
     export EDORA_BUILD_CUDA=1
     B_INSTALL=150
@@ -69,7 +69,7 @@ else
     export EDORA_SKIP_CUDA_BUILD=1
 fi
 BUDGET=$((B_INSTALL + B_INFO + B_CHECK + B_BENCH + B_TESTS + B_DROPOUT + B_COMPILE + B_INIT
-        + B_PLAN + B_HOST + B_DIST))
+        + B_PLAN + B_HOST + B_DIST + B_TMA))
 
 RECORDS=$(mktemp)  # one line per finished step, tab-separated; the summary is built from it
 MARK=$(mktemp)     # touched as a step starts: the files newer than it are the step's
@@ -130,7 +130,7 @@ else
         --repeats 10 --warmup 2)
     ONE_SHAPE=(--tokens 8192 --shapes 4096x4096 --ranks 16 --dtype bf16 --repeats 10 --warmup 2)
     INIT=(--repeats 1 --warmup 1)
-    HOST=(--repeats 200 --warmup 20)
+    HOST=(--repeats 100 --warmup 10)
     DIST=(--nproc_per_node "$(nvidia-smi -L 2>/dev/null | wc -l | awk '{print ($1 > 0) ? $1 : 1}')"
           tests/distributed_worker.py step --device cuda)
 fi
@@ -150,6 +150,9 @@ step plan "$B_PLAN" "$PYTHON" -m edora_kernels plan --json "$OUT/plan_h100.json"
 # every autotuning candidate on a cold cache costs seconds each and proves nothing more here.
 step check "$B_CHECK" env EDORA_TRITON_FIXED_CONFIG=1 "$PYTHON" -m edora_kernels check
 step bench "$B_BENCH" "$PYTHON" -m edora_kernels bench "${OP[@]}" --out "$OUT"
+# The forward's TMA path (opt-in until measured): the same shape as the pointer loads above.
+step "bench tma" "$B_TMA" env EDORA_TRITON_TMA=1 "$PYTHON" -m edora_kernels bench \
+    "${ONE_SHAPE[@]}" --modes fwd --providers frozen,triton --out "$OUT"
 # The GPU-marked files only: the rest may import dev-only packages (hypothesis, ...) the GPU
 # machine does not have.
 step "gpu tests" "$B_TESTS" env EDORA_TRITON_FIXED_CONFIG=1 "$PYTHON" -m pytest -m gpu -q -rs \

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["install", "info", "plan", "check", "bench", "gpu tests", "bench dropout",
+STEPS = ["install", "info", "plan", "check", "bench", "bench tma", "gpu tests", "bench dropout",
          "bench compile", "bench host", "init llama7b", "torchrun ddp fsdp2"]
-WRITES_RESULTS = {"bench", "bench dropout", "bench compile", "bench host", "init llama7b"}
+WRITES_RESULTS = {"bench", "bench tma", "bench dropout", "bench compile", "bench host",
+                  "init llama7b"}
 
 
 @pytest.mark.slow  # about a minute and a half on 2 CPU cores

@@ -21,6 +21,8 @@ from edora_kernels.backends.triton import bwd as triton_bwd
 from edora_kernels.backends.triton import configs as triton_configs
 from edora_kernels.backends.triton import epilogue_only as triton_epilogue
 from edora_kernels.backends.triton import fwd as triton_fwd
+from edora_kernels.backends.triton import mixed as triton_mixed
+from edora_kernels.backends.triton.launch import launch
 from edora_kernels.norm import compute_norm_terms
 from edora_kernels.op_common import SLOT_NONE
 from edora_kernels.testing import make_case
@@ -266,6 +268,147 @@ def test_epilogue_op(dtype):
 
 
 # ------------------------------------------------------------------------------------------------
+# The forward's TMA path (Hopper), forced in the interpreter
+# ------------------------------------------------------------------------------------------------
+
+# Rows of 16-byte multiples (TMA's rule) that are no multiples of the blocks: in = 72 leaves a
+# partial K block, out = 75 and 131 partial column blocks.
+TMA_SHAPES = ((72, 75), (136, 131))
+
+
+@pytest.fixture
+def tma_forward(monkeypatch):
+    """The forward's chooser sees sm_90; each forward launch's TMA flag, program count and tile
+    count are recorded. In the interpreter the persistent grid has 3 programs, so each loops
+    over several tiles."""
+    monkeypatch.setattr(triton_fwd, "device_arch", lambda t: triton_configs.TMA_ARCH)
+    monkeypatch.setenv(triton_configs.TMA_ENV, "1")
+    launches = []
+    meta = triton_configs.GEMM_CONFIG_INTERPRET.kwargs
+
+    def record(kernel, grid, **args):
+        tiles = triton_configs.tiles_grid(args["M"], args["N"])(meta)[0]
+        launches.append(dict(tma=args["TMA"], programs=grid({**args, **meta})[0], tiles=tiles))
+        launch(kernel, grid, **args)
+
+    monkeypatch.setattr(triton_fwd, "launch", record)
+    monkeypatch.setattr(triton_mixed, "launch", record)
+    return launches
+
+
+def _assert_persistent_tma(launches):
+    assert launches and all(ln["tma"] for ln in launches)
+    assert all(ln["programs"] == min(triton_configs.INTERPRET_PROGRAMS, ln["tiles"])
+               for ln in launches)
+
+
+@pytest.mark.parametrize("n", [1, 130])
+@pytest.mark.parametrize("rank", [1, 3, 16, 64])
+def test_tma_forward_matches_reference(tma_forward, rank, n):
+    in_f, out_f = TMA_SHAPES[1] if rank == 64 else TMA_SHAPES[0]
+    case = make_case(n, in_f, out_f, rank, torch.float32, DEVICE, seed=rank * 100 + n)
+    check_backend(case, "triton", torch.float32, f"TMA fp32 r={rank} n={n}")
+    _assert_persistent_tma(tma_forward)
+    if n > 1:  # programs looped over several tiles
+        assert tma_forward[0]["tiles"] > tma_forward[0]["programs"]
+
+
+@pytest.mark.parametrize("dtype,rank,n,adapter_dtype", [
+    (torch.bfloat16, 16, 37, None), (torch.float16, 64, 130, None),
+    (torch.bfloat16, 3, 1, None), (torch.bfloat16, 16, 130, torch.float32)])
+def test_tma_forward_half_precision(tma_forward, dtype, rank, n, adapter_dtype):
+    in_f, out_f = TMA_SHAPES[1] if rank == 64 else TMA_SHAPES[0]
+    case = make_case(n, in_f, out_f, rank, dtype, DEVICE, adapter_dtype=adapter_dtype, seed=n)
+    check_backend(case, "triton", dtype, f"TMA {dtype} r={rank} n={n} adapters {adapter_dtype}")
+    _assert_persistent_tma(tma_forward)
+
+
+def test_tma_forward_keeps_zero_magnitude_columns(tma_forward):
+    """The slots of zero magnitudes, written from the persistent loop's tiles."""
+    case = make_case(130, *TMA_SHAPES[1], 3, torch.float32, DEVICE, seed=67)
+    zeros = [0, 64, 130]  # in the first, second and third column block
+    case.magnitude[zeros] = 0.0
+    y, saved = triton_fwd.forward(case.x, case.weight, case.bias, case.A, case.B, case.R,
+                                  case.magnitude, _terms(case), case.scaling, True, 3)
+    _, esaved = _forward64(case, capacity=3)
+    assert_close(saved.zbuf, esaved.zbuf, torch.float32, "kept z columns")
+    assert_close(y, _forward64(case)[0], torch.float32, "y")
+    _assert_persistent_tma(tma_forward)
+
+
+def test_tma_forward_serves_a_mixed_batch(tma_forward):
+    """G_ROWS (g per token from a table of adapters) shares the TMA path."""
+    gen = torch.Generator().manual_seed(71)
+    (in_f, out_f), rank, M = TMA_SHAPES[1], 16, 130
+    x, weight = torch.randn(M, in_f, generator=gen), torch.randn(out_f, in_f, generator=gen)
+    bias, t = torch.randn(out_f, generator=gen), torch.randn(M, rank, generator=gen)
+    sB = torch.randn(out_f, rank, generator=gen)
+    g_table = torch.rand(3, out_f, generator=gen) + 0.5
+    g_rows = torch.randint(0, 3, (M,), generator=gen, dtype=torch.int32)
+    y = triton_mixed.mixed_forward(x, weight, bias, t, sB, g_table, g_rows)
+    d = torch.float64
+    z = x.to(d) @ weight.to(d).T + t.to(d) @ sB.to(d).T
+    assert_close(y, g_table.to(d)[g_rows.long()] * z + bias.to(d), torch.float32, "mixed y")
+    _assert_persistent_tma(tma_forward)
+
+
+def test_tma_launch_leaves_the_callers_allocator(tma_forward):
+    """The TMA launch sets Triton's scratch allocator in a copy of the context only."""
+    from triton.runtime import _allocation  # no public getter
+
+    def callers(size, alignment, stream):
+        raise AssertionError("the backend's scratch came from the caller's allocator")
+
+    before = _allocation._allocator.get()
+    triton.set_allocator(callers)
+    try:
+        case = make_case(37, *TMA_SHAPES[0], 3, torch.float32, DEVICE, seed=79)
+        triton_fwd.forward(case.x, case.weight, case.bias, case.A, case.B, case.R,
+                           case.magnitude, _terms(case), case.scaling, False, 0)
+        assert _allocation._allocator.get() is callers
+    finally:
+        triton.set_allocator(before)
+    _assert_persistent_tma(tma_forward)
+
+
+def test_tma_chooser(monkeypatch):
+    """TMA only when switched on, on sm_90 and only where its layout rules hold for x and W0
+    alike: unit stride along K, row stride and base address 16-byte aligned, one dtype of
+    fp16/bf16/fp32."""
+    bf16 = torch.bfloat16
+    x, w = torch.empty(37, 64, dtype=bf16), torch.empty(75, 64, dtype=bf16)
+    use = triton_configs.tma_operands
+    monkeypatch.delenv(triton_configs.TMA_ENV, raising=False)
+    assert not use(90, x, w)  # opt-in until timed on a GPU
+    monkeypatch.setenv(triton_configs.TMA_ENV, "1")
+    assert use(90, x, w)
+    for arch in (0, 80, 86, 89, 100, 120):
+        assert not use(arch, x, w), arch
+    assert triton_configs.device_arch(x) == 0  # off CUDA: the pointer path
+    # unaligned: rows of 4095 elements, K-major views, a base 2 bytes off, nothing to copy
+    assert not use(90, torch.empty(37, 4095, dtype=bf16), torch.empty(75, 4095, dtype=bf16))
+    assert not use(90, torch.empty(64, 37, dtype=bf16).T, w)
+    assert not use(90, x, torch.empty(64, 75, dtype=bf16).T)
+    assert not use(90, torch.empty(37 * 64 + 1, dtype=bf16)[1:].view(37, 64), w)
+    assert not use(90, x[:0], w)
+    # dtypes: fp16 and fp32 too (fp32's 16-byte rows are multiples of 4 elements), one dtype
+    assert use(90, x.half(), w.half()) and use(90, x.float(), w.float())
+    assert not use(90, torch.empty(37, 6), torch.empty(75, 6))
+    assert not use(90, x.double(), w.double()) and not use(90, x, w.half())
+
+
+def test_forward_off_hopper_keeps_the_pointer_path(monkeypatch):
+    launches = []
+    monkeypatch.setattr(triton_fwd, "launch",
+                        lambda kernel, grid, **args: launches.append(args) or
+                        launch(kernel, grid, **args))
+    case = make_case(37, *TMA_SHAPES[0], 3, torch.bfloat16, DEVICE, seed=73)
+    op_outputs(case, "triton")
+    assert [a["TMA"] for a in launches] == [DEVICE.type == "cuda" and
+                                            triton_configs.device_arch(case.x) == 90]
+
+
+# ------------------------------------------------------------------------------------------------
 # Config machinery
 # ------------------------------------------------------------------------------------------------
 
@@ -293,6 +436,14 @@ def test_prune_filter(arch):
                              for c in unaligned)
     if arch == 90:  # the rank no longer limits the tile: 256-wide tiles serve every rank
         assert any(c.kwargs["BLOCK_N"] == 256 for c in candidates(arch, 2))
+        # the TMA path's persistent loop: accumulators within its own budget, 128×256 out
+        for elt in (2, 4):
+            for gathered in (False, True):
+                tma = candidates(arch, elt, gathered_g=gathered, tma=True)
+                assert tma and all(any(c is a for a in candidates(arch, elt, gathered_g=gathered))
+                                   for c in tma)
+                assert all(triton_configs.gemm_acc_regs(c) <= triton_configs.TMA_ACC_REG_BUDGET
+                           for c in tma)
 
 
 def test_fixed_config_switch(monkeypatch):

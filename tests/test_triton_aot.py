@@ -6,7 +6,8 @@ Every config a kernel may run with is compiled with ``triton.compile`` for the r
 bundled ``cuobjdump --dump-resource-usage`` then reports registers, spills and shared memory.
 
 - the two GEMMs (forward, dx) and the epilogue kernel: every candidate the prune filter may
-  keep, per architecture and dtype (the rank is a runtime loop bound there);
+  keep, per architecture and dtype (the rank is a runtime loop bound there); on sm_90 also the
+  forward's TMA path (descriptors made on the device, a persistent grid);
 - the small kernels (prologue, pre-pass, finalize): their one config at every padded rank and
   row-block height they can be launched with, every optional part switched on.
 
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -54,7 +56,14 @@ UNALIGNED = ("forward:unaligned", "dx:unaligned")
 # A batch mixing adapters (g a table, one row per token's adapter: a BLOCK_M×BLOCK_N load of g
 # in the epilogue), compiled with every candidate the autotuner may pick.
 MIXED = ("forward:mixed", "epilogue:mixed")
+# The forward's TMA path on a persistent grid (sm_90 only): training (bias, slots) with every
+# TMA candidate of every dtype, inference without bias or slots, a batch mixing adapters. Its
+# signature does not depend on the adapters' dtype (v is fp32, s·P cast to x's dtype by the
+# prologue): fp32 adapters on a bf16 model compile as bf16.
+TMA = ("forward:tma", "forward:tma-eval", "forward:tma-mixed")
 R_PADS = (16, 32, 64, 128)
+# Ampere's asynchronous copies (cp.async.ca/cg); TMA's are cp.async.bulk.
+AMPERE_ASYNC_COPY = re.compile(r"cp\.async\.c[ag]\b")
 FIELDS = ("arch", "kernel", "dtype", "r_pad", "block_m", "block_n", "block_k", "group_m",
           "num_warps", "num_stages", "regs", "stack", "local", "static_shared", "dynamic_shared",
           "wgmma", "cp_async", "tma")
@@ -120,14 +129,15 @@ def _problem_args(kernel: str, dtype: str, r_pad: int, config) -> tuple:
                   slots=e(N, d=i32), zbuf=e(M, slots))
     terms = NormTerms(e(N, d=f64), e(N, R, d=f64), e(R, R, d=f64))
     kw = config.kwargs
-    mixed = dict(g_rows=e(M, d=i32)) if kernel.endswith(":mixed") else {}
+    mixed = dict(g_rows=e(M, d=i32)) if kernel.endswith("mixed") else {}
     g = e(5, N, d=f32) if mixed else saved.g  # mixed: a table of 5 adapters' g
     if kernel.startswith("forward"):
-        x = e(K, M).T if kernel == "forward:strided" else e(M, K)
-        train = kernel not in ("forward:eval", "forward:mixed")
+        x, w = e(K, M).T if kernel == "forward:strided" else e(M, K), e(N, K)
+        train = kernel in ("forward", "forward:strided", "forward:unaligned", "forward:tma")
         zbuf = e(M, slots if train else 0)
-        args = triton_fwd.fwd_args(x, e(N, K), e(N) if train or mixed else None, saved.v,
+        args = triton_fwd.fwd_args(x, w, e(N) if train or mixed else None, saved.v,
                                    e(N, R), g, e(slots + 1, d=i32), e(M, N), zbuf, **mixed)
+        args["TMA"] = kernel in TMA and _tma_chosen(x, w)
         fn = triton_fwd.edora_fwd_kernel.fn
     elif kernel.startswith("dx"):
         args = triton_bwd.dx_args(e(M, N), saved.g, e(N, K), e(M, R), e(R, K, d=adapter), e(M, K))
@@ -213,6 +223,22 @@ def _jobs(arch: int):
         yield "forward:mixed", "bfloat16", 16, config
     for config in triton_configs.EPILOGUE_CONFIGS:
         yield "epilogue:mixed", "bfloat16", 16, config
+    if arch == triton_configs.TMA_ARCH:
+        yield from _tma_jobs(arch)
+
+
+def _tma_jobs(arch: int):
+    """The forward's TMA path: every candidate it may run with, per dtype and variant."""
+    import torch
+
+    for dtype in DTYPES:
+        elt = torch.empty(0, dtype=_torch_dtype(dtype)).element_size()
+        for config in triton_configs.gemm_candidates(arch, elt, tma=True):
+            yield "forward:tma", dtype, 16, config
+    yield "forward:tma-eval", "bfloat16", 128, triton_configs.gemm_candidates(arch, 2,
+                                                                              tma=True)[0]
+    for config in triton_configs.gemm_candidates(arch, 2, gathered_g=True, tma=True):
+        yield "forward:tma-mixed", "bfloat16", 16, config
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -254,7 +280,7 @@ def _compile_all(arch: int) -> list[dict]:
             num_stages=config.num_stages, regs=usage["REG"], stack=usage["STACK"],
             local=usage["LOCAL"], static_shared=usage["SHARED"],
             dynamic_shared=compiled.metadata.shared,
-            wgmma="wgmma.mma_async" in ptx, cp_async="cp.async" in ptx,
+            wgmma="wgmma.mma_async" in ptx, cp_async=AMPERE_ASYNC_COPY.search(ptx) is not None,
             tma="cp.async.bulk.tensor" in ptx,
         ))
     return rows
@@ -265,15 +291,17 @@ def _compile_all(arch: int) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 def _print_table(rows):
-    header = (f"{'arch':>4} {'kernel':<15} {'dtype':<12} {'r_pad':>5} {'tile':>12} {'w':>2} "
-              f"{'s':>2} {'regs':>4} {'spill':>5} {'shared':>7} {'wgmma':>5} {'async':>5}")
+    header = (f"{'arch':>4} {'kernel':<17} {'dtype':<12} {'r_pad':>5} {'tile':>12} {'w':>2} "
+              f"{'s':>2} {'regs':>4} {'spill':>5} {'shared':>7} {'wgmma':>5} {'async':>5} "
+              f"{'tma':>3}")
     print("\n" + header)
+    yes = lambda flag: "yes" if flag else "no"  # noqa: E731
     for r in rows:
         tile = f"{r['block_m']}x{r['block_n']}x{r['block_k']}"
-        print(f"{r['arch']:>4} {r['kernel']:<15} {r['dtype']:<12} {r['r_pad']:>5} {tile:>12} "
+        print(f"{r['arch']:>4} {r['kernel']:<17} {r['dtype']:<12} {r['r_pad']:>5} {tile:>12} "
               f"{r['num_warps']:>2} {r['num_stages']:>2} {r['regs']:>4} "
               f"{r['stack'] + r['local']:>5} {r['static_shared'] + r['dynamic_shared']:>7} "
-              f"{'yes' if r['wgmma'] else 'no':>5} {'yes' if r['cp_async'] else 'no':>5}")
+              f"{yes(r['wgmma']):>5} {yes(r['cp_async']):>5} {yes(r['tma']):>3}")
 
 
 @pytest.fixture(scope="module")
@@ -331,11 +359,49 @@ def test_no_spills_and_shared_memory_fits(aot_rows, arch, kernel):
 @pytest.mark.parametrize("kernel", GEMM_KERNELS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gemm_kernels_pipeline_and_use_wgmma_on_hopper(aot_rows, arch, kernel, dtype):
+    """The pointer loads of the main loop are pipelined as asynchronous copies (cp.async, on
+    sm_80 and on sm_90's pointer path alike) whenever num_stages ≥ 2."""
     for r in _select(aot_rows, arch, kernel, dtype):
         if r["num_stages"] > 1:
-            assert r["cp_async"] or r["tma"], f"{_label(r)} is not pipelined"
+            assert r["cp_async"], f"{_label(r)} is not pipelined with cp.async"
         if arch == 90:
             assert r["wgmma"], f"{_label(r)} does not use wgmma"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tma_forward_on_hopper(aot_rows, dtype):
+    """The forward's TMA path compiles for sm_90 with every candidate it may pick: TMA loads,
+    wgmma, no spills, shared memory within the limit."""
+    rows = _select(aot_rows, 90, "forward:tma", dtype)
+    if dtype == "bfloat16":
+        rows += [r for v in TMA[1:] for r in _select(aot_rows, 90, v, dtype)]
+    elt = 4 if dtype == "float32" else 2
+    tiles = {(r["block_m"], r["block_n"], r["block_k"], r["num_warps"], r["num_stages"])
+             for r in rows if r["kernel"] == "forward:tma"}
+    assert tiles == {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                      c.num_stages) for c in triton_configs.gemm_candidates(90, elt, tma=True)}
+    for r in rows:
+        assert r["tma"] and r["wgmma"], f"{_label(r)}: tma={r['tma']} wgmma={r['wgmma']}"
+        assert r["stack"] == 0 and r["local"] == 0, f"{_label(r)} spills: {r}"
+        shared = r["static_shared"] + r["dynamic_shared"]
+        assert shared <= triton_configs.SMEM_LIMIT[90], f"{_label(r)} needs {shared} B"
+
+
+def test_unaligned_problems_keep_the_pointer_path():
+    """On sm_90 the chooser gives the aligned problem TMA and the unaligned one (in = 4095)
+    the pointer loads, whose compiles the checks above cover."""
+    first = triton_configs.gemm_candidates(90, 2)[0]
+    _, aligned = _problem_args("forward:tma", "bfloat16", 16, first)
+    _, unaligned = _problem_args("forward:unaligned", "bfloat16", 16, first)
+    assert aligned["TMA"]
+    assert not _tma_chosen(unaligned["x_ptr"], unaligned["w_ptr"])
+
+
+def _tma_chosen(x, w) -> bool:
+    """The chooser's answer for these operands on Hopper with the TMA path switched on (the
+    tensors are on the CPU)."""
+    with mock.patch.dict(os.environ, {triton_configs.TMA_ENV: "1"}):
+        return triton_configs.tma_operands(triton_configs.TMA_ARCH, x, w)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -346,7 +412,8 @@ def test_variants_compile_without_spills(aot_rows, arch):
             # Rows of 4095 bf16 elements cannot be copied asynchronously (cp.async needs at
             # least 4-byte aligned sources): those loads are synchronous by necessity.
             if variant.split(":")[0] in GEMM_KERNELS and variant != "forward:unaligned":
-                assert r["cp_async"] or r["tma"], f"{_label(r)} is not pipelined"
+                assert r["cp_async"], f"{_label(r)} is not pipelined with cp.async"
+            assert not r["tma"], f"{_label(r)} is on the pointer path but uses TMA"
 
 
 def test_every_candidate_config_compiled(aot_rows, aot_csv):

@@ -16,6 +16,9 @@ from helpers import (
 from edora_kernels import EDoRALinear, edora_linear
 from edora_kernels.backends.triton import configs as triton_configs
 from edora_kernels.backends.triton import epilogue_only as triton_epilogue
+from edora_kernels.backends.triton import fwd as triton_fwd
+from edora_kernels.backends.triton import mixed as triton_mixed
+from edora_kernels.backends.triton.launch import launch
 from edora_kernels.norm import compute_norm_terms
 from edora_kernels.reference import edora_linear_reference
 from edora_kernels.testing import make_case
@@ -41,6 +44,63 @@ def test_bf16_odd_token_counts(n):
     """Decode (one token) and token counts that leave partial row tiles."""
     case = make_case(n, 4096, 4096, 16, BF16, DEVICE, seed=n)
     check_backend(case, "triton", BF16, f"bf16 N={n}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The forward's TMA path: sm_90 only
+# ------------------------------------------------------------------------------------------------
+
+def _on_hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+requires_hopper = pytest.mark.skipif(not _on_hopper(), reason="the TMA path runs on sm_90")
+
+
+@pytest.fixture
+def forward_launches(monkeypatch):
+    """The TMA flag of each forward GEMM launch (training and serving), with the TMA path
+    switched on."""
+    monkeypatch.setenv(triton_configs.TMA_ENV, "1")
+    launches = []
+
+    def record(kernel, grid, **args):
+        launches.append(args["TMA"])
+        launch(kernel, grid, **args)
+
+    monkeypatch.setattr(triton_fwd, "launch", record)
+    monkeypatch.setattr(triton_mixed, "launch", record)
+    return launches
+
+
+@requires_hopper
+@pytest.mark.parametrize("dtype", [BF16, torch.float16])
+@pytest.mark.parametrize("n,in_f,out_f,rank", [
+    (4096, 4096, 4096, 16),
+    (1, 4096, 4096, 64),      # decode: fewer tiles than SMs
+    (77, 4096, 11008, 3),     # partial row tile
+    (2048, 4104, 4093, 1),    # in a multiple of 8 but of no block, out odd
+])
+def test_tma_forward_on_hopper(forward_launches, dtype, n, in_f, out_f, rank):
+    case = make_case(n, in_f, out_f, rank, dtype, DEVICE, seed=rank + n)
+    check_backend(case, "triton", dtype, f"TMA {dtype} N={n} {in_f}x{out_f} r={rank}")
+    assert forward_launches == [True]
+
+
+@requires_hopper
+def test_tma_forward_fp32_adapters_and_zero_magnitudes(forward_launches):
+    case = make_case(2048, 4096, 4096, 16, BF16, DEVICE, adapter_dtype=torch.float32, seed=23)
+    case.magnitude[[0, 300, 4095]] = 0.0
+    check_backend(case, "triton", BF16, "TMA, fp32 adapters, zero magnitudes")
+    assert forward_launches == [True]
+
+
+@requires_hopper
+def test_unaligned_rows_keep_the_pointer_path_on_hopper(forward_launches):
+    """in = 4095: x's and W0's rows are not 16-byte multiples, TMA cannot read them."""
+    case = make_case(512, 4095, 4096, 16, BF16, DEVICE, seed=29)
+    check_backend(case, "triton", BF16, "pointer path, in = 4095")
+    assert forward_launches == [False]
 
 
 def test_fp16_and_fp32_adapters():
@@ -145,7 +205,7 @@ def test_training_step_captures_in_a_cuda_graph():
         assert torch.equal(got, want), f"{name} differs after a graph replay"
 
 
-def test_mixed_adapter_batch_served_by_the_fused_forward():
+def test_mixed_adapter_batch_served_by_the_fused_forward(forward_launches):
     """A batch mixing 8 adapters and base rows, bf16 at a real size: the Triton serve path (one
     GEMM launch, g per token from a table) against the composed path in fp32 and the float64
     reference row by row."""
@@ -166,6 +226,7 @@ def test_mixed_adapter_batch_served_by_the_fused_forward():
         layer.backend = "torch"
         composed = layer(x)
     layer.row_adapters = None
+    assert forward_launches == [_on_hopper()]  # TMA on Hopper, G_ROWS and all
     assert_close(served, composed.double(), BF16, "served vs composed")
     w0, b = layer.base_weight().double(), layer.bias.double()
     for i, index in enumerate(rows.tolist()):

@@ -1,6 +1,6 @@
-"""@triton.jit helpers shared by the kernels: tile ordering, the GEMM main loop, the rank-r
-epilogue product, the output store (scale, shift and the zero-magnitude z columns) and
-masked stores."""
+"""@triton.jit helpers shared by the kernels: tile ordering, the GEMM main loop (pointer loads, or
+TMA on Hopper), the rank-r epilogue product, the output store (scale, shift and the
+zero-magnitude z columns) and masked stores."""
 import triton
 import triton.language as tl
 
@@ -19,10 +19,9 @@ RANK_CHUNK = tl.constexpr(16)
 
 
 @triton.jit
-def tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of this program in grouped order: GROUP_M row blocks sweep the columns
+def tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of tile ``pid`` in grouped order: GROUP_M row blocks sweep the columns
     together, so their rows and the weight columns they share are read from L2, not DRAM."""
-    pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pids_per_group = GROUP_M * num_pid_n
@@ -67,6 +66,20 @@ def mainloop(
         acc = tl.dot(lhs, rhs, acc, input_precision=INPUT_PRECISION)
         lhs_ptrs += BLOCK_K * stride_lk
         rhs_ptrs += BLOCK_K * stride_rk
+    return acc
+
+
+@triton.jit
+def mainloop_tma(lhs_desc, rhs_desc, row0, col0, K, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``mainloop`` on Hopper for the forward's operands: ``lhs·rhsᵀ`` over K in fp32, both
+    read by TMA from descriptors of rows × K (x) and cols × K (W0) in one dtype. TMA fills
+    boxes past the edges with zeros, so nothing is masked."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        lhs = lhs_desc.load([row0, k0])
+        rhs = rhs_desc.load([col0, k0])
+        acc = tl.dot(lhs, rhs.T, acc, input_precision=INPUT_PRECISION)
     return acc
 
 

@@ -103,6 +103,10 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # operand fragments in registers as well, twice as many for TF32 (32-bit) operands; wgmma reads
 # them from shared memory.
 ACC_REG_BUDGET = {(80, 2): 88, (80, 4): 76, (90, 2): 136, (90, 4): 136}
+# The forward's TMA path (sm_90): its persistent loop keeps 60–110 more registers a thread
+# live than one tile per program (the epilogue's offsets and masks are hoisted out of the tile
+# loop), and the 128×256 tile (128 accumulator registers) spilled 8 B under triton 3.6.
+TMA_ACC_REG_BUDGET = 64
 
 
 def gemm_configs(arch: int) -> list:
@@ -127,14 +131,15 @@ def gemm_acc_regs(config) -> float:
 
 
 def gemm_candidates(arch: int, elt_size: int, smem_limit: int | None = None,
-                    aligned: bool = True, gathered_g: bool = False) -> list:
+                    aligned: bool = True, gathered_g: bool = False, tma: bool = False) -> list:
     """Every config the autotuner may pick on ``arch`` for this dtype size. The rank does not
     enter: it streams through the epilogue in 16-wide chunks. ``aligned=False``: sizes or row
     strides not divisible by 16, where loads are scalar and masked; measured ahead of time, only
     the 64×128×32, 8-warp tile then stays clear of spills under triton 3.6 and 3.8 (in = 4095:
     128×128×32 spilled 160 B on sm_90, BLOCK_K = 64 tiles up to 912 B). ``gathered_g``: a batch
     mixing adapters, whose epilogue holds a tile of g beside the accumulator: half the
-    accumulator budget (128×256 on sm_90 spilled 168 B).
+    accumulator budget (128×256 on sm_90 spilled 168 B). ``tma``: the forward's TMA path,
+    within TMA_ACC_REG_BUDGET.
 
     The shape-independent part of the prune filter: shared memory within the chip's limit and
     the accumulator within the register budget. Never empty: the config needing the least
@@ -148,6 +153,8 @@ def gemm_candidates(arch: int, elt_size: int, smem_limit: int | None = None,
         return gemm_smem_bytes(c, arch, elt_size)
 
     budget = ACC_REG_BUDGET[family, elt_size] / (2 if gathered_g else 1)
+    if tma:
+        budget = min(budget, TMA_ACC_REG_BUDGET)
     kept = [c for c in configs
             if smem(c) <= limit and gemm_acc_regs(c) <= budget
             and (aligned or _unaligned_tile(c))]
@@ -173,9 +180,40 @@ def fit_to_problem(configs: list, m_bucket: int, n: int) -> list:
 
 
 def device_arch_and_smem(t: torch.Tensor) -> tuple[int, int]:
-    major, minor = torch.cuda.get_device_capability(t.device)
     props = triton.runtime.driver.active.utils.get_device_properties(t.device.index or 0)
-    return major * 10 + minor, props["max_shared_mem"]
+    return device_arch(t), props["max_shared_mem"]
+
+
+def device_arch(t: torch.Tensor) -> int:
+    """Compute capability of t's device (major·10 + minor); 0 off CUDA (the interpreter)."""
+    if t.device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return major * 10 + minor
+
+
+# What TMA copies for the forward GEMM: one of these dtypes, on Hopper. Blackwell has TMA too,
+# but the sm_90 configs and their ahead-of-time checks are all that back this path.
+TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TMA_ARCH = 90
+# The TMA path is opt-in until a GPU shows it beats the pointer loads: it is proved in the
+# interpreter and compiled ahead of time, never timed (bench/gpu_check.sh times both).
+TMA_ENV = "EDORA_TRITON_TMA"
+
+
+def tma_operands(arch: int, *operands: torch.Tensor) -> bool:
+    """Whether the forward GEMM reads its operands (x and W0, each rows × K) through TMA
+    descriptors with a persistent grid: with ``EDORA_TRITON_TMA=1``, on sm_90, one dtype TMA
+    copies, and TMA's layout rules for every operand — unit stride along K, the row stride and
+    the base address 16-byte aligned, no empty dimension. Anything else keeps the pointer
+    loads."""
+    if os.environ.get(TMA_ENV) != "1":
+        return False
+    if arch != TMA_ARCH or len({t.dtype for t in operands}) != 1:
+        return False
+    return operands[0].dtype in TMA_DTYPES and all(
+        t.numel() > 0 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0 for t in operands)
 
 
 def _main_operands_aligned(args) -> bool:
@@ -200,7 +238,8 @@ def prune_gemm(configs, named_args, **kwargs):
     arch, smem = device_arch_and_smem(args["w_ptr"])
     allowed = gemm_candidates(arch, args["w_ptr"].element_size(), smem,
                               aligned=_main_operands_aligned(args),
-                              gathered_g=bool(args.get("G_ROWS", False)))
+                              gathered_g=bool(args.get("G_ROWS", False)),
+                              tma=bool(args.get("TMA", False)))
     kept = fit_to_problem([c for c in configs if any(c is a for a in allowed)],
                           args["M_BUCKET"], args["N"])
     return kept[:1] if fixed_config() else kept
@@ -281,3 +320,16 @@ def row_block(M: int, device: torch.device) -> int:
 def tiles_grid(M, N):
     return lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
+
+# Programs of a persistent launch off CUDA (the interpreter): few, and not dividing the tile
+# counts of the tests, so programs loop over several tiles and some over fewer.
+INTERPRET_PROGRAMS = 3
+
+
+def persistent_grid(M, N, device: torch.device):
+    """A program per SM of ``device`` (no more than there are tiles); each loops over every
+    programs-th tile."""
+    programs = (torch.cuda.get_device_properties(device).multi_processor_count
+                if device.type == "cuda" else INTERPRET_PROGRAMS)
+    tiles = tiles_grid(M, N)
+    return lambda meta: (min(programs, tiles(meta)[0]),)

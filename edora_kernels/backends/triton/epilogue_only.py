@@ -50,7 +50,7 @@ def edora_epilogue_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # --- this program's tile
-    pid_m, pid_n = tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     row0 = (pid_m * BLOCK_M).to(tl.int64)
     col0 = (pid_n * BLOCK_N).to(tl.int64)
     rows = M - row0

@@ -7,7 +7,7 @@ import torch
 
 from .configs import tiles_grid
 from .epilogue_only import edora_epilogue_kernel, epilogue_args
-from .fwd import edora_fwd_kernel, fwd_args
+from .fwd import edora_fwd_kernel, fwd_args, fwd_grid
 from .launch import launch
 
 
@@ -17,9 +17,8 @@ def mixed_forward(x, weight, bias, t, sB, g_table, g_rows) -> torch.Tensor:
     M, N = x.shape[0], weight.shape[0]
     y = x.new_empty(M, N)
     if M > 0:
-        launch(edora_fwd_kernel, tiles_grid(M, N),
-               **fwd_args(x, weight, bias, t, sB, g_table, None, y, x.new_empty(M, 0),
-                          g_rows=g_rows))
+        args = fwd_args(x, weight, bias, t, sB, g_table, None, y, x.new_empty(M, 0), g_rows)
+        launch(edora_fwd_kernel, fwd_grid(args), **args)
     return y
 
 
