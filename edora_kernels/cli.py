@@ -189,8 +189,7 @@ def _check_bench(args: argparse.Namespace) -> None:
                     f"the --init case's {smallest // shrink}-wide matrices")
     args.init_device = args.init_device or default_init_device(case)
     if args.init_device.type == "cuda" and not torch.cuda.is_available():
-        args.error("CUDA is not available here; pass --init-device cpu (with --init-shrink for "
-                   "--init-llama7b)")
+        args.error("CUDA is not available here; pass --init-device cpu")
 
 
 def _check_rank(args: argparse.Namespace, rank: int, upper: int, of: str) -> None:
@@ -543,13 +542,15 @@ def _add_bench(sub) -> None:
         "apply too. Results go to <out>/bench_<device>.csv and <out>/init_<device>_<time>.json.")
     case = init.add_mutually_exclusive_group()
     case.add_argument("--init-llama7b", action="store_true",
-                      help="instead: the 224 LLaMA-7B matrices through apply_edora (default "
-                           "device cuda)")
+                      help="instead: the 224 LLaMA-7B matrices (bf16); on CUDA through "
+                           "apply_edora, on the CPU streamed a group at a time with its peak "
+                           "memory, against scikit-learn (default device: cuda if available)")
     case.add_argument("--init-orth", action="store_true",
                       help="instead: the orthonormalisation choices (Householder QR against "
                            "Cholesky-QR variants) on the sketches of the RoBERTa-base case")
     init.add_argument("--init-device", type=_one(_device, "cpu, cuda or cuda:N"),
-                      help="cpu, cuda or cuda:N (default: cpu; cuda with --init-llama7b)")
+                      help="cpu, cuda or cuda:N (default: cpu; with --init-llama7b cuda when "
+                           "available)")
     init.add_argument("--init-shrink", type=_one(_int_at_least(1), "an integer >= 1"),
                       help="--init-llama7b: divide every dimension by this, for smoke tests "
                            "(default: 1)")

@@ -16,10 +16,10 @@
 from __future__ import annotations
 
 import heapq
+import io
 import json
 import os
 import re
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import bases
+from .bench.io import write_atomically
 from .checks import check_rank
 from .svd import randomized_svd
 
@@ -159,12 +160,12 @@ class RankAdvice:
         ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
 
-        def save(f):
-            fig.savefig(f, format="png", dpi=110)
+        png = io.BytesIO()
         try:
-            return _write_atomic(path, save, binary=True)
+            fig.savefig(png, format="png", dpi=110)
         finally:
             plt.close(fig)
+        return write_atomically(path, png.getvalue())
 
 
 def _by_group(curves: list[LayerCurve]) -> dict[str, list[LayerCurve]]:
@@ -175,23 +176,7 @@ def _by_group(curves: list[LayerCurve]) -> dict[str, list[LayerCurve]]:
 
 
 def _write_json(path, payload) -> Path:
-    return _write_atomic(path, lambda f: f.write(json.dumps(payload, indent=1) + "\n"))
-
-
-def _write_atomic(path, write: Callable, binary: bool = False) -> Path:
-    """Write through a temporary file in the same folder, then rename: a Ctrl-C or a failure
-    leaves the old file (or none), never half of a new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
-    return path
+    return write_atomically(path, (json.dumps(payload, indent=1) + "\n").encode())
 
 
 # --- choosing ranks ---------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Initialisation of the frozen factors A and B from the base weight (docs/DESIGN.md §1, §6).
 
 With the rank-r truncated SVD ``W0 ≈ U_r Σ_r V_rᵀ``: ``B = U_r`` and ``A = U_rᵀ W0`` (computed as
-the product, so A is exact even when U_r is approximate); ``split="sqrt"`` gives
+the product — for m ≤ n from the products randomized_svd made — so A is exact even when U_r is
+approximate); ``split="sqrt"`` gives
 ``B = U_r √Σ_r``, ``A = √Σ_r V_rᵀ`` instead. Everything here accepts a batch ``(*, m, n)`` and
 computes in fp32 (fp64 for fp64 input).
 
@@ -31,6 +32,7 @@ import torch
 
 from .checks import check_init, check_rank, check_split
 from .norm import compute_dtype
+from .op_common import cpu_threads_for
 
 # randomized_svd's defaults, chosen by measurement (see the module docstring): five Krylov steps
 # and an oversampling that shrinks with the rank.
@@ -87,7 +89,20 @@ def _generator(device: torch.device, seed: int | None) -> torch.Generator | None
 
 
 def _orthonormalize(Y: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(Y, mode="reduced").Q
+    # Householder QR of a thin block is a chain of level-2 steps of m·b multiply-adds each,
+    # too short to share out, so below SMALL_CPU_WORK it runs on one thread: on 2 CPU cores
+    # (2, 11008, 20) took 2x as long on two threads, 25x while the other core was busy.
+    with cpu_threads_for(Y.shape[-2] * Y.shape[-1]):
+        return torch.linalg.qr(Y, mode="reduced").Q
+
+
+def _times(M: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``M @ Q``; on the CPU, for M the transpose of a contiguous matrix, as ``(Qᵀ Mᵀ)ᵀ``, which
+    reads M's storage in order: 20-35% faster for 4096×4096 and 11008×4096 weights on 2 cores
+    (for a lone 4096×11008 one 20% slower, a batch of them 10% faster)."""
+    if M.device.type == "cpu" and M.mT.is_contiguous() and not M.is_contiguous():
+        return (Q.mT @ M.mT).mT
+    return M @ Q
 
 
 def _orthonormalize_against(Y: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
@@ -173,15 +188,15 @@ def randomized_svd(
                         dtype=Wc.dtype)
     K = Wo.new_empty(Wo.shape[0], short, d)
     X = Wo.new_empty(Wo.shape[0], Wo.shape[-1], d)  # X = Woᵀ K, so that Kᵀ Wo = Xᵀ comes free
-    Y = Wo @ omega
+    Y = _times(Wo, omega)
     _require_finite(Y, W)
     Q = _orthonormalize(Y)
     K[..., :b] = Q
     for i in range(1, n_iter + 1):
-        X[..., (i - 1) * b:i * b] = Xi = Wo.mT @ Q
-        Q = _orthonormalize_against(Wo @ _orthonormalize(Xi), K[..., :i * b])
+        X[..., (i - 1) * b:i * b] = Xi = _times(Wo.mT, Q)
+        Q = _orthonormalize_against(_times(Wo, _orthonormalize(Xi)), K[..., :i * b])
         K[..., i * b:(i + 1) * b] = Q
-    X[..., n_iter * b:] = Wo.mT @ Q
+    X[..., n_iter * b:] = _times(Wo.mT, Q)
     # Rayleigh–Ritz: Kᵀ Wo = Xᵀ = Ub S Vbᵀ, so Wo ≈ (K Ub) S Vbᵀ.
     Ub, S, Vb = _top_svd_of_transpose(X, rank)
     U = K @ Ub
@@ -224,16 +239,22 @@ def edora_factors(
         B = torch.rand(*batch, m, rank, generator=gen, device=Wc.device, dtype=Wc.dtype)
         return (2 * A - 1) / rank**0.5, (2 * B - 1) / m**0.5
     if init == "rsvd":
-        U, S, _ = randomized_svd(Wc, rank, oversample=oversample, n_iter=n_iter, seed=seed)
+        U, S, Vh = randomized_svd(Wc, rank, oversample=oversample, n_iter=n_iter, seed=seed)
+        # For m ≤ n, diag(S)·Vh is Uᵀ W already, from the Wᵀ-products X = Wᵀ K of the Krylov
+        # basis K (U = K Ub and Vhᵀ diag(S) = X Ub): a pass over W saved. For m > n the basis is
+        # on the other side, and Uᵀ W takes the product.
+        UtW = S.unsqueeze(-1) * Vh if m <= n else None
     else:
         U, S, _ = torch.linalg.svd(Wc, full_matrices=False)
-        U, S = U[..., :rank], S[..., :rank]
-    return factors_from_u(Wc, U, S, split)
+        U, S, UtW = U[..., :rank], S[..., :rank], None
+    return factors_from_u(Wc, U, S, split, UtW)
 
 
-def factors_from_u(Wc: torch.Tensor, U: torch.Tensor, S: torch.Tensor, split: str):
-    """A and B from the leading left singular vectors U (``(*, m, r)``) and values S."""
-    A = U.mT @ Wc
+def factors_from_u(Wc: torch.Tensor, U: torch.Tensor, S: torch.Tensor, split: str,
+                   UtW: torch.Tensor | None = None):
+    """A and B from the leading left singular vectors U (``(*, m, r)``) and values S; ``UtW``
+    is ``Uᵀ W`` when known (else it is computed)."""
+    A = U.mT @ Wc if UtW is None else UtW
     if split == "u":
         return A, U
     root = S.clamp_min(0).sqrt()

@@ -2,6 +2,7 @@
 the OpenMP policy on CPU; burst timing on CUDA with fake events), plot (one run), check;
 one-line argument errors, results saved as they are measured, failing providers."""
 import csv
+import functools
 import importlib.util
 import json
 import math
@@ -42,6 +43,14 @@ def no_init_pause(monkeypatch):
     """The init benchmark sleeps before each timed call to let BLAS threads idle: not needed
     to test its output, and most of its time here."""
     monkeypatch.setattr(init_bench, "PAUSE_S", 0.0)
+
+
+@pytest.fixture
+def init_held(monkeypatch):
+    """The LLaMA-7B init case with every weight held, as on a GPU: on the CPU it streams by
+    default (tests/test_init_stream.py)."""
+    run = functools.partial(init_bench.run_init_bench, stream=False)
+    monkeypatch.setattr(init_bench, "run_init_bench", run)
 
 
 def _read_csv(path):
@@ -117,7 +126,7 @@ def test_bench_appends_to_the_csv(tmp_path):
     assert len({r["timestamp"] for r in rows}) == 2
 
 
-def test_bench_init_writes_csv_and_json(tmp_path, no_init_pause):
+def test_bench_init_writes_csv_and_json(tmp_path, no_init_pause, init_held):
     assert main([*INIT_TINY, "--out", str(tmp_path)]) == 0
     (csv_path,) = tmp_path.glob("bench_*.csv")
     (json_path,) = tmp_path.glob("init_*.json")
@@ -160,8 +169,8 @@ def test_bench_init_writes_csv_and_json(tmp_path, no_init_pause):
     (OP_TINY, "edora_linear", "bench_", 2 * (4 + torch.cuda.is_available())),
     (INIT_TINY, "init_svd", "init_", 20),
 ], ids=["op", "init"])
-def test_bench_default_out_dir(tmp_path, monkeypatch, no_init_pause, args, kernel, json_prefix,
-                               n_rows):
+def test_bench_default_out_dir(tmp_path, monkeypatch, no_init_pause, init_held, args, kernel,
+                               json_prefix, n_rows):
     monkeypatch.chdir(tmp_path)
     assert main(args) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["edora-results"]
@@ -192,7 +201,6 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine 
     (["--init", "--ranks", "769"], "--ranks"),
     (["--init", "--init-llama7b", "--init-shrink", "64", "--ranks", "65"], "--ranks"),
     (["--init", "--init-llama7b", "--init-shrink", "5000"], "--init-shrink"),
-    pytest.param(["--init", "--init-llama7b"], "--init-device", marks=NO_CUDA),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bench_init_rejects_bad_flags(tmp_path, monkeypatch, capsys, args, flag):
     monkeypatch.chdir(tmp_path)

@@ -3,6 +3,7 @@ equals the dense formula, the suggestions obey their rule, and the command write
 EDoRAConfig reads, whole or not at all."""
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from helpers import tiny_bert_classifier
 
 from edora_kernels import EDoRAConfig, EDoRALinear, get_edora_model
 from edora_kernels import ranks as ranks_module
+from edora_kernels.bench.io import write_atomically
 from edora_kernels.cli import main
 from edora_kernels.ranks import (
     LayerCurve,
@@ -211,11 +213,13 @@ def test_an_interrupt_leaves_no_file(tmp_path, monkeypatch):
     assert main(["ranks", str(tmp_path / "bert"), "--energy", "0.5", "--out", str(out)]) == 130
     assert list(out.iterdir()) == []
 
-    def broken(f):
-        f.write("{")
+    def torn(path, data):  # part of the bytes reach the disk, then the write fails
+        with open(path, "wb") as f:
+            f.write(data[:1])
         raise OSError("disk full")
+    monkeypatch.setattr(Path, "write_bytes", torn)
     with pytest.raises(OSError, match="disk full"):
-        ranks_module._write_atomic(out / "x.json", broken)
+        write_atomically(out / "x.json", b"{}")
     assert list(out.iterdir()) == []
 
 

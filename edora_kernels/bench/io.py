@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import datetime
 import importlib.metadata
+import io
 import json
 import os
 import platform
@@ -53,20 +54,20 @@ def append_rows(path: str | os.PathLike, rows: list[dict]) -> Path:
     """Append ``rows`` (dicts with exactly ``BENCH_COLUMNS``) to the CSV at ``path``.
 
     Writes the header when the file is new; refuses to append to a file with another header,
-    so that one file never mixes schemas.
+    so that one file never mixes schemas. The file is replaced whole (``write_atomically``).
     """
     path = Path(path)
     for row in rows:
         if set(row) != set(BENCH_COLUMNS):
             raise ValueError(f"row keys {sorted(row)} do not match BENCH_COLUMNS {BENCH_COLUMNS}")
     check_csv(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=BENCH_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    old = path.read_bytes() if path.exists() else b""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=BENCH_COLUMNS)
+    if not old:
+        writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(path, old + text.getvalue().encode())
     return path
 
 
@@ -124,11 +125,23 @@ def read_json_rows(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def write_json(path: str | os.PathLike, payload: dict) -> Path:
+def write_atomically(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, then rename it to ``path``: an
+    interrupt (Ctrl-C, an error) leaves the old file or the new one, never part of either."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)  # gone already unless the write was cut short
     return path
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    """``payload`` as indented JSON, written whole or not at all (``write_atomically``)."""
+    return write_atomically(path, (json.dumps(payload, indent=1, default=str) + "\n").encode())
 
 
 def csv_path(out_dir: str | os.PathLike, device: torch.device | None = None) -> Path:
