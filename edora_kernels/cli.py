@@ -362,8 +362,16 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
-    from .plan import format_plan, plan_step
+    from .plan import format_init_plan, format_plan, plan_init, plan_step
 
+    if args.init_llama7b:
+        from .bench.init import LLAMA_BLOCK, LLAMA_BLOCKS
+
+        shapes: dict[tuple[int, int], int] = {}
+        for shape in LLAMA_BLOCK.values():
+            shapes[shape] = shapes.get(shape, 0) + LLAMA_BLOCKS
+        print(format_init_plan(plan_init(shapes, args.ranks[0], args.dtype, args.device)))
+        return 0
     for rank in args.ranks:
         for in_f, out_f in args.shapes:
             _check_rank(args, rank, min(in_f, out_f), f"--shapes {in_f}x{out_f}")
@@ -610,6 +618,9 @@ def _add_plan(sub) -> None:
     p.add_argument("--exact-norm", action="store_true",
                    help="detach_norm=False: the norm's share of dR (one more small launch)")
     p.add_argument("--json", help="also write the plans to this JSON file")
+    p.add_argument("--init-llama7b", action="store_true",
+                   help="instead: the initialiser's predicted time for the 224 LLaMA-7B "
+                        "matrices (the first of --ranks; --dtype is the model's)")
 
 
 OMP_POLICY = "OMP_WAIT_POLICY"

@@ -14,13 +14,14 @@ from .backends.triton.configs import cdiv
 
 # Dense peak FLOP/s by operand dtype (tensor cores; TF32 for fp32) and HBM bandwidth, from the
 # vendors' data sheets (SXM parts).
+# "fp32_simt": fp32 without TF32 (torch's default for matmul), what the initialiser computes in.
 DEVICES = {
     "h100": {"name": "NVIDIA H100 SXM", "bf16": 989e12, "fp16": 989e12, "fp32": 495e12,
-             "hbm": 3.35e12},
+             "fp32_simt": 67e12, "hbm": 3.35e12},
     "h200": {"name": "NVIDIA H200 SXM", "bf16": 989e12, "fp16": 989e12, "fp32": 495e12,
-             "hbm": 4.8e12},
+             "fp32_simt": 67e12, "hbm": 4.8e12},
     "a100": {"name": "NVIDIA A100 SXM", "bf16": 312e12, "fp16": 312e12, "fp32": 156e12,
-             "hbm": 2.039e12},
+             "fp32_simt": 19.5e12, "hbm": 2.039e12},
 }
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ASSUMPTIONS = {
@@ -35,6 +36,11 @@ ASSUMPTIONS = {
     # that depends on the previous one starts this much after it ends, the host keeping ahead.
     "min_kernel_us": 3.0,
     "gap_us": 1.0,
+    # The initialiser's small dense work on a GPU: a batched thin QR (geqrf + orgqr on blocks
+    # of at most 11008×20) and the Rayleigh–Ritz SVD of the Wᵀ-products (≤ 4096×120 a matrix)
+    # are chains of many small kernels, taken at a fixed cost per call (not yet measured).
+    "thin_qr_us": 150.0,
+    "small_svd_us": 3000.0,
 }
 BACKENDS = ("triton", "cuda")
 
@@ -205,4 +211,84 @@ def format_plan(plan: Plan) -> str:
                  f"{frozen * 1e6:.1f} us")
     lines.append(f"  predicted: forward {plan.forward_ratio:.3f}x frozen, forward+backward "
                  f"{plan.step_ratio:.3f}x frozen, {len(plan.launches)} launches")
+    return "\n".join(lines)
+
+
+# --- the initialiser ---------------------------------------------------------------------------
+
+
+@dataclass
+class InitChunk:
+    shape: tuple[int, int]   # (out, in)
+    matrices: int
+    bytes: float
+    flops: float
+    small_calls: int         # thin QRs; plus one small SVD
+    seconds: float = 0.0
+
+
+@dataclass
+class InitPlan:
+    device: str
+    dtype: str
+    rank: int
+    chunks: list[InitChunk] = field(default_factory=list)
+
+    @property
+    def matrices(self) -> int:
+        return sum(c.matrices for c in self.chunks)
+
+    @property
+    def seconds(self) -> float:
+        return sum(c.seconds for c in self.chunks)
+
+
+def plan_init(shapes: dict[tuple[int, int], int], rank: int = 16, dtype: str = "bf16",
+              device: str = "h100", assumptions: dict | None = None) -> InitPlan:
+    """The batched initialiser (``apply_edora``'s chunks of ``model.chunk_factors``) on
+    ``shapes`` ((out, in) → how many matrices) on a GPU: each chunk stacks its weights in fp32,
+    makes ``2·n_iter + 2`` skinny products over them (2·b flops per 4-byte element, b = r +
+    oversample: memory-bound), one more for A where out > in (for out ≤ in A comes from the
+    Rayleigh–Ritz step), ``1 + 2·n_iter`` thin QRs and one small SVD."""
+    import torch
+
+    from .model import DEFAULT_MEMORY_BUDGET, _bytes_per_matrix
+    from .svd import DEFAULT_N_ITER, default_oversample
+
+    a = {**ASSUMPTIONS, **(assumptions or {})}
+    dev, element = DEVICES[device], ELEMENT_BYTES[dtype]
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    b, passes = rank + default_oversample(rank), 2 * DEFAULT_N_ITER + 2
+    plan = InitPlan(device, dtype, rank)
+    for (out_f, in_f), count in shapes.items():
+        per_chunk = max(1, DEFAULT_MEMORY_BUDGET // _bytes_per_matrix(out_f, in_f, rank,
+                                                                      torch_dtype, "rsvd"))
+        for start in range(0, count, per_chunk):
+            k = min(per_chunk, count - start)
+            size = k * out_f * in_f
+            reads = passes + (1 if out_f > in_f else 0)
+            chunk = InitChunk((out_f, in_f), k, bytes=size * (element + 4 + 4 * reads),
+                              flops=2.0 * size * b * reads, small_calls=1 + 2 * DEFAULT_N_ITER)
+            streaming = max(chunk.bytes / (dev["hbm"] * a["memory_efficiency"]),
+                            chunk.flops / dev["fp32_simt"])
+            chunk.seconds = (streaming + chunk.small_calls * a["thin_qr_us"] * 1e-6
+                             + a["small_svd_us"] * 1e-6)
+            plan.chunks.append(chunk)
+    return plan
+
+
+def format_init_plan(plan: InitPlan) -> str:
+    dev = DEVICES[plan.device]
+    lines = [f"initialiser on {dev['name']}, {plan.dtype} model, r={plan.rank}: "
+             f"{plan.matrices} matrices in {len(plan.chunks)} batched chunks",
+             f"  {'out x in':>12} {'matrices':>8} {'chunks':>6} {'GB moved':>9} {'s':>8}"]
+    by_shape: dict[tuple[int, int], list[InitChunk]] = {}
+    for chunk in plan.chunks:
+        by_shape.setdefault(chunk.shape, []).append(chunk)
+    for (out_f, in_f), chunks in by_shape.items():
+        lines.append(f"  {f'{out_f}x{in_f}':>12} {sum(c.matrices for c in chunks):>8} "
+                     f"{len(chunks):>6} {sum(c.bytes for c in chunks) / 1e9:9.1f} "
+                     f"{sum(c.seconds for c in chunks):8.3f}")
+    lines.append(f"  predicted: {plan.seconds:.2f} s, {plan.matrices / plan.seconds:.0f} "
+                 "matrices/s (a model, not a measurement: bench --init --init-llama7b measures)")
     return "\n".join(lines)

@@ -80,3 +80,38 @@ def test_cli_plan(tmp_path, capsys):
         main(["plan", "--shapes", "16x16", "--ranks", "32"])
     assert info.value.code == 2
     assert "rank 32 exceeds" in capsys.readouterr().err
+
+
+def test_the_init_plan_has_the_chunks_apply_edora_makes(monkeypatch):
+    """The initialiser's plan batches the 224 LLaMA-7B matrices as apply_edora does (counted on
+    meta weights: no memory), and each chunk streams its weights the passes randomized_svd
+    makes, one more where A needs its own product (out > in)."""
+    from edora_kernels import apply_edora
+    from edora_kernels import model as model_module
+    from edora_kernels.bench.init import LLAMA_BLOCK, LLAMA_BLOCKS, frozen_linear, llama_container
+    from edora_kernels.plan import ASSUMPTIONS, plan_init
+    from edora_kernels.svd import DEFAULT_N_ITER
+
+    calls = []
+    original = model_module.chunk_factors
+
+    def counted(modules, rank, **kwargs):
+        calls.append((tuple(modules[0].weight.shape), len(modules)))
+        return original(modules, rank, **kwargs)
+
+    monkeypatch.setattr(model_module, "chunk_factors", counted)
+    blocks = [{name: frozen_linear(torch.empty(shape, dtype=torch.bfloat16, device="meta"))
+               for name, shape in LLAMA_BLOCK.items()} for _ in range(LLAMA_BLOCKS)]
+    apply_edora(llama_container(blocks), list(LLAMA_BLOCK), 16, progress=False)
+    shapes = {}
+    for shape in LLAMA_BLOCK.values():
+        shapes[shape] = shapes.get(shape, 0) + LLAMA_BLOCKS
+    plan = plan_init(shapes, 16, "bf16", "h100")
+    assert sorted(calls) == sorted((c.shape, c.matrices) for c in plan.chunks)
+    assert plan.matrices == 224
+    for chunk in plan.chunks:
+        out_f, in_f = chunk.shape
+        reads = 2 * DEFAULT_N_ITER + 2 + (out_f > in_f)
+        assert chunk.bytes == chunk.matrices * out_f * in_f * (2 + 4 + 4 * reads)
+        floor = chunk.bytes / (DEVICES["h100"]["hbm"] * ASSUMPTIONS["memory_efficiency"])
+        assert chunk.seconds > floor
