@@ -46,7 +46,7 @@ from .distributed import copy_whole, main_process, whole
 from .export import merge_and_unload, unload
 from .install import install, positions
 from .integrations.peft import target_names
-from .layer import DEFAULT_ADAPTER, check_adapter_name
+from .layer import DEFAULT_ADAPTER, EDoRALinear, check_adapter_name
 from .mixed import row_indices
 from .model import apply_edora
 
@@ -190,7 +190,8 @@ class EDoRAModel(nn.Module):
         inputs = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
         batch = inputs[0].shape[0] if inputs and inputs[0].dim() else len(adapter_names)
         rows = row_indices(adapter_names, self.adapter_names(), batch)
-        modules = [*edora_layers(self.base_model).values(), *self.heads().values()]
+        modules = [m for m in self.base_model.modules()
+                   if isinstance(m, (EDoRALinear, TrainedHead))]
         for module in modules:
             module.row_adapters = rows
         try:

@@ -323,10 +323,9 @@ class EDoRALinear(nn.Module):
         if not present:  # the base model's rows only
             return base(x)
         used = [names[i] for i in present]
-        weights = [self.adapter_weights(name) for name in used]
-        Rs = torch.stack([R for R, _ in weights])
-        ms = torch.stack([m for _, m in weights])
-        norms = self._adapter_norms(used, Rs)
+        cores, magnitudes = zip(*map(self.adapter_weights, used))
+        Rs, ms = torch.stack(cores), torch.stack(magnitudes)
+        norms = self._adapter_norms(used, cores, Rs)
         if dropout == 0.0 and self._serves_on_triton(x, Rs, ms):
             return serve_mixed(x, None if self.kind.dense else base(x),
                                self._w0() if self.kind.dense else None, self.bias, self.A,
@@ -348,10 +347,11 @@ class EDoRALinear(nn.Module):
 
         return not use_torch_path(x.dtype, self.rank)
 
-    def _adapter_norms(self, names: list[str], Rs: torch.Tensor) -> torch.Tensor:
-        """‖W0 + s·B R_a A‖ per row for the adapters ``names`` (K×out, float64). Detached norms
-        (``detach_norm``) are kept per adapter while its R and the norm terms stay the same: a
-        served adapter's norm is computed once, a trained one's once per step."""
+    def _adapter_norms(self, names: list[str], cores, Rs: torch.Tensor) -> torch.Tensor:
+        """‖W0 + s·B R_a A‖ per row for the adapters ``names`` (K×out, float64), whose R are
+        ``cores`` (stacked: ``Rs``). Detached norms (``detach_norm``) are kept per adapter while
+        its R and the norm terms stay the same: a served adapter's norm is computed once, a
+        trained one's once per step."""
         terms = self.norm_terms()
         if terms is None:  # under torch.compile
             terms = compute_norm_terms(self.base_weight(), self.A)
@@ -362,12 +362,12 @@ class EDoRALinear(nn.Module):
         cache = self._norm_rows
         stale = [i for i, name in enumerate(names)
                  if name not in cache or cache[name][1] is not terms
-                 or not _same(cache[name][0], self.adapter_weights(name)[0])]
+                 or not _same(cache[name][0], cores[i])]
         if stale:
             with torch.no_grad():
                 fresh = row_norm(terms, B @ Rs[stale].to(TERMS_DTYPE), self.scaling)
             for i, n in zip(stale, fresh):
-                cache[names[i]] = (_stamp(self.adapter_weights(names[i])[0]), terms, n)
+                cache[names[i]] = (_stamp(cores[i]), terms, n)
         return torch.stack([cache[name][2] for name in names])
 
     # --- norm terms -----------------------------------------------------------------------------
