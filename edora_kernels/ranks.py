@@ -369,8 +369,10 @@ def gradient_share(model: nn.Module, batches: Iterable, loss_fn: Callable | None
               for name in names}
     loss_fn = loss_fn or (lambda m, batch: m(**batch).loss)
     handles = [h for probe in probes.values() for h in probe.attach()]
+    seen = 0
     try:
         for batch in tqdm(batches, desc="gradient share", unit="batch", disable=not progress):
+            seen += 1
             with torch.enable_grad():
                 loss = loss_fn(model, batch)
                 if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
@@ -389,6 +391,8 @@ def gradient_share(model: nn.Module, batches: Iterable, loss_fn: Callable | None
     finally:
         for h in handles:
             h.remove()
+    if not seen:
+        raise ValueError("batches is empty: give at least one batch")
     return [LayerCurve(name, *probe.features, probe.shares()) for name, probe in probes.items()]
 
 
@@ -438,7 +442,7 @@ class _GradientProbe:
     def shares(self) -> list[float]:
         if self.total == 0:
             raise ValueError(f"layer {self.name!r}: no gradient reached its output in any batch "
-                             "(does the loss use it?)")
+                             "(does the loss use it? leave it out with exclude_modules)")
         return (self.projected / self.total).clamp(max=1.0).tolist()
 
 

@@ -138,11 +138,18 @@ def test_gradient_norm_without_the_product_both_ways():
                                    (gy.double().T @ x.double()).pow(2).sum(), rtol=1e-12, atol=0)
 
 
-def test_gradient_share_refuses_a_loss_that_is_not_a_scalar():
+def test_gradient_share_refuses_bad_input_by_name():
     model = tiny_bert_classifier()
     with pytest.raises(ValueError, match="one-element tensor"):
         gradient_share(model, [{"input_ids": torch.tensor([[1, 2]])}],
                        lambda m, b: m(**b).logits, target_modules=["query"], progress=False)
+    with pytest.raises(ValueError, match="batches is empty"):
+        gradient_share(model, [], target_modules=["query"], progress=False)
+    with pytest.raises(ValueError, match="layer 'classifier': no gradient reached"):
+        gradient_share(model, [{"input_ids": torch.tensor([[1, 2]])}],
+                       lambda m, b: m.bert(**b).last_hidden_state.pow(2).sum(),
+                       target_modules=["query", "classifier"], progress=False)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def curve(name, share, out=10):
