@@ -139,6 +139,9 @@ def run_trainer(out: str, resume: str | None, max_steps: int) -> None:
     if trainer.args.process_index == 0:
         torch.save({"state": trainable(model), "world": trainer.args.world_size,
                     "steps": trainer.state.global_step}, os.path.join(out, "final.pt"))
+    if dist.is_initialized():  # Trainer leaves its process group open: close it before exit
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main() -> None:
