@@ -268,12 +268,10 @@ def weight_energy(source: nn.Module | str | os.PathLike, target_modules="all-lin
 
 def _energy(W: torch.Tensor, max_rank: int) -> list[float]:
     """Σ_{i≤r} σ_i² / ‖W‖²_F for r = 1 … min(max_rank, m, n), in float64."""
-    W = W.detach().to(torch.float64 if min(W.shape) <= EXACT_UP_TO else torch.float32)
+    exact = min(W.shape) <= EXACT_UP_TO
+    W = W.detach().to(torch.float64 if exact else torch.float32)
     rank = min(max_rank, *W.shape)
-    if min(W.shape) <= EXACT_UP_TO:
-        sigma = torch.linalg.svdvals(W)[:rank]
-    else:
-        sigma = randomized_svd(W, rank, seed=0)[1]
+    sigma = torch.linalg.svdvals(W)[:rank] if exact else randomized_svd(W, rank, seed=0)[1]
     total = W.double().pow(2).sum()
     if total == 0:
         return [1.0] * rank  # a zero matrix: nothing to capture, every rank captures it

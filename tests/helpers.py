@@ -116,3 +116,35 @@ def tiny_bert_classifier(seed: int = 0):
                                      max_position_embeddings=40, num_labels=3,
                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return transformers.BertForSequenceClassification(config).eval()
+
+
+def jitter_adapters(layer, scale: float) -> None:
+    """Move every adapter of an EDoRA layer off its initial state (R and m by ``scale``)."""
+    with torch.no_grad():
+        for name in layer.adapter_names:
+            for p in layer.adapter_weights(name):
+                p.add_(scale * torch.randn_like(p))
+
+
+def check_served_mixed_batch(layer, rows: torch.Tensor, x: torch.Tensor, dtype: torch.dtype):
+    """A batch mixing the layer's adapters (``rows``: each leading row's adapter index, the
+    base model's being ``len(layer.adapter_names)``), served without grad on the layer's backend:
+    against the composed torch path, and row by row against the float64 reference (base rows:
+    the base layer). The layer is left on the torch backend."""
+    layer.row_adapters = rows
+    with torch.no_grad():
+        served = layer(x)
+        layer.backend = "torch"
+        composed = layer(x)
+    layer.row_adapters = None
+    assert_close(served, composed.double(), dtype, "served vs composed")
+    w0, b = layer.base_weight().double(), layer.bias.double()
+    for i, index in enumerate(rows.tolist()):
+        if index == len(layer.adapter_names):
+            want = F.linear(x[i].double(), w0, b)
+        else:
+            R, m = layer.adapter_weights(layer.adapter_names[index])
+            want = edora_linear_reference(x[i].double(), w0, b, layer.A.double(),
+                                          layer.B.double(), R.double(), m.double(),
+                                          layer.scaling)
+        assert_close(served[i], want, dtype, f"row {i}")

@@ -5,7 +5,7 @@ swaps that read no W0; the W0 reads of a mixed batch counted."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_bert_classifier
+from helpers import check_served_mixed_batch, jitter_adapters, tiny_bert_classifier
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -343,8 +343,6 @@ def test_triton_serves_a_mixed_batch_in_one_launch(kind, in_f, out_f, rank, toke
     """Serving (no grad) on the Triton backend: one launch of the forward GEMM (or of the
     epilogue pass over a quantized base's y0) with g per token from the adapters' table,
     against the composed path and the float64 reference; base rows are the base layer."""
-    from helpers import assert_close
-
     from edora_kernels.backends.triton import mixed as triton_mixed
 
     torch.manual_seed(0)
@@ -358,31 +356,11 @@ def test_triton_serves_a_mixed_batch_in_one_launch(kind, in_f, out_f, rank, toke
     layer = EDoRALinear.from_linear(base, rank, seed=0, backend="triton")
     for name, seed in (("a", 1), ("b", 2)):
         layer.add_adapter(name, seed=seed)
-    with torch.no_grad():
-        for name in layer.adapter_names:
-            for p in layer.adapter_weights(name):
-                p.add_(0.3 * torch.randn_like(p))
+    jitter_adapters(layer, 0.3)
     launches = []
     monkeypatch.setattr(triton_mixed, "launch",
                         lambda kernel, grid, **args: launches.append(args) or
                         kernel[grid](**args))
     rows = torch.tensor([1, 0, 3, 2, 1])  # a, default, base, b, a
-    x = torch.randn(5, tokens, in_f)
-    layer.row_adapters = rows
-    with torch.no_grad():
-        served = layer(x)
-        layer.backend = "torch"
-        composed = layer(x)
-    layer.row_adapters = None
+    check_served_mixed_batch(layer, rows, torch.randn(5, tokens, in_f), torch.float32)
     assert len(launches) == 1 and launches[0]["G_ROWS"]
-    assert_close(served, composed.double(), torch.float32, "triton vs composed")
-    w0, b = layer.base_weight().double(), layer.bias.double()
-    for i, index in enumerate(rows.tolist()):
-        if index == 3:
-            want = F.linear(x[i].double(), w0, b)
-        else:
-            R, m = layer.adapter_weights(layer.adapter_names[index])
-            want = edora_linear_reference(x[i].double(), w0, b, layer.A.double(),
-                                          layer.B.double(), R.double(), m.double(),
-                                          layer.scaling)
-        assert_close(served[i], want, torch.float32, f"row {i}")

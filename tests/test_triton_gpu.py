@@ -9,6 +9,8 @@ from helpers import (
     assert_close,
     check_backend,
     check_outputs,
+    check_served_mixed_batch,
+    jitter_adapters,
     op_outputs,
     requires_cuda,
 )
@@ -20,7 +22,6 @@ from edora_kernels.backends.triton import fwd as triton_fwd
 from edora_kernels.backends.triton import mixed as triton_mixed
 from edora_kernels.backends.triton.launch import launch
 from edora_kernels.norm import compute_norm_terms
-from edora_kernels.reference import edora_linear_reference
 from edora_kernels.testing import make_case
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -214,27 +215,8 @@ def test_mixed_adapter_batch_served_by_the_fused_forward(forward_launches):
     layer = EDoRALinear.from_linear(base, 16, seed=0, backend="triton")
     for i in range(1, 8):
         layer.add_adapter(f"user{i}", seed=i)
-    with torch.no_grad():
-        for name in layer.adapter_names:
-            for p in layer.adapter_weights(name):
-                p.add_(0.05 * torch.randn_like(p))
+    jitter_adapters(layer, 0.05)
     rows = torch.tensor([i % 9 for i in range(16)])  # 8 adapters and the base (index 8)
     x = torch.randn(16, 64, 4096, device=DEVICE, dtype=BF16)
-    layer.row_adapters = rows
-    with torch.no_grad():
-        served = layer(x)
-        layer.backend = "torch"
-        composed = layer(x)
-    layer.row_adapters = None
+    check_served_mixed_batch(layer, rows, x, BF16)
     assert forward_launches == [_on_hopper()]  # TMA on Hopper, G_ROWS and all
-    assert_close(served, composed.double(), BF16, "served vs composed")
-    w0, b = layer.base_weight().double(), layer.bias.double()
-    for i, index in enumerate(rows.tolist()):
-        if index == 8:
-            want = torch.nn.functional.linear(x[i].double(), w0, b)
-        else:
-            R, m = layer.adapter_weights(layer.adapter_names[index])
-            want = edora_linear_reference(x[i].double(), w0, b, layer.A.double(),
-                                          layer.B.double(), R.double(), m.double(),
-                                          layer.scaling)
-        assert_close(served[i], want, BF16, f"row {i}")
