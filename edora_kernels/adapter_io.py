@@ -56,10 +56,13 @@ def edora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for name, layer in edora_layers(model).items() for t in ADAPTER_TENSORS}
 
 
-def _layer_config(layer: EDoRALinear) -> dict:
-    """What the file records of one layer, enough to rebuild it from A and B."""
-    return {"rank": layer.rank, **layer.options.saved(), "in_features": layer.in_features,
-            "out_features": layer.out_features, "base": layer.kind.name}
+def layer_config(layer: EDoRALinear, basis=None) -> dict:
+    """What the file records of one layer, enough to rebuild it from A and B: its options, and
+    the rank and alpha of ``basis`` (the layer's own unless one of its ``extra_bases``)."""
+    basis = layer if basis is None else basis
+    return {**layer.options.saved(), "rank": basis.rank, "alpha": basis.alpha,
+            "in_features": layer.in_features, "out_features": layer.out_features,
+            "base": layer.kind.name}
 
 
 def adapter_tensors(model: nn.Module,
@@ -92,10 +95,17 @@ def save_edora(model: nn.Module, path: str | os.PathLike, *,
     tensors = adapter_tensors(model, state_dict)
     if not main_process(is_main_process):
         return
-    config = {"layers": {name: _layer_config(layer)
-                         for name, layer in edora_layers(model).items()}}
+    write_adapter_file(path, tensors, {name: layer_config(layer)
+                                       for name, layer in edora_layers(model).items()})
+
+
+def write_adapter_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                       layer_configs: dict[str, dict]) -> None:
+    """The file :func:`save_edora` writes: ``tensors`` (A, B, R, magnitude by layer) and the
+    per-layer configs (:func:`layer_config`) in its metadata."""
     save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, os.fspath(path), metadata={
-        "format": FORMAT, "format_version": FORMAT_VERSION, "edora_config": json.dumps(config)})
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "edora_config": json.dumps({"layers": layer_configs})})
 
 
 # --- reading and checking ------------------------------------------------------------------------
@@ -169,6 +179,12 @@ def _source(state_or_path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     state, metadata = read_file(where)
     _check_header(where, metadata)
     return state, _parse_config(where, metadata)
+
+
+def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The tensors of a :func:`save_edora` file and its per-layer configs, header and configs
+    checked (tensors are checked by whoever knows their expected shapes)."""
+    return _source(os.fspath(path))
 
 
 def _expected_shapes(rank: int, out_features: int, in_features: int) -> dict[str, tuple]:

@@ -4,7 +4,8 @@ EDoRA's frozen factors A, B are functions of W0 and the initialisation settings 
 split, seed), so every adapter trained on one base model can share them; an adapter is then only
 R and m. A basis is identified by its **fingerprint**: per adapted layer a SHA-256 of W0's bytes
 (dequantized for a quantized base) with its shape, dtype and rank, and the settings. Every saved
-adapter records it; an adapter is loaded only onto the basis it was trained on.
+adapter records it; an adapter is loaded only onto the basis it was trained on — the model's, or
+a second one on the same W0 that the saved tree carries (``base_difference``).
 
 A layer's digest is kept with the stamp of the tensor that carries W0 (its storage, offset,
 version: §2's cache rule), so a fingerprint read again — loading or swapping adapters — reads
@@ -54,12 +55,14 @@ def weight_digest(layer: nn.Module) -> str:
 
 
 def fingerprint(layers: dict[str, nn.Module], *, init: str, split: str = "u",
-                seed: int | None) -> dict:
+                seed: int | None, ranks: dict[str, int] | None = None) -> dict:
     """The basis of ``layers`` (name → EDoRA layer) as a JSON-able dict: the settings, each
-    layer's W0 digest, shape, dtype and rank, and one ``digest`` over all of it."""
+    layer's W0 digest, shape, dtype and rank (``ranks[name]``, else the layer's own), and one
+    ``digest`` over all of it."""
+    ranks = ranks or {}
     per_layer = {name: {"shape": [layer.out_features, layer.in_features],
                         "dtype": str(bases.weight_dtype(layer.base_layer, layer.kind)),
-                        "rank": layer.rank, "weight": weight_digest(layer)}
+                        "rank": ranks.get(name, layer.rank), "weight": weight_digest(layer)}
                  for name, layer in sorted(layers.items())}
     settings = {"version": VERSION, "init": init, "split": split, "seed": seed}
     h = hashlib.sha256(repr((sorted(settings.items()),
@@ -75,13 +78,20 @@ def difference(saved: dict, current: dict) -> str | None:
     for key in ("version", "init", "split", "seed"):
         if saved.get(key) != current.get(key):
             return f"{key}: adapter {saved.get(key)!r}, model {current.get(key)!r}"
+    return base_difference(saved, current, ("rank",)) or "the digests differ"
+
+
+def base_difference(saved: dict, current: dict, also: tuple[str, ...] = ()) -> str | None:
+    """The first adapted layer of ``saved`` and ``current`` whose base differs — missing from
+    one of them, another shape, dtype or W0 — (or whose ``also`` fields differ), or None: an
+    adapter of such a basis was trained on the same base model, with other settings."""
     for name in sorted(set(saved["layers"]) | set(current["layers"])):
         a, b = saved["layers"].get(name), current["layers"].get(name)
         if a is None or b is None:
             where = "the model" if b is None else "the adapter"
             return f"layer {name!r} is not in {where}"
-        for key in ("shape", "dtype", "rank", "weight"):
+        for key in ("shape", "dtype", *also, "weight"):
             if a[key] != b[key]:
                 what = "W0's bytes" if key == "weight" else key
                 return f"layer {name!r}: {what} differ (adapter {a[key]}, model {b[key]})"
-    return "the digests differ"
+    return None

@@ -35,12 +35,15 @@ from . import basis
 from .adapter_io import (
     adapter_tensors,
     edora_layers,
+    layer_config,
     load_edora_state_dict,
+    read_adapter_file,
     read_file,
     save_edora,
     tensor_problems,
+    write_adapter_file,
 )
-from .checks import exact_names, matches_target, quote
+from .checks import exact_names, matches_target, pattern_value, quote
 from .config import EDoRAConfig
 from .distributed import copy_whole, main_process, whole
 from .export import merge_and_unload, unload
@@ -48,7 +51,7 @@ from .install import install, positions
 from .integrations.peft import target_names
 from .layer import DEFAULT_ADAPTER, EDoRALinear, check_adapter_name
 from .mixed import row_indices
-from .model import apply_edora
+from .model import apply_edora, check_weights, factorise
 
 CORES_FORMAT = "edora_kernels.adapter_cores"  # R and magnitude only, on a basis saved elsewhere
 CONFIG_NAME = "adapter_config.json"
@@ -140,6 +143,10 @@ class EDoRAModel(nn.Module):
         self.base_model = model
         self.edora_config = config
         self._configs = {DEFAULT_ADAPTER: config}
+        # Each adapter's basis: None for the model's own, else a key of the layers'
+        # extra_bases, whose fingerprint settings (init, split, seed) are in _basis_settings.
+        self._adapter_basis: dict[str, str | None] = {DEFAULT_ADAPTER: None}
+        self._basis_settings: dict[str, dict] = {}
         self._active = [DEFAULT_ADAPTER]
         self._wrap_heads(config)
         self.set_trainable(not config.inference_mode)
@@ -229,30 +236,78 @@ class EDoRAModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False,
                     **_ignored) -> None:
-        """A new adapter on the model's basis: the layers and settings of "default" (same
-        targets, rank, alpha, dropout, norm treatment), a fresh R (``peft_config.seed``) and m
-        that start as the base model, its own copies of the heads. Reads no W0 while the norm
-        terms are cached and runs no factorisation. Not made active (``set_adapter``)."""
+        """A new adapter with a fresh R (``peft_config.seed``) and m that start as the base
+        model, and its own copies of the heads; not made active (``set_adapter``). It adapts
+        the model's layers with the model's dropout and norm treatment. With the model's rank
+        and initialisation it shares the model's basis (and its alpha): no W0 read while the
+        norm terms are cached, no factorisation. With another rank (``r``, ``rank_pattern``)
+        or ``init`` it gets a basis of its own, factorised from W0 as ``get_edora_model`` would
+        with ``peft_config`` (its seed and alpha), or shared with an adapter that has it."""
         config = _as_edora_config(peft_config)
         check_adapter_name(adapter_name, self.adapter_names())
-        self._check_same_basis_settings(adapter_name, config)
+        key, factors = self._basis_of_config(adapter_name, config)
+        self._check_same_basis_settings(adapter_name, config, key)
+        if factors is not None:
+            self._add_basis(key, *factors)
+        self._add_on_basis(adapter_name, config, key)
+
+    def _basis_of_config(self, adapter_name: str, config: EDoRAConfig
+                         ) -> tuple[str | None, tuple | None]:
+        """The basis an adapter added with ``config`` uses (None: the model's own) and, when
+        the model does not hold it yet, what makes it (as :meth:`_basis_for`)."""
+        if all(getattr(config, f) == getattr(self.edora_config, f)
+               for f in ("r", "rank_pattern", "init")):
+            return None, None
+        layers = edora_layers(self.base_model)
+        merged = [name for name, layer in layers.items() if layer.merged]
+        if merged:
+            raise RuntimeError(f"layers {merged[:4]} are merged; unmerge() before adding an "
+                               f"adapter of another basis ({adapter_name!r})")
+        ranks = {name: pattern_value(name, config.rank_pattern, config.r) for name in layers}
+        settings = {"init": config.init, "split": config.layer_options().split,
+                    "seed": config.seed}
+        key = _basis_key(basis.fingerprint(layers, **settings, ranks=ranks))
+        if key in self._basis_settings:
+            return key, None
+        targets = [([name], layer.base_layer) for name, layer in layers.items()]
+        by_module = {id(layer.base_layer): ranks[name] for name, layer in layers.items()}
+        check_weights(targets, by_module)
+        factors = {names[0]: (A, B, float(pattern_value(names[0], config.alpha_pattern,
+                                                        config.alpha)))
+                   for names, _, A, B, _ in factorise(targets, by_module, init=config.init,
+                                                      split=settings["split"],
+                                                      seed=config.seed)}
+        return key, (settings, factors)
+
+    def _add_on_basis(self, adapter_name: str, config: EDoRAConfig, key: str | None) -> None:
+        """Add ``adapter_name`` (fresh R and m) on the basis ``key`` in every layer, with its
+        heads."""
         for layer in edora_layers(self.base_model).values():
-            layer.add_adapter(adapter_name, seed=config.seed)
+            layer.add_adapter(adapter_name, seed=config.seed, basis=key)
         for head in self.heads().values():
             head.add_adapter(adapter_name)
         self._configs[adapter_name] = config
+        self._adapter_basis[adapter_name] = key
         self._wrap_heads(config)
         self._set_requires_grad()
 
-    def _check_same_basis_settings(self, adapter_name: str, config: EDoRAConfig) -> None:
-        base = self.edora_config
-        for field in ("r", "alpha", "rank_pattern", "alpha_pattern", "dropout", "dropout_mode",
-                      "detach_norm", "init"):
-            if getattr(config, field) != getattr(base, field):
+    def _check_same_basis_settings(self, adapter_name: str, config: EDoRAConfig,
+                                   key: str | None) -> None:
+        """``config`` takes the layers and the layer options of the model, and the rank, alpha
+        and initialisation of the basis ``key`` it is added on (a basis the model does not
+        hold yet: its own)."""
+        on_basis = [self._configs[n] for n, k in self._adapter_basis.items() if k == key]
+        basis_config = on_basis[0] if on_basis else config
+        checks = [*((f, basis_config) for f in ("r", "alpha", "rank_pattern", "alpha_pattern",
+                                                 "init")),
+                  *((f, self.edora_config) for f in ("dropout", "dropout_mode", "detach_norm"))]
+        for field, reference in checks:
+            if getattr(config, field) != getattr(reference, field):
                 raise ValueError(
                     f"adapter {adapter_name!r}: {field}={getattr(config, field)!r} differs from "
-                    f"the model's basis ({field}={getattr(base, field)!r}); adapters on one "
-                    "basis share their layers and settings (a second basis is not supported)")
+                    f"its basis ({field}={getattr(reference, field)!r}); adapters on one "
+                    "basis share their layers and settings (an adapter of another rank or "
+                    "initialisation gets a basis of its own)")
         if config.target_modules is None:
             return  # the basis's layers
         layers = set(edora_layers(self.base_model))
@@ -298,47 +353,103 @@ class EDoRAModel(nn.Module):
             if head.active_adapter == adapter_name:
                 head.active_adapter = DEFAULT_ADAPTER
         del self._configs[adapter_name]
+        key = self._adapter_basis.pop(adapter_name)
+        if key is not None and key not in self._adapter_basis.values():
+            del self._basis_settings[key]  # the layers dropped it with its last adapter
         self._active = [n for n in self._active if n != adapter_name] or [DEFAULT_ADAPTER]
         self.set_adapter(self._active)
 
-    def basis_fingerprint(self) -> dict:
-        """The fingerprint of the basis every adapter of this model shares
-        (``edora_kernels.basis``)."""
-        return basis.fingerprint(edora_layers(self.base_model), init=self.edora_config.init,
-                                 seed=self.edora_config.seed)
+    def basis_fingerprint(self, adapter_name: str = DEFAULT_ADAPTER) -> dict:
+        """The fingerprint of the basis ``adapter_name`` uses (``edora_kernels.basis``): the
+        model's own, which every adapter shares unless one was loaded with another basis."""
+        if adapter_name not in self._adapter_basis:
+            raise ValueError(f"no adapter {adapter_name!r} in this model (its adapters: "
+                             f"{self.adapter_names()})")
+        return self._fingerprint(self._adapter_basis[adapter_name])
+
+    def _fingerprint(self, key: str | None) -> dict:
+        layers = edora_layers(self.base_model)
+        if key is None:
+            return basis.fingerprint(layers, init=self.edora_config.init,
+                                     seed=self.edora_config.seed)
+        return basis.fingerprint(layers, **self._basis_settings[key],
+                                 ranks={n: layer.extra_bases[key].rank
+                                        for n, layer in layers.items()})
 
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default", *,
                      is_trainable: bool = False, **_ignored) -> None:
         """Load a ``save_pretrained`` directory's adapter (and heads) as ``adapter_name``,
         adding it if the model does not hold it: Trainer's resume path, and the hot swap of a
         served adapter. Only R and m (and heads) are read when the model holds the adapter's
-        basis — no W0 read, no factorisation, other adapters untouched; an adapter of another
-        basis is refused naming the first difference."""
+        basis — no W0 read, no factorisation, other adapters untouched. An adapter trained on
+        the same base model with other basis settings (rank, alpha, init, seed) brings its
+        basis from the saved tree (its own file, the tree's root or a sibling adapter's
+        directory) as a second basis; one of another base model, or whose basis the tree does
+        not carry, is refused naming the first difference."""
         config = _read_config(directory)
-        state, _ = read_file(os.path.join(directory, WEIGHTS_NAME))
-        self._check_basis(directory, config)
+        where = os.path.join(directory, WEIGHTS_NAME)
+        state, _ = read_file(where)
+        key, new_basis = self._basis_for(directory, config)
+        if adapter_name in self._configs and self._adapter_basis[adapter_name] != key:
+            if adapter_name == DEFAULT_ADAPTER:
+                raise ValueError(
+                    f"{directory}: the adapter was trained on basis "
+                    f"{config.basis['digest']}, not the one {DEFAULT_ADAPTER!r} holds "
+                    f"({self.basis_fingerprint()['digest']}); load it under another name")
+            self.delete_adapter(adapter_name)  # a name reused for an adapter of another basis
         # PEFT's rule: an adapter loaded without is_trainable is for inference only.
         config = dataclasses.replace(config, basis=None, inference_mode=not is_trainable)
-        if adapter_name not in self._configs:
-            self.add_adapter(adapter_name, config)
-        layers = edora_layers(self.base_model)
-        _copy_cores(layers, state, adapter_name, os.path.join(directory, WEIGHTS_NAME))
-        _load_heads(self.base_model, directory, self.heads(), adapter_name)
+        added = adapter_name not in self._configs
+        if added:
+            check_adapter_name(adapter_name, self.adapter_names())
+            self._check_same_basis_settings(adapter_name, config, key)
+            if new_basis is not None:
+                self._add_basis(key, *new_basis)
+            self._add_on_basis(adapter_name, config, key)
+        try:
+            layers = edora_layers(self.base_model)
+            _copy_cores(layers, state, adapter_name, where)
+            _load_heads(self.base_model, directory, self.heads(), adapter_name)
+        except ValueError:
+            if added:  # the model as it was: no half-loaded adapter, no orphaned basis
+                self.delete_adapter(adapter_name)
+            raise
         self._configs[adapter_name] = config
         self.edora_config = self._configs[DEFAULT_ADAPTER]
         self._set_requires_grad()
 
-    def _check_basis(self, directory, config: EDoRAConfig) -> None:
+    def _basis_for(self, directory, config: EDoRAConfig) -> tuple[str | None, tuple | None]:
+        """The key of the model's basis the adapter in ``directory`` was trained on (None: the
+        model's own), and — for a basis the model does not hold yet — what makes it:
+        ``(settings, {layer: (A, B, alpha)})`` read from the saved tree."""
         saved = config.basis
-        if saved is None:  # saved before fingerprints: the file carries its own A and B
-            return
-        why = basis.difference(saved, self.basis_fingerprint())
+        if saved is None:  # saved before fingerprints: only the model's own basis existed
+            return None, None
+        for key in (None, *self._basis_settings):
+            if basis.difference(saved, self._fingerprint(key)) is None:
+                return key, None
+        own = self.basis_fingerprint()
+        why = basis.base_difference(saved, own)
         if why is not None:
             raise ValueError(
+                f"{directory}: the adapter was trained on basis {saved['digest']} of another "
+                f"base model than this one ({own['digest']}): {why}. Load it into the base "
+                "model it was trained on")
+        source = _basis_source(directory, saved["digest"])
+        if source is None:
+            raise ValueError(
                 f"{directory}: the adapter was trained on basis {saved['digest']}, not this "
-                f"model's ({self.basis_fingerprint()['digest']}): {why}. Load it into the base "
-                "model it was trained on (EDoRAModel.from_pretrained builds the basis from the "
-                "saved tree); a second basis in one model is not supported")
+                f"model's ({own['digest']}: {basis.difference(saved, own)}), and the saved "
+                "tree does not carry that basis (no adapter_model.safetensors with its A and B "
+                "in the adapter's directory, its parent or their subdirectories)")
+        settings = {k: saved.get(k) for k in ("init", "split", "seed")}
+        return _basis_key(saved), (settings, _read_basis(source, saved, own))
+
+    def _add_basis(self, key: str, settings: dict, factors: dict) -> None:
+        """A second basis in every layer: ``factors`` by layer name, checked already."""
+        for name, layer in edora_layers(self.base_model).items():
+            layer.add_basis(key, *factors[name])
+        self._basis_settings[key] = settings
 
     # --- training state -----------------------------------------------------------------------
 
@@ -423,28 +534,35 @@ class EDoRAModel(nn.Module):
                              f"(its adapters: {self.adapter_names()})")
         if state_dict is not None:  # this wrapper's keys, or the base model's
             state_dict = {k.removeprefix("base_model."): v for k, v in state_dict.items()}
-        fingerprint = self.basis_fingerprint()
         layers = edora_layers(self.base_model)
+        # A second basis is written once, with the first adapter written on it.
+        carrier = {}
+        for name in names:
+            carrier.setdefault(self._adapter_basis[name], name)
+        fingerprints = {key: self._fingerprint(key) for key in carrier}
         written = {}  # adapter -> (tensors, heads), gathered on every rank first
         for name in names:
+            key = self._adapter_basis[name]
             if name == DEFAULT_ADAPTER:
                 tensors = adapter_tensors(self.base_model, state_dict)
             else:
-                tensors = {f"{layer_name}.{t}": whole(p.detach())
-                           for layer_name, layer in layers.items()
-                           for t, p in zip(("R", "magnitude"), layer.adapter_weights(name))}
+                tensors = _adapter_tensors(layers, name, with_basis=carrier[key] == name)
             written[name] = (tensors, self._head_tensors(name, state_dict))
         if not main_process(is_main_process):
             return
         for name, (tensors, heads) in written.items():
+            key = self._adapter_basis[name]
             where = directory if name == DEFAULT_ADAPTER else os.path.join(directory, name)
             os.makedirs(where, exist_ok=True)
-            config = dataclasses.replace(self._configs[name], basis=fingerprint)
+            config = dataclasses.replace(self._configs[name], basis=fingerprints[key])
             with open(os.path.join(where, CONFIG_NAME), "w") as f:
                 json.dump(config.to_dict(), f, indent=2)
             path = os.path.join(where, WEIGHTS_NAME)
             if name == DEFAULT_ADAPTER:
                 save_edora(self.base_model, path, state_dict=tensors, is_main_process=True)
+            elif carrier[key] == name:  # the save_edora format, with its basis
+                write_adapter_file(path, tensors, {
+                    n: layer_config(layer, layer.basis_of(name)) for n, layer in layers.items()})
             else:
                 save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, path,
                           metadata={"format": CORES_FORMAT, "format_version": "1"})
@@ -479,7 +597,14 @@ class EDoRAModel(nn.Module):
         root_config = _read_config(basis_dir)
         load_edora_state_dict(model, os.path.join(basis_dir, WEIGHTS_NAME))
         wrapped = cls(model, _without_basis(root_config), apply=False)
-        wrapped._check_basis(basis_dir, root_config)
+        saved = root_config.basis
+        why = None if saved is None else basis.difference(saved, wrapped.basis_fingerprint())
+        if why is not None:
+            unload(model)  # refused: the model as it came
+            raise ValueError(
+                f"{basis_dir}: the adapter was trained on basis {saved['digest']}, not on the "
+                f"one this model and the file make ({wrapped.basis_fingerprint()['digest']}): "
+                f"{why}. Load it into the base model it was trained on")
         if os.path.samefile(basis_dir, directory) and adapter_name == DEFAULT_ADAPTER:
             _load_heads(model, directory, wrapped.heads(), DEFAULT_ADAPTER)
         else:
@@ -489,6 +614,19 @@ class EDoRAModel(nn.Module):
         if not is_trainable:
             wrapped.eval()
         return wrapped
+
+
+def _adapter_tensors(layers: dict[str, EDoRALinear], adapter_name: str, *, with_basis: bool
+                     ) -> dict[str, torch.Tensor]:
+    """R and magnitude of ``adapter_name`` in every layer (and its basis's A, B), whole."""
+    tensors = {}
+    for layer_name, layer in layers.items():
+        R, magnitude = layer.adapter_weights(adapter_name)
+        basis = layer.basis_of(adapter_name)
+        values = {"A": basis.A, "B": basis.B} if with_basis else {}
+        for t, value in {**values, "R": R, "magnitude": magnitude}.items():
+            tensors[f"{layer_name}.{t}"] = whole(value.detach())
+    return tensors
 
 
 def _as_edora_config(config) -> EDoRAConfig:
@@ -514,6 +652,52 @@ def _basis_directory(directory) -> str:
     raise ValueError(f"{directory}: its adapter holds only R and magnitude, and neither it nor "
                      f"{parent} holds the basis (A, B) it was trained on: load it into a model "
                      "that has that basis (EDoRAModel.load_adapter)")
+
+
+def _basis_key(fingerprint: dict) -> str:
+    """The name a second basis has in the layers' ``extra_bases``."""
+    return "basis_" + fingerprint["digest"][:16]
+
+
+def _basis_source(directory, digest: str) -> str | None:
+    """The adapter file of the saved tree around ``directory`` — the directory itself, its
+    parent, or a subdirectory of that — that holds the A and B of basis ``digest``."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    candidates = [os.fspath(directory), parent]
+    with contextlib.suppress(OSError):
+        candidates += sorted(e.path for e in os.scandir(parent) if e.is_dir())
+    for candidate in dict.fromkeys(os.path.abspath(c) for c in candidates):
+        path = os.path.join(candidate, WEIGHTS_NAME)
+        if not _holds_basis(path):
+            continue
+        try:
+            saved = _read_config(candidate).basis
+        except ValueError:
+            continue  # not an adapter directory: look on
+        if saved is not None and saved.get("digest") == digest:
+            return path
+    return None
+
+
+def _read_basis(path: str, saved: dict, own: dict) -> dict[str, tuple]:
+    """``{layer: (A, B, alpha)}`` of basis ``saved`` from the adapter file ``path``, every layer
+    of the model's basis ``own`` present with the rank ``saved`` records, finite."""
+    state, configs = read_adapter_file(path)
+    expected = {}
+    for name, layer in own["layers"].items():
+        rank, (out_f, in_f) = saved["layers"][name]["rank"], layer["shape"]
+        expected.update({f"{name}.A": (rank, in_f), f"{name}.B": (out_f, rank)})
+    missing = [k for k in expected if k not in state]
+    problems = [f"missing keys: {quote(missing)}"] if missing else []
+    problems += tensor_problems(state, expected)
+    problems += [f"{name}: no rank {saved['layers'][name]['rank']} layer config"
+                 for name in own["layers"]
+                 if configs.get(name, {}).get("rank") != saved["layers"][name]["rank"]]
+    if problems:
+        raise ValueError(f"{path}: cannot read basis {saved['digest']} from it: "
+                         + "; ".join(problems))
+    return {name: (state[f"{name}.A"], state[f"{name}.B"], configs[name]["alpha"])
+            for name in own["layers"]}
 
 
 def _holds_basis(path: str) -> bool:

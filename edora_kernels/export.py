@@ -96,19 +96,20 @@ def export_peft_dora(model: nn.Module, directory: str | os.PathLike, *,
     layers = edora_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no EDoRALinear layers")
-    # The most common rank and alpha are the config's; the others go to PEFT's patterns, keyed
-    # by each layer's exact name.
-    rank = Counter(layer.rank for layer in layers.values()).most_common(1)[0][0]
-    alpha = Counter(layer.alpha for layer in layers.values()).most_common(1)[0][0]
-    rank_pattern = {re.escape(n): layer.rank for n, layer in layers.items() if layer.rank != rank}
-    alpha_pattern = {re.escape(n): layer.alpha for n, layer in layers.items()
-                     if layer.alpha != alpha}
+    # The basis of each layer's active adapter; its most common rank and alpha are the
+    # config's, the others go to PEFT's patterns, keyed by each layer's exact name.
+    used = {name: layer.basis_of(layer.active_adapter) for name, layer in layers.items()}
+    rank = Counter(basis.rank for basis in used.values()).most_common(1)[0][0]
+    alpha = Counter(basis.alpha for basis in used.values()).most_common(1)[0][0]
+    rank_pattern = {re.escape(n): basis.rank for n, basis in used.items() if basis.rank != rank}
+    alpha_pattern = {re.escape(n): basis.alpha for n, basis in used.items()
+                     if basis.alpha != alpha}
     tensors = {}
     for name, layer in layers.items():
         prefix = f"base_model.model.{name}"
         R, magnitude = layer.adapter_weights(layer.active_adapter)
-        B_R = layer.B.double() @ R.detach().double()
-        tensors[f"{prefix}.lora_A.weight"] = layer.A.detach().float().contiguous()
+        B_R = used[name].B.double() @ R.detach().double()
+        tensors[f"{prefix}.lora_A.weight"] = used[name].A.detach().float().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = B_R.float().contiguous()
         tensors[f"{prefix}.lora_magnitude_vector"] = magnitude.detach().float()
     for name, head in heads.items():  # PEFT stores a modules_to_save copy under its own name

@@ -55,12 +55,35 @@ def base_kind(name: str, module: nn.Module) -> bases.Kind:
 
 
 class AdapterWeights(nn.Module):
-    """R and magnitude of one more adapter on a layer's basis (A, B)."""
+    """R and magnitude of one more adapter; ``basis`` names the layer's basis it uses (None: the
+    layer's own A, B; else a key of ``extra_bases``)."""
 
-    def __init__(self, R: torch.Tensor, magnitude: torch.Tensor) -> None:
+    def __init__(self, R: torch.Tensor, magnitude: torch.Tensor, basis: str | None = None
+                 ) -> None:
         super().__init__()
         self.R = nn.Parameter(R)
         self.magnitude = nn.Parameter(magnitude)
+        self.basis = basis
+
+
+class ExtraBasis(nn.Module):
+    """A second basis of a layer: frozen A, B of another rank, alpha or initialisation, for
+    adapters trained on it (docs/DESIGN.md §13). It answers to what forward reads of a basis
+    (``A``, ``B``, ``rank``, ``scaling``, ``norm_cache``) as the layer itself does for its own."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, alpha: float) -> None:
+        super().__init__()
+        self.register_buffer("A", A)
+        self.register_buffer("B", B)
+        self.rank, self.alpha = A.shape[0], float(alpha)
+        self.norm_cache = NormTermsCache()
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha:g}"
 
 
 class EDoRALinear(nn.Module):
@@ -69,7 +92,8 @@ class EDoRALinear(nn.Module):
     Submodule ``base_layer`` (frozen, holding W0 and b); buffers ``A`` and ``B`` (frozen, saved
     with the adapter since SVD signs make them non-reproducible); parameters ``R`` and
     ``magnitude`` (trainable) of the adapter "default". More adapters share the basis A, B
-    (:meth:`add_adapter`; their R and magnitude in ``extra_adapters``); ``active_adapter``
+    (:meth:`add_adapter`; their R and magnitude in ``extra_adapters``) or use a second basis of
+    another rank or alpha (:meth:`add_basis`, ``extra_bases``; :meth:`basis_of`); ``active_adapter``
     names the one forward uses, and ``row_adapters`` (set by ``EDoRAModel`` for
     ``adapter_names=``) gives each row of a batch its own. ``weight`` and ``bias`` are the base
     layer's.
@@ -95,12 +119,13 @@ class EDoRALinear(nn.Module):
         self.R = nn.Parameter(torch.zeros(rank, rank, **adapter))
         self.magnitude = nn.Parameter(torch.ones(self.out_features, **adapter))
         self.merged = False
-        # (R, m, n) as merge() used them: unmerge() inverts exactly that, whatever happened to
-        # the parameters in between (an optimizer step on leftover gradients, a load).
-        self._merge_snapshot: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # (R, m, n, basis) as merge() used them: unmerge() inverts exactly that, whatever
+        # happened to the parameters in between (an optimizer step on leftover gradients, a load).
+        self._merge_snapshot: tuple | None = None
         self.norm_cache = NormTermsCache()
         self.adapter_disabled = False  # EDoRAModel.disable_adapter(): run the base alone
         self.extra_adapters = nn.ModuleDict()
+        self.extra_bases = nn.ModuleDict()  # key -> ExtraBasis, for adapters of another basis
         self.active_adapter = DEFAULT_ADAPTER
         # Per leading row of the input, the index of its adapter in adapter_names (len() for
         # the base model); None: every row uses active_adapter.
@@ -193,17 +218,19 @@ class EDoRALinear(nn.Module):
         self.R.copy_(R)
         self.magnitude.copy_(m)
 
-    def _fresh_adapter(self, seed: int | None, terms=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """R drawn with std ``sigma`` and m = ‖W0 + s·B R A‖: an adapter that starts as the
-        base layer."""
+    def _fresh_adapter(self, seed: int | None, terms=None, basis=None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """R drawn with std ``sigma`` and m = ‖W0 + s·B R A‖ on ``basis`` (the layer's own by
+        default): an adapter that starts as the base layer."""
+        basis = self if basis is None else basis
         gen = None
         if seed is not None and self.R.device.type != "meta":
             gen = torch.Generator(device=self.R.device).manual_seed(seed + 1)
-        R = torch.randn(self.rank, self.rank, generator=gen, device=self.R.device,
+        R = torch.randn(basis.rank, basis.rank, generator=gen, device=self.R.device,
                         dtype=self.R.dtype) * self.options.sigma
-        cdt = compute_dtype(self.A.dtype)
-        terms = self.norm_terms() if terms is None else terms
-        n = row_norm(terms, self.B.to(cdt) @ R.to(cdt), self.scaling)
+        cdt = compute_dtype(basis.A.dtype)
+        terms = self.norm_terms(basis=basis) if terms is None else terms
+        n = row_norm(terms, basis.B.to(cdt) @ R.to(cdt), basis.scaling)
         return R, n.to(self.magnitude.dtype)
 
     # --- adapters -----------------------------------------------------------------------------
@@ -217,33 +244,67 @@ class EDoRALinear(nn.Module):
         """(R, magnitude) of the adapter ``name``."""
         if name == DEFAULT_ADAPTER:
             return self.R, self.magnitude
+        weights = self._extra(name)
+        return weights.R, weights.magnitude
+
+    def _extra(self, name: str) -> AdapterWeights:
         if name not in self.extra_adapters:
             raise ValueError(f"{self._display_name()} has no adapter {name!r} (its adapters: "
                              f"{self.adapter_names})")
-        weights = self.extra_adapters[name]
-        return weights.R, weights.magnitude
+        return self.extra_adapters[name]
+
+    def basis_of(self, name: str):
+        """The basis adapter ``name`` uses: the layer itself (its A, B, rank, scaling) or one
+        of ``extra_bases``; either has ``A``, ``B``, ``rank``, ``scaling`` and ``norm_cache``."""
+        key = None if name == DEFAULT_ADAPTER else self._extra(name).basis
+        return self if key is None else self.extra_bases[key]
 
     @torch.no_grad()
-    def add_adapter(self, name: str, *, seed: int | None = None) -> None:
-        """A new adapter on this layer's basis: R drawn as at initialisation (std ``sigma``,
-        ``seed``), m such that it starts as the base layer. Reads no W0 while the norm terms
-        are cached, runs no factorisation."""
+    def add_basis(self, key: str, A: torch.Tensor, B: torch.Tensor, alpha: float) -> None:
+        """Another basis (A: r×in, B: out×r, its own rank and alpha) for adapters trained on it,
+        copied into buffers on the layer's device and dtype."""
+        if not isinstance(key, str) or not key or "." in key or key in self.extra_bases:
+            raise ValueError(f"basis key {key!r} must be a new non-empty string without '.'")
+        rank = A.shape[0] if A.dim() == 2 else -1
+        check_rank(rank, self.in_features, self.out_features)
+        shapes = {"A": (rank, self.in_features), "B": (self.out_features, rank)}
+        for name, t in (("A", A), ("B", B)):
+            if tuple(t.shape) != shapes[name]:
+                raise ValueError(f"{self._display_name()}: a basis must be A {shapes['A']} and "
+                                 f"B {shapes['B']}; got {name} {tuple(t.shape)}")
+        like = {"device": self.A.device, "dtype": self.A.dtype}
+        self.extra_bases[key] = ExtraBasis(A.detach().to(**like).clone(),
+                                           B.detach().to(**like).clone(), alpha)
+
+    @torch.no_grad()
+    def add_adapter(self, name: str, *, seed: int | None = None, basis: str | None = None
+                    ) -> None:
+        """A new adapter on this layer's basis (or on ``extra_bases[basis]``): R drawn as at
+        initialisation (std ``sigma``, ``seed``), m such that it starts as the base layer.
+        Reads no W0 while that basis's norm terms are cached, runs no factorisation."""
         check_adapter_name(name, self.adapter_names)
         if self.merged:
             raise RuntimeError(f"{self._display_name()} is merged; unmerge() before adding "
                                "adapters")
-        R, m = self._fresh_adapter(seed)
-        self.extra_adapters[name] = AdapterWeights(R, m)
+        if basis is not None and basis not in self.extra_bases:
+            raise ValueError(f"{self._display_name()} has no basis {basis!r} (its bases: "
+                             f"{list(self.extra_bases)})")
+        R, m = self._fresh_adapter(seed, basis=None if basis is None
+                                   else self.extra_bases[basis])
+        self.extra_adapters[name] = AdapterWeights(R, m, basis)
 
     def delete_adapter(self, name: str) -> None:
-        """Drop the adapter ``name`` (not "default", whose R and m are the layer's own); the
-        active adapter falls back to "default" if it was ``name``."""
+        """Drop the adapter ``name`` (not "default", whose R and m are the layer's own), and its
+        basis if no other adapter uses it; the active adapter falls back to "default" if it
+        was ``name``."""
         if name == DEFAULT_ADAPTER:
             raise ValueError(f"the adapter {DEFAULT_ADAPTER!r} is the layer's own and cannot be "
                              "deleted; load another adapter into it instead")
-        self.adapter_weights(name)  # raises for an unknown name
+        key = self._extra(name).basis  # raises for an unknown name
         del self.extra_adapters[name]
         self._norm_rows.pop(name, None)
+        if key is not None and all(w.basis != key for w in self.extra_adapters.values()):
+            del self.extra_bases[key]
         if self.active_adapter == name:
             self.active_adapter = DEFAULT_ADAPTER
 
@@ -274,15 +335,16 @@ class EDoRALinear(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if self.row_adapters is not None:
             return self._mixed_forward(x, dropout)
+        basis = self.basis_of(self.active_adapter)
         if self.kind.dense:
             return edora_linear(
-                x, self._w0(), self.bias, self.A, self.B, R, magnitude, self.scaling,
+                x, self._w0(), self.bias, basis.A, basis.B, R, magnitude, basis.scaling,
                 dropout=dropout, dropout_mode=self.dropout_mode, detach_norm=self.detach_norm,
-                backend=self.backend, norm_terms=self.norm_terms())
+                backend=self.backend, norm_terms=self.norm_terms(basis=basis))
         bases.prepare_base(self.base_layer, self.kind)
-        terms = self.norm_terms()
+        terms = self.norm_terms(basis=basis)
         return self._through_epilogue(x, dropout, self.base_layer, lambda y0, x_in: (
-            edora_epilogue(y0, x_in, self.bias, self.A, self.B, R, magnitude, self.scaling,
+            edora_epilogue(y0, x_in, self.bias, basis.A, basis.B, R, magnitude, basis.scaling,
                            norm_terms=terms, detach_norm=self.detach_norm,
                            backend=self.backend)))
 
@@ -302,7 +364,8 @@ class EDoRALinear(nn.Module):
     def _mixed_forward(self, x: torch.Tensor, dropout: float) -> torch.Tensor:
         """Each leading row of ``x`` with its own adapter (``row_adapters``): one base pass for
         the batch, the rank-r term and g per row (``edora_kernels.mixed``). Only the adapters
-        the batch uses take part, however many the layer holds."""
+        the batch uses take part, however many the layer holds; adapters of another basis
+        (``extra_bases``) take the rank-r term on their rows from it."""
         rows = self.row_adapters
         if x.dim() < 2 or x.shape[0] != rows.numel():
             raise ValueError(f"{self._display_name()}: adapter_names gives {rows.numel()} rows "
@@ -310,30 +373,65 @@ class EDoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError(f"{self._display_name()} is merged; unmerge() before a batch "
                                "with adapter_names")
-        names = self.adapter_names
-        present = sorted(set(rows.tolist()) - {len(names)})  # rows live on the host
-        local = {index: i for i, index in enumerate(present)}
-        rows = torch.tensor([local.get(i, len(present)) for i in rows.tolist()])
         if self.kind.dense:
             def base(inp):
                 return F.linear(inp, self._w0(), self.bias)
         else:
             bases.prepare_base(self.base_layer, self.kind)
             base = self.base_layer
-        if not present:  # the base model's rows only
+        names, row_list = self.adapter_names, rows.tolist()  # rows live on the host
+        groups: dict[int, list[int]] = {}  # basis (by id) -> the indices of its adapters used
+        for index in sorted(set(row_list) - {len(names)}):
+            groups.setdefault(id(self.basis_of(names[index])), []).append(index)
+        if not groups:  # the base model's rows only
             return base(x)
-        used = [names[i] for i in present]
+        parts = [self._basis_rows(members, row_list) for members in groups.values()]
+        if len(parts) == 1:
+            basis, Rs, ms, norms, local = parts[0]
+            if dropout == 0.0 and self._serves_on_triton(x, Rs, ms, basis.rank):
+                return serve_mixed(x, None if self.kind.dense else base(x),
+                                   self._w0() if self.kind.dense else None, self.bias,
+                                   basis.A, basis.B, Rs, ms, basis.scaling, local, norms)
+        return self._through_epilogue(x, dropout, base,
+                                      lambda y0, x_in: self._mixed_epilogue(y0, x_in, parts))
+
+    def _basis_rows(self, members: list[int], row_list: list[int]) -> tuple:
+        """What one basis's rows of a mixed batch need: (basis, the stacked R and m of its
+        adapters ``members`` (indices in ``adapter_names``), their row norms, each row's index
+        among them — ``len(members)`` for a row of another basis or of the base model)."""
+        names = self.adapter_names
+        used = [names[i] for i in members]
         cores, magnitudes = zip(*map(self.adapter_weights, used))
         Rs, ms = torch.stack(cores), torch.stack(magnitudes)
-        norms = self._adapter_norms(used, cores, Rs)
-        if dropout == 0.0 and self._serves_on_triton(x, Rs, ms):
-            return serve_mixed(x, None if self.kind.dense else base(x),
-                               self._w0() if self.kind.dense else None, self.bias, self.A,
-                               self.B, Rs, ms, self.scaling, rows, norms)
-        return self._through_epilogue(x, dropout, base, lambda y0, x_in: mixed_epilogue(
-            y0, x_in, self.bias, self.A, self.B, Rs, ms, self.scaling, rows, norms))
+        basis = self.basis_of(used[0])
+        norms = self._adapter_norms(used, cores, Rs, basis)
+        position = {index: i for i, index in enumerate(members)}
+        local = torch.tensor([position.get(i, len(members)) for i in row_list])
+        return basis, Rs, ms, norms, local
 
-    def _serves_on_triton(self, x: torch.Tensor, Rs: torch.Tensor, ms: torch.Tensor) -> bool:
+    def _mixed_epilogue(self, y0: torch.Tensor, x: torch.Tensor, parts: list[tuple]
+                        ) -> torch.Tensor:
+        """The adapters' rows of ``y0 = base(x)``, one basis at a time; with several bases each
+        takes its own rows (the rows of none keep ``y0``)."""
+        if len(parts) == 1:
+            basis, Rs, ms, norms, local = parts[0]
+            return mixed_epilogue(y0, x, self.bias, basis.A, basis.B, Rs, ms, basis.scaling,
+                                  local, norms)
+        y = y0
+        for basis, Rs, ms, norms, local in parts:
+            own = (local < len(Rs)).nonzero().flatten()
+            where = own.to(x.device)
+            if self._serves_on_triton(x, Rs, ms, basis.rank):
+                rows_y = serve_mixed(x[where], y0[where], None, self.bias, basis.A, basis.B,
+                                     Rs, ms, basis.scaling, local[own], norms)
+            else:
+                rows_y = mixed_epilogue(y0[where], x[where], self.bias, basis.A, basis.B, Rs,
+                                        ms, basis.scaling, local[own], norms)
+            y = y.index_copy(0, where, rows_y)
+        return y
+
+    def _serves_on_triton(self, x: torch.Tensor, Rs: torch.Tensor, ms: torch.Tensor,
+                          rank: int) -> bool:
         """Whether a mixed batch runs on the Triton kernels: the layer's backend resolves to
         Triton for x and nothing needs gradients (training takes the composed path)."""
         from .backends import resolve
@@ -345,19 +443,19 @@ class EDoRALinear(nn.Module):
             return False
         from .backends.triton.configs import use_torch_path
 
-        return not use_torch_path(x.dtype, self.rank)
+        return not use_torch_path(x.dtype, rank)
 
-    def _adapter_norms(self, names: list[str], cores, Rs: torch.Tensor) -> torch.Tensor:
-        """‖W0 + s·B R_a A‖ per row for the adapters ``names`` (K×out, float64), whose R are
-        ``cores`` (stacked: ``Rs``). Detached norms (``detach_norm``) are kept per adapter while
-        its R and the norm terms stay the same: a served adapter's norm is computed once, a
-        trained one's once per step."""
-        terms = self.norm_terms()
+    def _adapter_norms(self, names: list[str], cores, Rs: torch.Tensor, basis) -> torch.Tensor:
+        """‖W0 + s·B R_a A‖ per row for the adapters ``names`` of ``basis`` (K×out, float64),
+        whose R are ``cores`` (stacked: ``Rs``). Detached norms (``detach_norm``) are kept per
+        adapter while its R and the norm terms stay the same: a served adapter's norm is
+        computed once, a trained one's once per step."""
+        terms = self.norm_terms(basis=basis)
         if terms is None:  # under torch.compile
-            terms = compute_norm_terms(self.base_weight(), self.A)
-        B = self.B.to(TERMS_DTYPE)
+            terms = compute_norm_terms(self.base_weight(), basis.A)
+        B = basis.B.to(TERMS_DTYPE)
         if not self.detach_norm or torch.compiler.is_compiling():
-            n = row_norm(terms, B @ Rs.to(TERMS_DTYPE), self.scaling)
+            n = row_norm(terms, B @ Rs.to(TERMS_DTYPE), basis.scaling)
             return n.detach() if self.detach_norm else n
         cache = self._norm_rows
         stale = [i for i, name in enumerate(names)
@@ -365,28 +463,30 @@ class EDoRALinear(nn.Module):
                  or not _same(cache[name][0], cores[i])]
         if stale:
             with torch.no_grad():
-                fresh = row_norm(terms, B @ Rs[stale].to(TERMS_DTYPE), self.scaling)
+                fresh = row_norm(terms, B @ Rs[stale].to(TERMS_DTYPE), basis.scaling)
             for i, n in zip(stale, fresh):
                 cache[names[i]] = (_stamp(cores[i]), terms, n)
         return torch.stack([cache[name][2] for name in names])
 
     # --- norm terms -----------------------------------------------------------------------------
 
-    def norm_terms(self, cached: bool = True):
-        """The float64 norm terms of (W0, A), cached here and recomputed when W0 or A changes
-        (docs/DESIGN.md §2); a quantized W0 is dequantized only then. None under
-        torch.compile for a dense base, where the op computes them in the graph (a cache keyed
-        on storages and version counters cannot be traced)."""
+    def norm_terms(self, cached: bool = True, basis=None):
+        """The float64 norm terms of (W0, A) — A of ``basis``, the layer's own by default —
+        cached with that basis and recomputed when W0 or A changes (docs/DESIGN.md §2); a
+        quantized W0 is dequantized only then. None under torch.compile for a dense base, where
+        the op computes them in the graph (a cache keyed on storages and version counters
+        cannot be traced)."""
+        basis = self if basis is None else basis
         if not cached:
-            return compute_norm_terms(self.base_weight(), self.A)
+            return compute_norm_terms(self.base_weight(), basis.A)
         if torch.compiler.is_compiling():
             if self.kind.dense:
                 return None
-            return compute_norm_terms(self.base_weight(), self.A)
-        terms = self.norm_cache.get(bases.stamped_weight(self.base_layer, self.kind), self.A,
-                                    self.base_weight)
+            return compute_norm_terms(self.base_weight(), basis.A)
+        terms = basis.norm_cache.get(bases.stamped_weight(self.base_layer, self.kind), basis.A,
+                                     self.base_weight)
         if os.environ.get(VERIFY_NORM_ENV, "0") not in ("", "0"):
-            fresh = compute_norm_terms(self.base_weight(), self.A)
+            fresh = compute_norm_terms(self.base_weight(), basis.A)
             for name, cached_term, exact in zip(terms._fields, terms, fresh):
                 if not torch.allclose(cached_term, exact, rtol=1e-12, atol=0):
                     raise RuntimeError(
@@ -398,15 +498,16 @@ class EDoRALinear(nn.Module):
 
     def refresh_norm_terms(self) -> None:
         """Forget the cached norm terms; the next forward recomputes them from W0 and A."""
-        self.norm_cache.clear()
+        for basis in (self, *self.extra_bases.values()):
+            basis.norm_cache.clear()
+        self._norm_rows.clear()
 
     def _display_name(self) -> str:
         return getattr(self, "adapted_name", None) or f"EDoRALinear({self.extra_repr()})"
 
     def _apply(self, fn, recurse=True):
         # .to()/.half()/.cuda(): the cached terms belong to the old tensors; free them now.
-        self.norm_cache.clear()
-        self._norm_rows.clear()
+        self.refresh_norm_terms()
         result = super()._apply(fn, recurse)
         # model.to(bf16) must not round R and m to half: an optimizer step of 1e-4 relative
         # would not move them (as PEFT keeps adapters in fp32 on half models).
@@ -418,12 +519,14 @@ class EDoRALinear(nn.Module):
     # --- merging ------------------------------------------------------------------------------
 
     def _norm_and_direction(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """‖V‖ and V = W0 + s·B R A for the active adapter on its basis."""
         w0 = self.base_weight()
         cdt = compute_dtype(w0.dtype)
         R, _ = self._active()
-        P = self.B.to(cdt) @ R.detach().to(cdt)
-        n = row_norm(compute_norm_terms(w0, self.A), P, self.scaling)
-        return n, w0.detach().to(cdt) + self.scaling * (P @ self.A.to(cdt))
+        basis = self.basis_of(self.active_adapter)
+        P = basis.B.to(cdt) @ R.detach().to(cdt)
+        n = row_norm(compute_norm_terms(w0, basis.A), P, basis.scaling)
+        return n, w0.detach().to(cdt) + basis.scaling * (P @ basis.A.to(cdt))
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
@@ -463,7 +566,8 @@ class EDoRALinear(nn.Module):
             raise RuntimeError(f"cannot merge: magnitude is 0 for rows {zero[:8].tolist()}; "
                                "merging would erase those rows of W0 for good")
         n, V = self._norm_and_direction()
-        self._merge_snapshot = (R.detach().clone(), magnitude.detach().clone(), n)
+        self._merge_snapshot = (R.detach().clone(), magnitude.detach().clone(), n,
+                                self.basis_of(self.active_adapter))
         self._w0().copy_((magnitude.to(n.dtype) / n).unsqueeze(1) * V)
         self.merged = True
 
@@ -485,9 +589,10 @@ class EDoRALinear(nn.Module):
         if not self.merged:
             return bases.dequantized_weight(self.base_layer, self.kind).detach()
         merged = self._w0()
-        R, m, n = (t.to(merged.device) for t in self._merge_snapshot)
+        *snapshot, basis = self._merge_snapshot
+        R, m, n = (t.to(merged.device) for t in snapshot)
         cdt = n.dtype
-        delta = self.scaling * (self.B.to(cdt) @ R.to(cdt) @ self.A.to(cdt))
+        delta = basis.scaling * (basis.B.to(cdt) @ R.to(cdt) @ basis.A.to(cdt))
         w0 = merged.detach().to(cdt) * (n / m.to(cdt)).unsqueeze(1) - delta
         return w0.to(merged.dtype)
 

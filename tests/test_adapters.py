@@ -2,16 +2,30 @@
 API): mixed batches in one pass — serving and training — against per-adapter runs and the float64
 reference; save/load of several adapters bit-exact; the basis stored once and fingerprinted; hot
 swaps that read no W0; the W0 reads of a mixed batch counted."""
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_served_mixed_batch, jitter_adapters, tiny_bert_classifier
+from helpers import (
+    add_second_basis,
+    check_served_mixed_batch,
+    jitter_adapters,
+    reference_row,
+    tiny_bert_classifier,
+)
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from edora_kernels import EDoRAConfig, EDoRALinear, EDoRAModel, get_edora_model
+from edora_kernels import (
+    EDoRAConfig,
+    EDoRALinear,
+    EDoRAModel,
+    export_peft_dora,
+    get_edora_model,
+)
+from edora_kernels.adapter_io import edora_layers
 from edora_kernels.mixed import BASE_NAME
-from edora_kernels.reference import edora_linear_reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,8 +37,9 @@ def classifier(seed=0):
 
 
 def config(seed=0, **changes):
-    return EDoRAConfig(r=4, alpha=8.0, target_modules=["query", "value"], task_type="SEQ_CLS",
-                       seed=seed, **changes)
+    settings = {"r": 4, "alpha": 8.0, "target_modules": ["query", "value"],
+                "task_type": "SEQ_CLS", **changes}
+    return EDoRAConfig(seed=seed, **settings)
 
 
 def _perturb(model, names):
@@ -82,22 +97,22 @@ def test_a_mixed_batch_equals_each_row_with_its_own_adapter():
                    for a in logits for b in logits if a < b)
 
 
-def test_a_mixed_batch_trains_each_adapter_on_its_own_rows_only():
-    """Multi-tenant training: one pass over the base for K users; each adapter's gradient is
-    the one a separate step on its own rows gives."""
-    model = three_adapters()
+def _check_multi_tenant_step(model, names: list[str]) -> None:
+    """One backward of a batch mixing ``names`` (one per row of IDS) gives every adapter
+    exactly the gradient of a separate step on its own rows."""
+    adapters = list(dict.fromkeys(n for n in names if n != BASE_NAME))
     model.train()
-    model.set_adapter(["default", "a", "b"])
-    loss = F.cross_entropy(model(input_ids=IDS, adapter_names=NAMES).logits, LABELS,
+    model.set_adapter(adapters)
+    loss = F.cross_entropy(model(input_ids=IDS, adapter_names=names).logits, LABELS,
                            reduction="sum")
     loss.backward()
     mixed = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert len(mixed) == 3 * (4 * 2 + 2)  # 4 layers × (R, m) + the classifier, per adapter
+    assert len(mixed) == len(adapters) * (4 * 2 + 2)  # 4 layers × (R, m) + the classifier
     separate = {}
-    for name in ("default", "a", "b"):
+    for name in adapters:
         model.zero_grad()
         model.set_adapter(name)
-        rows = [i for i, n in enumerate(NAMES) if n == name]
+        rows = [i for i, n in enumerate(names) if n == name]
         F.cross_entropy(model(input_ids=IDS[rows]).logits, LABELS[rows],
                         reduction="sum").backward()
         separate.update({n: p.grad.clone() for n, p in model.named_parameters()
@@ -107,10 +122,17 @@ def test_a_mixed_batch_trains_each_adapter_on_its_own_rows_only():
         torch.testing.assert_close(mixed[key], grad, rtol=0, atol=1e-12, msg=key)
 
 
+def test_a_mixed_batch_trains_each_adapter_on_its_own_rows_only():
+    """Multi-tenant training: one pass over the base for K users; each adapter's gradient is
+    the one a separate step on its own rows gives."""
+    _check_multi_tenant_step(three_adapters(), NAMES)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "nf4"])
 def test_layer_mixed_rows_against_the_float64_reference(kind):
     """One layer, every row against the dense reference with its adapter's R and m (a
-    quantized base: W0 = the dequantized weight)."""
+    quantized base: W0 = the dequantized weight); adapter "c" is on a second basis of another
+    rank and alpha."""
     torch.manual_seed(0)
     if kind == "nf4":
         bnb = pytest.importorskip("bitsandbytes")
@@ -125,28 +147,41 @@ def test_layer_mixed_rows_against_the_float64_reference(kind):
     layer = EDoRALinear.from_linear(base, 3, seed=0)
     layer.add_adapter("a", seed=1)
     layer.add_adapter("b", seed=2)
-    with torch.no_grad():
-        for name in layer.adapter_names:
-            for p in layer.adapter_weights(name):
-                p.add_(0.3 * torch.randn_like(p))
-    rows = torch.tensor([1, 0, 3, 2, 1])  # a, default, base, b, a
-    x = torch.randn(5, 2, 64, dtype=dtype, requires_grad=True)
+    add_second_basis(layer, "c", rank=5, alpha=3.0, seed=3)
+    jitter_adapters(layer, 0.3)
+    rows = torch.tensor([1, 0, 4, 3, 2, 1, 3])  # a, default, base, c, b, a, c
+    x = torch.randn(7, 2, 64, dtype=dtype, requires_grad=True)
     layer.row_adapters = rows
     y = layer(x)
     layer.row_adapters = None
     w0 = layer.base_weight().double()
-    b = layer.bias.double()
     for i, index in enumerate(rows.tolist()):
-        if index == 3:
-            want = F.linear(x[i].double(), w0, b)
+        if index == 4:
+            want = F.linear(x[i].double(), w0, layer.bias.double())
         else:
-            R, m = layer.adapter_weights(layer.adapter_names[index])
-            want = edora_linear_reference(x[i].detach().double(), w0, b, layer.A.double(),
-                                          layer.B.double(), R.detach().double(),
-                                          m.detach().double(), layer.scaling)
+            want = reference_row(layer, layer.adapter_names[index], x[i].detach())
         torch.testing.assert_close(y[i].double(), want, rtol=tol, atol=tol)
     y.sum().backward()
-    assert layer.R.grad is not None and torch.isfinite(x.grad).all()
+    assert torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for name in layer.adapter_names
+               for p in layer.adapter_weights(name))
+
+
+def test_a_layer_merges_and_unmerges_an_adapter_of_its_second_basis():
+    torch.manual_seed(0)
+    layer = EDoRALinear.from_linear(nn.Linear(37, 29).double(), 3, seed=0)
+    add_second_basis(layer, "c", rank=5, alpha=3.0, seed=3)
+    jitter_adapters(layer, 0.3)
+    layer.set_active_adapter("c")
+    x = torch.randn(4, 37, dtype=torch.float64)
+    with torch.no_grad():
+        want, w0 = layer(x), layer.weight.clone()
+        torch.testing.assert_close(want, reference_row(layer, "c", x), rtol=0, atol=1e-12)
+        layer.merge()
+        torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-12)
+        torch.testing.assert_close(layer.base_weight(), w0, rtol=0, atol=1e-12)
+        layer.unmerge()
+    torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-12)
 
 
 class _W0Reads(TorchDispatchMode):
@@ -169,11 +204,12 @@ class _W0Reads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _w0_reads(adapters: int) -> tuple[int, int]:
-    """W0 reads of one mixed training step with ``adapters`` adapters, and the layer count."""
+def _w0_reads(adapters: int, second_basis: bool = False) -> tuple[int, int]:
+    """W0 reads of one mixed training step with ``adapters`` adapters (every other one on a
+    second basis of rank 6), and the layer count."""
     model = get_edora_model(classifier(), config())
     for i in range(1, adapters):
-        model.add_adapter(f"user{i}", config(seed=i))
+        model.add_adapter(f"user{i}", config(seed=i, r=6 if second_basis and i % 2 else 4))
     model.set_adapter(model.adapter_names())
     model.train()
     layers = [m for m in model.modules() if isinstance(m, EDoRALinear)]
@@ -188,9 +224,10 @@ def _w0_reads(adapters: int) -> tuple[int, int]:
 def test_a_mixed_batch_reads_w0_at_most_twice_per_layer_however_many_adapters():
     one, layers = _w0_reads(1)
     many, _ = _w0_reads(8)
+    two_bases, _ = _w0_reads(8, second_basis=True)
     # x W0ᵀ forward, gy W0 backward (layer 0's query and value get no dx: their input is
     # the frozen embedding's output)
-    assert one == many == 2 * layers - 2
+    assert one == many == two_bases == 2 * layers - 2
 
 
 def test_save_and_load_several_adapters_bit_exactly(tmp_path):
@@ -229,10 +266,174 @@ def test_an_adapter_of_another_basis_is_refused_naming_what_differs(tmp_path):
     with pytest.raises(ValueError, match=r"layer 'bert\.encoder\.layer\.1\.attention\.self\."
                                          r"value': W0's bytes differ"):
         EDoRAModel.from_pretrained(other, tmp_path)
+    assert not edora_layers(other)  # refused: the model as it came
+    tweaked = get_edora_model(other, config())
+    with pytest.raises(ValueError, match=r"basis .* of another base model than this one .*"
+                                         r"layer 'bert\.encoder\.layer\.1\.attention\.self\."
+                                         r"value': W0's bytes differ"):
+        tweaked.load_adapter(tmp_path / "a", "a")
+    # the same base model, another seed: the tree carries that basis, but not where the
+    # adapter's directory alone is found
+    alone = tmp_path / "elsewhere" / "a"
+    shutil.copytree(tmp_path / "a", alone)
     reseeded = get_edora_model(classifier(), config(seed=9))
-    with pytest.raises(ValueError, match="trained on basis .*: seed: adapter 0, model 9"):
-        reseeded.load_adapter(tmp_path / "a", "a")
+    with pytest.raises(ValueError, match="trained on basis .*: seed: adapter 0, model 9.*does "
+                                         "not carry that basis"):
+        reseeded.load_adapter(alone, "a")
+    with pytest.raises(ValueError, match="not the one 'default' holds.*another name"):
+        reseeded.load_adapter(tmp_path, "default")
     assert reseeded.adapter_names() == ["default"]  # nothing added
+    assert all(not layer.extra_bases for layer in edora_layers(reseeded).values())
+
+
+def _second_tree(tmp_path):
+    """A tree trained on the same base model with another basis (r=6, alpha 3, seed 9):
+    "default" at its root, "c" in a subdirectory (R and m only)."""
+    settings = {"r": 6, "alpha": 3.0, "target_modules": ["query", "value"],
+                "task_type": "SEQ_CLS"}
+    other = get_edora_model(classifier(), EDoRAConfig(seed=9, **settings))
+    other.add_adapter("c", EDoRAConfig(seed=11, **settings))
+    _perturb(other, ["default", "c"])
+    other.save_pretrained(tmp_path)
+    return other
+
+
+def _served_on_two_bases(tmp_path, is_trainable=False):
+    """The three-adapter tree's model, then the second tree's adapters loaded beside them."""
+    model = three_adapters()
+    model.save_pretrained(tmp_path / "first")
+    other = _second_tree(tmp_path / "second")
+    served = EDoRAModel.from_pretrained(classifier(), tmp_path / "first",
+                                        is_trainable=is_trainable)
+    served.load_adapter(tmp_path / "first" / "a", "a", is_trainable=is_trainable)
+    served.load_adapter(tmp_path / "second", "other", is_trainable=is_trainable)  # its root
+    served.load_adapter(tmp_path / "second" / "c", "c", is_trainable=is_trainable)
+    return served, model, other
+
+
+TWO_BASES = ["other", "default", BASE_NAME, "c", "a", "other"]
+
+
+def test_an_adapter_of_another_basis_loads_with_the_basis_its_tree_carries(tmp_path):
+    served, model, other = _served_on_two_bases(tmp_path)
+    for layer in edora_layers(served).values():  # the second basis once, shared by two
+        assert [b.rank for b in layer.extra_bases.values()] == [6]
+        assert layer.basis_of("other") is layer.basis_of("c") is not layer
+    assert served.basis_fingerprint("c") == other.basis_fingerprint()
+    assert served.basis_fingerprint("a") == model.basis_fingerprint()
+    source = {"default": (model, "default"), "a": (model, "a"), "other": (other, "default"),
+              "c": (other, "c"), BASE_NAME: (model, BASE_NAME)}
+    with torch.no_grad():
+        mixed = served(input_ids=IDS, adapter_names=TWO_BASES).logits
+        for i, name in enumerate(TWO_BASES):
+            trained, adapter = source[name]
+            torch.testing.assert_close(mixed[i], _alone(trained, adapter, [i])[0], rtol=0,
+                                       atol=1e-12, msg=name)
+            torch.testing.assert_close(_alone(served, name, [i])[0], mixed[i], rtol=0,
+                                       atol=1e-12, msg=name)
+    # saved once more: the second basis goes with the first adapter written on it, once
+    served.save_pretrained(tmp_path / "both")
+    from safetensors.torch import load_file
+    keys = {n: set(load_file(tmp_path / "both" / n / "adapter_model.safetensors"))
+            for n in ("a", "other", "c")}
+    assert any(k.endswith(".A") for k in keys["other"])
+    assert all(k.endswith((".R", ".magnitude")) for k in keys["a"] | keys["c"])
+    restored = EDoRAModel.from_pretrained(classifier(), tmp_path / "both")
+    for name in ("a", "other", "c"):
+        restored.load_adapter(tmp_path / "both" / name, name)
+    with torch.no_grad():
+        assert torch.equal(restored(input_ids=IDS, adapter_names=TWO_BASES).logits, mixed)
+    # the basis leaves with its last adapter
+    served.delete_adapter("other")
+    assert all(len(layer.extra_bases) == 1 for layer in edora_layers(served).values())
+    served.delete_adapter("c")
+    assert all(not layer.extra_bases for layer in edora_layers(served).values())
+    assert served.adapter_names() == ["default", "a"]
+
+
+def test_an_adapter_added_with_another_rank_gets_the_basis_get_edora_model_builds(tmp_path):
+    model = three_adapters()
+    big = config(seed=9, r=6, alpha=3.0)
+    model.add_adapter("big", big)
+    fresh = get_edora_model(classifier(), big)
+    for name, layer in edora_layers(model).items():
+        own = layer.basis_of("big")
+        assert own is not layer and (own.rank, own.alpha) == (6, 3.0)
+        assert torch.equal(own.A, edora_layers(fresh)[name].A)
+        assert torch.equal(own.B, edora_layers(fresh)[name].B)
+    assert model.basis_fingerprint("big") == fresh.basis_fingerprint()
+    with torch.no_grad():  # it starts as the base model (to within R's tiny random start)
+        model.set_adapter("big")
+        started = model(input_ids=IDS).logits
+        with model.disable_adapter():
+            torch.testing.assert_close(started, model(input_ids=IDS).logits, rtol=0,
+                                       atol=1e-6)
+    # an adapter trained on that basis elsewhere loads onto it (the tree's copy is not used)
+    _perturb(fresh, ["default"])
+    fresh.save_pretrained(tmp_path)
+    model.load_adapter(tmp_path, "trained")
+    for layer in edora_layers(model).values():
+        assert layer.basis_of("trained") is layer.basis_of("big")
+        assert len(layer.extra_bases) == 1
+    with torch.no_grad():
+        mixed = model(input_ids=IDS, adapter_names=["trained", "a", "big"] * 2).logits
+        torch.testing.assert_close(mixed[0::3], fresh(input_ids=IDS[0::3]).logits, rtol=0,
+                                   atol=1e-12)
+        torch.testing.assert_close(mixed[2::3], started[2::3], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"alpha=5\.0 differs from its basis \(alpha=3\.0\)"):
+        model.add_adapter("louder", config(seed=9, r=6, alpha=5.0))
+    with pytest.raises(ValueError, match="rank 40 exceeds"):
+        model.add_adapter("huge", config(r=40))
+    assert model.adapter_names() == ["default", "a", "b", "big", "trained"]
+
+
+def test_an_adapter_of_a_second_basis_exports_to_peft_and_merges(tmp_path):
+    """The active adapter's own basis (rank 6, alpha 3) is what PEFT DoRA and the merged
+    weight get."""
+    peft = pytest.importorskip("peft")
+    served, _, other = _served_on_two_bases(tmp_path)
+    served.set_adapter("c")
+    with torch.no_grad():
+        expected = served(input_ids=IDS).logits
+        other.set_adapter("c")
+        torch.testing.assert_close(expected, other(input_ids=IDS).logits, rtol=0, atol=1e-12)
+    export_peft_dora(served, tmp_path / "peft")
+    exported = peft.PeftModel.from_pretrained(classifier(), tmp_path / "peft").eval()
+    assert exported.peft_config["default"].r == 6
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=IDS).logits, expected, rtol=1e-5,
+                                   atol=1e-5)
+        merged = served.merge_and_unload()
+        assert not edora_layers(merged)
+        torch.testing.assert_close(merged(input_ids=IDS).logits, expected, rtol=0, atol=1e-10)
+
+
+def test_adapters_on_two_bases_train_in_one_mixed_batch(tmp_path):
+    served, _, _ = _served_on_two_bases(tmp_path, is_trainable=True)
+    _check_multi_tenant_step(served, TWO_BASES)
+
+
+def test_a_loaded_second_basis_serves_hot_swaps_without_reading_w0(tmp_path, monkeypatch):
+    served, _, other = _served_on_two_bases(tmp_path)
+    with torch.no_grad():
+        served(input_ids=IDS, adapter_names=TWO_BASES)  # norm terms of both bases cached
+    from edora_kernels import basis, layer, norm
+    reads = []
+    monkeypatch.setattr(basis, "_digest", lambda t: reads.append("digest"))
+    monkeypatch.setattr(norm, "compute_norm_terms", lambda *a: reads.append("norm"))
+    monkeypatch.setattr(layer, "compute_norm_terms", lambda *a: reads.append("norm"))
+    served.load_adapter(tmp_path / "second" / "c", "c2")  # a new one on the loaded basis
+    served.load_adapter(tmp_path / "second", "c")          # replace one
+    with torch.no_grad():
+        got = served(input_ids=IDS, adapter_names=["c2", "c"] * 3).logits
+    assert reads == []
+    with torch.no_grad():
+        other.set_adapter("c")
+        torch.testing.assert_close(got[0::2], other(input_ids=IDS[0::2]).logits, rtol=0,
+                                   atol=1e-12)
+        other.set_adapter("default")
+        torch.testing.assert_close(got[1::2], other(input_ids=IDS[1::2]).logits, rtol=0,
+                                   atol=1e-12)
 
 
 def test_hot_swap_reads_no_w0_and_leaves_other_adapters_untouched(tmp_path, monkeypatch):
@@ -279,9 +480,10 @@ def test_hot_swap_into_a_compiled_model_does_not_recompile(tmp_path):
 
 def test_adapter_api_refusals():
     model = get_edora_model(classifier(), config())
-    with pytest.raises(ValueError, match="r=8 differs from the model's basis"):
-        model.add_adapter("x", EDoRAConfig(r=8, alpha=8.0, target_modules=["query", "value"],
-                                           task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match=r"alpha=2\.0 differs from its basis \(alpha=8\.0\)"):
+        model.add_adapter("x", config(alpha=2.0))
+    with pytest.raises(ValueError, match=r"dropout=0\.1 differs from its basis"):
+        model.add_adapter("x", config(r=6, dropout=0.1))
     with pytest.raises(ValueError, match="targets other layers"):
         model.add_adapter("x", EDoRAConfig(r=4, alpha=8.0, target_modules=["query"]))
     for bad in (BASE_NAME, "with.dot", ""):
@@ -335,14 +537,16 @@ def test_bench_adapters_writes_each_provider_and_the_peft_refusal(tmp_path):
     assert all(float(r["p50"]) > 0 for r in rows if r["metric"] == "time_ms")
 
 
-@pytest.mark.parametrize("kind, in_f, out_f, rank, tokens", [
-    ("linear", 37, 45, 1, 1), ("linear", 64, 48, 3, 7), ("linear", 40, 24, 16, 5),
-    ("nf4", 64, 48, 3, 7)])  # bitsandbytes' CPU 4-bit kernel takes multiples of 64
-def test_triton_serves_a_mixed_batch_in_one_launch(kind, in_f, out_f, rank, tokens,
+@pytest.mark.parametrize("kind, in_f, out_f, rank, tokens, second", [
+    ("linear", 37, 45, 1, 1, False), ("linear", 64, 48, 3, 7, False),
+    ("linear", 40, 24, 16, 5, False), ("linear", 37, 45, 3, 2, True),
+    ("nf4", 64, 48, 3, 7, False), ("nf4", 64, 48, 3, 2, True)])  # bnb's CPU 4-bit: 64 | in
+def test_triton_serves_a_mixed_batch_in_one_launch(kind, in_f, out_f, rank, tokens, second,
                                                     monkeypatch):
     """Serving (no grad) on the Triton backend: one launch of the forward GEMM (or of the
     epilogue pass over a quantized base's y0) with g per token from the adapters' table,
-    against the composed path and the float64 reference; base rows are the base layer."""
+    against the composed path and the float64 reference; base rows are the base layer. With
+    adapters on a second basis: one epilogue launch per basis over the shared y0."""
     from edora_kernels.backends.triton import mixed as triton_mixed
 
     torch.manual_seed(0)
@@ -356,11 +560,13 @@ def test_triton_serves_a_mixed_batch_in_one_launch(kind, in_f, out_f, rank, toke
     layer = EDoRALinear.from_linear(base, rank, seed=0, backend="triton")
     for name, seed in (("a", 1), ("b", 2)):
         layer.add_adapter(name, seed=seed)
+    if second:
+        add_second_basis(layer, "c", rank=rank + 2, alpha=5.0, seed=4)
     jitter_adapters(layer, 0.3)
     launches = []
     monkeypatch.setattr(triton_mixed, "launch",
                         lambda kernel, grid, **args: launches.append(args) or
                         kernel[grid](**args))
-    rows = torch.tensor([1, 0, 3, 2, 1])  # a, default, base, b, a
-    check_served_mixed_batch(layer, rows, torch.randn(5, tokens, in_f), torch.float32)
-    assert len(launches) == 1 and launches[0]["G_ROWS"]
+    rows = torch.tensor([1, 0, 4, 2, 1, 3] if second else [1, 0, 3, 2, 1])
+    check_served_mixed_batch(layer, rows, torch.randn(len(rows), tokens, in_f), torch.float32)
+    assert len(launches) == 1 + second and all(args["G_ROWS"] for args in launches)

@@ -15,6 +15,7 @@ from edora_kernels import (
     export_peft_dora,
     get_edora_model,
 )
+from edora_kernels.adapter_io import edora_layers
 from edora_kernels.checks import pattern_value
 
 peft = pytest.importorskip("peft")
@@ -117,5 +118,17 @@ def test_pattern_refusals():
     with pytest.raises(ValueError, match="use_rslora=True with rank_pattern"):
         EDoRAConfig.from_lora_config(lora)
     base = get_edora_model(tiny_bert_classifier(), EDoRAConfig(r=4, target_modules=TARGETS))
-    with pytest.raises(ValueError, match="rank_pattern=.* differs from the model's basis"):
-        base.add_adapter("other", EDoRAConfig(r=4, target_modules=TARGETS, rank_pattern=RANKS))
+    with pytest.raises(ValueError, match="rank 40 exceeds .*query"):
+        base.add_adapter("other", EDoRAConfig(r=4, target_modules=TARGETS,
+                                              rank_pattern={"query": 40}))
+    assert base.adapter_names() == ["default"]
+
+
+def test_an_adapter_added_with_a_rank_pattern_gets_a_basis_of_those_ranks():
+    patterned = EDoRAConfig(r=4, target_modules=TARGETS, rank_pattern=RANKS)
+    base = get_edora_model(tiny_bert_classifier(), EDoRAConfig(r=4, target_modules=TARGETS))
+    base.add_adapter("other", patterned)
+    alone = get_edora_model(tiny_bert_classifier(), patterned)
+    ranks = {n: layer.basis_of("other").rank for n, layer in edora_layers(base).items()}
+    assert ranks == {n: layer.rank for n, layer in edora_layers(alone).items()}
+    assert len(set(ranks.values())) > 1
