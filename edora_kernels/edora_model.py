@@ -390,28 +390,38 @@ class EDoRAModel(nn.Module):
         where = os.path.join(directory, WEIGHTS_NAME)
         state, _ = read_file(where)
         key, new_basis = self._basis_for(directory, config)
-        if adapter_name in self._configs and self._adapter_basis[adapter_name] != key:
-            if adapter_name == DEFAULT_ADAPTER:
-                raise ValueError(
-                    f"{directory}: the adapter was trained on basis "
-                    f"{config.basis['digest']}, not the one {DEFAULT_ADAPTER!r} holds "
-                    f"({self.basis_fingerprint()['digest']}); load it under another name")
-            self.delete_adapter(adapter_name)  # a name reused for an adapter of another basis
+        replacing = adapter_name in self._configs and self._adapter_basis[adapter_name] != key
+        if replacing and adapter_name == DEFAULT_ADAPTER:
+            raise ValueError(
+                f"{directory}: the adapter was trained on basis {config.basis['digest']}, not "
+                f"the one {DEFAULT_ADAPTER!r} holds ({self.basis_fingerprint()['digest']}); "
+                "load it under another name")
         # PEFT's rule: an adapter loaded without is_trainable is for inference only.
         config = dataclasses.replace(config, basis=None, inference_mode=not is_trainable)
-        added = adapter_name not in self._configs
+        added = adapter_name not in self._configs or replacing
         if added:
-            check_adapter_name(adapter_name, self.adapter_names())
+            if not replacing:
+                check_adapter_name(adapter_name, self.adapter_names())
             self._check_same_basis_settings(adapter_name, config, key)
+        layers = edora_layers(self.base_model)
+        if new_basis is not None:
+            ranks = {n: A.shape[0] for n, (A, _, _) in new_basis[1].items()}
+        else:
+            ranks = {n: (layer if key is None else layer.extra_bases[key]).rank
+                     for n, layer in layers.items()}
+        _check_cores(layers, state, ranks, adapter_name, where)
+        # Every check passed: only now does the model change.
+        if replacing:
+            self.delete_adapter(adapter_name)  # a name reused for an adapter of another basis
+        if added:
             if new_basis is not None:
                 self._add_basis(key, *new_basis)
             self._add_on_basis(adapter_name, config, key)
+        _copy_cores(layers, state, adapter_name)
         try:
-            layers = edora_layers(self.base_model)
-            _copy_cores(layers, state, adapter_name, where)
             _load_heads(self.base_model, directory, self.heads(), adapter_name)
         except ValueError:
-            if added:  # the model as it was: no half-loaded adapter, no orphaned basis
+            if added:  # no half-loaded adapter, no orphaned basis
                 self.delete_adapter(adapter_name)
             raise
         self._configs[adapter_name] = config
@@ -707,13 +717,14 @@ def _holds_basis(path: str) -> bool:
         return f.metadata() is not None and f.metadata().get("format") != CORES_FORMAT
 
 
-@torch.no_grad()
-def _copy_cores(layers: dict, state: dict, adapter_name: str, where: str) -> None:
-    """R and magnitude of every layer from ``state`` into ``adapter_name``; every key, shape and
-    value checked (as every adapter load checks them) before anything is copied."""
-    targets = {f"{layer_name}.{t}": target for layer_name, layer in layers.items()
-               for t, target in zip(("R", "magnitude"), layer.adapter_weights(adapter_name))}
-    expected = {key: tuple(target.shape) for key, target in targets.items()}
+def _check_cores(layers: dict, state: dict, ranks: dict[str, int], adapter_name: str,
+                 where: str) -> None:
+    """``state`` holds R (rank×rank, ``ranks`` by layer) and magnitude of every layer, finite,
+    and nothing else but a basis (A, B); a ValueError lists every problem."""
+    expected = {}
+    for name, layer in layers.items():
+        expected.update({f"{name}.R": (ranks[name], ranks[name]),
+                         f"{name}.magnitude": (layer.out_features,)})
     problems = []
     missing = [key for key in expected if key not in state]
     if missing:
@@ -728,8 +739,15 @@ def _copy_cores(layers: dict, state: dict, adapter_name: str, where: str) -> Non
     if problems:
         raise ValueError(f"cannot load {where} as adapter {adapter_name!r}: "
                          + "; ".join(problems))
-    for key, target in targets.items():
-        copy_whole(target, state[key])
+
+
+@torch.no_grad()
+def _copy_cores(layers: dict, state: dict, adapter_name: str) -> None:
+    """R and magnitude of every layer from ``state`` (checked: :func:`_check_cores`) into
+    ``adapter_name``."""
+    for name, layer in layers.items():
+        for t, target in zip(("R", "magnitude"), layer.adapter_weights(adapter_name)):
+            copy_whole(target, state[f"{name}.{t}"])
 
 
 def _set_disabled(module, disabled: bool) -> None:

@@ -424,16 +424,43 @@ def test_a_loaded_second_basis_serves_hot_swaps_without_reading_w0(tmp_path, mon
     monkeypatch.setattr(layer, "compute_norm_terms", lambda *a: reads.append("norm"))
     served.load_adapter(tmp_path / "second" / "c", "c2")  # a new one on the loaded basis
     served.load_adapter(tmp_path / "second", "c")          # replace one
+    served.load_adapter(tmp_path / "second" / "c", "a")    # one of the model's basis, too
     with torch.no_grad():
-        got = served(input_ids=IDS, adapter_names=["c2", "c"] * 3).logits
+        got = served(input_ids=IDS, adapter_names=["c2", "c", "a"] * 2).logits
     assert reads == []
     with torch.no_grad():
-        other.set_adapter("c")
-        torch.testing.assert_close(got[0::2], other(input_ids=IDS[0::2]).logits, rtol=0,
-                                   atol=1e-12)
-        other.set_adapter("default")
-        torch.testing.assert_close(got[1::2], other(input_ids=IDS[1::2]).logits, rtol=0,
-                                   atol=1e-12)
+        for rows, adapter in ((slice(0, None, 3), "c"), (slice(1, None, 3), "default"),
+                              (slice(2, None, 3), "c")):
+            other.set_adapter(adapter)
+            torch.testing.assert_close(got[rows], other(input_ids=IDS[rows]).logits, rtol=0,
+                                       atol=1e-12)
+    layers = edora_layers(served).values()
+    assert all(layer.basis_of("a") is layer.basis_of("c") for layer in layers)
+
+
+def test_a_damaged_adapter_of_another_basis_leaves_the_model_as_it_was(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    served, _, _ = _served_on_two_bases(tmp_path)
+    served.delete_adapter("other")
+    served.delete_adapter("c")
+    before = {n: t.clone() for n, t in served.state_dict().items()}
+    damaged = tmp_path / "second" / "damaged"
+    shutil.copytree(tmp_path / "second" / "c", damaged)
+    state = load_file(damaged / "adapter_model.safetensors")
+    key = next(k for k in state if k.endswith(".R"))
+    state[key] = state[key][:, :5].contiguous()
+    save_file(state, damaged / "adapter_model.safetensors",
+              metadata={"format": "edora_kernels.adapter_cores", "format_version": "1"})
+    for name in ("a", "new"):  # replacing one of the model's basis, adding one
+        with pytest.raises(ValueError, match=rf"as adapter '{name}': bad tensors: .*R: got "
+                                             r"\(6, 5\), expected \(6, 6\)"):
+            served.load_adapter(damaged, name)
+    assert served.adapter_names() == ["default", "a"]
+    assert all(not layer.extra_bases for layer in edora_layers(served).values())
+    after = served.state_dict()
+    assert sorted(after) == sorted(before)
+    assert all(torch.equal(after[n], t) for n, t in before.items())
 
 
 def test_hot_swap_reads_no_w0_and_leaves_other_adapters_untouched(tmp_path, monkeypatch):
