@@ -359,7 +359,8 @@ class EDoRALinear(nn.Module):
         if self.dropout_mode == "lowrank":
             return epilogue(y0, x_drop)
         y0_drop = base(x_drop)
-        return epilogue(y0_drop, x_drop) + (y0 - y0_drop)
+        correction = y0 - y0_drop  # first: the epilogue may add into y0_drop in place
+        return epilogue(y0_drop, x_drop) + correction
 
     def _mixed_forward(self, x: torch.Tensor, dropout: float) -> torch.Tensor:
         """Each leading row of ``x`` with its own adapter (``row_adapters``): one base pass for
@@ -412,11 +413,12 @@ class EDoRALinear(nn.Module):
     def _mixed_epilogue(self, y0: torch.Tensor, x: torch.Tensor, parts: list[tuple]
                         ) -> torch.Tensor:
         """The adapters' rows of ``y0 = base(x)``, one basis at a time; with several bases each
-        takes its own rows (the rows of none keep ``y0``)."""
+        takes its own rows (the rows of none keep ``y0``). A dense base's y0 comes from our own
+        ``F.linear`` (no hook of the base layer holds it), so the epilogue adds into it."""
         if len(parts) == 1:
             basis, Rs, ms, norms, local = parts[0]
             return mixed_epilogue(y0, x, self.bias, basis.A, basis.B, Rs, ms, basis.scaling,
-                                  local, norms)
+                                  local, norms, own_y0=self.kind.dense)
         y = y0
         for basis, Rs, ms, norms, local in parts:
             own = (local < len(Rs)).nonzero().flatten()
@@ -426,7 +428,7 @@ class EDoRALinear(nn.Module):
                                      Rs, ms, basis.scaling, local[own], norms)
             else:
                 rows_y = mixed_epilogue(y0[where], x[where], self.bias, basis.A, basis.B, Rs,
-                                        ms, basis.scaling, local[own], norms)
+                                        ms, basis.scaling, local[own], norms, own_y0=True)
             y = y.index_copy(0, where, rows_y)
         return y
 

@@ -3,15 +3,16 @@
 The adapters of a layer share its basis (A, B) and differ only in R and m, so a mixed batch
 costs what one adapter costs plus a per-row r×r product and a per-row gather of g:
 
-    y0 = base(x)                  once for the whole batch (one read of W0)
-    v  = x Aᵀ                     once (N×r)
-    t_i = R_{a(i)} v_i            per row: its adapter's core
-    z  = y0 − b + s·t Bᵀ          one GEMM with the shared B
-    y_i = g_{a(i)} ⊙ z_i + b      g_a = m_a / ‖W0 + s·B R_a A‖, every adapter's norm at once
+    y0 = base(x)                        once for the whole batch (one read of W0)
+    v  = x Aᵀ                           once (N×r)
+    t_i = R_{a(i)} v_i                  per row: its adapter's core
+    z  = y0 + s·t Bᵀ                    one GEMM with the shared B, into y0
+    y_i = g_{a(i)} ⊙ z_i + (1 − g_{a(i)}) ⊙ b
+                                        g_a = m_a / ‖W0 + s·B R_a A‖, every adapter's at once
 
-and rows of the base model (``BASE_ROW``) are ``y0`` itself, bit for bit. It is written in
-differentiable torch ops: backward gives each adapter's R and m the gradient of its own rows
-only, and reads W0 once more (dx), however many adapters the batch holds.
+and rows of the base model are ``y0`` itself, bit for bit (their core is 0 and their g 1). It
+is written in differentiable torch ops: backward gives each adapter's R and m the gradient of
+its own rows only, and reads W0 once more (dx), however many adapters the batch holds.
 """
 from __future__ import annotations
 
@@ -23,39 +24,44 @@ from .norm import TERMS_DTYPE, compute_dtype
 BASE_NAME = "__base__"
 
 
-def _row_terms(x, A, cores, ms, norms, idx, cdt) -> tuple[torch.Tensor, torch.Tensor]:
-    """``t`` (batch×T×r): each leading row's core ``cores[idx[i]]`` applied to its x·Aᵀ; and
-    ``g = m / n`` per adapter (K×out), in ``cdt``."""
+def _row_terms(x, A, Rs, ms, norms, rows, cdt) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` (batch×T×r): each leading row's core ``Rs[rows[i]]`` applied to its x·Aᵀ; and the
+    table of ``g = m / n`` (K+1 rows × out, in ``cdt``). A base row (``rows[i] == K``) takes the
+    extra core 0 and table row of ones, so that it comes out as ``y0`` itself."""
+    cores = torch.cat([Rs.to(cdt), Rs.new_zeros(1, *Rs.shape[1:], dtype=cdt)])
+    g = (ms.to(TERMS_DTYPE) / norms).to(cdt)
+    g_table = torch.cat([g, g.new_ones(1, g.shape[1])])
     v = x.reshape(x.shape[0], -1, x.shape[-1]).to(cdt) @ A.to(cdt).T        # batch×T×r
-    t = torch.bmm(v, cores.to(cdt)[idx].transpose(1, 2))
-    return t, (ms.to(TERMS_DTYPE) / norms).to(cdt)
+    return torch.bmm(v, cores[rows].transpose(1, 2)), g_table
 
 
 def mixed_epilogue(y0: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
                    A: torch.Tensor, B: torch.Tensor, Rs: torch.Tensor, ms: torch.Tensor,
-                   scaling: float, rows: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+                   scaling: float, rows: torch.Tensor, norms: torch.Tensor, *,
+                   own_y0: bool = False) -> torch.Tensor:
     """``y`` for a batch whose leading row i (``x[i]``, all its tokens) uses adapter
     ``rows[i]``: a core of ``Rs`` (K×r×r) and a magnitude of ``ms`` (K×out); ``rows[i] == K``
-    runs the base alone (``y0``, untouched). ``y0 = base(x)`` (bias included), ``norms`` the
+    runs the base alone (``y0``, bit for bit). ``y0 = base(x)`` (bias included), ``norms`` the
     adapters' row norms ‖W0 + s·B R_a A‖ (K×out, float64: ``row_norm`` of the stacked B R_a).
-    ``rows`` stays on the host (whether base rows exist is read there)."""
-    batch, out_features, K = x.shape[0], y0.shape[-1], Rs.shape[0]
+    ``own_y0``: nobody else holds ``y0``, so the rank-r term is added into it in place.
+
+    ``g ⊙ (y0 − b + s·t Bᵀ) + b`` is computed as ``g ⊙ (y0 + s·t Bᵀ) + (1 − g) ⊙ b``: one
+    pass over batch×out fewer, and a base row (t = 0, g = 1) adds exact zeros."""
+    batch, out_features = x.shape[0], y0.shape[-1]
     cdt = compute_dtype(y0.dtype)
-    has_base_rows = bool((rows >= K).any())
-    idx = rows.clamp_max(K - 1).to(x.device)
-    y0_rows = y0.reshape(batch, -1, out_features)
-    t, g = _row_terms(x, A, Rs, ms, norms, idx, cdt)
-    base = y0_rows.to(cdt) if bias is None else y0_rows.to(cdt) - bias.to(cdt)
-    z = torch.baddbmm(base, t, B.to(cdt).T.expand(batch, -1, -1), alpha=scaling)
-    g_rows = g[idx].unsqueeze(1)
+    idx = rows.to(x.device)
+    t, g_table = _row_terms(x, A, Rs, ms, norms, idx, cdt)
+    z = y0.reshape(batch, -1, out_features)
+    own = own_y0 or z.dtype != cdt  # .to(cdt) below copies
+    z = z.to(cdt)
+    Bt = B.to(cdt).T.expand(batch, -1, -1)
+    z = z.baddbmm_(t, Bt, alpha=scaling) if own else torch.baddbmm(z, t, Bt, alpha=scaling)
+    g_rows = g_table[idx].unsqueeze(1)
     if torch.is_grad_enabled():
-        y = g_rows * z if bias is None else torch.addcmul(bias.to(cdt), g_rows, z)
+        y = g_rows * z if bias is None else torch.addcmul((1 - g_rows) * bias.to(cdt), g_rows, z)
     else:  # serving: in place, no temporaries
-        y = z.mul_(g_rows) if bias is None else z.mul_(g_rows).add_(bias.to(cdt))
-    y = y.to(y0.dtype)
-    if has_base_rows:
-        y = torch.where((rows >= K).to(x.device).view(batch, 1, 1), y0_rows, y)
-    return y.reshape(y0.shape)
+        y = z.mul_(g_rows) if bias is None else z.mul_(g_rows).add_((1 - g_rows) * bias.to(cdt))
+    return y.to(y0.dtype).reshape(y0.shape)
 
 
 def serve_mixed(x: torch.Tensor, y0: torch.Tensor | None, weight: torch.Tensor | None,
@@ -64,17 +70,15 @@ def serve_mixed(x: torch.Tensor, y0: torch.Tensor | None, weight: torch.Tensor |
                 norms: torch.Tensor) -> torch.Tensor:
     """The mixed batch of :func:`mixed_epilogue` (no autograd) on the Triton kernels: the
     forward GEMM on ``weight`` (a dense base), or the epilogue pass over ``y0`` (any other
-    base). Rows of the base model get the table row g = 1 and t = 0."""
+    base)."""
     from .backends.triton.mixed import mixed_epilogue_forward, mixed_forward
 
     batch, cdt = x.shape[0], compute_dtype(x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
     tokens = x2.shape[0] // max(batch, 1)
-    cores = torch.cat([Rs, Rs.new_zeros(1, *Rs.shape[1:])])                  # + the base's
     idx = rows.to(x.device)
-    t, g = _row_terms(x, A, cores, ms, norms, idx, cdt)
+    t, g_table = _row_terms(x, A, Rs, ms, norms, idx, cdt)
     t = t.reshape(-1, Rs.shape[-1])
-    g_table = torch.cat([g, g.new_ones(1, g.shape[1])])                       # (K+1)×out
     g_rows = idx.to(torch.int32).repeat_interleave(tokens)
     sB = (scaling * B.to(cdt)).to(x.dtype)
     if y0 is None:

@@ -167,6 +167,47 @@ def test_layer_mixed_rows_against_the_float64_reference(kind):
                for p in layer.adapter_weights(name))
 
 
+@pytest.mark.parametrize("mode", ["peft", "lowrank"])
+@pytest.mark.parametrize("second", [False, True])
+def test_layer_mixed_rows_with_dropout_against_the_float64_reference(mode, second,
+                                                                      monkeypatch):
+    """Training-mode dropout in a mixed batch (base rows; one basis or two), with the dropout
+    mask fixed: "peft" runs the base on the dropped input too and corrects by base(x) −
+    base(x̃), "lowrank" feeds x̃ to the rank-r branch only."""
+    torch.manual_seed(0)
+    layer = EDoRALinear.from_linear(nn.Linear(37, 29).double(), 3, seed=0, dropout=0.25,
+                                    dropout_mode=mode)
+    layer.add_adapter("a", seed=1)
+    if second:
+        add_second_basis(layer, "c", rank=5, alpha=3.0, seed=3)
+    else:
+        layer.add_adapter("c", seed=3)
+    jitter_adapters(layer, 0.3)
+    x = torch.randn(5, 4, 37, dtype=torch.float64)
+    mask = (torch.rand(x.shape, generator=torch.Generator().manual_seed(2)) > 0.25).double()
+    monkeypatch.setattr(F, "dropout", lambda inp, p, training: inp * mask / (1 - p))
+    rows = torch.tensor([2, 0, 3, 1, 2])  # c, default, base, a, c
+    layer.train()
+    layer.row_adapters = rows
+    y = layer(x)
+    layer.row_adapters = None
+    w0, x_drop = layer.base_weight(), x * mask / 0.75
+    for i, index in enumerate(rows.tolist()):
+        if index == 3:
+            want = F.linear(x[i], w0, layer.bias)
+        elif mode == "peft":
+            want = reference_row(layer, layer.adapter_names[index], x_drop[i]) \
+                + (x[i] - x_drop[i]) @ w0.T
+        else:
+            name = layer.adapter_names[index]
+            R, m = layer.adapter_weights(name)
+            basis = layer.basis_of(name)
+            V = w0 + basis.scaling * basis.B @ R.detach() @ basis.A
+            low = basis.scaling * x_drop[i] @ (basis.B @ R.detach() @ basis.A).T
+            want = (m.detach() / V.norm(dim=1)) * (x[i] @ w0.T + low) + layer.bias
+        torch.testing.assert_close(y[i], want, rtol=0, atol=1e-12, msg=f"row {i}")
+
+
 def test_a_layer_merges_and_unmerges_an_adapter_of_its_second_basis():
     torch.manual_seed(0)
     layer = EDoRALinear.from_linear(nn.Linear(37, 29).double(), 3, seed=0)
