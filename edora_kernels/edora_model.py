@@ -439,6 +439,13 @@ class EDoRAModel(nn.Module):
             if basis.difference(saved, self._fingerprint(key)) is None:
                 return key, None
         own = self.basis_fingerprint()
+        theirs, ours = set(saved["layers"]), set(own["layers"])
+        if theirs != ours:
+            raise ValueError(
+                f"{directory}: the adapter adapts other layers than this model's adapters (only "
+                f"the adapter: {sorted(theirs - ours)[:4]}, only the model: "
+                f"{sorted(ours - theirs)[:4]}); every adapter of one model adapts the same "
+                "layers")
         why = basis.base_difference(saved, own)
         if why is not None:
             raise ValueError(

@@ -323,6 +323,12 @@ def test_an_adapter_of_another_basis_is_refused_naming_what_differs(tmp_path):
         reseeded.load_adapter(alone, "a")
     with pytest.raises(ValueError, match="not the one 'default' holds.*another name"):
         reseeded.load_adapter(tmp_path, "default")
+    narrower = get_edora_model(classifier(), config(r=6, target_modules=["query"]))
+    narrower.save_pretrained(tmp_path / "narrower")
+    with pytest.raises(ValueError, match=r"adapts other layers than this model's adapters \(only "
+                                         r"the adapter: \[\], only the model: \['bert\.encoder"
+                                         r"\.layer\.0\.attention\.self\.value'"):
+        reseeded.load_adapter(tmp_path / "narrower", "narrower")
     assert reseeded.adapter_names() == ["default"]  # nothing added
     assert all(not layer.extra_bases for layer in edora_layers(reseeded).values())
 
