@@ -507,6 +507,15 @@ class EDoRALinear(nn.Module):
     def _display_name(self) -> str:
         return getattr(self, "adapted_name", None) or f"EDoRALinear({self.extra_repr()})"
 
+    def __getstate__(self) -> dict:
+        # Caches kept with weak references to the storages of the tensors they were computed
+        # from (each adapter's norms, W0's digest) belong to those tensors: a pickle or a copy
+        # starts without them (NormTermsCache does the same for itself).
+        state = self.__dict__.copy()
+        state["_norm_rows"] = {}
+        state.pop("_weight_digest", None)
+        return state
+
     def _apply(self, fn, recurse=True):
         # .to()/.half()/.cuda(): the cached terms belong to the old tensors; free them now.
         self.refresh_norm_terms()

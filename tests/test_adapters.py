@@ -298,6 +298,24 @@ def test_save_and_load_several_adapters_bit_exactly(tmp_path):
         assert torch.equal(alone(input_ids=IDS).logits, model(input_ids=IDS).logits)
 
 
+def test_a_model_that_served_and_saved_adapters_pickles(tmp_path):
+    """The caches a mixed batch and save_pretrained leave behind (norms per adapter, W0's
+    digest: weak references to storages) do not travel into a pickle or a copy."""
+    import io
+
+    model, _, _ = _served_on_two_bases(tmp_path)
+    with torch.no_grad():
+        expected = model(input_ids=IDS, adapter_names=TWO_BASES).logits
+    model.save_pretrained(tmp_path / "saved")
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(restored(input_ids=IDS, adapter_names=TWO_BASES).logits, expected)
+    assert restored.basis_fingerprint("c") == model.basis_fingerprint("c")
+
+
 def test_an_adapter_of_another_basis_is_refused_naming_what_differs(tmp_path):
     model = three_adapters()
     model.save_pretrained(tmp_path)
