@@ -50,7 +50,7 @@ from .export import merge_and_unload, unload
 from .install import install, positions
 from .integrations.peft import target_names
 from .layer import DEFAULT_ADAPTER, EDoRALinear, check_adapter_name
-from .mixed import row_indices
+from .mixed import RowAssignment, as_assignment, row_indices
 from .model import apply_edora, check_weights, factorise
 
 CORES_FORMAT = "edora_kernels.adapter_cores"  # R and magnitude only, on a basis saved elsewhere
@@ -71,7 +71,7 @@ class TrainedHead(nn.Module):
         self.extra_trained = nn.ModuleDict()              # the others, by name
         self.active_adapter = DEFAULT_ADAPTER
         self.use_original = False
-        self.row_adapters: torch.Tensor | None = None     # as EDoRALinear.row_adapters
+        self.row_adapters = None                          # as EDoRALinear.row_adapters
 
     @property
     def adapter_names(self) -> list[str]:
@@ -88,17 +88,19 @@ class TrainedHead(nn.Module):
             return self.original_module(*args, **kwargs)
         if self.row_adapters is None:
             return self.module_for(self.active_adapter)(*args, **kwargs)
-        # Each row through its adapter's head (the base model's rows: the original).
+        # Each row through its adapter's head (the base model's rows: the original); which
+        # rows is read on the host, so the device is never waited on.
         x, rest = args[0], args[1:]
-        rows = self.row_adapters.to(x.device)
+        assignment = as_assignment(self.row_adapters)
         modules = [*map(self.module_for, self.adapter_names), self.original_module]
-        selections, outputs = [], []
-        for index in rows.unique().tolist():
-            selected = (rows == index).nonzero().squeeze(1)
-            selections.append(selected)
-            outputs.append(modules[index](x[selected], *rest, **kwargs))
-        order = torch.cat(selections).argsort()
-        return torch.cat(outputs)[order]
+        selections: dict[int, list[int]] = {}
+        for row, index in enumerate(assignment.values):
+            selections.setdefault(index, []).append(row)
+        outputs = [modules[index](x[assignment.index(rows, x.device)], *rest, **kwargs)
+                   for index, rows in selections.items()]
+        gathered = [row for rows in selections.values() for row in rows]
+        order = sorted(range(len(gathered)), key=gathered.__getitem__)
+        return torch.cat(outputs)[assignment.index(order, x.device)]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The unwrapped head's own keys (a checkpoint of the base model, loaded after a
@@ -196,7 +198,7 @@ class EDoRAModel(nn.Module):
                             f"the string {adapter_names!r}")
         inputs = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
         batch = inputs[0].shape[0] if inputs and inputs[0].dim() else len(adapter_names)
-        rows = row_indices(adapter_names, self.adapter_names(), batch)
+        rows = RowAssignment(row_indices(adapter_names, self.adapter_names(), batch))
         modules = [m for m in self.base_model.modules()
                    if isinstance(m, (EDoRALinear, TrainedHead))]
         for module in modules:

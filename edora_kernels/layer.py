@@ -18,7 +18,14 @@ from torch import nn
 
 from . import bases
 from .checks import check_rank
-from .mixed import BASE_NAME, mixed_epilogue, serve_mixed
+from .mixed import (
+    BASE_NAME,
+    RowTables,
+    as_assignment,
+    mixed_epilogue,
+    row_tables,
+    serve_mixed,
+)
 from .norm import (
     TERMS_DTYPE,
     NormTermsCache,
@@ -37,6 +44,8 @@ from .svd import edora_factors
 VERIFY_NORM_ENV = "EDORA_VERIFY_NORM"
 # The adapter a layer is built with; its R and magnitude are the layer's own parameters.
 DEFAULT_ADAPTER = "default"
+# How many sets of served adapters a layer keeps the mixed-batch tables of.
+SERVED_TABLES = 4
 
 
 def _adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -128,10 +137,13 @@ class EDoRALinear(nn.Module):
         self.extra_bases = nn.ModuleDict()  # key -> ExtraBasis, for adapters of another basis
         self.active_adapter = DEFAULT_ADAPTER
         # Per leading row of the input, the index of its adapter in adapter_names (len() for
-        # the base model); None: every row uses active_adapter.
-        self.row_adapters: torch.Tensor | None = None
+        # the base model): a host tensor, or the RowAssignment EDoRAModel shares among its
+        # layers for one forward; None: every row uses active_adapter.
+        self.row_adapters = None
         # adapter -> (stamp of its R, the norm terms used, its detached row norms)
         self._norm_rows: dict[str, tuple] = {}
+        # (served adapters, dtype) -> (stamps of their R and m, the norm terms, RowTables)
+        self._served_tables: dict[tuple, tuple] = {}
         # Set by the installer: other parameters of the model that share W0's storage (tied
         # embeddings) and that storage; merge() would change them too, so it refuses while the
         # layer still holds that storage.
@@ -303,6 +315,7 @@ class EDoRALinear(nn.Module):
         key = self._extra(name).basis  # raises for an unknown name
         del self.extra_adapters[name]
         self._norm_rows.pop(name, None)
+        self._served_tables.clear()
         if key is not None and all(w.basis != key for w in self.extra_adapters.values()):
             del self.extra_bases[key]
         if self.active_adapter == name:
@@ -367,10 +380,10 @@ class EDoRALinear(nn.Module):
         the batch, the rank-r term and g per row (``edora_kernels.mixed``). Only the adapters
         the batch uses take part, however many the layer holds; adapters of another basis
         (``extra_bases``) take the rank-r term on their rows from it."""
-        rows = self.row_adapters
-        if x.dim() < 2 or x.shape[0] != rows.numel():
-            raise ValueError(f"{self._display_name()}: adapter_names gives {rows.numel()} rows "
-                             f"but the input has shape {tuple(x.shape)} (batch first)")
+        assignment = as_assignment(self.row_adapters)
+        if x.dim() < 2 or x.shape[0] != len(assignment):
+            raise ValueError(f"{self._display_name()}: adapter_names gives {len(assignment)} "
+                             f"rows but the input has shape {tuple(x.shape)} (batch first)")
         if self.merged:
             raise RuntimeError(f"{self._display_name()} is merged; unmerge() before a batch "
                                "with adapter_names")
@@ -380,35 +393,58 @@ class EDoRALinear(nn.Module):
         else:
             bases.prepare_base(self.base_layer, self.kind)
             base = self.base_layer
-        names, row_list = self.adapter_names, rows.tolist()  # rows live on the host
+        names = self.adapter_names
         groups: dict[int, list[int]] = {}  # basis (by id) -> the indices of its adapters used
-        for index in sorted(set(row_list) - {len(names)}):
+        for index in sorted(set(assignment.values) - {len(names)}):
             groups.setdefault(id(self.basis_of(names[index])), []).append(index)
         if not groups:  # the base model's rows only
             return base(x)
-        parts = [self._basis_rows(members, row_list) for members in groups.values()]
+        parts = [self._basis_rows(members, assignment, x) for members in groups.values()]
         if len(parts) == 1:
-            basis, Rs, ms, norms, local = parts[0]
-            if dropout == 0.0 and self._serves_on_triton(x, Rs, ms, basis.rank):
+            basis, tables, rows, _ = parts[0]
+            if dropout == 0.0 and self._serves_on_triton(x, tables, basis.rank):
                 return serve_mixed(x, None if self.kind.dense else base(x),
                                    self._w0() if self.kind.dense else None, self.bias,
-                                   basis.A, basis.B, Rs, ms, basis.scaling, local, norms)
+                                   basis.A, basis.B, tables, basis.scaling, rows)
         return self._through_epilogue(x, dropout, base,
                                       lambda y0, x_in: self._mixed_epilogue(y0, x_in, parts))
 
-    def _basis_rows(self, members: list[int], row_list: list[int]) -> tuple:
-        """What one basis's rows of a mixed batch need: (basis, the stacked R and m of its
-        adapters ``members`` (indices in ``adapter_names``), their row norms, each row's index
-        among them — ``len(members)`` for a row of another basis or of the base model)."""
+    def _basis_rows(self, members: list[int], assignment, x: torch.Tensor) -> tuple:
+        """What one basis's rows of a mixed batch need: (basis, the tables of its adapters
+        ``members`` (indices in ``adapter_names``), each row's index in them on x's device —
+        ``len(members)``, the base row of the tables, for a row of another basis or of the
+        base model — and the positions of this basis's rows, on x's device)."""
         names = self.adapter_names
         used = [names[i] for i in members]
-        cores, magnitudes = zip(*map(self.adapter_weights, used))
-        Rs, ms = torch.stack(cores), torch.stack(magnitudes)
         basis = self.basis_of(used[0])
-        norms = self._adapter_norms(used, cores, Rs, basis)
+        tables = self._row_tables(used, basis, compute_dtype(x.dtype))
         position = {index: i for i, index in enumerate(members)}
-        local = torch.tensor([position.get(i, len(members)) for i in row_list])
-        return basis, Rs, ms, norms, local
+        local = [position.get(i, len(members)) for i in assignment.values]
+        own = [i for i, index in enumerate(local) if index < len(members)]
+        return basis, tables, assignment.index(local, x.device), assignment.index(own, x.device)
+
+    def _row_tables(self, used: list[str], basis, cdt) -> RowTables:
+        """The tables of the adapters ``used`` (one basis). Served adapters (nothing needs a
+        gradient) keep theirs while their R and m and the norm terms stay the same: a batch
+        served again gathers from them, nothing stacked or divided."""
+        weights = [p for name in used for p in self.adapter_weights(name)]
+        serving = not (torch.is_grad_enabled() and any(p.requires_grad for p in weights))
+        key = (tuple(used), cdt)
+        terms = None if torch.compiler.is_compiling() else self.norm_terms(basis=basis)
+        if serving and terms is not None:
+            entry = self._served_tables.get(key)
+            if entry is not None and entry[1] is terms and all(
+                    _same(stamp, p) for stamp, p in zip(entry[0], weights)):
+                return entry[2]
+        cores, magnitudes = weights[0::2], weights[1::2]
+        Rs = torch.stack(cores)
+        tables = row_tables(Rs, torch.stack(magnitudes),
+                            self._adapter_norms(used, cores, Rs, basis), cdt)
+        if serving and terms is not None:
+            if len(self._served_tables) >= SERVED_TABLES:
+                self._served_tables.pop(next(iter(self._served_tables)))
+            self._served_tables[key] = ([_stamp(p) for p in weights], terms, tables)
+        return tables
 
     def _mixed_epilogue(self, y0: torch.Tensor, x: torch.Tensor, parts: list[tuple]
                         ) -> torch.Tensor:
@@ -416,30 +452,27 @@ class EDoRALinear(nn.Module):
         takes its own rows (the rows of none keep ``y0``). A dense base's y0 comes from our own
         ``F.linear`` (no hook of the base layer holds it), so the epilogue adds into it."""
         if len(parts) == 1:
-            basis, Rs, ms, norms, local = parts[0]
-            return mixed_epilogue(y0, x, self.bias, basis.A, basis.B, Rs, ms, basis.scaling,
-                                  local, norms, own_y0=self.kind.dense)
+            basis, tables, rows, _ = parts[0]
+            return mixed_epilogue(y0, x, self.bias, basis.A, basis.B, tables, basis.scaling,
+                                  rows, own_y0=self.kind.dense)
         y = y0
-        for basis, Rs, ms, norms, local in parts:
-            own = (local < len(Rs)).nonzero().flatten()
-            where = own.to(x.device)
-            if self._serves_on_triton(x, Rs, ms, basis.rank):
+        for basis, tables, rows, where in parts:
+            if self._serves_on_triton(x, tables, basis.rank):
                 rows_y = serve_mixed(x[where], y0[where], None, self.bias, basis.A, basis.B,
-                                     Rs, ms, basis.scaling, local[own], norms)
+                                     tables, basis.scaling, rows[where])
             else:
-                rows_y = mixed_epilogue(y0[where], x[where], self.bias, basis.A, basis.B, Rs,
-                                        ms, basis.scaling, local[own], norms, own_y0=True)
+                rows_y = mixed_epilogue(y0[where], x[where], self.bias, basis.A, basis.B,
+                                        tables, basis.scaling, rows[where], own_y0=True)
             y = y.index_copy(0, where, rows_y)
         return y
 
-    def _serves_on_triton(self, x: torch.Tensor, Rs: torch.Tensor, ms: torch.Tensor,
-                          rank: int) -> bool:
+    def _serves_on_triton(self, x: torch.Tensor, tables: RowTables, rank: int) -> bool:
         """Whether a mixed batch runs on the Triton kernels: the layer's backend resolves to
         Triton for x and nothing needs gradients (training takes the composed path)."""
         from .backends import resolve
 
-        if torch.is_grad_enabled() and (x.requires_grad or Rs.requires_grad
-                                        or ms.requires_grad):
+        if torch.is_grad_enabled() and (x.requires_grad or tables.g.requires_grad
+                                        or tables.cores.requires_grad):
             return False
         if torch.compiler.is_compiling() or resolve(self.backend, x.device) != "triton":
             return False
@@ -503,6 +536,7 @@ class EDoRALinear(nn.Module):
         for basis in (self, *self.extra_bases.values()):
             basis.norm_cache.clear()
         self._norm_rows.clear()
+        self._served_tables.clear()
 
     def _display_name(self) -> str:
         return getattr(self, "adapted_name", None) or f"EDoRALinear({self.extra_repr()})"
@@ -512,7 +546,7 @@ class EDoRALinear(nn.Module):
         # from (each adapter's norms, W0's digest) belong to those tensors: a pickle or a copy
         # starts without them (NormTermsCache does the same for itself).
         state = self.__dict__.copy()
-        state["_norm_rows"] = {}
+        state["_norm_rows"], state["_served_tables"] = {}, {}
         state.pop("_weight_digest", None)
         return state
 

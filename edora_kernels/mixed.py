@@ -16,47 +16,95 @@ its own rows only, and reads W0 once more (dx), however many adapters the batch 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from .backends.torch_backend import mm_compute
 from .norm import TERMS_DTYPE, compute_dtype
 
 # The name PEFT uses for a row that runs the base model alone.
 BASE_NAME = "__base__"
 
 
-def _row_terms(x, A, Rs, ms, norms, rows, cdt) -> tuple[torch.Tensor, torch.Tensor]:
-    """``t`` (batch×T×r): each leading row's core ``Rs[rows[i]]`` applied to its x·Aᵀ; and the
-    table of ``g = m / n`` (K+1 rows × out, in ``cdt``). A base row (``rows[i] == K``) takes the
-    extra core 0 and table row of ones, so that it comes out as ``y0`` itself."""
+class RowAssignment:
+    """Each leading row's adapter index for one forward (``adapter_names=``), shared by every
+    layer and head of the model. The host's copy (``values``) decides which adapters take part
+    and which rows each takes, with no device sync; the index tensors the layers need on the
+    device are made once per forward — from pinned memory, without blocking — and reused by
+    every layer after the first."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.values: list[int] = rows.tolist()
+        self._on_device: dict[tuple, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def index(self, values: list[int], device: torch.device) -> torch.Tensor:
+        """``values`` (ints) as an int64 tensor on ``device``, made once per forward."""
+        key = (tuple(values), device)
+        if key not in self._on_device:
+            host = torch.tensor(values, dtype=torch.long)
+            if device.type == "cuda":
+                host = host.pin_memory()
+            self._on_device[key] = host.to(device, non_blocking=True)
+        return self._on_device[key]
+
+
+def as_assignment(rows) -> RowAssignment:
+    """``rows`` (a host tensor of adapter indices, or a RowAssignment already) as one."""
+    return rows if isinstance(rows, RowAssignment) else RowAssignment(rows)
+
+
+class RowTables(NamedTuple):
+    """The per-adapter tables a mixed batch gathers from: ``cores`` (K+1)×r×r and ``g``
+    (K+1)×out in the compute dtype. Row K serves the base model's rows: core 0, g = 1, so that
+    they come out as ``y0`` itself."""
+
+    cores: torch.Tensor
+    g: torch.Tensor
+
+
+def row_tables(Rs: torch.Tensor, ms: torch.Tensor, norms: torch.Tensor, cdt) -> RowTables:
+    """The tables of K adapters: their cores ``Rs`` (K×r×r) and ``g = ms / norms`` (K×out;
+    ``norms`` float64), each with the base model's row appended; differentiable in Rs and ms."""
     cores = torch.cat([Rs.to(cdt), Rs.new_zeros(1, *Rs.shape[1:], dtype=cdt)])
     g = (ms.to(TERMS_DTYPE) / norms).to(cdt)
-    g_table = torch.cat([g, g.new_ones(1, g.shape[1])])
-    v = x.reshape(x.shape[0], -1, x.shape[-1]).to(cdt) @ A.to(cdt).T        # batch×T×r
-    return torch.bmm(v, cores[rows].transpose(1, 2)), g_table
+    return RowTables(cores, torch.cat([g, g.new_ones(1, g.shape[1])]))
+
+
+def _row_core_terms(x, A, cores, rows, cdt) -> torch.Tensor:
+    """``t`` (batch×T×r): each leading row's core ``cores[rows[i]]`` applied to its x·Aᵀ, in
+    ``cdt``. Without a gradient for x, a half x is read once by a GEMM with an fp32 result (on
+    a GPU) instead of being converted first."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() and x.requires_grad:
+        v = x2.to(cdt) @ A.to(cdt).T
+    else:
+        v = mm_compute(x2, A.T, cdt)
+    return torch.bmm(v.view(x.shape[0], -1, v.shape[-1]), cores[rows].transpose(1, 2))
 
 
 def mixed_epilogue(y0: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
-                   A: torch.Tensor, B: torch.Tensor, Rs: torch.Tensor, ms: torch.Tensor,
-                   scaling: float, rows: torch.Tensor, norms: torch.Tensor, *,
-                   own_y0: bool = False) -> torch.Tensor:
-    """``y`` for a batch whose leading row i (``x[i]``, all its tokens) uses adapter
-    ``rows[i]``: a core of ``Rs`` (K×r×r) and a magnitude of ``ms`` (K×out); ``rows[i] == K``
-    runs the base alone (``y0``, bit for bit). ``y0 = base(x)`` (bias included), ``norms`` the
-    adapters' row norms ‖W0 + s·B R_a A‖ (K×out, float64: ``row_norm`` of the stacked B R_a).
-    ``own_y0``: nobody else holds ``y0``, so the rank-r term is added into it in place.
+                   A: torch.Tensor, B: torch.Tensor, tables: RowTables, scaling: float,
+                   rows: torch.Tensor, *, own_y0: bool = False) -> torch.Tensor:
+    """``y`` for a batch whose leading row i (``x[i]``, all its tokens) uses row ``rows[i]`` of
+    the ``tables`` (on x's device; the last row runs the base alone: ``y0``, bit for bit).
+    ``y0 = base(x)`` (bias included). ``own_y0``: nobody else holds ``y0``, so the rank-r term
+    is added into it in place.
 
     ``g ⊙ (y0 − b + s·t Bᵀ) + b`` is computed as ``g ⊙ (y0 + s·t Bᵀ) + (1 − g) ⊙ b``: one
     pass over batch×out fewer, and a base row (t = 0, g = 1) adds exact zeros."""
     batch, out_features = x.shape[0], y0.shape[-1]
     cdt = compute_dtype(y0.dtype)
-    idx = rows.to(x.device)
-    t, g_table = _row_terms(x, A, Rs, ms, norms, idx, cdt)
+    t = _row_core_terms(x, A, tables.cores, rows, cdt)
     z = y0.reshape(batch, -1, out_features)
     own = own_y0 or z.dtype != cdt  # .to(cdt) below copies
     z = z.to(cdt)
     Bt = B.to(cdt).T.expand(batch, -1, -1)
     z = z.baddbmm_(t, Bt, alpha=scaling) if own else torch.baddbmm(z, t, Bt, alpha=scaling)
-    g_rows = g_table[idx].unsqueeze(1)
+    g_rows = tables.g[rows].unsqueeze(1)
     if torch.is_grad_enabled():
         y = g_rows * z if bias is None else torch.addcmul((1 - g_rows) * bias.to(cdt), g_rows, z)
     else:  # serving: in place, no temporaries
@@ -65,9 +113,8 @@ def mixed_epilogue(y0: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
 
 
 def serve_mixed(x: torch.Tensor, y0: torch.Tensor | None, weight: torch.Tensor | None,
-                bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, Rs: torch.Tensor,
-                ms: torch.Tensor, scaling: float, rows: torch.Tensor,
-                norms: torch.Tensor) -> torch.Tensor:
+                bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, tables: RowTables,
+                scaling: float, rows: torch.Tensor) -> torch.Tensor:
     """The mixed batch of :func:`mixed_epilogue` (no autograd) on the Triton kernels: the
     forward GEMM on ``weight`` (a dense base), or the epilogue pass over ``y0`` (any other
     base)."""
@@ -76,15 +123,14 @@ def serve_mixed(x: torch.Tensor, y0: torch.Tensor | None, weight: torch.Tensor |
     batch, cdt = x.shape[0], compute_dtype(x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
     tokens = x2.shape[0] // max(batch, 1)
-    idx = rows.to(x.device)
-    t, g_table = _row_terms(x, A, Rs, ms, norms, idx, cdt)
-    t = t.reshape(-1, Rs.shape[-1])
-    g_rows = idx.to(torch.int32).repeat_interleave(tokens)
+    t = _row_core_terms(x, A, tables.cores, rows, cdt).reshape(-1, tables.cores.shape[-1])
+    # each token's table row, contiguous (the kernel steps through it); no host sync
+    g_rows = rows.to(torch.int32)[:, None].expand(batch, tokens).contiguous().view(-1)
     sB = (scaling * B.to(cdt)).to(x.dtype)
     if y0 is None:
-        y = mixed_forward(x2, weight, bias, t, sB, g_table, g_rows)
+        y = mixed_forward(x2, weight, bias, t, sB, tables.g, g_rows)
     else:
-        y = mixed_epilogue_forward(y0.reshape(-1, y0.shape[-1]), bias, t, sB, g_table, g_rows)
+        y = mixed_epilogue_forward(y0.reshape(-1, y0.shape[-1]), bias, t, sB, tables.g, g_rows)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -225,6 +225,33 @@ def test_a_layer_merges_and_unmerges_an_adapter_of_its_second_basis():
     torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-12)
 
 
+def test_a_mixed_batch_makes_the_host_wait_nowhere_and_serves_in_few_launches():
+    """Which rows use which adapter is read on the host (heads included), each index reaches
+    the device once per forward, and a served batch's tables are kept: no op that waits for
+    the device, and on Triton a dozen small launches around the one fused GEMM."""
+    from edora_kernels.bench.launches import count_launches, stub_kernels
+    from edora_kernels.mixed import RowAssignment
+
+    model = three_adapters()
+    with torch.no_grad():
+        model(input_ids=IDS, adapter_names=NAMES)
+        log = count_launches(lambda: model(input_ids=IDS, adapter_names=NAMES))
+    assert log.syncs == []
+    layer = EDoRALinear.from_linear(nn.Linear(64, 48), 8, seed=0, backend="triton")
+    for i in range(1, 8):
+        layer.add_adapter(f"user{i}", seed=i)
+    layer = layer.to(torch.bfloat16)
+    x = torch.randn(8, 4, 64, dtype=torch.bfloat16)
+    layer.row_adapters = RowAssignment(torch.tensor([3, 0, 8, 1, 7, 7, 2, 5]))
+    with stub_kernels(), torch.no_grad():
+        layer(x)
+        log = count_launches(lambda: layer(x))
+    assert log.syncs == []
+    assert log.launches.count("triton::edora_fwd_kernel") == 1 and log.count <= 12, log.launches
+    rows = layer.row_adapters
+    assert rows.index([1, 2], x.device) is rows.index([1, 2], x.device)
+
+
 class _W0Reads(TorchDispatchMode):
     """Counts the compute ops that read a given storage (views and metadata ops aside)."""
 
