@@ -401,27 +401,34 @@ class EDoRALinear(nn.Module):
             return base(x)
         parts = [self._basis_rows(members, assignment, x) for members in groups.values()]
         if len(parts) == 1:
-            basis, tables, rows, _ = parts[0]
+            basis, tables, local = parts[0]
             if dropout == 0.0 and self._serves_on_triton(x, tables, basis.rank):
                 return serve_mixed(x, None if self.kind.dense else base(x),
                                    self._w0() if self.kind.dense else None, self.bias,
-                                   basis.A, basis.B, tables, basis.scaling, rows)
-        return self._through_epilogue(x, dropout, base,
-                                      lambda y0, x_in: self._mixed_epilogue(y0, x_in, parts))
+                                   basis.A, basis.B, tables, basis.scaling,
+                                   *self._row_index(assignment, local, x))
+        return self._through_epilogue(x, dropout, base, lambda y0, x_in: self._mixed_epilogue(
+            y0, x_in, parts, assignment))
 
     def _basis_rows(self, members: list[int], assignment, x: torch.Tensor) -> tuple:
         """What one basis's rows of a mixed batch need: (basis, the tables of its adapters
-        ``members`` (indices in ``adapter_names``), each row's index in them on x's device —
-        ``len(members)``, the base row of the tables, for a row of another basis or of the
-        base model — and the positions of this basis's rows, on x's device)."""
+        ``members`` (indices in ``adapter_names``), each row's index in them — ``len(members)``,
+        the base row of the tables, for a row of another basis or of the base model — on the
+        host)."""
         names = self.adapter_names
         used = [names[i] for i in members]
         basis = self.basis_of(used[0])
         tables = self._row_tables(used, basis, compute_dtype(x.dtype))
         position = {index: i for i, index in enumerate(members)}
-        local = [position.get(i, len(members)) for i in assignment.values]
-        own = [i for i, index in enumerate(local) if index < len(members)]
-        return basis, tables, assignment.index(local, x.device), assignment.index(own, x.device)
+        return basis, tables, [position.get(i, len(members)) for i in assignment.values]
+
+    @staticmethod
+    def _row_index(assignment, local: list[int], x: torch.Tensor) -> tuple:
+        """``local`` on x's device per leading row (int64) and per token (int32, for the
+        Triton kernels' table rows), made once per forward."""
+        tokens = x[0].numel() // x.shape[-1] if x.shape[0] else 1
+        return (assignment.index(local, x.device),
+                assignment.index(local, x.device, repeat=tokens, dtype=torch.int32))
 
     def _row_tables(self, used: list[str], basis, cdt) -> RowTables:
         """The tables of the adapters ``used`` (one basis). Served adapters (nothing needs a
@@ -446,23 +453,28 @@ class EDoRALinear(nn.Module):
             self._served_tables[key] = ([_stamp(p) for p in weights], terms, tables)
         return tables
 
-    def _mixed_epilogue(self, y0: torch.Tensor, x: torch.Tensor, parts: list[tuple]
-                        ) -> torch.Tensor:
+    def _mixed_epilogue(self, y0: torch.Tensor, x: torch.Tensor, parts: list[tuple],
+                        assignment) -> torch.Tensor:
         """The adapters' rows of ``y0 = base(x)``, one basis at a time; with several bases each
         takes its own rows (the rows of none keep ``y0``). A dense base's y0 comes from our own
         ``F.linear`` (no hook of the base layer holds it), so the epilogue adds into it."""
         if len(parts) == 1:
-            basis, tables, rows, _ = parts[0]
+            basis, tables, local = parts[0]
             return mixed_epilogue(y0, x, self.bias, basis.A, basis.B, tables, basis.scaling,
-                                  rows, own_y0=self.kind.dense)
+                                  assignment.index(local, x.device), own_y0=self.kind.dense)
         y = y0
-        for basis, tables, rows, where in parts:
+        for basis, tables, local in parts:
+            own = [i for i, index in enumerate(local) if index < len(tables.cores) - 1]
+            where = assignment.index(own, x.device)
+            x_own, own_local = x[where], [local[i] for i in own]
             if self._serves_on_triton(x, tables, basis.rank):
-                rows_y = serve_mixed(x[where], y0[where], None, self.bias, basis.A, basis.B,
-                                     tables, basis.scaling, rows[where])
+                rows_y = serve_mixed(x_own, y0[where], None, self.bias, basis.A, basis.B,
+                                     tables, basis.scaling,
+                                     *self._row_index(assignment, own_local, x_own))
             else:
-                rows_y = mixed_epilogue(y0[where], x[where], self.bias, basis.A, basis.B,
-                                        tables, basis.scaling, rows[where], own_y0=True)
+                rows_y = mixed_epilogue(y0[where], x_own, self.bias, basis.A, basis.B, tables,
+                                        basis.scaling, assignment.index(own_local, x.device),
+                                        own_y0=True)
             y = y.index_copy(0, where, rows_y)
         return y
 

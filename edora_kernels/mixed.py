@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .backends.torch_backend import mm_compute
@@ -41,11 +42,14 @@ class RowAssignment:
     def __len__(self) -> int:
         return len(self.values)
 
-    def index(self, values: list[int], device: torch.device) -> torch.Tensor:
-        """``values`` (ints) as an int64 tensor on ``device``, made once per forward."""
-        key = (tuple(values), device)
+    def index(self, values: list[int], device: torch.device, *, repeat: int = 1,
+              dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """``values`` (ints), each repeated ``repeat`` times, as a ``dtype`` (int64 or int32)
+        tensor on ``device``, made once per forward."""
+        key = (tuple(values), repeat, dtype, device)
         if key not in self._on_device:
-            host = torch.tensor(values, dtype=torch.long)
+            numpy_dtype = {torch.long: np.int64, torch.int32: np.int32}[dtype]
+            host = torch.from_numpy(np.repeat(np.asarray(values, dtype=numpy_dtype), repeat))
             if device.type == "cuda":
                 host = host.pin_memory()
             self._on_device[key] = host.to(device, non_blocking=True)
@@ -114,19 +118,16 @@ def mixed_epilogue(y0: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
 
 def serve_mixed(x: torch.Tensor, y0: torch.Tensor | None, weight: torch.Tensor | None,
                 bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, tables: RowTables,
-                scaling: float, rows: torch.Tensor) -> torch.Tensor:
+                scaling: float, rows: torch.Tensor, g_rows: torch.Tensor) -> torch.Tensor:
     """The mixed batch of :func:`mixed_epilogue` (no autograd) on the Triton kernels: the
     forward GEMM on ``weight`` (a dense base), or the epilogue pass over ``y0`` (any other
-    base)."""
+    base). ``g_rows``: each token's row of the tables (int32, contiguous)."""
     from .backends.triton.mixed import mixed_epilogue_forward, mixed_forward
 
-    batch, cdt = x.shape[0], compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
-    tokens = x2.shape[0] // max(batch, 1)
     t = _row_core_terms(x, A, tables.cores, rows, cdt).reshape(-1, tables.cores.shape[-1])
-    # each token's table row, contiguous (the kernel steps through it); no host sync
-    g_rows = rows.to(torch.int32)[:, None].expand(batch, tokens).contiguous().view(-1)
-    sB = (scaling * B.to(cdt)).to(x.dtype)
+    sB = B.to(x.dtype) * scaling  # one rounding of s·B to x's dtype, as (s·B).to(x.dtype)
     if y0 is None:
         y = mixed_forward(x2, weight, bias, t, sB, tables.g, g_rows)
     else:

@@ -26,7 +26,7 @@ def mm_compute(a, b, cdt):
     sum dR = s·tᵀ v, so they are not rounded to half. b is small (rank r columns)."""
     if a.dtype == cdt:
         return a @ b.to(cdt)
-    if a.is_cuda:
+    if a.is_cuda or a.is_meta:  # (meta: what a GPU would run, for the launch counts)
         return torch.mm(a, b.to(a.dtype), out_dtype=cdt)  # fp32 output of the half GEMM
     return a.to(cdt) @ b.to(cdt)
 
