@@ -9,11 +9,12 @@
 # self-check, the op benchmark (the priority: N=8192 bf16 on the LLaMA-7B layer shapes at ranks
 # 16 and 64), the GPU-marked tests, the op benchmark with dropout and with torch.compile (one
 # shape), the LLaMA-7B initialiser benchmark and one DDP and FSDP2 training step under torchrun
-# (NCCL, one process per GPU, checked against one process). Each step has a budget: it is interrupted
-# (SIGINT, as Ctrl-C: a benchmark then prints and saves what it measured; its CSV rows are on
-# disk as each case finishes) GRACE seconds before its budget and killed at it. The budgets add
-# up to under 5 minutes on a cold H100 (empty Triton and Inductor caches). A failing step does
-# not stop the later ones; the exit status is that of the first failure.
+# (NCCL, one process per GPU, checked against one process), and a batch mixing 1, 8 and 64
+# adapters (bench --adapters; the plan step predicts it too). Each step has a budget: it is
+# interrupted (SIGINT, as Ctrl-C: a benchmark then prints and saves what it measured; its CSV
+# rows are on disk as each case finishes) GRACE seconds before its budget and killed at it.
+# The budgets add up to under 5 minutes on a cold H100 (empty Triton and Inductor caches). A
+# failing step does not stop the later ones; the exit status is that of the first failure.
 #
 # Everything printed goes to $OUT/gpu_check.log, the benchmarks' CSV/JSON to $OUT, and after
 # every step $OUT/gpu_check_summary.json is rewritten: per step its name, budget, elapsed time,
@@ -60,8 +61,8 @@ exec > >(tee -a "$LOG") 2>&1
 # Budgets in seconds. A step never runs past its own, so the run takes at most their sum (under
 # 5 minutes, printed first) plus a few seconds of preamble.
 GRACE=3
-B_INSTALL=15 B_INFO=10 B_CHECK=20 B_BENCH=60 B_TESTS=40 B_DROPOUT=15 B_COMPILE=30 B_INIT=35
-B_PLAN=10 B_HOST=10 B_DIST=25 B_TMA=20
+B_INSTALL=15 B_INFO=10 B_CHECK=20 B_BENCH=60 B_TESTS=40 B_DROPOUT=15 B_COMPILE=30 B_INIT=25
+B_PLAN=10 B_HOST=10 B_DIST=25 B_TMA=15 B_ADAPTERS=15
 if [ "${GPU_CHECK_BUILD_CUDA:-0}" = "1" ] && [ "$DRY_RUN" = 0 ]; then
     export EDORA_BUILD_CUDA=1
     B_INSTALL=150
@@ -69,7 +70,7 @@ else
     export EDORA_SKIP_CUDA_BUILD=1
 fi
 BUDGET=$((B_INSTALL + B_INFO + B_CHECK + B_BENCH + B_TESTS + B_DROPOUT + B_COMPILE + B_INIT
-        + B_PLAN + B_HOST + B_DIST + B_TMA))
+        + B_PLAN + B_HOST + B_DIST + B_TMA + B_ADAPTERS))
 
 RECORDS=$(mktemp)  # one line per finished step, tab-separated; the summary is built from it
 MARK=$(mktemp)     # touched as a step starts: the files newer than it are the step's
@@ -120,6 +121,7 @@ if [ "$DRY_RUN" = 1 ]; then
     ONE_SHAPE=("${OP[@]}")
     INIT=(--init-shrink 64 --init-device cpu --ranks 4 --repeats 1 --warmup 0)
     HOST=(--repeats 5 --warmup 1)
+    ADAPTERS=(--adapters 1,2 --tokens 4 --repeats 1 --warmup 0)
     DIST=(--nproc_per_node 2 tests/distributed_worker.py step --device cpu)
 else
     # Offline install: no dependency resolution, the installed setuptools/torch, no downloads.
@@ -131,6 +133,8 @@ else
     ONE_SHAPE=(--tokens 8192 --shapes 4096x4096 --ranks 16 --dtype bf16 --repeats 10 --warmup 2)
     INIT=(--repeats 1 --warmup 1)
     HOST=(--repeats 100 --warmup 10)
+    # The small Llama (hidden 2048, 4 blocks, bf16), 64 rows of 128 tokens.
+    ADAPTERS=(--adapters 1,8,64 --repeats 5 --warmup 1)
     DIST=(--nproc_per_node "$(nvidia-smi -L 2>/dev/null | wc -l | awk '{print ($1 > 0) ? $1 : 1}')"
           tests/distributed_worker.py step --device cuda)
 fi
@@ -145,7 +149,9 @@ fi
 step install "$B_INSTALL" "${INSTALL[@]}"
 step info "$B_INFO" "$PYTHON" -m edora_kernels info
 # The cost model's predictions for this step list, beside the measurements that follow.
-step plan "$B_PLAN" "$PYTHON" -m edora_kernels plan --json "$OUT/plan_h100.json"
+step plan "$B_PLAN" sh -c "\"\$0\" -m edora_kernels plan --json \"\$1/plan_h100.json\" &&
+    \"\$0\" -m edora_kernels plan --adapters 1,8,64 --json \"\$1/plan_adapters_h100.json\"" \
+    "$PYTHON" "$OUT"
 # Correctness steps take one Triton config per launch (EDORA_TRITON_FIXED_CONFIG): compiling
 # every autotuning candidate on a cold cache costs seconds each and proves nothing more here.
 step check "$B_CHECK" env EDORA_TRITON_FIXED_CONFIG=1 "$PYTHON" -m edora_kernels check
@@ -163,6 +169,10 @@ step "bench dropout" "$B_DROPOUT" "$PYTHON" -m edora_kernels bench "${ONE_SHAPE[
 # of this step's budget.
 step "bench compile" "$B_COMPILE" "$PYTHON" -m edora_kernels bench "${ONE_SHAPE[@]}" \
     --modes fwd+bwd --providers frozen,torch --compile --out "$OUT"
+# Many adapters in one batch against one adapter and PEFT LoRA's mixed batch; the mixed
+# kernel's tile fixed (autotuning its variant on a cold cache would take the whole budget).
+step "bench adapters" "$B_ADAPTERS" env EDORA_TRITON_FIXED_CONFIG=1 "$PYTHON" -m edora_kernels \
+    bench "${ADAPTERS[@]}" --out "$OUT"
 # The host's share of a step (kernels stubbed, on this machine's CPU).
 step "bench host" "$B_HOST" "$PYTHON" -m edora_kernels bench --host "${HOST[@]}" --out "$OUT"
 step "init llama7b" "$B_INIT" "$PYTHON" -m edora_kernels bench --init --init-llama7b \

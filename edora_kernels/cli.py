@@ -375,6 +375,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for rank in args.ranks:
         for in_f, out_f in args.shapes:
             _check_rank(args, rank, min(in_f, out_f), f"--shapes {in_f}x{out_f}")
+    if args.adapters:
+        return _plan_adapters(args)
     plans = [plan_step(args.backend, tokens, in_f, out_f, rank, args.dtype, args.device,
                        args.exact_norm)
              for tokens in args.tokens for in_f, out_f in args.shapes for rank in args.ranks]
@@ -389,6 +391,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
                  "in": p.in_features, "out": p.out_features, "rank": p.rank,
                  "exact_norm": p.exact_norm, "forward_ratio": p.forward_ratio,
                  "step_ratio": p.step_ratio,
+                 "launches": [vars(launch) for launch in p.launches]} for p in plans]
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _plan_adapters(args: argparse.Namespace) -> int:
+    """``plan --adapters``: a served mixed batch against one adapter, per shape, rank and K."""
+    import json
+
+    from .plan import format_mixed_plan, plan_mixed
+
+    if args.backend != "triton":
+        args.error("argument --adapters: mixed batches are served by the triton backend")
+    plans = [plan_mixed(tokens, in_f, out_f, rank, count, dtype=args.dtype, device=args.device)
+             for tokens in args.tokens for in_f, out_f in args.shapes for rank in args.ranks
+             for count in args.adapters]
+    for plan in plans:
+        print(format_mixed_plan(plan) + "\n")
+    print(f"{'N':>6} {'in x out':>12} {'r':>4} {'K':>4} {'served vs one adapter':>22}")
+    for p in plans:
+        print(f"{p.tokens:>6} {f'{p.in_features}x{p.out_features}':>12} {p.rank:>4} "
+              f"{p.adapters:>4} {p.ratio:>22.3f}")
+    if args.json:
+        rows = [{"device": p.device, "dtype": p.dtype, "tokens": p.tokens, "rows": p.rows,
+                 "in": p.in_features, "out": p.out_features, "rank": p.rank,
+                 "adapters": p.adapters, "ratio_to_one_adapter": p.ratio,
                  "launches": [vars(launch) for launch in p.launches]} for p in plans]
         Path(args.json).write_text(json.dumps(rows, indent=1))
         print(f"wrote {args.json}")
@@ -618,6 +647,10 @@ def _add_plan(sub) -> None:
     p.add_argument("--exact-norm", action="store_true",
                    help="detach_norm=False: the norm's share of dR (one more small launch)")
     p.add_argument("--json", help="also write the plans to this JSON file")
+    p.add_argument("--adapters", type=_csv_list(_int_at_least(1), "adapter counts >= 1 like "
+                                                "1,8,64"),
+                   help="instead: a served batch mixing K adapters (one row each) against "
+                        "the same batch with one adapter, per K")
     p.add_argument("--init-llama7b", action="store_true",
                    help="instead: the initialiser's predicted time for the 224 LLaMA-7B "
                         "matrices (the first of --ranks; --dtype is the model's)")

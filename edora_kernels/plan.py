@@ -184,6 +184,75 @@ def _cuda_step(s: _Shape, exact: bool) -> list[Launch]:
     ]
 
 
+@dataclass
+class MixedPlan:
+    """A served batch mixing ``adapters`` adapters (``edora_kernels.mixed`` on Triton) against
+    the same batch with one adapter: the launches of one layer's forward each."""
+
+    device: str
+    dtype: str
+    tokens: int
+    in_features: int
+    out_features: int
+    rank: int
+    adapters: int
+    rows: int
+    launches: list[Launch] = field(default_factory=list)
+    one: list[Launch] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return sum(x.seconds for x in self.launches) / sum(x.seconds for x in self.one)
+
+
+def plan_mixed(tokens: int, in_features: int, out_features: int, rank: int, adapters: int,
+               rows: int | None = None, dtype: str = "bf16", device: str = "h100",
+               assumptions: dict | None = None) -> MixedPlan:
+    """The forward launches of one layer serving ``tokens`` tokens in ``rows`` leading rows
+    (default: one per adapter) that mix ``adapters`` adapters on the Triton backend — after the
+    first layer, which also copies each row index to the device once per forward — and of the
+    same batch with one adapter (prologue and fused GEMM), timed by the roofline of
+    ``device``. The adapters' tables are kept while served: only their per-row gathers run."""
+    one = plan_step("triton", tokens, in_features, out_features, rank, dtype, device,
+                    assumptions=assumptions)
+    rows = adapters if rows is None else rows
+    s = _Shape(tokens, in_features, out_features, rank, ELEMENT_BYTES[dtype])
+    N, In, Out, r, e = s.N, s.In, s.Out, s.r, s.e
+    plan = MixedPlan(device, dtype, tokens, in_features, out_features, rank, adapters, rows)
+    plan.launches = [
+        Launch("aten::mm", "fwd", 2.0 * N * In * r, N * In * e + r * In * e + N * r * s.f32,
+               False),                                            # v = x Aᵀ, fp32 result
+        Launch("aten::index", "fwd", 0.0, 2 * rows * r * r * s.f32, False),   # cores[rows]
+        Launch("aten::bmm", "fwd", 2.0 * N * r * r,
+               2 * N * r * s.f32 + rows * r * r * s.f32, False),  # t = each row's core on v
+        Launch("aten::mul", "fwd", Out * r, 2 * Out * r * e, False),           # s·B
+        Launch("triton::edora_fwd_kernel", "fwd", 2.0 * N * In * Out + 2.0 * N * r * Out,
+               (N * In + Out * In + N * Out) * e + N * r * s.f32 + Out * r * e
+               + (adapters + 1) * Out * s.f32 + N * 4, True),     # + the g table, token rows
+    ]
+    a = {**ASSUMPTIONS, **(assumptions or {})}
+    for launch in plan.launches:
+        _time(launch, DEVICES[device], dtype, a, fused=True)
+    plan.one = [launch for launch in one.launches if launch.phase == "fwd"]
+    return plan
+
+
+def format_mixed_plan(plan: MixedPlan) -> str:
+    dev = DEVICES[plan.device]
+    lines = [f"mixed batch served on triton, {dev['name']}, {plan.dtype}: N={plan.tokens} in "
+             f"{plan.rows} rows, in={plan.in_features} out={plan.out_features} r={plan.rank}, "
+             f"K={plan.adapters} adapters",
+             f"  {'launch':<32} {'GFLOP':>9} {'MB':>9} {'us':>8}  bound"]
+    for launch in plan.launches:
+        lines.append(f"  {launch.name:<32} {launch.flops / 1e9:9.2f} {launch.bytes / 1e6:9.1f} "
+                     f"{launch.seconds * 1e6:8.1f}  {launch.bound}")
+    one = sum(x.seconds for x in plan.one)
+    lines.append(f"  one adapter (prologue + fused GEMM): {one * 1e6:.1f} us")
+    lines.append(f"  predicted: {plan.ratio:.3f}x one adapter, {len(plan.launches)} launches "
+                 "(training a mixed batch runs composed torch ops: bench --adapters measures)")
+    return "\n".join(lines)
+
+
 def _time(launch: Launch, device: dict, dtype: str, a: dict, fused: bool) -> None:
     efficiency = a["fused_gemm_efficiency"] if fused else a["gemm_efficiency"]
     compute = launch.flops / (device[dtype] * (efficiency if launch.gemm else

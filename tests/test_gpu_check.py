@@ -10,9 +10,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["install", "info", "plan", "check", "bench", "bench tma", "gpu tests", "bench dropout",
-         "bench compile", "bench host", "init llama7b", "torchrun ddp fsdp2"]
-WRITES_RESULTS = {"bench", "bench tma", "bench dropout", "bench compile", "bench host",
-                  "init llama7b"}
+         "bench compile", "bench adapters", "bench host", "init llama7b", "torchrun ddp fsdp2"]
+WRITES_RESULTS = {"bench", "bench tma", "bench dropout", "bench compile", "bench adapters",
+                  "bench host", "init llama7b"}
 
 
 @pytest.mark.slow  # about a minute and a half on 2 CPU cores
@@ -35,7 +35,7 @@ def test_dry_run_runs_every_step_and_writes_the_summary(tmp_path):
         for name in s["files"]:
             assert (tmp_path / name).is_file()
         if s["name"] == "plan":
-            assert s["files"] == ["plan_h100.json"]
+            assert s["files"] == ["plan_adapters_h100.json", "plan_h100.json"]
         elif s["name"] == "torchrun ddp fsdp2":  # both ranks' records, both saved adapters
             assert {"distributed/ddp_rank1.pt", "distributed/fsdp2_rank0.pt",
                     "distributed/adapter_fsdp2/adapter_model.safetensors"} <= set(s["files"])

@@ -8,7 +8,7 @@ import torch
 from edora_kernels import EDoRALinear
 from edora_kernels.bench.launches import count_launches, stub_kernels
 from edora_kernels.cli import main
-from edora_kernels.plan import DEVICES, plan_step
+from edora_kernels.plan import DEVICES, plan_mixed, plan_step
 
 LLAMA = [(4096, 4096), (4096, 11008), (11008, 4096)]
 
@@ -53,6 +53,17 @@ def test_ratios_follow_the_roofline(in_f, out_f):
     assert exact.step_ratio > detached.step_ratio
 
 
+@pytest.mark.parametrize("in_f,out_f", LLAMA)
+def test_a_served_mixed_batch_costs_little_more_than_one_adapter(in_f, out_f):
+    """Serving K adapters replaces the prologue by x Aᵀ and three small launches; K itself
+    only grows the g table the fused GEMM gathers from (in L2)."""
+    for rank in (16, 64):
+        one, many = (plan_mixed(8192, in_f, out_f, rank, k) for k in (1, 64))
+        assert 1.0 < one.ratio <= many.ratio < 1.15
+        assert many.ratio - one.ratio < 1e-3
+        assert [launch.name for launch in many.launches][-1] == "triton::edora_fwd_kernel"
+
+
 def test_frozen_gemms_are_compute_bound_at_the_assumed_efficiency():
     plan = plan_step("triton", 8192, 4096, 4096, 16, device="a100")
     gemm = plan.frozen[0]
@@ -65,6 +76,20 @@ def test_bad_arguments_are_named():
         plan_step("triton", 8, 16, 16, 4, device="v100")
     with pytest.raises(ValueError, match="backend must be one of"):
         plan_step("torch", 8, 16, 16, 4)
+
+
+def test_cli_plan_adapters(tmp_path, capsys):
+    out = tmp_path / "mixed.json"
+    assert main(["plan", "--adapters", "1,8", "--shapes", "64x48", "--ranks", "4", "--tokens",
+                 "32", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "mixed batch served on triton" in text and "x one adapter" in text
+    rows = json.loads(out.read_text())
+    assert [(r["adapters"], r["rows"], len(r["launches"])) for r in rows] == [(1, 1, 5),
+                                                                             (8, 8, 5)]
+    with pytest.raises(SystemExit):
+        main(["plan", "--adapters", "8", "--backend", "cuda"])
+    assert "served by the triton backend" in capsys.readouterr().err
 
 
 def test_cli_plan(tmp_path, capsys):
