@@ -146,9 +146,9 @@ class EDoRAModel(nn.Module):
         self.edora_config = config
         self._configs = {DEFAULT_ADAPTER: config}
         # Each adapter's basis: None for the model's own, else a key of the layers'
-        # extra_bases, whose fingerprint settings (init, split, seed) are in _basis_settings.
+        # extra_bases; each basis's fingerprint settings (init, split, seed) by the same key.
         self._adapter_basis: dict[str, str | None] = {DEFAULT_ADAPTER: None}
-        self._basis_settings: dict[str, dict] = {}
+        self._basis_settings: dict[str | None, dict] = {None: _settings(config)}
         self._active = [DEFAULT_ADAPTER]
         self._wrap_heads(config)
         self.set_trainable(not config.inference_mode)
@@ -266,8 +266,7 @@ class EDoRAModel(nn.Module):
             raise RuntimeError(f"layers {merged[:4]} are merged; unmerge() before adding an "
                                f"adapter of another basis ({adapter_name!r})")
         ranks = {name: pattern_value(name, config.rank_pattern, config.r) for name in layers}
-        settings = {"init": config.init, "split": config.layer_options().split,
-                    "seed": config.seed}
+        settings = _settings(config)
         key = _basis_key(basis.fingerprint(layers, **settings, ranks=ranks))
         if key in self._basis_settings:
             return key, None
@@ -371,12 +370,9 @@ class EDoRAModel(nn.Module):
 
     def _fingerprint(self, key: str | None) -> dict:
         layers = edora_layers(self.base_model)
-        if key is None:
-            return basis.fingerprint(layers, init=self.edora_config.init,
-                                     seed=self.edora_config.seed)
-        return basis.fingerprint(layers, **self._basis_settings[key],
-                                 ranks={n: layer.extra_bases[key].rank
-                                        for n, layer in layers.items()})
+        ranks = None if key is None else {n: layer.extra_bases[key].rank
+                                          for n, layer in layers.items()}
+        return basis.fingerprint(layers, **self._basis_settings[key], ranks=ranks)
 
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default", *,
                      is_trainable: bool = False, **_ignored) -> None:
@@ -437,7 +433,7 @@ class EDoRAModel(nn.Module):
         saved = config.basis
         if saved is None:  # saved before fingerprints: only the model's own basis existed
             return None, None
-        for key in (None, *self._basis_settings):
+        for key in self._basis_settings:
             if basis.difference(saved, self._fingerprint(key)) is None:
                 return key, None
         own = self.basis_fingerprint()
@@ -617,6 +613,8 @@ class EDoRAModel(nn.Module):
         load_edora_state_dict(model, os.path.join(basis_dir, WEIGHTS_NAME))
         wrapped = cls(model, _without_basis(root_config), apply=False)
         saved = root_config.basis
+        if saved is not None:  # the file's A and B were made with the settings it records
+            wrapped._basis_settings[None] = {k: saved.get(k) for k in ("init", "split", "seed")}
         why = None if saved is None else basis.difference(saved, wrapped.basis_fingerprint())
         if why is not None:
             unload(model)  # refused: the model as it came
@@ -671,6 +669,11 @@ def _basis_directory(directory) -> str:
     raise ValueError(f"{directory}: its adapter holds only R and magnitude, and neither it nor "
                      f"{parent} holds the basis (A, B) it was trained on: load it into a model "
                      "that has that basis (EDoRAModel.load_adapter)")
+
+
+def _settings(config: EDoRAConfig) -> dict:
+    """The fingerprint settings of the basis ``config`` makes."""
+    return {"init": config.init, "split": config.layer_options().split, "seed": config.seed}
 
 
 def _basis_key(fingerprint: dict) -> str:

@@ -440,6 +440,11 @@ def test_an_adapter_of_another_basis_loads_with_the_basis_its_tree_carries(tmp_p
         restored.load_adapter(tmp_path / "both" / name, name)
     with torch.no_grad():
         assert torch.equal(restored(input_ids=IDS, adapter_names=TWO_BASES).logits, mixed)
+    # saved alone, "c" carries its basis (its own seed is not the basis's) and loads by itself
+    served.save_pretrained(tmp_path / "only_c", selected_adapters=["c"])
+    alone = EDoRAModel.from_pretrained(classifier(), tmp_path / "only_c" / "c", adapter_name="c")
+    with torch.no_grad():
+        assert torch.equal(alone(input_ids=IDS).logits, _alone(served, "c", slice(None)))
     # the basis leaves with its last adapter
     served.delete_adapter("other")
     assert all(len(layer.extra_bases) == 1 for layer in edora_layers(served).values())
