@@ -360,7 +360,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import json
 
     from .plan import format_init_plan, format_plan, plan_init, plan_step
 
@@ -380,27 +379,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plans = [plan_step(args.backend, tokens, in_f, out_f, rank, args.dtype, args.device,
                        args.exact_norm)
              for tokens in args.tokens for in_f, out_f in args.shapes for rank in args.ranks]
-    for plan in plans:
-        print(format_plan(plan) + "\n")
-    print(f"{'N':>6} {'in x out':>12} {'r':>4} {'launches':>8} {'forward':>8} {'fwd+bwd':>8}")
-    for p in plans:
-        print(f"{p.tokens:>6} {f'{p.in_features}x{p.out_features}':>12} {p.rank:>4} "
-              f"{len(p.launches):>8} {p.forward_ratio:>8.3f} {p.step_ratio:>8.3f}")
-    if args.json:
-        rows = [{"backend": p.backend, "device": p.device, "dtype": p.dtype, "tokens": p.tokens,
-                 "in": p.in_features, "out": p.out_features, "rank": p.rank,
-                 "exact_norm": p.exact_norm, "forward_ratio": p.forward_ratio,
-                 "step_ratio": p.step_ratio,
-                 "launches": [vars(launch) for launch in p.launches]} for p in plans]
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-        print(f"wrote {args.json}")
-    return 0
+    return _report_plans(
+        args, plans, format_plan,
+        f"{'N':>6} {'in x out':>12} {'r':>4} {'launches':>8} {'forward':>8} {'fwd+bwd':>8}",
+        lambda p: f"{len(p.launches):>8} {p.forward_ratio:>8.3f} {p.step_ratio:>8.3f}",
+        lambda p: {"backend": p.backend, "exact_norm": p.exact_norm,
+                   "forward_ratio": p.forward_ratio, "step_ratio": p.step_ratio})
 
 
 def _plan_adapters(args: argparse.Namespace) -> int:
     """``plan --adapters``: a served mixed batch against one adapter, per shape, rank and K."""
-    import json
-
     from .plan import format_mixed_plan, plan_mixed
 
     if args.backend != "triton":
@@ -408,16 +396,27 @@ def _plan_adapters(args: argparse.Namespace) -> int:
     plans = [plan_mixed(tokens, in_f, out_f, rank, count, dtype=args.dtype, device=args.device)
              for tokens in args.tokens for in_f, out_f in args.shapes for rank in args.ranks
              for count in args.adapters]
+    return _report_plans(
+        args, plans, format_mixed_plan,
+        f"{'N':>6} {'in x out':>12} {'r':>4} {'K':>4} {'served vs one adapter':>22}",
+        lambda p: f"{p.adapters:>4} {p.ratio:>22.3f}",
+        lambda p: {"rows": p.rows, "adapters": p.adapters, "ratio_to_one_adapter": p.ratio})
+
+
+def _report_plans(args, plans, format_one, header: str, columns, record) -> int:
+    """Each plan's table, then one line per plan (its shape and ``columns(plan)``) under
+    ``header``; with ``--json``, each plan's shape, ``record(plan)`` and launches."""
+    import json
+
     for plan in plans:
-        print(format_mixed_plan(plan) + "\n")
-    print(f"{'N':>6} {'in x out':>12} {'r':>4} {'K':>4} {'served vs one adapter':>22}")
+        print(format_one(plan) + "\n")
+    print(header)
     for p in plans:
         print(f"{p.tokens:>6} {f'{p.in_features}x{p.out_features}':>12} {p.rank:>4} "
-              f"{p.adapters:>4} {p.ratio:>22.3f}")
+              + columns(p))
     if args.json:
-        rows = [{"device": p.device, "dtype": p.dtype, "tokens": p.tokens, "rows": p.rows,
-                 "in": p.in_features, "out": p.out_features, "rank": p.rank,
-                 "adapters": p.adapters, "ratio_to_one_adapter": p.ratio,
+        rows = [{"device": p.device, "dtype": p.dtype, "tokens": p.tokens, "in": p.in_features,
+                 "out": p.out_features, "rank": p.rank, **record(p),
                  "launches": [vars(launch) for launch in p.launches]} for p in plans]
         Path(args.json).write_text(json.dumps(rows, indent=1))
         print(f"wrote {args.json}")
