@@ -78,16 +78,12 @@ def row_tables(Rs: torch.Tensor, ms: torch.Tensor, norms: torch.Tensor, cdt) -> 
     return RowTables(cores, torch.cat([g, g.new_ones(1, g.shape[1])]))
 
 
-def _row_core_terms(x, A, cores, rows, cdt) -> torch.Tensor:
-    """``t`` (batch×T×r): each leading row's core ``cores[rows[i]]`` applied to its x·Aᵀ, in
-    ``cdt``. Without a gradient for x, a half x is read once by a GEMM with an fp32 result (on
-    a GPU) instead of being converted first."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if torch.is_grad_enabled() and x.requires_grad:
-        v = x2.to(cdt) @ A.to(cdt).T
-    else:
-        v = mm_compute(x2, A.T, cdt)
-    return torch.bmm(v.view(x.shape[0], -1, v.shape[-1]), cores[rows].transpose(1, 2))
+def _row_core_terms(x, A, cores, rows, cdt) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(v, t)``: v = x·Aᵀ (batch×T×r, in ``cdt``: a half x is read once by a GEMM with an
+    fp32 result on a GPU, not converted first) and t, each leading row's core
+    ``cores[rows[i]]`` applied to its v. No autograd: :class:`_MixedEpilogue` differentiates."""
+    v = mm_compute(x.reshape(-1, x.shape[-1]), A.T, cdt).view(x.shape[0], -1, A.shape[0])
+    return v, torch.bmm(v, cores[rows].transpose(1, 2))
 
 
 def mixed_epilogue(y0: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
@@ -95,25 +91,75 @@ def mixed_epilogue(y0: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
                    rows: torch.Tensor, *, own_y0: bool = False) -> torch.Tensor:
     """``y`` for a batch whose leading row i (``x[i]``, all its tokens) uses row ``rows[i]`` of
     the ``tables`` (on x's device; the last row runs the base alone: ``y0``, bit for bit).
-    ``y0 = base(x)`` (bias included). ``own_y0``: nobody else holds ``y0``, so the rank-r term
-    is added into it in place.
+    ``y0 = base(x)`` (bias included). ``own_y0``: nobody else holds ``y0``, so a served batch
+    adds the rank-r term into it in place.
 
     ``g ⊙ (y0 − b + s·t Bᵀ) + b`` is computed as ``g ⊙ (y0 + s·t Bᵀ) + (1 − g) ⊙ b``: one
-    pass over batch×out fewer, and a base row (t = 0, g = 1) adds exact zeros."""
+    pass over batch×out fewer, and a base row (t = 0, g = 1) adds exact zeros. With gradients
+    it is one autograd node (:class:`_MixedEpilogue`), whose backward gives y0 (so the base's
+    dx), x, the cores and the g table theirs: each adapter's rows reach only its table rows."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (y0, x, *tables)):
+        return _MixedEpilogue.apply(y0, x, bias, A, B, tables.cores, tables.g, rows, scaling)
+    z, g_rows = _rank_term(y0, x, A, B, tables.cores, tables.g, rows, scaling, own_y0)[1:]
+    y = z.mul_(g_rows) if bias is None else z.mul_(g_rows).add_((1 - g_rows) * bias.to(z.dtype))
+    return y.to(y0.dtype).reshape(y0.shape)
+
+
+def _rank_term(y0, x, A, B, cores, g_table, rows, scaling, own_y0):
+    """``(v, z, g_rows)``: v = x Aᵀ, ``z = y0 + s·t Bᵀ`` (batch×T×out in the compute dtype;
+    into y0 itself if ``own_y0`` or y0 had to be converted) and each row's g (batch×1×out)."""
     batch, out_features = x.shape[0], y0.shape[-1]
     cdt = compute_dtype(y0.dtype)
-    t = _row_core_terms(x, A, tables.cores, rows, cdt)
+    v, t = _row_core_terms(x, A, cores, rows, cdt)
     z = y0.reshape(batch, -1, out_features)
     own = own_y0 or z.dtype != cdt  # .to(cdt) below copies
     z = z.to(cdt)
     Bt = B.to(cdt).T.expand(batch, -1, -1)
     z = z.baddbmm_(t, Bt, alpha=scaling) if own else torch.baddbmm(z, t, Bt, alpha=scaling)
-    g_rows = tables.g[rows].unsqueeze(1)
-    if torch.is_grad_enabled():
-        y = g_rows * z if bias is None else torch.addcmul((1 - g_rows) * bias.to(cdt), g_rows, z)
-    else:  # serving: in place, no temporaries
-        y = z.mul_(g_rows) if bias is None else z.mul_(g_rows).add_((1 - g_rows) * bias.to(cdt))
-    return y.to(y0.dtype).reshape(y0.shape)
+    return v, z, g_table[rows].unsqueeze(1)
+
+
+class _MixedEpilogue(torch.autograd.Function):
+    """:func:`mixed_epilogue` with gradients, as one node: backward streams gy twice (gz =
+    gy ⊙ g for y0, and each row's Σ gy ⊙ (z − b) for g) and otherwise runs rank-r products;
+    each row's share of the cores and of g is added to its table row (``index_add``)."""
+
+    @staticmethod
+    def forward(ctx, y0, x, bias, A, B, cores, g_table, rows, scaling):
+        v, z, g_rows = _rank_term(y0, x, A, B, cores, g_table, rows, scaling, False)
+        if bias is None:
+            y = g_rows * z
+        else:
+            y = torch.addcmul((1 - g_rows) * bias.to(z.dtype), g_rows, z)
+        # z kept in y's dtype (as the single-adapter op keeps y); v in the compute dtype
+        ctx.save_for_backward(x, bias, A, B, cores, g_table, rows, v, z.to(y0.dtype))
+        ctx.scaling, ctx.y0_shape = scaling, y0.shape
+        return y.to(y0.dtype).reshape(y0.shape)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, bias, A, B, cores, g_table, rows, v, z = ctx.saved_tensors
+        batch, cdt = x.shape[0], v.dtype
+        gy = gy.reshape(batch, -1, gy.shape[-1]).to(cdt)
+        g_rows = g_table[rows].unsqueeze(1)
+        gz = gy * g_rows
+        d_g = None
+        if ctx.needs_input_grad[6]:  # ∂y/∂g = z − b
+            per_row = (gy * z).sum(1)
+            if bias is not None:
+                per_row -= bias.to(cdt) * gy.sum(1)
+            d_g = torch.zeros_like(g_table).index_add_(0, rows, per_row.to(g_table.dtype))
+        dt = torch.bmm(gz, B.to(cdt).expand(batch, -1, -1)) * ctx.scaling     # batch×T×r
+        core_rows = cores[rows]
+        d_cores = dx = None
+        if ctx.needs_input_grad[5]:
+            d_cores = torch.zeros_like(cores).index_add_(
+                0, rows, torch.bmm(dt.transpose(1, 2), v).to(cores.dtype))
+        if ctx.needs_input_grad[1]:
+            dv = torch.bmm(dt, core_rows)
+            dx = (dv.reshape(-1, dv.shape[-1]) @ A.to(cdt)).to(x.dtype).reshape(x.shape)
+        d_y0 = gz.to(z.dtype).reshape(ctx.y0_shape) if ctx.needs_input_grad[0] else None
+        return d_y0, dx, None, None, None, d_cores, d_g, None, None
 
 
 def serve_mixed(x: torch.Tensor, y0: torch.Tensor | None, weight: torch.Tensor | None,
@@ -126,7 +172,7 @@ def serve_mixed(x: torch.Tensor, y0: torch.Tensor | None, weight: torch.Tensor |
 
     cdt = compute_dtype(x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
-    t = _row_core_terms(x, A, tables.cores, rows, cdt).reshape(-1, tables.cores.shape[-1])
+    t = _row_core_terms(x, A, tables.cores, rows, cdt)[1].reshape(-1, tables.cores.shape[-1])
     sB = B.to(x.dtype) * scaling  # one rounding of s·B to x's dtype, as (s·B).to(x.dtype)
     if y0 is None:
         y = mixed_forward(x2, weight, bias, t, sB, tables.g, g_rows)

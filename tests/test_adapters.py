@@ -208,6 +208,36 @@ def test_layer_mixed_rows_with_dropout_against_the_float64_reference(mode, secon
         torch.testing.assert_close(y[i], want, rtol=0, atol=1e-12, msg=f"row {i}")
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_mixed_epilogue_node_passes_gradcheck(with_bias):
+    """The one autograd node of a mixed training batch, in float64: gradients for y0 (the
+    base's dx), x, the cores and the g table (so R and m), base rows included."""
+    from edora_kernels.mixed import mixed_epilogue, row_tables
+
+    gen = torch.Generator().manual_seed(0)
+    K, r, batch, T, in_f, out_f = 3, 4, 5, 3, 7, 6
+
+    def rand(*shape, grad=False):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(grad)
+
+    y0, x = rand(batch, T, out_f, grad=True), rand(batch, T, in_f, grad=True)
+    Rs, ms = rand(K, r, r, grad=True), rand(K, out_f, grad=True)
+    A, B, bias = rand(r, in_f), rand(out_f, r), rand(out_f) if with_bias else None
+    norms = rand(K, out_f).abs() + 1.0
+    rows = torch.tensor([0, 3, 1, 2, 1])  # 3: a row of the base model
+
+    def epilogue(y0, x, Rs, ms):
+        return mixed_epilogue(y0, x, bias, A, B, row_tables(Rs, ms, norms, torch.float64), 0.7,
+                              rows)
+
+    assert torch.autograd.gradcheck(epilogue, (y0, x, Rs, ms))
+    trained = epilogue(y0, x, Rs, ms)
+    with torch.no_grad():  # served (no autograd): the same values
+        served = epilogue(y0, x, Rs, ms)
+    torch.testing.assert_close(served, trained, rtol=0, atol=1e-14)
+    assert torch.equal(trained[1], y0[1]) and torch.equal(served[1], y0[1])  # the base row
+
+
 def test_a_layer_merges_and_unmerges_an_adapter_of_its_second_basis():
     torch.manual_seed(0)
     layer = EDoRALinear.from_linear(nn.Linear(37, 29).double(), 3, seed=0)
