@@ -249,7 +249,7 @@ def format_mixed_plan(plan: MixedPlan) -> str:
     one = sum(x.seconds for x in plan.one)
     lines.append(f"  one adapter (prologue + fused GEMM): {one * 1e6:.1f} us")
     lines.append(f"  predicted: {plan.ratio:.3f}x one adapter, {len(plan.launches)} launches "
-                 "(training a mixed batch runs composed torch ops: bench --adapters measures)")
+                 "(training a mixed batch runs torch ops: bench --adapters measures it)")
     return "\n".join(lines)
 
 
