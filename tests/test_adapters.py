@@ -30,6 +30,7 @@ from edora_kernels.mixed import BASE_NAME
 transformers = pytest.importorskip("transformers")
 
 NAMES = ["default", "a", BASE_NAME, "b", "a", "default"]
+BF16 = torch.bfloat16
 
 
 def classifier(seed=0):
@@ -696,16 +697,19 @@ def test_bench_adapters_writes_each_provider_and_the_peft_refusal(tmp_path):
     assert all(float(r["p50"]) > 0 for r in rows if r["metric"] == "time_ms")
 
 
-@pytest.mark.parametrize("kind, in_f, out_f, rank, tokens, second", [
-    ("linear", 37, 45, 1, 1, False), ("linear", 64, 48, 3, 7, False),
-    ("linear", 40, 24, 16, 5, False), ("linear", 37, 45, 3, 2, True),
-    ("nf4", 64, 48, 3, 7, False), ("nf4", 64, 48, 3, 2, True)])  # bnb's CPU 4-bit: 64 | in
+@pytest.mark.parametrize("kind, in_f, out_f, rank, tokens, second, dtype", [
+    ("linear", 37, 45, 1, 1, False, torch.float32), ("linear", 64, 48, 3, 7, False, BF16),
+    ("linear", 40, 24, 16, 5, False, torch.float32), ("linear", 37, 45, 3, 2, True, BF16),
+    ("linear", 37, 45, 3, 2, True, torch.float32),
+    ("nf4", 64, 48, 3, 7, False, torch.float32),  # bnb's CPU 4-bit kernel: 64 | in
+    ("nf4", 64, 48, 3, 2, True, torch.float32)])
 def test_triton_serves_a_mixed_batch_in_one_launch(kind, in_f, out_f, rank, tokens, second,
-                                                    monkeypatch):
+                                                    dtype, monkeypatch, interpreter_bf16_dot):
     """Serving (no grad) on the Triton backend: one launch of the forward GEMM (or of the
     epilogue pass over a quantized base's y0) with g per token from the adapters' table,
     against the composed path and the float64 reference; base rows are the base layer. With
-    adapters on a second basis: one epilogue launch per basis over the shared y0."""
+    adapters on a second basis: one epilogue launch per basis over the shared y0. In fp32 and
+    in bf16 (the serving dtype; fp32 adapters)."""
     from edora_kernels.backends.triton import mixed as triton_mixed
 
     torch.manual_seed(0)
@@ -715,7 +719,7 @@ def test_triton_serves_a_mixed_batch_in_one_launch(kind, in_f, out_f, rank, toke
         base.load_state_dict(nn.Linear(in_f, out_f).state_dict())
         base = base.to("cpu")
     else:
-        base = nn.Linear(in_f, out_f)
+        base = nn.Linear(in_f, out_f, dtype=dtype)
     layer = EDoRALinear.from_linear(base, rank, seed=0, backend="triton")
     for name, seed in (("a", 1), ("b", 2)):
         layer.add_adapter(name, seed=seed)
@@ -727,5 +731,6 @@ def test_triton_serves_a_mixed_batch_in_one_launch(kind, in_f, out_f, rank, toke
                         lambda kernel, grid, **args: launches.append(args) or
                         kernel[grid](**args))
     rows = torch.tensor([1, 0, 4, 2, 1, 3] if second else [1, 0, 3, 2, 1])
-    check_served_mixed_batch(layer, rows, torch.randn(len(rows), tokens, in_f), torch.float32)
+    x = torch.randn(len(rows), tokens, in_f).to(dtype)
+    check_served_mixed_batch(layer, rows, x, dtype)
     assert len(launches) == 1 + second and all(args["G_ROWS"] for args in launches)

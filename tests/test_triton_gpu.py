@@ -6,6 +6,7 @@ shapes (in the interpreter without a GPU).
 import pytest
 import torch
 from helpers import (
+    add_second_basis,
     assert_close,
     check_backend,
     check_outputs,
@@ -21,6 +22,7 @@ from edora_kernels.backends.triton import epilogue_only as triton_epilogue
 from edora_kernels.backends.triton import fwd as triton_fwd
 from edora_kernels.backends.triton import mixed as triton_mixed
 from edora_kernels.backends.triton.launch import launch
+from edora_kernels.mixed import RowAssignment
 from edora_kernels.norm import compute_norm_terms
 from edora_kernels.testing import make_case
 
@@ -204,6 +206,61 @@ def test_training_step_captures_in_a_cuda_graph():
     for name, got, want in zip(("dx", "dR", "dm"), (x.grad, layer.R.grad, layer.magnitude.grad),
                                eager):
         assert torch.equal(got, want), f"{name} differs after a graph replay"
+
+
+def _two_bases_layer(dtype):
+    """A 1024² layer with "default" and "user1" on its r = 16 basis and "wide" on an r = 32
+    basis; rows of each and of the base model (index 3)."""
+    torch.manual_seed(0)
+    layer = EDoRALinear.from_linear(torch.nn.Linear(1024, 1024, device=DEVICE, dtype=dtype),
+                                    16, seed=0, backend="triton")
+    layer.add_adapter("user1", seed=1)
+    add_second_basis(layer, "wide", rank=32, alpha=32.0, seed=2)
+    jitter_adapters(layer, 0.05)
+    return layer, torch.tensor([0, 3, 1, 2, 2, 0, 1, 3])
+
+
+def test_mixed_batch_over_two_bases_is_served_without_a_host_sync():
+    """Served (the fused GEMM for the first basis's rows, one epilogue pass for the second's)
+    against the composed path and the float64 reference; then, warm, a forward under CUDA's
+    sync check set to error: the row indices reach the device without the host waiting."""
+    layer, rows = _two_bases_layer(BF16)
+    x = torch.randn(len(rows), 64, 1024, device=DEVICE, dtype=BF16)
+    check_served_mixed_batch(layer, rows, x, BF16)
+    layer.backend = "triton"
+    with torch.no_grad():
+        layer.row_adapters = RowAssignment(rows)
+        layer(x)
+        layer.row_adapters = RowAssignment(rows)  # the next forward: indices copied afresh
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            layer(x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            layer.row_adapters = None
+
+
+def test_mixed_training_batch_over_two_bases_gives_each_adapter_its_rows_gradient():
+    """One backward of the mixed batch (fp32 on the GPU) against a separate step per adapter on
+    its own rows: dR, dm and dx."""
+    layer, rows = _two_bases_layer(torch.float32)
+    x = torch.randn(len(rows), 64, 1024, device=DEVICE, requires_grad=True)
+    gy = torch.randn(len(rows), 64, 1024, device=DEVICE)
+    layer.row_adapters = rows
+    layer(x).backward(gy)
+    layer.row_adapters = None
+    mixed = {name: [p.grad.clone() for p in layer.adapter_weights(name)]
+             for name in layer.adapter_names}
+    for index, name in enumerate(layer.adapter_names):
+        own = (rows == index).nonzero().flatten().tolist()
+        for p in layer.adapter_weights(name):
+            p.grad = None
+        layer.set_active_adapter(name)
+        x_own = x.detach()[own].requires_grad_()
+        layer(x_own).backward(gy[own])
+        for got, want, what in zip(mixed[name], layer.adapter_weights(name), ("dR", "dm")):
+            assert_close(got, want.grad.double(), torch.float32, f"{name} {what}")
+        assert_close(x.grad[own], x_own.grad.double(), torch.float32, f"{name} dx")
 
 
 def test_mixed_adapter_batch_served_by_the_fused_forward(forward_launches):
