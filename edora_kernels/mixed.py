@@ -10,9 +10,10 @@ costs what one adapter costs plus a per-row r×r product and a per-row gather of
     y_i = g_{a(i)} ⊙ z_i + (1 − g_{a(i)}) ⊙ b
                                         g_a = m_a / ‖W0 + s·B R_a A‖, every adapter's at once
 
-and rows of the base model are ``y0`` itself, bit for bit (their core is 0 and their g 1). It
-is written in differentiable torch ops: backward gives each adapter's R and m the gradient of
-its own rows only, and reads W0 once more (dx), however many adapters the batch holds.
+and rows of the base model are ``y0`` itself, bit for bit (their core is 0 and their g 1). With
+gradients the epilogue is one autograd node: backward gives each adapter's R and m the gradient
+of its own rows only, and the base reads W0 once more (dx), however many adapters the batch
+holds. Without them a Triton layer serves the batch in its fused kernels (:func:`serve_mixed`).
 """
 from __future__ import annotations
 
@@ -150,13 +151,12 @@ class _MixedEpilogue(torch.autograd.Function):
                 per_row -= bias.to(cdt) * gy.sum(1)
             d_g = torch.zeros_like(g_table).index_add_(0, rows, per_row.to(g_table.dtype))
         dt = torch.bmm(gz, B.to(cdt).expand(batch, -1, -1)) * ctx.scaling     # batch×T×r
-        core_rows = cores[rows]
         d_cores = dx = None
         if ctx.needs_input_grad[5]:
             d_cores = torch.zeros_like(cores).index_add_(
                 0, rows, torch.bmm(dt.transpose(1, 2), v).to(cores.dtype))
         if ctx.needs_input_grad[1]:
-            dv = torch.bmm(dt, core_rows)
+            dv = torch.bmm(dt, cores[rows])
             dx = (dv.reshape(-1, dv.shape[-1]) @ A.to(cdt)).to(x.dtype).reshape(x.shape)
         d_y0 = gz.to(z.dtype).reshape(ctx.y0_shape) if ctx.needs_input_grad[0] else None
         return d_y0, dx, None, None, None, d_cores, d_g, None, None

@@ -57,15 +57,21 @@ class Launch:
 
 
 @dataclass
-class Plan:
-    backend: str
+class LayerCase:
+    """The layer and batch a plan is made for, on a named GPU."""
+
     device: str
     dtype: str
     tokens: int
     in_features: int
     out_features: int
     rank: int
-    exact_norm: bool
+
+
+@dataclass
+class Plan(LayerCase):
+    backend: str = "triton"
+    exact_norm: bool = False
     launches: list[Launch] = field(default_factory=list)
     frozen: list[Launch] = field(default_factory=list)
 
@@ -92,7 +98,8 @@ def plan_step(backend: str, tokens: int, in_features: int, out_features: int, ra
         raise ValueError(f"device must be one of {tuple(DEVICES)}, got {device!r}")
     if dtype not in ELEMENT_BYTES:
         raise ValueError(f"dtype must be one of {tuple(ELEMENT_BYTES)}, got {dtype!r}")
-    plan = Plan(backend, device, dtype, tokens, in_features, out_features, rank, exact_norm)
+    plan = Plan(device, dtype, tokens, in_features, out_features, rank, backend=backend,
+                exact_norm=exact_norm)
     shape = _Shape(tokens, in_features, out_features, rank, ELEMENT_BYTES[dtype])
     plan.launches = (_triton_step if backend == "triton" else _cuda_step)(shape, exact_norm)
     plan.frozen = _frozen_step(shape)
@@ -185,18 +192,12 @@ def _cuda_step(s: _Shape, exact: bool) -> list[Launch]:
 
 
 @dataclass
-class MixedPlan:
+class MixedPlan(LayerCase):
     """A served batch mixing ``adapters`` adapters (``edora_kernels.mixed`` on Triton) against
     the same batch with one adapter: the launches of one layer's forward each."""
 
-    device: str
-    dtype: str
-    tokens: int
-    in_features: int
-    out_features: int
-    rank: int
-    adapters: int
-    rows: int
+    adapters: int = 1
+    rows: int = 1
     launches: list[Launch] = field(default_factory=list)
     one: list[Launch] = field(default_factory=list)
 
@@ -218,7 +219,8 @@ def plan_mixed(tokens: int, in_features: int, out_features: int, rank: int, adap
     rows = adapters if rows is None else rows
     s = _Shape(tokens, in_features, out_features, rank, ELEMENT_BYTES[dtype])
     N, In, Out, r, e = s.N, s.In, s.Out, s.r, s.e
-    plan = MixedPlan(device, dtype, tokens, in_features, out_features, rank, adapters, rows)
+    plan = MixedPlan(device, dtype, tokens, in_features, out_features, rank, adapters=adapters,
+                     rows=rows)
     plan.launches = [
         Launch("aten::mm", "fwd", 2.0 * N * In * r, N * In * e + r * In * e + N * r * s.f32,
                False),                                            # v = x Aᵀ, fp32 result
@@ -241,16 +243,23 @@ def format_mixed_plan(plan: MixedPlan) -> str:
     dev = DEVICES[plan.device]
     lines = [f"mixed batch served on triton, {dev['name']}, {plan.dtype}: N={plan.tokens} in "
              f"{plan.rows} rows, in={plan.in_features} out={plan.out_features} r={plan.rank}, "
-             f"K={plan.adapters} adapters",
-             f"  {'launch':<32} {'GFLOP':>9} {'MB':>9} {'us':>8}  bound"]
-    for launch in plan.launches:
-        lines.append(f"  {launch.name:<32} {launch.flops / 1e9:9.2f} {launch.bytes / 1e6:9.1f} "
-                     f"{launch.seconds * 1e6:8.1f}  {launch.bound}")
+             f"K={plan.adapters} adapters", *_launch_table(plan.launches, phases=False)]
     one = sum(x.seconds for x in plan.one)
     lines.append(f"  one adapter (prologue + fused GEMM): {one * 1e6:.1f} us")
     lines.append(f"  predicted: {plan.ratio:.3f}x one adapter, {len(plan.launches)} launches "
                  "(training a mixed batch runs torch ops: bench --adapters measures it)")
     return "\n".join(lines)
+
+
+def _launch_table(launches: list[Launch], phases: bool) -> list[str]:
+    """A header and one line per launch: (phase,) name, GFLOP, MB, µs, what bounds it."""
+    def phase(name: str) -> str:
+        return f"{name:<5} " if phases else ""
+
+    header = f"  {phase('phase')}{'launch':<32} {'GFLOP':>9} {'MB':>9} {'us':>8}  bound"
+    return [header] + [f"  {phase(launch.phase)}{launch.name:<32} {launch.flops / 1e9:9.2f} "
+                       f"{launch.bytes / 1e6:9.1f} {launch.seconds * 1e6:8.1f}  {launch.bound}"
+                       for launch in launches]
 
 
 def _time(launch: Launch, device: dict, dtype: str, a: dict, fused: bool) -> None:
@@ -271,10 +280,7 @@ def format_plan(plan: Plan) -> str:
     lines = [f"{plan.backend} on {dev['name']}, {plan.dtype}: N={plan.tokens} "
              f"in={plan.in_features} out={plan.out_features} r={plan.rank}"
              f"{' (exact norm gradient)' if plan.exact_norm else ''}",
-             f"  {'phase':<5} {'launch':<32} {'GFLOP':>9} {'MB':>9} {'us':>8}  bound"]
-    for launch in plan.launches:
-        lines.append(f"  {launch.phase:<5} {launch.name:<32} {launch.flops / 1e9:9.2f} "
-                     f"{launch.bytes / 1e6:9.1f} {launch.seconds * 1e6:8.1f}  {launch.bound}")
+             *_launch_table(plan.launches, phases=True)]
     frozen_fwd, frozen = plan.seconds(plan.frozen, ("fwd",)), plan.seconds(plan.frozen)
     lines.append(f"  frozen F.linear: forward {frozen_fwd * 1e6:.1f} us, forward+backward "
                  f"{frozen * 1e6:.1f} us")
