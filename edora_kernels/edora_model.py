@@ -59,6 +59,16 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 HEADS_NAME = "modules_to_save.safetensors"
 
 
+def _row_switched(module: nn.Module):
+    """The EDoRA layers and trained heads in ``module`` (itself included), not walking into a
+    layer: its children are its base and its adapters, a thousand modules at 64 adapters."""
+    if isinstance(module, (EDoRALinear, TrainedHead)):
+        yield module
+    if not isinstance(module, EDoRALinear):
+        for child in module.children():
+            yield from _row_switched(child)
+
+
 class TrainedHead(nn.Module):
     """A head EDoRA trains and saves with the adapter (PEFT's ``modules_to_save``): a trainable
     copy per adapter beside the frozen original, which runs instead while the adapter is
@@ -199,8 +209,7 @@ class EDoRAModel(nn.Module):
         inputs = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
         batch = inputs[0].shape[0] if inputs and inputs[0].dim() else len(adapter_names)
         rows = RowAssignment(row_indices(adapter_names, self.adapter_names(), batch))
-        modules = [m for m in self.base_model.modules()
-                   if isinstance(m, (EDoRALinear, TrainedHead))]
+        modules = list(_row_switched(self.base_model))
         for module in modules:
             module.row_adapters = rows
         try:

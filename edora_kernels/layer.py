@@ -27,14 +27,15 @@ from .mixed import (
     serve_mixed,
 )
 from .norm import (
-    TERMS_DTYPE,
     NormTermsCache,
     _same,
     _stamp,
+    adapter_norms,
     compute_dtype,
     compute_norm_terms,
     row_norm,
 )
+from .op_common import cpu_threads_for
 from .ops import edora_epilogue, edora_linear
 from .options import LayerOptions
 from .svd import edora_factors
@@ -44,7 +45,8 @@ from .svd import edora_factors
 VERIFY_NORM_ENV = "EDORA_VERIFY_NORM"
 # The adapter a layer is built with; its R and magnitude are the layer's own parameters.
 DEFAULT_ADAPTER = "default"
-# How many sets of served adapters a layer keeps the mixed-batch tables of.
+# How many sets of adapters a layer keeps the mixed-batch tables (served) and the detached
+# norms (trained) of.
 SERVED_TABLES = 4
 
 
@@ -140,8 +142,8 @@ class EDoRALinear(nn.Module):
         # the base model): a host tensor, or the RowAssignment EDoRAModel shares among its
         # layers for one forward; None: every row uses active_adapter.
         self.row_adapters = None
-        # adapter -> (stamp of its R, the norm terms used, its detached row norms)
-        self._norm_rows: dict[str, tuple] = {}
+        # (adapters) -> (stamps of their R, the norm terms used, their detached row norms)
+        self._norm_rows: dict[tuple, tuple] = {}
         # (served adapters, dtype) -> (stamps of their R and m, the norm terms, RowTables)
         self._served_tables: dict[tuple, tuple] = {}
         # Set by the installer: other parameters of the model that share W0's storage (tied
@@ -256,8 +258,12 @@ class EDoRALinear(nn.Module):
         """(R, magnitude) of the adapter ``name``."""
         if name == DEFAULT_ADAPTER:
             return self.R, self.magnitude
-        weights = self._extra(name)
-        return weights.R, weights.magnitude
+        # read from the module dicts directly: a mixed batch asks for every adapter of every
+        # layer each step, and nn.Module's attribute lookup is most of that cost at K = 64
+        weights = self.extra_adapters._modules.get(name)
+        if weights is None:
+            self._extra(name)  # raises, naming the adapters
+        return weights._parameters["R"], weights._parameters["magnitude"]
 
     def _extra(self, name: str) -> AdapterWeights:
         if name not in self.extra_adapters:
@@ -314,7 +320,7 @@ class EDoRALinear(nn.Module):
                              "deleted; load another adapter into it instead")
         key = self._extra(name).basis  # raises for an unknown name
         del self.extra_adapters[name]
-        self._norm_rows.pop(name, None)
+        self._norm_rows.clear()
         self._served_tables.clear()
         if key is not None and all(w.basis != key for w in self.extra_adapters.values()):
             del self.extra_bases[key]
@@ -400,27 +406,32 @@ class EDoRALinear(nn.Module):
         if not groups:  # the base model's rows only
             return base(x)
         parts = [self._basis_rows(members, assignment, x) for members in groups.values()]
-        if len(parts) == 1:
-            basis, tables, local = parts[0]
-            if dropout == 0.0 and self._serves_on_triton(x, tables, basis.rank):
+        if len(parts) == 1 and dropout == 0.0:
+            basis, tables, local, _ = parts[0]
+            if self._serves_on_triton(x, tables, basis.rank):
                 return serve_mixed(x, None if self.kind.dense else base(x),
                                    self._w0() if self.kind.dense else None, self.bias,
                                    basis.A, basis.B, tables, basis.scaling,
                                    *self._row_index(assignment, local, x))
+            if self.kind.dense:  # the base product inside the mixed step (one node)
+                return mixed_epilogue(None, x, self.bias, basis.A, basis.B, tables,
+                                      basis.scaling, assignment.index(local, x.device),
+                                      weight=self._w0())
         return self._through_epilogue(x, dropout, base, lambda y0, x_in: self._mixed_epilogue(
             y0, x_in, parts, assignment))
 
     def _basis_rows(self, members: list[int], assignment, x: torch.Tensor) -> tuple:
         """What one basis's rows of a mixed batch need: (basis, the tables of its adapters
-        ``members`` (indices in ``adapter_names``), each row's index in them — ``len(members)``,
-        the base row of the tables, for a row of another basis or of the base model — on the
-        host)."""
+        ``members`` (indices in ``adapter_names``), each row's index in them on the host —
+        ``len(members)``, the base row of the tables, for a row of another basis or of the
+        base model; the tables hold that row only if some row takes it —, ``len(members)``)."""
         names = self.adapter_names
         used = [names[i] for i in members]
         basis = self.basis_of(used[0])
-        tables = self._row_tables(used, basis, compute_dtype(x.dtype))
         position = {index: i for i, index in enumerate(members)}
-        return basis, tables, [position.get(i, len(members)) for i in assignment.values]
+        local = [position.get(i, len(members)) for i in assignment.values]
+        tables = self._row_tables(used, basis, compute_dtype(x.dtype), len(members) in local)
+        return basis, tables, local, len(members)
 
     @staticmethod
     def _row_index(assignment, local: list[int], x: torch.Tensor) -> tuple:
@@ -430,13 +441,14 @@ class EDoRALinear(nn.Module):
         return (assignment.index(local, x.device),
                 assignment.index(local, x.device, repeat=tokens, dtype=torch.int32))
 
-    def _row_tables(self, used: list[str], basis, cdt) -> RowTables:
-        """The tables of the adapters ``used`` (one basis). Served adapters (nothing needs a
-        gradient) keep theirs while their R and m and the norm terms stay the same: a batch
-        served again gathers from them, nothing stacked or divided."""
+    def _row_tables(self, used: list[str], basis, cdt, base_row: bool) -> RowTables:
+        """The tables of the adapters ``used`` (one basis), with the base model's row if
+        ``base_row``. Served adapters (nothing needs a gradient) keep theirs while their R and
+        m and the norm terms stay the same: a batch served again gathers from them, nothing
+        stacked or divided."""
         weights = [p for name in used for p in self.adapter_weights(name)]
         serving = not (torch.is_grad_enabled() and any(p.requires_grad for p in weights))
-        key = (tuple(used), cdt)
+        key = (tuple(used), cdt, base_row)
         terms = None if torch.compiler.is_compiling() else self.norm_terms(basis=basis)
         if serving and terms is not None:
             entry = self._served_tables.get(key)
@@ -444,9 +456,13 @@ class EDoRALinear(nn.Module):
                     _same(stamp, p) for stamp, p in zip(entry[0], weights)):
                 return entry[2]
         cores, magnitudes = weights[0::2], weights[1::2]
-        Rs = torch.stack(cores)
-        tables = row_tables(Rs, torch.stack(magnitudes),
-                            self._adapter_norms(used, cores, Rs, basis), cdt)
+        # A dozen small passes over K×out and two GEMMs of K·out·r² multiply-adds: on a CPU,
+        # one thread until those GEMMs outweigh waking the others for each pass (measured on
+        # 2 vCPUs: one thread is faster at 64 adapters × 256 rows, r = 16, slower at 4096 rows)
+        with cpu_threads_for(len(used) * self.out_features * basis.rank ** 2 // 8):
+            Rs = torch.stack(cores)
+            tables = row_tables(Rs, torch.stack(magnitudes),
+                                self._adapter_norms(used, cores, Rs, basis), cdt, base_row)
         if serving and terms is not None:
             if len(self._served_tables) >= SERVED_TABLES:
                 self._served_tables.pop(next(iter(self._served_tables)))
@@ -459,12 +475,12 @@ class EDoRALinear(nn.Module):
         takes its own rows (the rows of none keep ``y0``). A dense base's y0 comes from our own
         ``F.linear`` (no hook of the base layer holds it), so the epilogue adds into it."""
         if len(parts) == 1:
-            basis, tables, local = parts[0]
+            basis, tables, local, _ = parts[0]
             return mixed_epilogue(y0, x, self.bias, basis.A, basis.B, tables, basis.scaling,
                                   assignment.index(local, x.device), own_y0=self.kind.dense)
         y = y0
-        for basis, tables, local in parts:
-            own = [i for i, index in enumerate(local) if index < len(tables.cores) - 1]
+        for basis, tables, local, adapters in parts:
+            own = [i for i, index in enumerate(local) if index < adapters]
             where = assignment.index(own, x.device)
             x_own, own_local = x[where], [local[i] for i in own]
             if self._serves_on_triton(x, tables, basis.rank):
@@ -494,26 +510,27 @@ class EDoRALinear(nn.Module):
 
     def _adapter_norms(self, names: list[str], cores, Rs: torch.Tensor, basis) -> torch.Tensor:
         """‖W0 + s·B R_a A‖ per row for the adapters ``names`` of ``basis`` (K×out, float64),
-        whose R are ``cores`` (stacked: ``Rs``). Detached norms (``detach_norm``) are kept per
-        adapter while its R and the norm terms stay the same: a served adapter's norm is
-        computed once, a trained one's once per step."""
+        whose R are ``cores`` (stacked: ``Rs``). Detached norms (``detach_norm``) are kept for
+        the set ``names`` while every R in it and the norm terms stay the same, and are
+        recomputed all at once otherwise: one set of GEMMs for all K costs less than picking
+        out the changed ones (and a device index of them)."""
         terms = self.norm_terms(basis=basis)
         if terms is None:  # under torch.compile
             terms = compute_norm_terms(self.base_weight(), basis.A)
-        B = basis.B.to(TERMS_DTYPE)
         if not self.detach_norm or torch.compiler.is_compiling():
-            n = row_norm(terms, B @ Rs.to(TERMS_DTYPE), basis.scaling)
+            n = adapter_norms(terms, basis.B, Rs, basis.scaling)
             return n.detach() if self.detach_norm else n
-        cache = self._norm_rows
-        stale = [i for i, name in enumerate(names)
-                 if name not in cache or cache[name][1] is not terms
-                 or not _same(cache[name][0], cores[i])]
-        if stale:
-            with torch.no_grad():
-                fresh = row_norm(terms, B @ Rs[stale].to(TERMS_DTYPE), basis.scaling)
-            for i, n in zip(stale, fresh):
-                cache[names[i]] = (_stamp(cores[i]), terms, n)
-        return torch.stack([cache[name][2] for name in names])
+        key = tuple(names)
+        entry = self._norm_rows.get(key)
+        if entry is not None and entry[1] is terms and all(
+                _same(stamp, R) for stamp, R in zip(entry[0], cores)):
+            return entry[2]
+        with torch.no_grad():
+            n = adapter_norms(terms, basis.B, Rs, basis.scaling)
+        if entry is None and len(self._norm_rows) >= SERVED_TABLES:
+            self._norm_rows.pop(next(iter(self._norm_rows)))
+        self._norm_rows[key] = ([_stamp(R) for R in cores], terms, n)
+        return n
 
     # --- norm terms -----------------------------------------------------------------------------
 

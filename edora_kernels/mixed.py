@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .backends.torch_backend import mm_compute
 from .norm import TERMS_DTYPE, compute_dtype
@@ -63,20 +64,56 @@ def as_assignment(rows) -> RowAssignment:
 
 
 class RowTables(NamedTuple):
-    """The per-adapter tables a mixed batch gathers from: ``cores`` (K+1)×r×r and ``g``
-    (K+1)×out in the compute dtype. Row K serves the base model's rows: core 0, g = 1, so that
-    they come out as ``y0`` itself."""
+    """The per-adapter tables a mixed batch gathers from: ``cores`` K×r×r and ``g`` K×out in
+    the compute dtype, and a row K after them when some rows run the base model: core 0, g = 1,
+    so that they come out as ``y0`` itself."""
 
     cores: torch.Tensor
     g: torch.Tensor
 
 
-def row_tables(Rs: torch.Tensor, ms: torch.Tensor, norms: torch.Tensor, cdt) -> RowTables:
+def row_tables(Rs: torch.Tensor, ms: torch.Tensor, norms: torch.Tensor, cdt,
+               base_row: bool = True) -> RowTables:
     """The tables of K adapters: their cores ``Rs`` (K×r×r) and ``g = ms / norms`` (K×out;
-    ``norms`` float64), each with the base model's row appended; differentiable in Rs and ms."""
-    cores = torch.cat([Rs.to(cdt), Rs.new_zeros(1, *Rs.shape[1:], dtype=cdt)])
-    g = (ms.to(TERMS_DTYPE) / norms).to(cdt)
-    return RowTables(cores, torch.cat([g, g.new_ones(1, g.shape[1])]))
+    ``norms`` float64), with the base model's row appended if ``base_row``; differentiable in
+    Rs, ms and the norms (one autograd node, :class:`_Tables`)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (Rs, ms, norms)):
+        return RowTables(*_Tables.apply(Rs, ms, norms, cdt, base_row))
+    return _build_tables(Rs, ms, norms, cdt, base_row)
+
+
+def _build_tables(Rs, ms, norms, cdt, base_row) -> RowTables:
+    cores, g = Rs.to(cdt), (ms.to(TERMS_DTYPE) / norms).to(cdt)
+    if not base_row:
+        return RowTables(cores, g)
+    return RowTables(torch.cat([cores, cores.new_zeros(1, *cores.shape[1:])]),
+                     torch.cat([g, g.new_ones(1, g.shape[1])]))
+
+
+class _Tables(torch.autograd.Function):
+    """:func:`row_tables` as one node: a training step builds the tables of K adapters every
+    step, and the five small nodes autograd would record for it cost more than its math."""
+
+    @staticmethod
+    def forward(ctx, Rs, ms, norms, cdt, base_row):
+        ctx.save_for_backward(ms, norms)
+        ctx.Rs_dtype = Rs.dtype
+        return _build_tables(Rs, ms, norms, cdt, base_row)
+
+    @staticmethod
+    def backward(ctx, d_cores, d_g):
+        ms, norms = ctx.saved_tensors
+        d_Rs = d_ms = d_norms = None
+        K = len(ms)  # the base model's row, if any, has no gradient to give
+        if ctx.needs_input_grad[0] and d_cores is not None:
+            d_Rs = d_cores[:K].to(ctx.Rs_dtype)
+        if d_g is not None:
+            d_g = d_g[:K].to(TERMS_DTYPE)  # g = m / n, in float64 as it was formed
+            if ctx.needs_input_grad[1]:
+                d_ms = (d_g / norms).to(ms.dtype)
+            if ctx.needs_input_grad[2]:
+                d_norms = -d_g * ms.to(TERMS_DTYPE) / norms.square()
+        return d_Rs, d_ms, d_norms, None, None
 
 
 def _row_core_terms(x, A, cores, rows, cdt) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,79 +124,113 @@ def _row_core_terms(x, A, cores, rows, cdt) -> tuple[torch.Tensor, torch.Tensor]
     return v, torch.bmm(v, cores[rows].transpose(1, 2))
 
 
-def mixed_epilogue(y0: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
+def mixed_epilogue(y0: torch.Tensor | None, x: torch.Tensor, bias: torch.Tensor | None,
                    A: torch.Tensor, B: torch.Tensor, tables: RowTables, scaling: float,
-                   rows: torch.Tensor, *, own_y0: bool = False) -> torch.Tensor:
+                   rows: torch.Tensor, *, own_y0: bool = False,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
     """``y`` for a batch whose leading row i (``x[i]``, all its tokens) uses row ``rows[i]`` of
     the ``tables`` (on x's device; the last row runs the base alone: ``y0``, bit for bit).
-    ``y0 = base(x)`` (bias included). ``own_y0``: nobody else holds ``y0``, so a served batch
-    adds the rank-r term into it in place.
+    ``y0 = base(x)`` (bias included), or None with the dense base's ``weight``: then y0 is
+    ``F.linear(x, weight, bias)``, made here and owned. ``own_y0``: nobody else holds ``y0``,
+    so a served batch adds the rank-r term into it in place.
 
     ``g ⊙ (y0 − b + s·t Bᵀ) + b`` is computed as ``g ⊙ (y0 + s·t Bᵀ) + (1 − g) ⊙ b``: one
     pass over batch×out fewer, and a base row (t = 0, g = 1) adds exact zeros. With gradients
     it is one autograd node (:class:`_MixedEpilogue`), whose backward gives y0 (so the base's
-    dx), x, the cores and the g table theirs: each adapter's rows reach only its table rows."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (y0, x, *tables)):
-        return _MixedEpilogue.apply(y0, x, bias, A, B, tables.cores, tables.g, rows, scaling)
+    dx; with ``weight``, dx itself), x, the cores and the g table theirs: each adapter's rows
+    reach only its table rows."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (y0, x, *tables)):
+        return _MixedEpilogue.apply(y0, x, weight, bias, A, B, tables.cores, tables.g, rows,
+                                    scaling)
+    if y0 is None:
+        y0, own_y0 = F.linear(x, weight, bias), True
     z, g_rows = _rank_term(y0, x, A, B, tables.cores, tables.g, rows, scaling, own_y0)[1:]
-    y = z.mul_(g_rows) if bias is None else z.mul_(g_rows).add_((1 - g_rows) * bias.to(z.dtype))
+    if bias is None:
+        return z.mul_(g_rows).to(y0.dtype).reshape(y0.shape)
+    b = bias.to(z.dtype)  # (1 − g) ⊙ b + g ⊙ z
+    y = z.mul_(g_rows).add_(torch.addcmul(b, g_rows, b, value=-1))
     return y.to(y0.dtype).reshape(y0.shape)
 
 
 def _rank_term(y0, x, A, B, cores, g_table, rows, scaling, own_y0):
     """``(v, z, g_rows)``: v = x Aᵀ, ``z = y0 + s·t Bᵀ`` (batch×T×out in the compute dtype;
-    into y0 itself if ``own_y0`` or y0 had to be converted) and each row's g (batch×1×out)."""
+    into y0 itself if ``own_y0`` or y0 had to be converted) and each row's g (batch×1×out).
+    The shared B makes ``t Bᵀ`` one GEMM over all tokens; only ``t`` is per row."""
     batch, out_features = x.shape[0], y0.shape[-1]
     cdt = compute_dtype(y0.dtype)
     v, t = _row_core_terms(x, A, cores, rows, cdt)
-    z = y0.reshape(batch, -1, out_features)
+    z = y0.reshape(-1, out_features)
     own = own_y0 or z.dtype != cdt  # .to(cdt) below copies
     z = z.to(cdt)
-    Bt = B.to(cdt).T.expand(batch, -1, -1)
-    z = z.baddbmm_(t, Bt, alpha=scaling) if own else torch.baddbmm(z, t, Bt, alpha=scaling)
-    return v, z, g_table[rows].unsqueeze(1)
+    t2, Bt = t.reshape(-1, t.shape[-1]), B.to(cdt).T
+    z = z.addmm_(t2, Bt, alpha=scaling) if own else torch.addmm(z, t2, Bt, alpha=scaling)
+    return v, z.view(batch, -1, out_features), g_table[rows].unsqueeze(1)
+
+
+def _per_table_row(rows: torch.Tensor, per_row: torch.Tensor, table_rows: int) -> torch.Tensor:
+    """Each table row's sum of ``per_row`` (batch×...) over the batch rows that use it, as one
+    product with the one-hot map of ``rows``: deterministic on every device (an index_add
+    adds with atomics on a GPU), and the rows of one adapter add in batch order."""
+    one_hot = (rows.unsqueeze(0) == torch.arange(table_rows, device=rows.device).unsqueeze(1))
+    flat = per_row.reshape(len(rows), -1)
+    return (one_hot.to(flat.dtype) @ flat).view(table_rows, *per_row.shape[1:])
 
 
 class _MixedEpilogue(torch.autograd.Function):
     """:func:`mixed_epilogue` with gradients, as one node: backward streams gy twice (gz =
     gy ⊙ g for y0, and each row's Σ gy ⊙ (z − b) for g) and otherwise runs rank-r products;
-    each row's share of the cores and of g is added to its table row (``index_add``)."""
+    each row's share of the cores and of g is summed into its table row (one-hot product).
+    Given the dense base's ``weight`` instead of y0, it also runs the base product: y0 is its
+    own buffer (the rank-r term goes in place) and dx = gz W0 + dv A is one GEMM pair."""
 
     @staticmethod
-    def forward(ctx, y0, x, bias, A, B, cores, g_table, rows, scaling):
-        v, z, g_rows = _rank_term(y0, x, A, B, cores, g_table, rows, scaling, False)
+    def forward(ctx, y0, x, weight, bias, A, B, cores, g_table, rows, scaling):
+        own = y0 is None
+        if own:
+            y0 = F.linear(x, weight, bias)
+        v, z, g_rows = _rank_term(y0, x, A, B, cores, g_table, rows, scaling, own)
         if bias is None:
             y = g_rows * z
-        else:
-            y = torch.addcmul((1 - g_rows) * bias.to(z.dtype), g_rows, z)
+        else:  # (1 − g) ⊙ b + g ⊙ z
+            b = bias.to(z.dtype)
+            y = torch.addcmul(torch.addcmul(b, g_rows, b, value=-1), g_rows, z)
         # z kept in y's dtype (as the single-adapter op keeps y); v in the compute dtype
-        ctx.save_for_backward(x, bias, A, B, cores, g_table, rows, v, z.to(y0.dtype))
+        ctx.save_for_backward(x, weight, bias, A, B, cores, g_table, rows, v, z.to(y0.dtype))
         ctx.scaling, ctx.y0_shape = scaling, y0.shape
         return y.to(y0.dtype).reshape(y0.shape)
 
     @staticmethod
     def backward(ctx, gy):
-        x, bias, A, B, cores, g_table, rows, v, z = ctx.saved_tensors
+        x, weight, bias, A, B, cores, g_table, rows, v, z = ctx.saved_tensors
         batch, cdt = x.shape[0], v.dtype
         gy = gy.reshape(batch, -1, gy.shape[-1]).to(cdt)
         g_rows = g_table[rows].unsqueeze(1)
         gz = gy * g_rows
         d_g = None
-        if ctx.needs_input_grad[6]:  # ∂y/∂g = z − b
+        if ctx.needs_input_grad[7]:  # ∂y/∂g = z − b
             per_row = (gy * z).sum(1)
             if bias is not None:
                 per_row -= bias.to(cdt) * gy.sum(1)
-            d_g = torch.zeros_like(g_table).index_add_(0, rows, per_row.to(g_table.dtype))
-        dt = torch.bmm(gz, B.to(cdt).expand(batch, -1, -1)) * ctx.scaling     # batch×T×r
+            d_g = _per_table_row(rows, per_row, len(g_table)).to(g_table.dtype)
+        # dt = s·gz B over all tokens at once (B is shared); batch×T×r
+        gz2 = gz.view(-1, gz.shape[-1])
+        dt = torch.mm(gz2, B.to(cdt)).mul_(ctx.scaling).view(batch, -1, B.shape[1])
         d_cores = dx = None
-        if ctx.needs_input_grad[5]:
-            d_cores = torch.zeros_like(cores).index_add_(
-                0, rows, torch.bmm(dt.transpose(1, 2), v).to(cores.dtype))
+        if ctx.needs_input_grad[6]:
+            d_cores = _per_table_row(rows, torch.bmm(dt.transpose(1, 2), v),
+                                     len(cores)).to(cores.dtype)
         if ctx.needs_input_grad[1]:
-            dv = torch.bmm(dt, cores[rows])
-            dx = (dv.reshape(-1, dv.shape[-1]) @ A.to(cdt)).to(x.dtype).reshape(x.shape)
-        d_y0 = gz.to(z.dtype).reshape(ctx.y0_shape) if ctx.needs_input_grad[0] else None
-        return d_y0, dx, None, None, None, d_cores, d_g, None, None
+            dv = torch.bmm(dt, cores[rows]).view(-1, A.shape[0]).to(x.dtype)
+            if weight is None:
+                dx = dv @ A.to(x.dtype)
+            else:  # the base's dx and the rank-r one, accumulated in one buffer
+                dx = torch.mm(gz2.to(x.dtype), weight).addmm_(dv, A.to(x.dtype))
+            dx = dx.reshape(x.shape)
+        d_y0 = None
+        if ctx.needs_input_grad[0]:
+            d_y0 = gz.to(z.dtype).reshape(ctx.y0_shape)
+        return d_y0, dx, None, None, None, None, d_cores, d_g, None, None
 
 
 def serve_mixed(x: torch.Tensor, y0: torch.Tensor | None, weight: torch.Tensor | None,

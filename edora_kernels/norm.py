@@ -67,20 +67,43 @@ def base_norm_terms(weight: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor
 
 
 def row_norm(terms: NormTerms, P: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``n = ‖W0 + s·P A‖`` per row, in float64; P = B R (cast to float64 here), out×r — or
-    K×out×r for K adapters sharing the basis (K×out norms).
+    """``n = ‖W0 + s·P A‖`` per row, in float64; P = B R (out×r, cast to float64 here).
 
     Differentiable in P through plain autograd (the composed path and the tests use that).
     """
     P = P.to(TERMS_DTYPE)
-    # n² = c0 + rowsum(P ⊙ (2s·C + s²·P G)): the inner term is one addmm (per adapter)
-    beta, alpha = 2.0 * scaling, scaling * scaling
-    if P.dim() == 2:
-        inner = torch.addmm(terms.C, P, terms.G, beta=beta, alpha=alpha)
-    else:
-        inner = torch.baddbmm(terms.C.expand(P.shape), P, terms.G.expand(len(P), -1, -1),
-                              beta=beta, alpha=alpha)
+    # n² = c0 + rowsum(P ⊙ (2s·C + s²·P G)): the inner term is one addmm
+    inner = torch.addmm(terms.C, P, terms.G, beta=2.0 * scaling, alpha=scaling * scaling)
     return (terms.c0 + torch.linalg.vecdot(P, inner)).clamp_min(NORM_SQ_FLOOR).sqrt()
+
+
+def adapter_norms(terms: NormTerms, B: torch.Tensor, Rs: torch.Tensor,
+                  scaling: float) -> torch.Tensor:
+    """``‖W0 + s·B R_k A‖`` per row for the K cores ``Rs`` (K×r×r) of one basis: K×out,
+    float64, differentiable in Rs. With M_k = R_k G R_kᵀ, row j of adapter k is
+
+        n²_kj = c0_j + 2s·b_jᵀ R_k c_j + s²·b_jᵀ M_k b_j
+
+    a bilinear form in (b_j, c_j) whose coefficients are adapter k's, so all K come out of GEMMs
+    over the basis's rows rather than K products B R_k: either the row features
+    [b_j ⊗ c_j, b_j ⊗ b_j] (out×2r²) times the K coefficient vectors [2s·R_k, s²·M_k], or
+    [C | B] times the K coefficient blocks (out×rK), then a dot with b_j. Both do 2K·out·r²
+    multiply-adds; the one with the smaller intermediate is taken (the features once K > 2r)."""
+    B, Rs = B.to(TERMS_DTYPE), Rs.to(TERMS_DTYPE)
+    (out, r), K = B.shape, Rs.shape[0]
+    M = torch.bmm(torch.matmul(Rs, terms.G), Rs.transpose(1, 2))
+    if K > 2 * r:
+        features_c = (B.unsqueeze(2) * terms.C.unsqueeze(1)).reshape(out, r * r)
+        features_b = (B.unsqueeze(2) * B.unsqueeze(1)).reshape(out, r * r)
+        n_sq = torch.addmm(terms.c0.unsqueeze(1), features_c, Rs.reshape(K, r * r).T,
+                           alpha=2 * scaling)
+        n_sq = n_sq.addmm_(features_b, M.reshape(K, r * r).T, alpha=scaling * scaling).T
+    else:
+        coefficients = torch.cat([(2 * scaling) * Rs.transpose(1, 2), (scaling * scaling) * M],
+                                 dim=1)  # K × 2r × r: [C | B] row j times block k, dotted with b_j
+        Z = torch.cat([terms.C, B], dim=1) @ coefficients.permute(1, 0, 2).reshape(2 * r, K * r)
+        n_sq = torch.linalg.vecdot(Z.view(out, K, r), B.unsqueeze(1)).T + terms.c0
+    return n_sq.clamp_min(NORM_SQ_FLOOR).sqrt()
 
 
 def exact_norm_grad_P(

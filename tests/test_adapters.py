@@ -212,7 +212,8 @@ def test_layer_mixed_rows_with_dropout_against_the_float64_reference(mode, secon
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_the_mixed_epilogue_node_passes_gradcheck(with_bias):
     """The one autograd node of a mixed training batch, in float64: gradients for y0 (the
-    base's dx), x, the cores and the g table (so R and m), base rows included."""
+    base's dx), x, the cores and the g table (so R, m and the norms), base rows included; the
+    node running a dense base's product itself (dx through W0 too)."""
     from edora_kernels.mixed import mixed_epilogue, row_tables
 
     gen = torch.Generator().manual_seed(0)
@@ -224,19 +225,33 @@ def test_the_mixed_epilogue_node_passes_gradcheck(with_bias):
     y0, x = rand(batch, T, out_f, grad=True), rand(batch, T, in_f, grad=True)
     Rs, ms = rand(K, r, r, grad=True), rand(K, out_f, grad=True)
     A, B, bias = rand(r, in_f), rand(out_f, r), rand(out_f) if with_bias else None
-    norms = rand(K, out_f).abs() + 1.0
+    norms = (rand(K, out_f).abs() + 1.0).requires_grad_()  # as with detach_norm=False
     rows = torch.tensor([0, 3, 1, 2, 1])  # 3: a row of the base model
 
-    def epilogue(y0, x, Rs, ms):
+    def epilogue(y0, x, Rs, ms, norms):
         return mixed_epilogue(y0, x, bias, A, B, row_tables(Rs, ms, norms, torch.float64), 0.7,
                               rows)
 
-    assert torch.autograd.gradcheck(epilogue, (y0, x, Rs, ms))
-    trained = epilogue(y0, x, Rs, ms)
+    assert torch.autograd.gradcheck(epilogue, (y0, x, Rs, ms, norms))
+    trained = epilogue(y0, x, Rs, ms, norms)
     with torch.no_grad():  # served (no autograd): the same values
-        served = epilogue(y0, x, Rs, ms)
+        served = epilogue(y0, x, Rs, ms, norms)
     torch.testing.assert_close(served, trained, rtol=0, atol=1e-14)
     assert torch.equal(trained[1], y0[1]) and torch.equal(served[1], y0[1])  # the base row
+
+    # Given the dense base's weight instead of y0, the node runs the base product itself
+    weight = rand(out_f, in_f)
+
+    def step(x, Rs, ms, norms):
+        return mixed_epilogue(None, x, bias, A, B, row_tables(Rs, ms, norms, torch.float64),
+                              0.7, rows, weight=weight)
+
+    assert torch.autograd.gradcheck(step, (x, Rs, ms, norms))
+    base = torch.nn.functional.linear(x, weight, bias)
+    torch.testing.assert_close(step(x, Rs, ms, norms), epilogue(base, x, Rs, ms, norms),
+                               rtol=0, atol=1e-14)
+    with torch.no_grad():
+        assert torch.equal(step(x, Rs, ms, norms)[1], base[1])
 
 
 def test_a_layer_merges_and_unmerges_an_adapter_of_its_second_basis():

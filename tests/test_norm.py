@@ -5,7 +5,7 @@ from helpers import as_float64
 
 from edora_kernels import edora_linear
 from edora_kernels.backends import torch_backend
-from edora_kernels.norm import NormTerms, compute_norm_terms, row_norm
+from edora_kernels.norm import NormTerms, adapter_norms, compute_norm_terms, row_norm
 from edora_kernels.reference import edora_linear_reference
 from edora_kernels.testing import make_case
 from edora_kernels.tolerances import normalised_error
@@ -45,6 +45,25 @@ def test_norm_terms_are_float64_and_exact():
     P = case.B.double() @ case.R.double()
     dense = (w + case.scaling * P @ a).norm(dim=1)
     torch.testing.assert_close(row_norm(terms, P, case.scaling), dense, rtol=1e-13, atol=0)
+
+
+# (rank, adapters): K ≤ 2r takes the products [C | B]·coefficients, K > 2r the row features
+@pytest.mark.parametrize("rank,count", [(1, 1), (3, 2), (3, 7), (8, 16), (8, 17), (16, 64)])
+def test_many_adapters_norms_equal_each_dense_norm(rank, count):
+    """adapter_norms of K cores on one basis = ‖W0 + s·B R_k A‖ formed densely, per adapter,
+    in float64 on odd shapes, on both sides of its choice of GEMMs; and so do its gradients."""
+    case = make_case(1, 37, 29, rank, torch.float64, seed=rank)
+    gen = torch.Generator().manual_seed(count)
+    Rs = torch.randn(count, rank, rank, generator=gen, dtype=torch.float64, requires_grad=True)
+    terms = compute_norm_terms(case.weight, case.A)
+    dense = torch.stack([(case.weight + case.scaling * case.B @ R @ case.A).norm(dim=1)
+                         for R in Rs])
+    norms = adapter_norms(terms, case.B, Rs, case.scaling)
+    torch.testing.assert_close(norms, dense, rtol=1e-13, atol=0)
+    weights = torch.randn(norms.shape, generator=gen, dtype=torch.float64)
+    grad, = torch.autograd.grad((norms * weights).sum(), Rs)
+    dense_grad, = torch.autograd.grad((dense * weights).sum(), Rs)
+    torch.testing.assert_close(grad, dense_grad, rtol=1e-11, atol=1e-13)
 
 
 def test_norm_terms_read_big_weights_in_chunks(monkeypatch):
