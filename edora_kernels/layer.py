@@ -258,18 +258,17 @@ class EDoRALinear(nn.Module):
         """(R, magnitude) of the adapter ``name``."""
         if name == DEFAULT_ADAPTER:
             return self.R, self.magnitude
+        parameters = self._extra(name)._parameters
+        return parameters["R"], parameters["magnitude"]
+
+    def _extra(self, name: str) -> AdapterWeights:
         # read from the module dicts directly: a mixed batch asks for every adapter of every
         # layer each step, and nn.Module's attribute lookup is most of that cost at K = 64
         weights = self.extra_adapters._modules.get(name)
         if weights is None:
-            self._extra(name)  # raises, naming the adapters
-        return weights._parameters["R"], weights._parameters["magnitude"]
-
-    def _extra(self, name: str) -> AdapterWeights:
-        if name not in self.extra_adapters:
             raise ValueError(f"{self._display_name()} has no adapter {name!r} (its adapters: "
                              f"{self.adapter_names})")
-        return self.extra_adapters[name]
+        return weights
 
     def basis_of(self, name: str):
         """The basis adapter ``name`` uses: the layer itself (its A, B, rank, scaling) or one
