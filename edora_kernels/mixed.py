@@ -221,11 +221,12 @@ class _MixedEpilogue(torch.autograd.Function):
             d_cores = _per_table_row(rows, torch.bmm(dt.transpose(1, 2), v),
                                      len(cores)).to(cores.dtype)
         if ctx.needs_input_grad[1]:
-            dv = torch.bmm(dt, cores[rows]).view(-1, A.shape[0]).to(x.dtype)
+            dv = torch.bmm(dt, cores[rows]).view(-1, A.shape[0])
             if weight is None:
-                dx = dv @ A.to(x.dtype)
-            else:  # the base's dx and the rank-r one, accumulated in one buffer
-                dx = torch.mm(gz2.to(x.dtype), weight).addmm_(dv, A.to(x.dtype))
+                dx = (dv @ A.to(cdt)).to(x.dtype)
+            else:  # the base's dx and the rank-r one, accumulated in one buffer (as the
+                # single-adapter step does, in x's dtype)
+                dx = torch.mm(gz2.to(x.dtype), weight).addmm_(dv.to(x.dtype), A.to(x.dtype))
             dx = dx.reshape(x.shape)
         d_y0 = None
         if ctx.needs_input_grad[0]:
