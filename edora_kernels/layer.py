@@ -406,7 +406,7 @@ class EDoRALinear(nn.Module):
             return base(x)
         parts = [self._basis_rows(members, assignment, x) for members in groups.values()]
         if len(parts) == 1 and dropout == 0.0:
-            basis, tables, local, _ = parts[0]
+            basis, tables, local, adapters = parts[0]
             if self._serves_on_triton(x, tables, basis.rank):
                 return serve_mixed(x, None if self.kind.dense else base(x),
                                    self._w0() if self.kind.dense else None, self.bias,
@@ -415,7 +415,7 @@ class EDoRALinear(nn.Module):
             if self.kind.dense:  # the base product inside the mixed step (one node)
                 return mixed_epilogue(None, x, self.bias, basis.A, basis.B, tables,
                                       basis.scaling, assignment.index(local, x.device),
-                                      weight=self._w0())
+                                      weight=self._w0(), base_rows=len(tables.g) > adapters)
         return self._through_epilogue(x, dropout, base, lambda y0, x_in: self._mixed_epilogue(
             y0, x_in, parts, assignment))
 

@@ -127,30 +127,39 @@ def _row_core_terms(x, A, cores, rows, cdt) -> tuple[torch.Tensor, torch.Tensor]
 def mixed_epilogue(y0: torch.Tensor | None, x: torch.Tensor, bias: torch.Tensor | None,
                    A: torch.Tensor, B: torch.Tensor, tables: RowTables, scaling: float,
                    rows: torch.Tensor, *, own_y0: bool = False,
-                   weight: torch.Tensor | None = None) -> torch.Tensor:
+                   weight: torch.Tensor | None = None, base_rows: bool = True) -> torch.Tensor:
     """``y`` for a batch whose leading row i (``x[i]``, all its tokens) uses row ``rows[i]`` of
     the ``tables`` (on x's device; the last row runs the base alone: ``y0``, bit for bit).
-    ``y0 = base(x)`` (bias included), or None with the dense base's ``weight``: then y0 is
-    ``F.linear(x, weight, bias)``, made here and owned. ``own_y0``: nobody else holds ``y0``,
-    so a served batch adds the rank-r term into it in place.
+    ``y0 = base(x)`` (bias included), or None with the dense base's ``weight``: then the base
+    product is made here (and owned). ``own_y0``: nobody else holds ``y0``, so a served batch
+    adds the rank-r term into it in place. ``base_rows``: some rows run the base model.
 
     ``g ⊙ (y0 − b + s·t Bᵀ) + b`` is computed as ``g ⊙ (y0 + s·t Bᵀ) + (1 − g) ⊙ b``: one
-    pass over batch×out fewer, and a base row (t = 0, g = 1) adds exact zeros. With gradients
-    it is one autograd node (:class:`_MixedEpilogue`), whose backward gives y0 (so the base's
-    dx; with ``weight``, dx itself), x, the cores and the g table theirs: each adapter's rows
-    reach only its table rows."""
+    pass over batch×out fewer, and a base row (t = 0, g = 1) adds exact zeros, so it is y0 as
+    the base computes it (``F.linear`` with its bias). A base product made here without base
+    rows leaves the bias to the epilogue instead: ``y = g ⊙ (x W0ᵀ + s·t Bᵀ) + b``. With
+    gradients it is one autograd node (:class:`_MixedEpilogue`), whose backward gives y0 (so the
+    base's dx; with ``weight``, dx itself), x, the cores and the g table theirs: each adapter's
+    rows reach only its table rows."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (y0, x, *tables)):
         return _MixedEpilogue.apply(y0, x, weight, bias, A, B, tables.cores, tables.g, rows,
-                                    scaling)
+                                    scaling, base_rows)
+    biased = True  # whether z carries the bias
     if y0 is None:
-        y0, own_y0 = F.linear(x, weight, bias), True
+        y0, own_y0, biased = F.linear(x, weight, bias if base_rows else None), True, base_rows
     z, g_rows = _rank_term(y0, x, A, B, tables.cores, tables.g, rows, scaling, own_y0)[1:]
+    return _rescale(z, g_rows, bias, biased, in_place=True).to(y0.dtype).reshape(y0.shape)
+
+
+def _rescale(z, g_rows, bias, biased: bool, *, in_place: bool) -> torch.Tensor:
+    """``g ⊙ z + b``, or ``g ⊙ z + (1 − g) ⊙ b`` when z carries the bias (``biased``)."""
     if bias is None:
-        return z.mul_(g_rows).to(y0.dtype).reshape(y0.shape)
-    b = bias.to(z.dtype)  # (1 − g) ⊙ b + g ⊙ z
-    y = z.mul_(g_rows).add_(torch.addcmul(b, g_rows, b, value=-1))
-    return y.to(y0.dtype).reshape(y0.shape)
+        return z.mul_(g_rows) if in_place else g_rows * z
+    b = bias.to(z.dtype)
+    if biased:
+        b = torch.addcmul(b, g_rows, b, value=-1)
+    return z.mul_(g_rows).add_(b) if in_place else torch.addcmul(b, g_rows, z)
 
 
 def _rank_term(y0, x, A, B, cores, g_table, rows, scaling, own_y0):
@@ -185,19 +194,15 @@ class _MixedEpilogue(torch.autograd.Function):
     own buffer (the rank-r term goes in place) and dx = gz W0 + dv A is one GEMM pair."""
 
     @staticmethod
-    def forward(ctx, y0, x, weight, bias, A, B, cores, g_table, rows, scaling):
-        own = y0 is None
+    def forward(ctx, y0, x, weight, bias, A, B, cores, g_table, rows, scaling, base_rows):
+        own, biased = y0 is None, True
         if own:
-            y0 = F.linear(x, weight, bias)
+            y0, biased = F.linear(x, weight, bias if base_rows else None), base_rows
         v, z, g_rows = _rank_term(y0, x, A, B, cores, g_table, rows, scaling, own)
-        if bias is None:
-            y = g_rows * z
-        else:  # (1 − g) ⊙ b + g ⊙ z
-            b = bias.to(z.dtype)
-            y = torch.addcmul(torch.addcmul(b, g_rows, b, value=-1), g_rows, z)
+        y = _rescale(z, g_rows, bias, biased, in_place=False)
         # z kept in y's dtype (as the single-adapter op keeps y); v in the compute dtype
         ctx.save_for_backward(x, weight, bias, A, B, cores, g_table, rows, v, z.to(y0.dtype))
-        ctx.scaling, ctx.y0_shape = scaling, y0.shape
+        ctx.scaling, ctx.y0_shape, ctx.biased = scaling, y0.shape, biased
         return y.to(y0.dtype).reshape(y0.shape)
 
     @staticmethod
@@ -206,13 +211,16 @@ class _MixedEpilogue(torch.autograd.Function):
         batch, cdt = x.shape[0], v.dtype
         gy = gy.reshape(batch, -1, gy.shape[-1]).to(cdt)
         g_rows = g_table[rows].unsqueeze(1)
-        gz = gy * g_rows
-        d_g = None
-        if ctx.needs_input_grad[7]:  # ∂y/∂g = z − b
-            per_row = (gy * z).sum(1)
-            if bias is not None:
+        d_g, gz = None, None
+        if ctx.needs_input_grad[7]:  # ∂y/∂g = z − b, or z if z lacks the bias
+            product = gy * z.to(cdt)
+            per_row = product.sum(1)
+            if bias is not None and ctx.biased:
                 per_row -= bias.to(cdt) * gy.sum(1)
             d_g = _per_table_row(rows, per_row, len(g_table)).to(g_table.dtype)
+            gz = torch.mul(gy, g_rows, out=product)  # its buffer again: one N×out fewer
+        if gz is None:
+            gz = gy * g_rows
         # dt = s·gz B over all tokens at once (B is shared); batch×T×r
         gz2 = gz.view(-1, gz.shape[-1])
         dt = torch.mm(gz2, B.to(cdt)).mul_(ctx.scaling).view(batch, -1, B.shape[1])
@@ -231,7 +239,7 @@ class _MixedEpilogue(torch.autograd.Function):
         d_y0 = None
         if ctx.needs_input_grad[0]:
             d_y0 = gz.to(z.dtype).reshape(ctx.y0_shape)
-        return d_y0, dx, None, None, None, None, d_cores, d_g, None, None
+        return d_y0, dx, None, None, None, None, d_cores, d_g, None, None, None
 
 
 def serve_mixed(x: torch.Tensor, y0: torch.Tensor | None, weight: torch.Tensor | None,

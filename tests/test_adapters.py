@@ -253,6 +253,20 @@ def test_the_mixed_epilogue_node_passes_gradcheck(with_bias):
     with torch.no_grad():
         assert torch.equal(step(x, Rs, ms, norms)[1], base[1])
 
+    # No row of the base model: the tables lack its row and the bias joins in the epilogue
+    adapter_rows = torch.tensor([0, 2, 1, 2, 1])
+
+    def step_without_base_rows(x, Rs, ms, norms):
+        tables = row_tables(Rs, ms, norms, torch.float64, base_row=False)
+        return mixed_epilogue(None, x, bias, A, B, tables, 0.7, adapter_rows, weight=weight,
+                              base_rows=False)
+
+    assert torch.autograd.gradcheck(step_without_base_rows, (x, Rs, ms, norms))
+    with_base_row = mixed_epilogue(base, x, bias, A, B, row_tables(Rs, ms, norms, torch.float64),
+                                   0.7, adapter_rows)
+    torch.testing.assert_close(step_without_base_rows(x, Rs, ms, norms), with_base_row,
+                               rtol=0, atol=1e-14)
+
 
 def test_a_layer_merges_and_unmerges_an_adapter_of_its_second_basis():
     torch.manual_seed(0)
