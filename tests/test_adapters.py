@@ -317,6 +317,29 @@ def test_a_mixed_batch_makes_the_host_wait_nowhere_and_serves_in_few_launches():
     assert first.launches == ["aten::copy_"] * 2 + again.launches  # rows, tokens' rows
 
 
+def test_a_mixed_training_step_makes_the_host_wait_nowhere():
+    """Forward and backward of a mixed batch on the tensors a GPU would hold (meta): the K
+    adapters' norms, tables and per-adapter sums need nothing read back, with and without rows
+    of the base model."""
+    from edora_kernels.bench.launches import count_launches, stub_kernels
+    from edora_kernels.mixed import RowAssignment
+
+    with stub_kernels():
+        layer = EDoRALinear.from_linear(nn.Linear(64, 48), 4, seed=0, backend="triton")
+        for i in range(1, 12):  # K = 12 > 2r: the norms' row-feature GEMMs
+            layer.add_adapter(f"user{i}", seed=i)
+        layer = layer.to("meta")
+        x = torch.empty(12, 3, 64, device="meta", requires_grad=True)
+        for rows in (torch.arange(12), torch.tensor([12, *range(11)])):  # 12: the base model
+            def step(rows=rows):
+                layer.row_adapters = RowAssignment(rows)
+                layer(x).sum().backward()
+
+            step()  # the norm terms are made once
+            log = count_launches(step)
+            assert log.syncs == [] and len(log.launches) > 0
+
+
 class _W0Reads(TorchDispatchMode):
     """Counts the compute ops that read a given storage (views and metadata ops aside)."""
 
