@@ -177,19 +177,24 @@ def _rank_term(y0, x, A, B, cores, g_table, rows, scaling, own_y0):
     return v, z.view(batch, -1, out_features), g_table[rows].unsqueeze(1)
 
 
-def _per_table_row(rows: torch.Tensor, per_row: torch.Tensor, table_rows: int) -> torch.Tensor:
-    """Each table row's sum of ``per_row`` (batch×...) over the batch rows that use it, as one
-    product with the one-hot map of ``rows``: deterministic on every device (an index_add
-    adds with atomics on a GPU), and the rows of one adapter add in batch order."""
-    one_hot = (rows.unsqueeze(0) == torch.arange(table_rows, device=rows.device).unsqueeze(1))
-    flat = per_row.reshape(len(rows), -1)
-    return (one_hot.to(flat.dtype) @ flat).view(table_rows, *per_row.shape[1:])
+def _table_map(rows: torch.Tensor, table_rows: int, dtype) -> torch.Tensor:
+    """The one-hot map (table rows × batch) of each batch row's table row: a product with it
+    sums each table row's share over the batch rows that use it — deterministic on every device
+    (an index_add adds with atomics on a GPU), one adapter's rows added in batch order."""
+    table = torch.arange(table_rows, device=rows.device).unsqueeze(1)
+    return (rows.unsqueeze(0) == table).to(dtype)
+
+
+def _per_table_row(table_map: torch.Tensor, per_row: torch.Tensor) -> torch.Tensor:
+    """Each table row's sum of ``per_row`` (batch×...) by :func:`_table_map`."""
+    flat = per_row.reshape(per_row.shape[0], -1)
+    return (table_map @ flat).view(table_map.shape[0], *per_row.shape[1:])
 
 
 class _MixedEpilogue(torch.autograd.Function):
     """:func:`mixed_epilogue` with gradients, as one node: backward streams gy twice (gz =
     gy ⊙ g for y0, and each row's Σ gy ⊙ (z − b) for g) and otherwise runs rank-r products;
-    each row's share of the cores and of g is summed into its table row (one-hot product).
+    each row's share of the cores and of g is summed into its table row (one one-hot map).
     Given the dense base's ``weight`` instead of y0, it also runs the base product: y0 is its
     own buffer (the rank-r term goes in place) and dx = gz W0 + dv A is one GEMM pair."""
 
@@ -212,12 +217,14 @@ class _MixedEpilogue(torch.autograd.Function):
         gy = gy.reshape(batch, -1, gy.shape[-1]).to(cdt)
         g_rows = g_table[rows].unsqueeze(1)
         d_g, gz = None, None
+        if ctx.needs_input_grad[6] or ctx.needs_input_grad[7]:
+            table_map = _table_map(rows, len(g_table), cdt)
         if ctx.needs_input_grad[7]:  # ∂y/∂g = z − b, or z if z lacks the bias
             product = gy * z.to(cdt)
             per_row = product.sum(1)
             if bias is not None and ctx.biased:
                 per_row -= bias.to(cdt) * gy.sum(1)
-            d_g = _per_table_row(rows, per_row, len(g_table)).to(g_table.dtype)
+            d_g = _per_table_row(table_map, per_row).to(g_table.dtype)
             gz = torch.mul(gy, g_rows, out=product)  # its buffer again: one N×out fewer
         if gz is None:
             gz = gy * g_rows
@@ -226,8 +233,7 @@ class _MixedEpilogue(torch.autograd.Function):
         dt = torch.mm(gz2, B.to(cdt)).mul_(ctx.scaling).view(batch, -1, B.shape[1])
         d_cores = dx = None
         if ctx.needs_input_grad[6]:
-            d_cores = _per_table_row(rows, torch.bmm(dt.transpose(1, 2), v),
-                                     len(cores)).to(cores.dtype)
+            d_cores = _per_table_row(table_map, torch.bmm(dt.transpose(1, 2), v)).to(cores.dtype)
         if ctx.needs_input_grad[1]:
             dv = torch.bmm(dt, cores[rows]).view(-1, A.shape[0])
             if weight is None:
