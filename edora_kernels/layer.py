@@ -455,9 +455,10 @@ class EDoRALinear(nn.Module):
                     _same(stamp, p) for stamp, p in zip(entry[0], weights)):
                 return entry[2]
         cores, magnitudes = weights[0::2], weights[1::2]
-        # A dozen small passes over K×out and two GEMMs of K·out·r² multiply-adds: on a CPU,
-        # one thread until those GEMMs outweigh waking the others for each pass (measured on
-        # 2 vCPUs: one thread is faster at 64 adapters × 256 rows, r = 16, slower at 4096 rows)
+        # A dozen small passes over K×out beside the norms' GEMMs (2K·out·r² multiply-adds):
+        # on a CPU, one thread until those GEMMs outweigh waking the others for each pass
+        # (measured on 2 vCPUs: one thread is faster at 64 adapters × 256 rows, r = 16, slower
+        # at 4096 rows)
         with cpu_threads_for(len(used) * self.out_features * basis.rank ** 2 // 8):
             Rs = torch.stack(cores)
             tables = row_tables(Rs, torch.stack(magnitudes),
