@@ -153,27 +153,31 @@ def mixed_epilogue(y0: torch.Tensor | None, x: torch.Tensor, bias: torch.Tensor 
 
 
 def _rescale(z, g_rows, bias, biased: bool, *, in_place: bool) -> torch.Tensor:
-    """``g ⊙ z + b``, or ``g ⊙ z + (1 − g) ⊙ b`` when z carries the bias (``biased``)."""
+    """``g ⊙ z + b``, or ``g ⊙ z + (1 − g) ⊙ b`` when z carries the bias (``biased``), in g's
+    dtype (the compute dtype; in place into z, which is then in it too)."""
     if bias is None:
         return z.mul_(g_rows) if in_place else g_rows * z
-    b = bias.to(z.dtype)
+    b = bias.to(g_rows.dtype)
     if biased:
         b = torch.addcmul(b, g_rows, b, value=-1)
     return z.mul_(g_rows).add_(b) if in_place else torch.addcmul(b, g_rows, z)
 
 
-def _rank_term(y0, x, A, B, cores, g_table, rows, scaling, own_y0):
-    """``(v, z, g_rows)``: v = x Aᵀ, ``z = y0 + s·t Bᵀ`` (batch×T×out in the compute dtype;
-    into y0 itself if ``own_y0`` or y0 had to be converted) and each row's g (batch×1×out).
-    The shared B makes ``t Bᵀ`` one GEMM over all tokens; only ``t`` is per row."""
+def _rank_term(y0, x, A, B, cores, g_table, rows, scaling, own_y0, *, in_y0_dtype=False):
+    """``(v, z, g_rows)``: v = x Aᵀ, ``z = y0 + s·t Bᵀ`` (batch×T×out; into y0 itself if
+    ``own_y0``) and each row's g (batch×1×out). z is formed in the compute dtype (a copy of a
+    half y0), or with ``in_y0_dtype`` in y0's own, rounded once as the single-adapter step
+    does: what a training step keeps. The shared B makes ``t Bᵀ`` one GEMM over all tokens;
+    only ``t`` is per row."""
     batch, out_features = x.shape[0], y0.shape[-1]
     cdt = compute_dtype(y0.dtype)
     v, t = _row_core_terms(x, A, cores, rows, cdt)
     z = y0.reshape(-1, out_features)
-    own = own_y0 or z.dtype != cdt  # .to(cdt) below copies
-    z = z.to(cdt)
-    t2, Bt = t.reshape(-1, t.shape[-1]), B.to(cdt).T
-    z = z.addmm_(t2, Bt, alpha=scaling) if own else torch.addmm(z, t2, Bt, alpha=scaling)
+    if not in_y0_dtype:
+        own_y0 = own_y0 or z.dtype != cdt  # .to(cdt) below copies
+        z = z.to(cdt)
+    t2, Bt = t.reshape(-1, t.shape[-1]).to(z.dtype), B.to(z.dtype).T
+    z = z.addmm_(t2, Bt, alpha=scaling) if own_y0 else torch.addmm(z, t2, Bt, alpha=scaling)
     return v, z.view(batch, -1, out_features), g_table[rows].unsqueeze(1)
 
 
@@ -203,10 +207,12 @@ class _MixedEpilogue(torch.autograd.Function):
         own, biased = y0 is None, True
         if own:
             y0, biased = F.linear(x, weight, bias if base_rows else None), base_rows
-        v, z, g_rows = _rank_term(y0, x, A, B, cores, g_table, rows, scaling, own)
+        # z in y0's dtype, kept for backward (as the single-adapter op keeps y); g ⊙ z in the
+        # compute dtype (g is never rounded to half); v in the compute dtype
+        v, z, g_rows = _rank_term(y0, x, A, B, cores, g_table, rows, scaling, own,
+                                  in_y0_dtype=True)
         y = _rescale(z, g_rows, bias, biased, in_place=False)
-        # z kept in y's dtype (as the single-adapter op keeps y); v in the compute dtype
-        ctx.save_for_backward(x, weight, bias, A, B, cores, g_table, rows, v, z.to(y0.dtype))
+        ctx.save_for_backward(x, weight, bias, A, B, cores, g_table, rows, v, z)
         ctx.scaling, ctx.y0_shape, ctx.biased = scaling, y0.shape, biased
         return y.to(y0.dtype).reshape(y0.shape)
 
@@ -220,7 +226,7 @@ class _MixedEpilogue(torch.autograd.Function):
         if ctx.needs_input_grad[6] or ctx.needs_input_grad[7]:
             table_map = _table_map(rows, len(g_table), cdt)
         if ctx.needs_input_grad[7]:  # ∂y/∂g = z − b, or z if z lacks the bias
-            product = gy * z.to(cdt)
+            product = gy * z  # (a half z is promoted as it is read)
             per_row = product.sum(1)
             if bias is not None and ctx.biased:
                 per_row -= bias.to(cdt) * gy.sum(1)
