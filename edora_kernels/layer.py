@@ -28,8 +28,7 @@ from .mixed import (
 )
 from .norm import (
     NormTermsCache,
-    _same,
-    _stamp,
+    StampedEntries,
     adapter_norms,
     compute_dtype,
     compute_norm_terms,
@@ -142,10 +141,10 @@ class EDoRALinear(nn.Module):
         # the base model): a host tensor, or the RowAssignment EDoRAModel shares among its
         # layers for one forward; None: every row uses active_adapter.
         self.row_adapters = None
-        # (adapters) -> (stamps of their R, the norm terms used, their detached row norms)
-        self._norm_rows: dict[tuple, tuple] = {}
-        # (served adapters, dtype) -> (stamps of their R and m, the norm terms, RowTables)
-        self._served_tables: dict[tuple, tuple] = {}
+        # (adapters) -> their detached row norms; (served adapters, dtype, base row) -> their
+        # RowTables: each kept while the adapters' R (and m) and the norm terms are unchanged
+        self._norm_rows = StampedEntries(SERVED_TABLES)
+        self._served_tables = StampedEntries(SERVED_TABLES)
         # Set by the installer: other parameters of the model that share W0's storage (tied
         # embeddings) and that storage; merge() would change them too, so it refuses while the
         # layer still holds that storage.
@@ -450,10 +449,9 @@ class EDoRALinear(nn.Module):
         key = (tuple(used), cdt, base_row)
         terms = None if torch.compiler.is_compiling() else self.norm_terms(basis=basis)
         if serving and terms is not None:
-            entry = self._served_tables.get(key)
-            if entry is not None and entry[1] is terms and all(
-                    _same(stamp, p) for stamp, p in zip(entry[0], weights)):
-                return entry[2]
+            kept = self._served_tables.get(key, weights, terms)
+            if kept is not None:
+                return kept
         cores, magnitudes = weights[0::2], weights[1::2]
         # A dozen small passes over K×out beside the norms' GEMMs (2K·out·r² multiply-adds):
         # on a CPU, one thread until those GEMMs outweigh waking the others for each pass
@@ -464,9 +462,7 @@ class EDoRALinear(nn.Module):
             tables = row_tables(Rs, torch.stack(magnitudes),
                                 self._adapter_norms(used, cores, Rs, basis), cdt, base_row)
         if serving and terms is not None:
-            if len(self._served_tables) >= SERVED_TABLES:
-                self._served_tables.pop(next(iter(self._served_tables)))
-            self._served_tables[key] = ([_stamp(p) for p in weights], terms, tables)
+            self._served_tables.put(key, weights, terms, tables)
         return tables
 
     def _mixed_epilogue(self, y0: torch.Tensor, x: torch.Tensor, parts: list[tuple],
@@ -520,16 +516,11 @@ class EDoRALinear(nn.Module):
         if not self.detach_norm or torch.compiler.is_compiling():
             n = adapter_norms(terms, basis.B, Rs, basis.scaling)
             return n.detach() if self.detach_norm else n
-        key = tuple(names)
-        entry = self._norm_rows.get(key)
-        if entry is not None and entry[1] is terms and all(
-                _same(stamp, R) for stamp, R in zip(entry[0], cores)):
-            return entry[2]
-        with torch.no_grad():
-            n = adapter_norms(terms, basis.B, Rs, basis.scaling)
-        if entry is None and len(self._norm_rows) >= SERVED_TABLES:
-            self._norm_rows.pop(next(iter(self._norm_rows)))
-        self._norm_rows[key] = ([_stamp(R) for R in cores], terms, n)
+        n = self._norm_rows.get(tuple(names), cores, terms)
+        if n is None:
+            with torch.no_grad():
+                n = adapter_norms(terms, basis.B, Rs, basis.scaling)
+            self._norm_rows.put(tuple(names), cores, terms, n)
         return n
 
     # --- norm terms -----------------------------------------------------------------------------
@@ -571,11 +562,10 @@ class EDoRALinear(nn.Module):
         return getattr(self, "adapted_name", None) or f"EDoRALinear({self.extra_repr()})"
 
     def __getstate__(self) -> dict:
-        # Caches kept with weak references to the storages of the tensors they were computed
-        # from (each adapter's norms, W0's digest) belong to those tensors: a pickle or a copy
-        # starts without them (NormTermsCache does the same for itself).
+        # W0's digest is kept with a weak reference to W0's storage and belongs to it: a
+        # pickle or a copy starts without it (NormTermsCache and StampedEntries do the same
+        # for themselves).
         state = self.__dict__.copy()
-        state["_norm_rows"], state["_served_tables"] = {}, {}
         state.pop("_weight_digest", None)
         return state
 

@@ -11,9 +11,11 @@ costs what one adapter costs plus a per-row r×r product and a per-row gather of
                                         g_a = m_a / ‖W0 + s·B R_a A‖, every adapter's at once
 
 and rows of the base model are ``y0`` itself, bit for bit (their core is 0 and their g 1). With
-gradients the epilogue is one autograd node: backward gives each adapter's R and m the gradient
-of its own rows only, and the base reads W0 once more (dx), however many adapters the batch
-holds. Without them a Triton layer serves the batch in its fused kernels (:func:`serve_mixed`).
+gradients a layer records two autograd nodes — the tables (:class:`_Tables`) and the epilogue
+(:class:`_MixedEpilogue`, which on a dense base runs the base product too) — and backward gives
+each adapter's R and m the gradient of its own rows only, reading W0 once more (dx), however
+many adapters the batch holds. Without them a Triton layer serves the batch in its fused
+kernels (:func:`serve_mixed`).
 """
 from __future__ import annotations
 

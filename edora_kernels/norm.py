@@ -174,3 +174,40 @@ class NormTermsCache:
 
     def __setstate__(self, state: dict) -> None:
         self._entry = None
+
+
+class StampedEntries:
+    """Values made from tensors that change in place (adapters' R and m), kept by key — the
+    ``capacity`` latest keys — with those tensors' stamps and the norm terms they used, and
+    returned while every stamp and the terms are still the same. A copy or a pickle starts
+    empty, as :class:`NormTermsCache` does."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: dict = {}
+
+    def get(self, key, tensors, terms):
+        """The value kept for ``key`` if it was made from these ``tensors`` unchanged and from
+        ``terms``; else None."""
+        entry = self._entries.get(key)
+        if entry is not None and entry[1] is terms and all(
+                _same(stamp, t) for stamp, t in zip(entry[0], tensors)):
+            return entry[2]
+        return None
+
+    def put(self, key, tensors, terms, value) -> None:
+        if key not in self._entries and len(self._entries) >= self.capacity:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[key] = ([_stamp(t) for t in tensors], terms, value)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __deepcopy__(self, memo) -> "StampedEntries":
+        return StampedEntries(self.capacity)
+
+    def __getstate__(self) -> dict:
+        return {"capacity": self.capacity}
+
+    def __setstate__(self, state: dict) -> None:
+        self.capacity, self._entries = state["capacity"], {}
