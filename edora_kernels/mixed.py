@@ -222,7 +222,9 @@ class _MixedEpilogue(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight, bias, A, B, cores, g_table, rows, v, z = ctx.saved_tensors
         batch, cdt = x.shape[0], v.dtype
-        gy = gy.reshape(batch, -1, gy.shape[-1]).to(cdt)
+        # contiguous: the products below flatten it (a gradient may arrive permuted, as the
+        # attention heads reshape their projections)
+        gy = gy.reshape(batch, -1, gy.shape[-1]).to(cdt).contiguous()
         g_rows = g_table[rows].unsqueeze(1)
         d_g, gz = None, None
         if ctx.needs_input_grad[6] or ctx.needs_input_grad[7]:

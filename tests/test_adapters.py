@@ -203,6 +203,35 @@ def test_a_mixed_training_step_in_each_dtype_against_float64(dtype, base_rows):
         assert normalised_error(got, want) <= TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("base_rows", [True, False])
+def test_a_mixed_training_step_takes_a_permuted_gradient(base_rows):
+    """The gradient reaching a mixed layer may be a permuted view (attention reshapes its
+    projections into heads): backward gives the same dx, dR and dm as for a contiguous one."""
+    torch.manual_seed(0)
+    layer = EDoRALinear.from_linear(nn.Linear(37, 29).double(), 3, seed=0)
+    for i in range(1, 4):
+        layer.add_adapter(f"user{i}", seed=i)
+    jitter_adapters(layer, 0.3)
+    rows = torch.tensor([2, 0, 4, 3, 1, 2] if base_rows else [2, 0, 3, 3, 1, 2])
+    x = torch.randn(6, 5, 37, dtype=torch.float64)
+    weights = torch.randn(6, 29, 5, dtype=torch.float64)
+    grads = []
+    for permuted in (True, False):
+        x_in = x.clone().requires_grad_()
+        layer.zero_grad()
+        layer.row_adapters = rows
+        y = layer(x_in)
+        layer.row_adapters = None
+        if permuted:  # the gradient arrives as weights.transpose(1, 2), not contiguous
+            (y.transpose(1, 2) * weights).sum().backward()
+        else:
+            y.backward(weights.transpose(1, 2).contiguous())
+        grads.append([x_in.grad, *(p.grad for name in layer.adapter_names
+                                   for p in layer.adapter_weights(name))])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("mode", ["peft", "lowrank"])
 @pytest.mark.parametrize("second", [False, True])
 def test_layer_mixed_rows_with_dropout_against_the_float64_reference(mode, second,
