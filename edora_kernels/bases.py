@@ -30,6 +30,16 @@ class Kind:
     dense: bool        # W0 is a plain tensor of the module: the fused op
     description: str
 
+    # One object per kind, compared with ``is``: a copied or unpickled layer keeps it.
+    def __copy__(self) -> "Kind":
+        return self
+
+    def __deepcopy__(self, memo) -> "Kind":
+        return self
+
+    def __reduce__(self):
+        return _kind_named, (self.name,)
+
 
 LINEAR = Kind("linear", True, "torch.nn.Linear")
 CONV1D = Kind("conv1d", True, "transformers.pytorch_utils.Conv1D (GPT-2's layout: weight in×out)")
@@ -38,6 +48,10 @@ BNB_8BIT = Kind("bnb_8bit", False, "bitsandbytes.nn.Linear8bitLt")
 TORCHAO_INT8 = Kind("torchao_int8", False,
                     "torch.nn.Linear with a torchao int8 weight-only weight (Int8WeightOnlyConfig)")
 KINDS = (LINEAR, CONV1D, BNB_4BIT, BNB_8BIT, TORCHAO_INT8)
+
+
+def _kind_named(name: str) -> Kind:
+    return next(kind for kind in KINDS if kind.name == name)
 
 
 def _loaded(module_name: str):

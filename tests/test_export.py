@@ -54,6 +54,28 @@ def test_merge_and_unload_gives_plain_linears_with_the_same_outputs():
     assert not torch.equal(model.encoder["query"].weight, w0)
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_or_unpickled_model_merges_and_unloads(how, tmp_path):
+    """A layer's base kind survives copy.deepcopy and torch.save(model): merge_and_unload of
+    the copy rebuilds plain nn.Linear layers (a copied kind once compared unequal to every
+    kind, and the copy was taken for an 8-bit bitsandbytes layer)."""
+    import copy
+
+    model = trained()
+    x = torch.randn(7, 16)
+    with torch.no_grad():
+        expected = model(x)
+    if how == "deepcopy":
+        copied = copy.deepcopy(model)
+    else:
+        torch.save(model, tmp_path / "model.pt")
+        copied = torch.load(tmp_path / "model.pt", weights_only=False)
+    merge_and_unload(copied)
+    assert type(copied.encoder["query"]) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_unload_restores_the_base_model():
     torch.manual_seed(0)
     base = Tiny()
