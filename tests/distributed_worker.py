@@ -165,6 +165,9 @@ def main() -> None:
     try:
         for mode in args.modes:
             run_step(mode, args.out, device, args.compare)
+        # Tear down together: rank 0 may still be comparing while rank 1 would already close
+        # its connections (a gloo worker aborted once at such an uneven exit).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
