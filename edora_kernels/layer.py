@@ -458,9 +458,8 @@ class EDoRALinear(nn.Module):
         # (measured on 2 vCPUs: one thread is faster at 64 adapters × 256 rows, r = 16, slower
         # at 4096 rows)
         with cpu_threads_for(len(used) * self.out_features * basis.rank ** 2 // 8):
-            Rs = torch.stack(cores)
-            tables = row_tables(Rs, torch.stack(magnitudes),
-                                self._adapter_norms(used, cores, Rs, basis), cdt, base_row)
+            tables = row_tables(cores, magnitudes, self._adapter_norms(used, cores, basis),
+                                cdt, base_row)
         if serving and terms is not None:
             self._served_tables.put(key, weights, terms, tables)
         return tables
@@ -504,9 +503,9 @@ class EDoRALinear(nn.Module):
 
         return not use_torch_path(x.dtype, rank)
 
-    def _adapter_norms(self, names: list[str], cores, Rs: torch.Tensor, basis) -> torch.Tensor:
+    def _adapter_norms(self, names: list[str], cores, basis) -> torch.Tensor:
         """‖W0 + s·B R_a A‖ per row for the adapters ``names`` of ``basis`` (K×out, float64),
-        whose R are ``cores`` (stacked: ``Rs``). Detached norms (``detach_norm``) are kept for
+        whose R are ``cores``. Detached norms (``detach_norm``) are kept for
         the set ``names`` while every R in it and the norm terms stay the same, and are
         recomputed all at once otherwise: one set of GEMMs for all K costs less than picking
         out the changed ones (and a device index of them)."""
@@ -514,12 +513,12 @@ class EDoRALinear(nn.Module):
         if terms is None:  # under torch.compile
             terms = compute_norm_terms(self.base_weight(), basis.A)
         if not self.detach_norm or torch.compiler.is_compiling():
-            n = adapter_norms(terms, basis.B, Rs, basis.scaling)
+            n = adapter_norms(terms, basis.B, torch.stack(cores), basis.scaling)
             return n.detach() if self.detach_norm else n
         n = self._norm_rows.get(tuple(names), cores, terms)
         if n is None:
             with torch.no_grad():
-                n = adapter_norms(terms, basis.B, Rs, basis.scaling)
+                n = adapter_norms(terms, basis.B, torch.stack(cores), basis.scaling)
             self._norm_rows.put(tuple(names), cores, terms, n)
         return n
 

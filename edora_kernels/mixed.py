@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .backends.torch_backend import mm_compute
 from .norm import TERMS_DTYPE, compute_dtype
+from .op_common import cpu_threads_for
 
 # The name PEFT uses for a row that runs the base model alone.
 BASE_NAME = "__base__"
@@ -74,14 +75,14 @@ class RowTables(NamedTuple):
     g: torch.Tensor
 
 
-def row_tables(Rs: torch.Tensor, ms: torch.Tensor, norms: torch.Tensor, cdt,
-               base_row: bool = True) -> RowTables:
-    """The tables of K adapters: their cores ``Rs`` (K×r×r) and ``g = ms / norms`` (K×out;
-    ``norms`` float64), with the base model's row appended if ``base_row``; differentiable in
-    Rs, ms and the norms (one autograd node, :class:`_Tables`)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (Rs, ms, norms)):
-        return RowTables(*_Tables.apply(Rs, ms, norms, cdt, base_row))
-    return _build_tables(Rs, ms, norms, cdt, base_row)
+def row_tables(cores, magnitudes, norms: torch.Tensor, cdt, base_row: bool = True) -> RowTables:
+    """The tables of K adapters: their ``cores`` (K tensors r×r: their R) and ``g = m / n`` from
+    their ``magnitudes`` (K tensors of out) and ``norms`` (K×out, float64), with the base
+    model's row appended if ``base_row``; differentiable in each R and m and in the norms, as
+    one autograd node (:class:`_Tables`)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*cores, *magnitudes, norms)):
+        return RowTables(*_Tables.apply(norms, cdt, base_row, *cores, *magnitudes))
+    return _build_tables(torch.stack(cores), torch.stack(magnitudes), norms, cdt, base_row)
 
 
 def _build_tables(Rs, ms, norms, cdt, base_row) -> RowTables:
@@ -94,36 +95,43 @@ def _build_tables(Rs, ms, norms, cdt, base_row) -> RowTables:
 
 class _Tables(torch.autograd.Function):
     """:func:`row_tables` as one node: a training step builds the tables of K adapters every
-    step, and the five small nodes autograd would record for it cost more than its math."""
+    step, and the small nodes autograd would record for it (two stacks, whose backward splits
+    the gradients again, a division, casts, the base row) cost more than its math. It takes
+    each R and m itself and hands each its slice of the tables' gradient."""
 
     @staticmethod
-    def forward(ctx, Rs, ms, norms, cdt, base_row):
+    def forward(ctx, norms, cdt, base_row, *weights):
+        K = len(weights) // 2
+        ms = torch.stack(weights[K:])
         ctx.save_for_backward(ms, norms)
-        ctx.Rs_dtype = Rs.dtype
-        return _build_tables(Rs, ms, norms, cdt, base_row)
+        ctx.Rs_dtype = weights[0].dtype
+        return _build_tables(torch.stack(weights[:K]), ms, norms, cdt, base_row)
 
     @staticmethod
     def backward(ctx, d_cores, d_g):
         ms, norms = ctx.saved_tensors
-        d_Rs = d_ms = d_norms = None
         K = len(ms)  # the base model's row, if any, has no gradient to give
-        if ctx.needs_input_grad[0] and d_cores is not None:
-            d_Rs = d_cores[:K].to(ctx.Rs_dtype)
+        d_Rs, d_ms, d_norms = (None,) * K, (None,) * K, None
+        if any(ctx.needs_input_grad[3:3 + K]) and d_cores is not None:
+            d_Rs = d_cores[:K].to(ctx.Rs_dtype).unbind(0)
         if d_g is not None:
             d_g = d_g[:K].to(TERMS_DTYPE)  # g = m / n, in float64 as it was formed
-            if ctx.needs_input_grad[1]:
-                d_ms = (d_g / norms).to(ms.dtype)
-            if ctx.needs_input_grad[2]:
+            if any(ctx.needs_input_grad[3 + K:]):
+                d_ms = (d_g / norms).to(ms.dtype).unbind(0)
+            if ctx.needs_input_grad[0]:
                 d_norms = -d_g * ms.to(TERMS_DTYPE) / norms.square()
-        return d_Rs, d_ms, d_norms, None, None
+        return d_norms, None, None, *d_Rs, *d_ms
 
 
-def _row_core_terms(x, A, cores, rows, cdt) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(v, t)``: v = x·Aᵀ (batch×T×r, in ``cdt``: a half x is read once by a GEMM with an
-    fp32 result on a GPU, not converted first) and t, each leading row's core
-    ``cores[rows[i]]`` applied to its v. No autograd: :class:`_MixedEpilogue` differentiates."""
+def _row_core_terms(x, A, cores, rows, cdt) -> tuple[torch.Tensor, ...]:
+    """``(v, t, row_cores)``: v = x·Aᵀ (batch×T×r, in ``cdt``: a half x is read once by a GEMM
+    with an fp32 result on a GPU, not converted first), each leading row's core
+    ``row_cores[i] = cores[rows[i]]`` and t, that core applied to the row's v. No autograd:
+    :class:`_MixedEpilogue` differentiates."""
     v = mm_compute(x.reshape(-1, x.shape[-1]), A.T, cdt).view(x.shape[0], -1, A.shape[0])
-    return v, torch.bmm(v, cores[rows].transpose(1, 2))
+    with cpu_threads_for(v.numel() * A.shape[0]):  # N·r² multiply-adds
+        row_cores = cores.index_select(0, rows)  # (index_select: a plain gather, not indexing)
+        return v, torch.bmm(v, row_cores.transpose(1, 2)), row_cores
 
 
 def mixed_epilogue(y0: torch.Tensor | None, x: torch.Tensor, bias: torch.Tensor | None,
@@ -150,7 +158,7 @@ def mixed_epilogue(y0: torch.Tensor | None, x: torch.Tensor, bias: torch.Tensor 
     biased = True  # whether z carries the bias
     if y0 is None:
         y0, own_y0, biased = F.linear(x, weight, bias if base_rows else None), True, base_rows
-    z, g_rows = _rank_term(y0, x, A, B, tables.cores, tables.g, rows, scaling, own_y0)[1:]
+    z, g_rows = _rank_term(y0, x, A, B, tables.cores, tables.g, rows, scaling, own_y0)[2:]
     return _rescale(z, g_rows, bias, biased, in_place=True).to(y0.dtype).reshape(y0.shape)
 
 
@@ -166,21 +174,21 @@ def _rescale(z, g_rows, bias, biased: bool, *, in_place: bool) -> torch.Tensor:
 
 
 def _rank_term(y0, x, A, B, cores, g_table, rows, scaling, own_y0, *, in_y0_dtype=False):
-    """``(v, z, g_rows)``: v = x Aᵀ, ``z = y0 + s·t Bᵀ`` (batch×T×out; into y0 itself if
-    ``own_y0``) and each row's g (batch×1×out). z is formed in the compute dtype (a copy of a
-    half y0), or with ``in_y0_dtype`` in y0's own, rounded once as the single-adapter step
-    does: what a training step keeps. The shared B makes ``t Bᵀ`` one GEMM over all tokens;
-    only ``t`` is per row."""
+    """``(v, row_cores, z, g_rows)``: v = x Aᵀ, each row's core, ``z = y0 + s·t Bᵀ``
+    (batch×T×out; into y0 itself if ``own_y0``) and each row's g (batch×1×out). z is formed in
+    the compute dtype (a copy of a half y0), or with ``in_y0_dtype`` in y0's own, rounded once
+    as the single-adapter step does: what a training step keeps. The shared B makes ``t Bᵀ``
+    one GEMM over all tokens; only ``t`` is per row."""
     batch, out_features = x.shape[0], y0.shape[-1]
     cdt = compute_dtype(y0.dtype)
-    v, t = _row_core_terms(x, A, cores, rows, cdt)
+    v, t, row_cores = _row_core_terms(x, A, cores, rows, cdt)
     z = y0.reshape(-1, out_features)
     if not in_y0_dtype:
         own_y0 = own_y0 or z.dtype != cdt  # .to(cdt) below copies
         z = z.to(cdt)
     t2, Bt = t.reshape(-1, t.shape[-1]).to(z.dtype), B.to(z.dtype).T
     z = z.addmm_(t2, Bt, alpha=scaling) if own_y0 else torch.addmm(z, t2, Bt, alpha=scaling)
-    return v, z.view(batch, -1, out_features), g_table[rows].unsqueeze(1)
+    return v, row_cores, z.view(batch, -1, out_features), g_table.index_select(0, rows)[:, None]
 
 
 def _table_map(rows: torch.Tensor, table_rows: int, dtype) -> torch.Tensor:
@@ -211,41 +219,47 @@ class _MixedEpilogue(torch.autograd.Function):
             y0, biased = F.linear(x, weight, bias if base_rows else None), base_rows
         # z in y0's dtype, kept for backward (as the single-adapter op keeps y); g ⊙ z in the
         # compute dtype (g is never rounded to half); v in the compute dtype
-        v, z, g_rows = _rank_term(y0, x, A, B, cores, g_table, rows, scaling, own,
-                                  in_y0_dtype=True)
+        v, row_cores, z, g_rows = _rank_term(y0, x, A, B, cores, g_table, rows, scaling, own,
+                                             in_y0_dtype=True)
         y = _rescale(z, g_rows, bias, biased, in_place=False)
-        ctx.save_for_backward(x, weight, bias, A, B, cores, g_table, rows, v, z)
+        # the rows' gathers are kept (batch×r×r and batch×out, beside z's N×out), not redone
+        ctx.save_for_backward(x, weight, bias, A, B, row_cores, g_rows, rows, v, z)
         ctx.scaling, ctx.y0_shape, ctx.biased = scaling, y0.shape, biased
+        ctx.table_rows, ctx.cores_dtype, ctx.g_dtype = len(g_table), cores.dtype, g_table.dtype
         return y.to(y0.dtype).reshape(y0.shape)
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, bias, A, B, cores, g_table, rows, v, z = ctx.saved_tensors
+        x, weight, bias, A, B, row_cores, g_rows, rows, v, z = ctx.saved_tensors
         batch, cdt = x.shape[0], v.dtype
         # contiguous: the products below flatten it (a gradient may arrive permuted, as the
         # attention heads reshape their projections)
         gy = gy.reshape(batch, -1, gy.shape[-1]).to(cdt).contiguous()
-        g_rows = g_table[rows].unsqueeze(1)
         d_g, gz = None, None
         if ctx.needs_input_grad[6] or ctx.needs_input_grad[7]:
-            table_map = _table_map(rows, len(g_table), cdt)
+            table_map = _table_map(rows, ctx.table_rows, cdt)
         if ctx.needs_input_grad[7]:  # ∂y/∂g = z − b, or z if z lacks the bias
             product = gy * z  # (a half z is promoted as it is read)
             per_row = product.sum(1)
             if bias is not None and ctx.biased:
                 per_row -= bias.to(cdt) * gy.sum(1)
-            d_g = _per_table_row(table_map, per_row).to(g_table.dtype)
+            with cpu_threads_for(table_map.numel() * per_row.shape[1]):
+                d_g = _per_table_row(table_map, per_row).to(ctx.g_dtype)
             gz = torch.mul(gy, g_rows, out=product)  # its buffer again: one N×out fewer
         if gz is None:
             gz = gy * g_rows
         # dt = s·gz B over all tokens at once (B is shared); batch×T×r
         gz2 = gz.view(-1, gz.shape[-1])
         dt = torch.mm(gz2, B.to(cdt)).mul_(ctx.scaling).view(batch, -1, B.shape[1])
-        d_cores = dx = None
-        if ctx.needs_input_grad[6]:
-            d_cores = _per_table_row(table_map, torch.bmm(dt.transpose(1, 2), v)).to(cores.dtype)
+        d_cores = dx = dv = None
+        # the per-row r×r products (N·r² multiply-adds each) and their per-table sums
+        with cpu_threads_for(dt.numel() * dt.shape[-1] + ctx.table_rows * row_cores.numel()):
+            if ctx.needs_input_grad[6]:
+                d_cores = _per_table_row(table_map, torch.bmm(dt.transpose(1, 2), v))
+                d_cores = d_cores.to(ctx.cores_dtype)
+            if ctx.needs_input_grad[1]:
+                dv = torch.bmm(dt, row_cores).view(-1, A.shape[0])
         if ctx.needs_input_grad[1]:
-            dv = torch.bmm(dt, cores[rows]).view(-1, A.shape[0])
             if weight is None:
                 dx = (dv @ A.to(cdt)).to(x.dtype)
             else:  # the base's dx and the rank-r one, accumulated in one buffer (as the

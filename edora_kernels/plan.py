@@ -224,7 +224,7 @@ def plan_mixed(tokens: int, in_features: int, out_features: int, rank: int, adap
     plan.launches = [
         Launch("aten::mm", "fwd", 2.0 * N * In * r, N * In * e + r * In * e + N * r * s.f32,
                False),                                            # v = x Aᵀ, fp32 result
-        Launch("aten::index", "fwd", 0.0, 2 * rows * r * r * s.f32, False),   # cores[rows]
+        Launch("aten::index_select", "fwd", 0.0, 2 * rows * r * r * s.f32, False),  # cores[rows]
         Launch("aten::bmm", "fwd", 2.0 * N * r * r,
                2 * N * r * s.f32 + rows * r * r * s.f32, False),  # t = each row's core on v
         Launch("aten::mul", "fwd", Out * r, 2 * Out * r * e, False),           # s·B

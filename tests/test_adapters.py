@@ -292,9 +292,11 @@ def test_the_mixed_epilogue_node_passes_gradcheck(with_bias):
     norms = (rand(K, out_f).abs() + 1.0).requires_grad_()  # as with detach_norm=False
     rows = torch.tensor([0, 3, 1, 2, 1])  # 3: a row of the base model
 
+    def tables(Rs, ms, norms, base_row=True):  # each adapter's R and m its own tensor
+        return row_tables(Rs.unbind(), ms.unbind(), norms, torch.float64, base_row)
+
     def epilogue(y0, x, Rs, ms, norms):
-        return mixed_epilogue(y0, x, bias, A, B, row_tables(Rs, ms, norms, torch.float64), 0.7,
-                              rows)
+        return mixed_epilogue(y0, x, bias, A, B, tables(Rs, ms, norms), 0.7, rows)
 
     assert torch.autograd.gradcheck(epilogue, (y0, x, Rs, ms, norms))
     trained = epilogue(y0, x, Rs, ms, norms)
@@ -307,8 +309,8 @@ def test_the_mixed_epilogue_node_passes_gradcheck(with_bias):
     weight = rand(out_f, in_f)
 
     def step(x, Rs, ms, norms):
-        return mixed_epilogue(None, x, bias, A, B, row_tables(Rs, ms, norms, torch.float64),
-                              0.7, rows, weight=weight)
+        return mixed_epilogue(None, x, bias, A, B, tables(Rs, ms, norms), 0.7, rows,
+                              weight=weight)
 
     assert torch.autograd.gradcheck(step, (x, Rs, ms, norms))
     base = torch.nn.functional.linear(x, weight, bias)
@@ -321,13 +323,11 @@ def test_the_mixed_epilogue_node_passes_gradcheck(with_bias):
     adapter_rows = torch.tensor([0, 2, 1, 2, 1])
 
     def step_without_base_rows(x, Rs, ms, norms):
-        tables = row_tables(Rs, ms, norms, torch.float64, base_row=False)
-        return mixed_epilogue(None, x, bias, A, B, tables, 0.7, adapter_rows, weight=weight,
-                              base_rows=False)
+        return mixed_epilogue(None, x, bias, A, B, tables(Rs, ms, norms, base_row=False), 0.7,
+                              adapter_rows, weight=weight, base_rows=False)
 
     assert torch.autograd.gradcheck(step_without_base_rows, (x, Rs, ms, norms))
-    with_base_row = mixed_epilogue(base, x, bias, A, B, row_tables(Rs, ms, norms, torch.float64),
-                                   0.7, adapter_rows)
+    with_base_row = mixed_epilogue(base, x, bias, A, B, tables(Rs, ms, norms), 0.7, adapter_rows)
     torch.testing.assert_close(step_without_base_rows(x, Rs, ms, norms), with_base_row,
                                rtol=0, atol=1e-14)
 
