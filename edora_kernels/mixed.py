@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .backends.torch_backend import mm_compute
 from .norm import TERMS_DTYPE, compute_dtype
-from .op_common import cpu_threads_for
+from .op_common import ELEMENTWISE_WORK, cpu_threads_for
 
 # The name PEFT uses for a row that runs the base model alone.
 BASE_NAME = "__base__"
@@ -110,6 +110,11 @@ class _Tables(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_cores, d_g):
         ms, norms = ctx.saved_tensors
+        with cpu_threads_for(ELEMENTWISE_WORK * norms.numel()):  # a few passes over K×out
+            return _Tables._gradients(ctx, ms, norms, d_cores, d_g)
+
+    @staticmethod
+    def _gradients(ctx, ms, norms, d_cores, d_g):
         K = len(ms)  # the base model's row, if any, has no gradient to give
         d_Rs, d_ms, d_norms = (None,) * K, (None,) * K, None
         if any(ctx.needs_input_grad[3:3 + K]) and d_cores is not None:
@@ -248,9 +253,9 @@ class _MixedEpilogue(torch.autograd.Function):
             gz = torch.mul(gy, g_rows, out=product)  # its buffer again: one N×out fewer
         if gz is None:
             gz = gy * g_rows
-        # dt = s·gz B over all tokens at once (B is shared); batch×T×r
+        # dt = gz (s·B) over all tokens at once (B is shared); batch×T×r
         gz2 = gz.view(-1, gz.shape[-1])
-        dt = torch.mm(gz2, B.to(cdt)).mul_(ctx.scaling).view(batch, -1, B.shape[1])
+        dt = torch.mm(gz2, B.to(cdt) * ctx.scaling).view(batch, -1, B.shape[1])
         d_cores = dx = dv = None
         # the per-row r×r products (N·r² multiply-adds each) and their per-table sums
         with cpu_threads_for(dt.numel() * dt.shape[-1] + ctx.table_rows * row_cores.numel()):
