@@ -25,9 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .backends import CPU_BACKEND
 from .backends.torch_backend import mm_compute
 from .norm import TERMS_DTYPE, compute_dtype
-from .op_common import ELEMENTWISE_WORK, cpu_threads_for
+from .op_common import ELEMENTWISE_WORK, cpu_threads_for, slot_capacity, zero_slots
 
 # The name PEFT uses for a row that runs the base model alone.
 BASE_NAME = "__base__"
@@ -164,18 +165,19 @@ def mixed_epilogue(y0: torch.Tensor | None, x: torch.Tensor, bias: torch.Tensor 
     if y0 is None:
         y0, own_y0, biased = F.linear(x, weight, bias if base_rows else None), True, base_rows
     z, g_rows = _rank_term(y0, x, A, B, tables.cores, tables.g, rows, scaling, own_y0)[2:]
-    return _rescale(z, g_rows, bias, biased, in_place=True).to(y0.dtype).reshape(y0.shape)
+    return _rescale(z, g_rows, bias, biased).to(y0.dtype).reshape(y0.shape)
 
 
-def _rescale(z, g_rows, bias, biased: bool, *, in_place: bool) -> torch.Tensor:
-    """``g ⊙ z + b``, or ``g ⊙ z + (1 − g) ⊙ b`` when z carries the bias (``biased``), in g's
-    dtype (the compute dtype; in place into z, which is then in it too)."""
+def _rescale(z, g_rows, bias, biased: bool) -> torch.Tensor:
+    """``g ⊙ z + b``, or ``g ⊙ z + (1 − g) ⊙ b`` when z carries the bias (``biased``), into z
+    itself: computed in g's dtype (the compute dtype: g is never rounded to a half z's) and
+    rounded once to z's."""
     if bias is None:
-        return z.mul_(g_rows) if in_place else g_rows * z
+        return torch.mul(z, g_rows, out=z)
     b = bias.to(g_rows.dtype)
     if biased:
         b = torch.addcmul(b, g_rows, b, value=-1)
-    return z.mul_(g_rows).add_(b) if in_place else torch.addcmul(b, g_rows, z)
+    return torch.addcmul(b, g_rows, z, out=z)
 
 
 def _rank_term(y0, x, A, B, cores, g_table, rows, scaling, own_y0, *, in_y0_dtype=False):
@@ -212,53 +214,64 @@ def _per_table_row(table_map: torch.Tensor, per_row: torch.Tensor) -> torch.Tens
 
 class _MixedEpilogue(torch.autograd.Function):
     """:func:`mixed_epilogue` with gradients, as one node: backward streams gy twice (gz =
-    gy ⊙ g for y0, and each row's Σ gy ⊙ (z − b) for g) and otherwise runs rank-r products;
+    gy ⊙ g for y0, and each row's Σ gy ⊙ (y − b) for g) and otherwise runs rank-r products;
     each row's share of the cores and of g is summed into its table row (one one-hot map).
     Given the dense base's ``weight`` instead of y0, it also runs the base product: y0 is its
-    own buffer (the rank-r term goes in place) and dx = gz W0 + dv A is one GEMM pair."""
+    own buffer (the rank-r term and g go in place) and dx = gz W0 + dv A is one GEMM pair.
+
+    It keeps y, the output, as the single-adapter op does, and no N×out tensor beside it:
+    ∂y/∂g = (y − b)/g, so each table row's Σ gy ⊙ (y − b) is divided by its g once. Where g is
+    0, y = b keeps no trace of z: forward keeps those columns of z in slots (docs/DESIGN.md §3),
+    up to as many as the table has zeros on a CPU, ``ZERO_SLOTS`` per table row elsewhere (no
+    host read), and a zero past them gets a NaN gradient, never a silently wrong one."""
 
     @staticmethod
     def forward(ctx, y0, x, weight, bias, A, B, cores, g_table, rows, scaling, base_rows):
         own, biased = y0 is None, True
         if own:
             y0, biased = F.linear(x, weight, bias if base_rows else None), base_rows
-        # z in y0's dtype, kept for backward (as the single-adapter op keeps y); g ⊙ z in the
-        # compute dtype (g is never rounded to half); v in the compute dtype
+        # z in y0's dtype, our own buffer (y0's when we made it); v in the compute dtype
         v, row_cores, z, g_rows = _rank_term(y0, x, A, B, cores, g_table, rows, scaling, own,
                                              in_y0_dtype=True)
-        y = _rescale(z, g_rows, bias, biased, in_place=False)
-        # the rows' gathers are kept (batch×r×r and batch×out, beside z's N×out), not redone
-        ctx.save_for_backward(x, weight, bias, A, B, row_cores, g_rows, rows, v, z)
-        ctx.scaling, ctx.y0_shape, ctx.biased = scaling, y0.shape, biased
-        ctx.table_rows, ctx.cores_dtype, ctx.g_dtype = len(g_table), cores.dtype, g_table.dtype
-        return y.to(y0.dtype).reshape(y0.shape)
+        slot_cols, zbuf = _keep_zero_g_columns(z, g_table, rows)
+        y = _rescale(z, g_rows, bias, biased).view(y0.shape)
+        # the rows' gathers are kept (batch×r×r and batch×out), not redone
+        ctx.save_for_backward(x, weight, bias, A, B, row_cores, g_table, g_rows, rows, v, y,
+                              slot_cols, zbuf)
+        ctx.scaling, ctx.biased, ctx.cores_dtype = scaling, biased, cores.dtype
+        return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, bias, A, B, row_cores, g_rows, rows, v, z = ctx.saved_tensors
-        batch, cdt = x.shape[0], v.dtype
+        (x, weight, bias, A, B, row_cores, g_table, g_rows, rows, v, y, slot_cols,
+         zbuf) = ctx.saved_tensors
+        batch, cdt, out_features = x.shape[0], v.dtype, y.shape[-1]
         # contiguous: the products below flatten it (a gradient may arrive permuted, as the
         # attention heads reshape their projections)
-        gy = gy.reshape(batch, -1, gy.shape[-1]).to(cdt).contiguous()
+        gy = gy.reshape(batch, -1, out_features).to(cdt).contiguous()
         d_g, gz = None, None
         if ctx.needs_input_grad[6] or ctx.needs_input_grad[7]:
-            table_map = _table_map(rows, ctx.table_rows, cdt)
-        if ctx.needs_input_grad[7]:  # ∂y/∂g = z − b, or z if z lacks the bias
-            product = gy * z  # (a half z is promoted as it is read)
+            table_map = _table_map(rows, len(g_table), cdt)
+        if ctx.needs_input_grad[7]:  # ∂y/∂g = (y − b)/g, (z − b) or z from the slots where g = 0
+            product = gy * y.view(batch, -1, out_features)  # (a half y is promoted as read)
             per_row = product.sum(1)
-            if bias is not None and ctx.biased:
+            if bias is not None:
                 per_row -= bias.to(cdt) * gy.sum(1)
-            with cpu_threads_for(table_map.numel() * per_row.shape[1]):
-                d_g = _per_table_row(table_map, per_row).to(ctx.g_dtype)
+            with cpu_threads_for(table_map.numel() * out_features):
+                d_g = _per_table_row(table_map, per_row) / g_table
+                if zbuf.numel():
+                    d_g = _zero_g_gradients(d_g, gy, zbuf, slot_cols, g_table, rows, table_map,
+                                            bias if ctx.biased else None)
+            d_g = d_g.to(g_table.dtype)
             gz = torch.mul(gy, g_rows, out=product)  # its buffer again: one N×out fewer
         if gz is None:
             gz = gy * g_rows
         # dt = gz (s·B) over all tokens at once (B is shared); batch×T×r
-        gz2 = gz.view(-1, gz.shape[-1])
+        gz2 = gz.view(-1, out_features)
         dt = torch.mm(gz2, B.to(cdt) * ctx.scaling).view(batch, -1, B.shape[1])
         d_cores = dx = dv = None
         # the per-row r×r products (N·r² multiply-adds each) and their per-table sums
-        with cpu_threads_for(dt.numel() * dt.shape[-1] + ctx.table_rows * row_cores.numel()):
+        with cpu_threads_for(dt.numel() * dt.shape[-1] + len(g_table) * row_cores.numel()):
             if ctx.needs_input_grad[6]:
                 d_cores = _per_table_row(table_map, torch.bmm(dt.transpose(1, 2), v))
                 d_cores = d_cores.to(ctx.cores_dtype)
@@ -273,8 +286,46 @@ class _MixedEpilogue(torch.autograd.Function):
             dx = dx.reshape(x.shape)
         d_y0 = None
         if ctx.needs_input_grad[0]:
-            d_y0 = gz.to(z.dtype).reshape(ctx.y0_shape)
+            d_y0 = gz.to(y.dtype).reshape(y.shape)
         return d_y0, dx, None, None, None, None, d_cores, d_g, None, None, None
+
+
+def _keep_zero_g_columns(z: torch.Tensor, g_table: torch.Tensor, rows: torch.Tensor):
+    """``(slot_cols, zbuf)``: per table row the columns where g = 0, in slot order
+    (table rows × capacity, ``out`` where unused), and each leading row's z in its table row's
+    columns (batch×T×capacity); empty when nothing is kept. The capacity is
+    :func:`~edora_kernels.op_common.slot_capacity`'s for the composed path."""
+    capacity = slot_capacity(g_table, True, CPU_BACKEND)
+    if capacity == 0:
+        return g_table.new_empty(0, dtype=torch.long), z.new_empty(0)
+    table_rows, out_features = g_table.shape
+    slots = zero_slots(g_table, capacity)
+    # each slot's column; unused slots and SLOT_FULL/SLOT_NONE columns write a scratch column
+    target = torch.where(slots >= 0, slots, capacity).long()
+    columns = torch.arange(out_features, device=z.device).expand(table_rows, -1)
+    slot_cols = torch.full((table_rows, capacity + 1), out_features, dtype=torch.long,
+                           device=z.device).scatter_(1, target, columns)[:, :capacity]
+    return slot_cols, z.gather(2, _row_slot_index(slot_cols, rows, z))
+
+
+def _row_slot_index(slot_cols, rows, like: torch.Tensor) -> torch.Tensor:
+    """Each leading row's slot columns (unused ones clamped into range), expanded over its
+    tokens like ``like`` (batch×T×...), to gather those columns of z or gy."""
+    index = slot_cols.index_select(0, rows).clamp_max(like.shape[-1] - 1)
+    return index.unsqueeze(1).expand(like.shape[0], like.shape[1], -1)
+
+
+def _zero_g_gradients(d_g, gy, zbuf, slot_cols, g_table, rows, table_map, bias):
+    """``d_g`` with its g = 0 entries from the kept columns: each table row's Σ gy ⊙ (z − b)
+    (``bias`` when z carries it) over its rows, NaN for a zero that had no slot."""
+    index = _row_slot_index(slot_cols, rows, gy)
+    u = zbuf.to(d_g.dtype)
+    if bias is not None:
+        u = u - bias.to(d_g.dtype)[index[:, 0]].unsqueeze(1)
+    sums = _per_table_row(table_map, torch.linalg.vecdot(gy.gather(2, index), u, dim=1))
+    kept = torch.full((len(g_table), g_table.shape[1] + 1), torch.nan, dtype=d_g.dtype,
+                      device=d_g.device).scatter_(1, slot_cols, sums)[:, :-1]
+    return torch.where(g_table == 0, kept, d_g)
 
 
 def serve_mixed(x: torch.Tensor, y0: torch.Tensor | None, weight: torch.Tensor | None,

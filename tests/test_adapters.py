@@ -27,6 +27,7 @@ from edora_kernels import (
 )
 from edora_kernels.adapter_io import edora_layers
 from edora_kernels.mixed import BASE_NAME
+from edora_kernels.reference import edora_linear_reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -201,6 +202,96 @@ def test_a_mixed_training_step_in_each_dtype_against_float64(dtype, base_rows):
                                           for p in layer.adapter_weights(name))]
     for got, want in zip(results[low], results[exact]):
         assert normalised_error(got, want) <= TOLERANCE[dtype]
+
+
+def _zero_some_magnitudes(layer) -> dict[str, list[int]]:
+    """Zero a few columns of two adapters' m (g = 0 there: y = b keeps no trace of z)."""
+    zeros = {"default": [0, 5], "user2": [3, 4, 28]}
+    with torch.no_grad():
+        for name, columns in zeros.items():
+            layer.adapter_weights(name)[1][columns] = 0.0
+    return zeros
+
+
+@pytest.mark.parametrize("base_rows", [True, False])
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_a_mixed_training_step_with_zero_magnitudes_against_float64(base_rows, detach_norm):
+    """Where an adapter's m is 0 the step keeps z's columns: every adapter's dR and dm (those
+    columns' dm included) and dx equal the float64 reference run on each adapter's own rows,
+    with rows of the base model (z carries the bias) and without (the epilogue adds it)."""
+    torch.manual_seed(0)
+    layer = EDoRALinear.from_linear(nn.Linear(37, 29).double(), 3, seed=0,
+                                    detach_norm=detach_norm)
+    for i in range(1, 4):
+        layer.add_adapter(f"user{i}", seed=i)
+    jitter_adapters(layer, 0.3)
+    zeros = _zero_some_magnitudes(layer)
+    rows = torch.tensor([2, 0, 4, 3, 1, 2] if base_rows else [2, 0, 3, 3, 1, 2])
+    x = torch.randn(6, 5, 37, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(6, 5, 29, dtype=torch.float64)
+    layer.row_adapters = rows
+    layer(x).backward(gy)
+    layer.row_adapters = None
+    basis, w0 = layer, layer.base_weight().detach()
+    x_ref = x.detach().clone().requires_grad_()
+    for index, name in enumerate(layer.adapter_names):
+        R, m = (p.detach().clone().requires_grad_() for p in layer.adapter_weights(name))
+        own = rows == index
+        edora_linear_reference(x_ref[own], w0, layer.bias.detach(), basis.A, basis.B, R, m,
+                               basis.scaling, detach_norm=detach_norm).backward(gy[own])
+        for got, want in zip((p.grad for p in layer.adapter_weights(name)), (R.grad, m.grad)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+        if name in zeros:  # the zero columns' dm is a real, non-zero gradient
+            assert (m.grad[zeros[name]].abs() > 1e-6).all()
+    base_rows_x = rows == len(layer.adapter_names)
+    F.linear(x_ref[base_rows_x], w0, layer.bias.detach()).backward(gy[base_rows_x])
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("base_rows", [True, False])
+def test_a_mixed_training_step_keeps_no_batch_by_out_tensor_beside_its_output(base_rows):
+    """Like one adapter's step, a mixed layer keeps y (its output, which the next op usually
+    keeps anyway) and nothing else of batch×out size: not z, not y0, not each row's g over its
+    tokens (with no zero magnitude, no column of z either)."""
+    torch.manual_seed(0)
+    layer = EDoRALinear.from_linear(nn.Linear(37, 29), 3, seed=0)
+    for i in range(1, 4):
+        layer.add_adapter(f"user{i}", seed=i)
+    x = torch.randn(6, 5, 37, requires_grad=True)
+    kept = []
+    layer.row_adapters = torch.tensor([2, 0, 4, 3, 1, 2] if base_rows else [2, 0, 3, 3, 1, 2])
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y = layer(x)
+    layer.row_adapters = None
+    big = [t for t in kept if t.shape[-1] == y.shape[-1] and t.numel() >= y.numel()]
+    assert big and all(t.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+                       for t in big), [tuple(t.shape) for t in big]
+
+
+def test_zero_magnitudes_past_the_slots_get_nan_in_a_mixed_step(monkeypatch):
+    """Off the CPU the step keeps ZERO_SLOTS columns per adapter (counting the zeros would read
+    the device): a zero past them gets dm = NaN, loud, and every other gradient stays exact."""
+    torch.manual_seed(0)
+    layer = EDoRALinear.from_linear(nn.Linear(37, 29).double(), 3, seed=0)
+    for i in range(1, 4):
+        layer.add_adapter(f"user{i}", seed=i)
+    jitter_adapters(layer, 0.3)
+    zeros = _zero_some_magnitudes(layer)  # user2 has 3 zeros: its third has no slot
+    expected = {}
+    for capacity in (2, 3):
+        monkeypatch.setattr("edora_kernels.mixed.slot_capacity", lambda *args: capacity)
+        layer.zero_grad()
+        layer.row_adapters = torch.tensor([2, 0, 3, 3, 1, 2])
+        layer(torch.randn(6, 5, 37, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(1))).sum().backward()
+        layer.row_adapters = None
+        expected[capacity] = {name: [p.grad.clone() for p in layer.adapter_weights(name)]
+                              for name in layer.adapter_names}
+    nan = expected[2]["user2"][1].isnan()
+    assert nan.nonzero().flatten().tolist() == [zeros["user2"][2]]
+    for name in layer.adapter_names:
+        for got, want in zip(expected[2][name], expected[3][name]):
+            torch.testing.assert_close(got[~got.isnan()], want[~got.isnan()], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("base_rows", [True, False])
