@@ -28,7 +28,13 @@ import torch.nn.functional as F
 from .backends import CPU_BACKEND
 from .backends.torch_backend import mm_compute
 from .norm import TERMS_DTYPE, compute_dtype
-from .op_common import ELEMENTWISE_WORK, cpu_threads_for, slot_capacity, zero_slots
+from .op_common import (
+    ELEMENTWISE_WORK,
+    cpu_threads_for,
+    saved_tensors,
+    slot_capacity,
+    zero_slots,
+)
 
 # The name PEFT uses for a row that runs the base model alone.
 BASE_NAME = "__base__"
@@ -159,13 +165,15 @@ def mixed_epilogue(y0: torch.Tensor | None, x: torch.Tensor, bias: torch.Tensor 
     rows reach only its table rows."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (y0, x, *tables)):
-        return _MixedEpilogue.apply(y0, x, weight, bias, A, B, tables.cores, tables.g, rows,
-                                    scaling, base_rows)
+        y = _MixedEpilogue.apply(y0, x, weight, bias, A, B, tables.cores, tables.g, rows,
+                                 scaling, base_rows)
+        return y.view(*x.shape[:-1], y.shape[-1])  # (a view made inside would be read-only)
     biased = True  # whether z carries the bias
     if y0 is None:
         y0, own_y0, biased = F.linear(x, weight, bias if base_rows else None), True, base_rows
     z, g_rows = _rank_term(y0, x, A, B, tables.cores, tables.g, rows, scaling, own_y0)[2:]
-    return _rescale(z, g_rows, bias, biased).to(y0.dtype).reshape(y0.shape)
+    z = _rescale(z.view(x.shape[0], -1, z.shape[-1]), g_rows, bias, biased)
+    return z.to(y0.dtype).reshape(y0.shape)
 
 
 def _rescale(z, g_rows, bias, biased: bool) -> torch.Tensor:
@@ -182,20 +190,19 @@ def _rescale(z, g_rows, bias, biased: bool) -> torch.Tensor:
 
 def _rank_term(y0, x, A, B, cores, g_table, rows, scaling, own_y0, *, in_y0_dtype=False):
     """``(v, row_cores, z, g_rows)``: v = x Aᵀ, each row's core, ``z = y0 + s·t Bᵀ``
-    (batch×T×out; into y0 itself if ``own_y0``) and each row's g (batch×1×out). z is formed in
+    (N×out; into y0 itself if ``own_y0``) and each row's g (batch×1×out). z is formed in
     the compute dtype (a copy of a half y0), or with ``in_y0_dtype`` in y0's own, rounded once
     as the single-adapter step does: what a training step keeps. The shared B makes ``t Bᵀ``
     one GEMM over all tokens; only ``t`` is per row."""
-    batch, out_features = x.shape[0], y0.shape[-1]
     cdt = compute_dtype(y0.dtype)
     v, t, row_cores = _row_core_terms(x, A, cores, rows, cdt)
-    z = y0.reshape(-1, out_features)
+    z = y0.flatten(0, -2)  # y0 itself when it is N×out already
     if not in_y0_dtype:
         own_y0 = own_y0 or z.dtype != cdt  # .to(cdt) below copies
         z = z.to(cdt)
     t2, Bt = t.reshape(-1, t.shape[-1]).to(z.dtype), B.to(z.dtype).T
     z = z.addmm_(t2, Bt, alpha=scaling) if own_y0 else torch.addmm(z, t2, Bt, alpha=scaling)
-    return v, row_cores, z.view(batch, -1, out_features), g_table.index_select(0, rows)[:, None]
+    return v, row_cores, z, g_table.index_select(0, rows)[:, None]
 
 
 def _table_map(rows: torch.Tensor, table_rows: int, dtype) -> torch.Tensor:
@@ -228,23 +235,28 @@ class _MixedEpilogue(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y0, x, weight, bias, A, B, cores, g_table, rows, scaling, base_rows):
         own, biased = y0 is None, True
-        if own:
-            y0, biased = F.linear(x, weight, bias if base_rows else None), base_rows
-        # z in y0's dtype, our own buffer (y0's when we made it); v in the compute dtype
+        if own:  # over N rows: the N×out product is its own tensor (not a view of one)
+            y0 = F.linear(x.flatten(0, -2), weight, bias if base_rows else None)
+            biased = base_rows
+        # z (N×out) in y0's dtype, our own buffer (y0 when we made it), and y is written over
+        # it: the output is that buffer itself, so the caller's view of it may be written in
+        # place (which backward then refuses, as it reads y); v in the compute dtype
         v, row_cores, z, g_rows = _rank_term(y0, x, A, B, cores, g_table, rows, scaling, own,
                                              in_y0_dtype=True)
-        slot_cols, zbuf = _keep_zero_g_columns(z, g_table, rows)
-        y = _rescale(z, g_rows, bias, biased).view(y0.shape)
+        rows_z = z.view(x.shape[0], -1, z.shape[-1])
+        slot_cols, zbuf = _keep_zero_g_columns(rows_z, g_table, rows)
+        _rescale(rows_z, g_rows, bias, biased)
         # the rows' gathers are kept (batch×r×r and batch×out), not redone
-        ctx.save_for_backward(x, weight, bias, A, B, row_cores, g_table, g_rows, rows, v, y,
+        ctx.save_for_backward(x, weight, bias, A, B, row_cores, g_table, g_rows, rows, v, z,
                               slot_cols, zbuf)
         ctx.scaling, ctx.biased, ctx.cores_dtype = scaling, biased, cores.dtype
-        return y
+        ctx.y0_shape = y0.shape
+        return z
 
     @staticmethod
     def backward(ctx, gy):
         (x, weight, bias, A, B, row_cores, g_table, g_rows, rows, v, y, slot_cols,
-         zbuf) = ctx.saved_tensors
+         zbuf) = saved_tensors(ctx, "an EDoRA layer's mixed batch (adapter_names=)")
         batch, cdt, out_features = x.shape[0], v.dtype, y.shape[-1]
         # contiguous: the products below flatten it (a gradient may arrive permuted, as the
         # attention heads reshape their projections)
@@ -286,7 +298,7 @@ class _MixedEpilogue(torch.autograd.Function):
             dx = dx.reshape(x.shape)
         d_y0 = None
         if ctx.needs_input_grad[0]:
-            d_y0 = gz.to(y.dtype).reshape(y.shape)
+            d_y0 = gz.to(y.dtype).reshape(ctx.y0_shape)
         return d_y0, dx, None, None, None, None, d_cores, d_g, None, None, None
 
 

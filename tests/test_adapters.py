@@ -268,6 +268,18 @@ def test_a_mixed_training_step_keeps_no_batch_by_out_tensor_beside_its_output(ba
                        for t in big), [tuple(t.shape) for t in big]
 
 
+def test_a_mixed_step_whose_output_is_written_in_place_says_how_to_fix_it():
+    """Backward reads y: an in-place write into it after forward is refused with the fix."""
+    layer = EDoRALinear.from_linear(nn.Linear(8, 6), 2, seed=0)
+    layer.add_adapter("b", seed=1)
+    layer.row_adapters = torch.tensor([1, 0])
+    y = layer(torch.randn(2, 3, 8))
+    layer.row_adapters = None
+    torch.relu_(y)
+    with pytest.raises(RuntimeError, match="mixed batch.*modified in place.*out of place"):
+        y.sum().backward()
+
+
 def test_zero_magnitudes_past_the_slots_get_nan_in_a_mixed_step(monkeypatch):
     """Off the CPU the step keeps ZERO_SLOTS columns per adapter (counting the zeros would read
     the device): a zero past them gets dm = NaN, loud, and every other gradient stays exact."""
