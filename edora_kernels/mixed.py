@@ -247,17 +247,19 @@ class _MixedEpilogue(torch.autograd.Function):
         slot_cols, zbuf = _keep_zero_g_columns(rows_z, g_table, rows)
         _rescale(rows_z, g_rows, bias, biased)
         # the rows' gathers are kept (batch×r×r and batch×out), not redone
-        ctx.save_for_backward(x, weight, bias, A, B, row_cores, g_table, g_rows, rows, v, z,
+        # (not x: only v = x Aᵀ, N×r, as one adapter's step keeps)
+        ctx.save_for_backward(weight, bias, A, B, row_cores, g_table, g_rows, rows, v, z,
                               slot_cols, zbuf)
         ctx.scaling, ctx.biased, ctx.cores_dtype = scaling, biased, cores.dtype
-        ctx.y0_shape = y0.shape
+        ctx.y0_shape, ctx.x_shape, ctx.x_dtype = y0.shape, x.shape, x.dtype
         return z
 
     @staticmethod
     def backward(ctx, gy):
-        (x, weight, bias, A, B, row_cores, g_table, g_rows, rows, v, y, slot_cols,
+        (weight, bias, A, B, row_cores, g_table, g_rows, rows, v, y, slot_cols,
          zbuf) = saved_tensors(ctx, "an EDoRA layer's mixed batch (adapter_names=)")
-        batch, cdt, out_features = x.shape[0], v.dtype, y.shape[-1]
+        batch, cdt, out_features = v.shape[0], v.dtype, y.shape[-1]
+        x_dtype = ctx.x_dtype
         # contiguous: the products below flatten it (a gradient may arrive permuted, as the
         # attention heads reshape their projections)
         gy = gy.reshape(batch, -1, out_features).to(cdt).contiguous()
@@ -291,11 +293,11 @@ class _MixedEpilogue(torch.autograd.Function):
                 dv = torch.bmm(dt, row_cores).view(-1, A.shape[0])
         if ctx.needs_input_grad[1]:
             if weight is None:
-                dx = (dv @ A.to(cdt)).to(x.dtype)
+                dx = (dv @ A.to(cdt)).to(x_dtype)
             else:  # the base's dx and the rank-r one, accumulated in one buffer (as the
                 # single-adapter step does, in x's dtype)
-                dx = torch.mm(gz2.to(x.dtype), weight).addmm_(dv.to(x.dtype), A.to(x.dtype))
-            dx = dx.reshape(x.shape)
+                dx = torch.mm(gz2.to(x_dtype), weight).addmm_(dv.to(x_dtype), A.to(x_dtype))
+            dx = dx.reshape(ctx.x_shape)
         d_y0 = None
         if ctx.needs_input_grad[0]:
             d_y0 = gz.to(y.dtype).reshape(ctx.y0_shape)

@@ -252,7 +252,7 @@ def test_a_mixed_training_step_with_zero_magnitudes_against_float64(base_rows, d
 def test_a_mixed_training_step_keeps_no_batch_by_out_tensor_beside_its_output(base_rows):
     """Like one adapter's step, a mixed layer keeps y (its output, which the next op usually
     keeps anyway) and nothing else of batch×out size: not z, not y0, not each row's g over its
-    tokens (with no zero magnitude, no column of z either)."""
+    tokens (with no zero magnitude, no column of z either); nor its input x."""
     torch.manual_seed(0)
     layer = EDoRALinear.from_linear(nn.Linear(37, 29), 3, seed=0)
     for i in range(1, 4):
@@ -266,6 +266,7 @@ def test_a_mixed_training_step_keeps_no_batch_by_out_tensor_beside_its_output(ba
     big = [t for t in kept if t.shape[-1] == y.shape[-1] and t.numel() >= y.numel()]
     assert big and all(t.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
                        for t in big), [tuple(t.shape) for t in big]
+    assert not any(t is x for t in kept)  # nor x: v = x Aᵀ (N×r) is what the rank term needs
 
 
 def test_a_mixed_step_whose_output_is_written_in_place_says_how_to_fix_it():
