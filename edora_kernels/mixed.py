@@ -28,13 +28,7 @@ import torch.nn.functional as F
 from .backends import CPU_BACKEND
 from .backends.torch_backend import mm_compute
 from .norm import TERMS_DTYPE, compute_dtype
-from .op_common import (
-    ELEMENTWISE_WORK,
-    cpu_threads_for,
-    saved_tensors,
-    slot_capacity,
-    zero_slots,
-)
+from .op_common import ELEMENTWISE_WORK, cpu_threads_for, saved_tensors, slot_capacity
 
 # The name PEFT uses for a row that runs the base model alone.
 BASE_NAME = "__base__"
@@ -305,20 +299,17 @@ class _MixedEpilogue(torch.autograd.Function):
 
 
 def _keep_zero_g_columns(z: torch.Tensor, g_table: torch.Tensor, rows: torch.Tensor):
-    """``(slot_cols, zbuf)``: per table row the columns where g = 0, in slot order
+    """``(slot_cols, zbuf)``: per table row its first columns where g = 0, in column order
     (table rows × capacity, ``out`` where unused), and each leading row's z in its table row's
     columns (batch×T×capacity); empty when nothing is kept. The capacity is
     :func:`~edora_kernels.op_common.slot_capacity`'s for the composed path."""
-    capacity = slot_capacity(g_table, True, CPU_BACKEND)
+    out_features = g_table.shape[1]
+    capacity = min(slot_capacity(g_table, True, CPU_BACKEND), out_features)
     if capacity == 0:
         return g_table.new_empty(0, dtype=torch.long), z.new_empty(0)
-    table_rows, out_features = g_table.shape
-    slots = zero_slots(g_table, capacity)
-    # each slot's column; unused slots and SLOT_FULL/SLOT_NONE columns write a scratch column
-    target = torch.where(slots >= 0, slots, capacity).long()
-    columns = torch.arange(out_features, device=z.device).expand(table_rows, -1)
-    slot_cols = torch.full((table_rows, capacity + 1), out_features, dtype=torch.long,
-                           device=z.device).scatter_(1, target, columns)[:, :capacity]
+    # a stable sort of "g ≠ 0" puts each row's zero columns first, in column order
+    first = torch.sort((g_table != 0).to(torch.uint8), dim=1, stable=True).indices[:, :capacity]
+    slot_cols = torch.where(g_table.gather(1, first) == 0, first, out_features)
     return slot_cols, z.gather(2, _row_slot_index(slot_cols, rows, z))
 
 

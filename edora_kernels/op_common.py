@@ -107,7 +107,7 @@ def zero_slots(magnitude: Tensor, capacity: int) -> Tensor:
     if capacity == 0:
         return magnitude.new_empty(0, dtype=torch.int32)
     zero = magnitude == 0
-    order = torch.cumsum(zero, -1, dtype=torch.int32) - 1
+    order = torch.cumsum(zero, 0, dtype=torch.int32) - 1
     full = torch.full_like(order, SLOT_FULL)
     return torch.where(zero, torch.where(order < capacity, order, full), SLOT_NONE)
 
