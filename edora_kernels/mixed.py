@@ -240,8 +240,8 @@ class _MixedEpilogue(torch.autograd.Function):
         rows_z = z.view(x.shape[0], -1, z.shape[-1])
         slot_cols, zbuf = _keep_zero_g_columns(rows_z, g_table, rows)
         _rescale(rows_z, g_rows, bias, biased)
-        # the rows' gathers are kept (batch×r×r and batch×out), not redone
-        # (not x: only v = x Aᵀ, N×r, as one adapter's step keeps)
+        # the rows' gathers are kept (batch×r×r and batch×out), not redone; x is not (only
+        # v = x Aᵀ, N×r, as one adapter's step keeps)
         ctx.save_for_backward(weight, bias, A, B, row_cores, g_table, g_rows, rows, v, z,
                               slot_cols, zbuf)
         ctx.scaling, ctx.biased, ctx.cores_dtype = scaling, biased, cores.dtype
