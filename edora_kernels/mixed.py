@@ -238,19 +238,19 @@ class _MixedEpilogue(torch.autograd.Function):
         v, row_cores, z, g_rows = _rank_term(y0, x, A, B, cores, g_table, rows, scaling, own,
                                              in_y0_dtype=True)
         rows_z = z.view(x.shape[0], -1, z.shape[-1])
-        slot_cols, zbuf = _keep_zero_g_columns(rows_z, g_table, rows)
+        slot_cols, row_cols, zbuf = _keep_zero_g_columns(rows_z, g_table, rows)
         _rescale(rows_z, g_rows, bias, biased)
         # the rows' gathers are kept (batch×r×r and batch×out), not redone; x is not (only
         # v = x Aᵀ, N×r, as one adapter's step keeps)
         ctx.save_for_backward(weight, bias, A, B, row_cores, g_table, g_rows, rows, v, z,
-                              slot_cols, zbuf)
+                              slot_cols, row_cols, zbuf)
         ctx.scaling, ctx.biased, ctx.cores_dtype = scaling, biased, cores.dtype
         ctx.y0_shape, ctx.x_shape, ctx.x_dtype = y0.shape, x.shape, x.dtype
         return z
 
     @staticmethod
     def backward(ctx, gy):
-        (weight, bias, A, B, row_cores, g_table, g_rows, rows, v, y, slot_cols,
+        (weight, bias, A, B, row_cores, g_table, g_rows, rows, v, y, slot_cols, row_cols,
          zbuf) = saved_tensors(ctx, "an EDoRA layer's mixed batch (adapter_names=)")
         batch, cdt, out_features = v.shape[0], v.dtype, y.shape[-1]
         x_dtype = ctx.x_dtype
@@ -268,8 +268,8 @@ class _MixedEpilogue(torch.autograd.Function):
             with cpu_threads_for(table_map.numel() * out_features):
                 d_g = _per_table_row(table_map, per_row) / g_table
                 if zbuf.numel():
-                    d_g = _zero_g_gradients(d_g, gy, zbuf, slot_cols, g_table, rows, table_map,
-                                            bias if ctx.biased else None)
+                    d_g = _zero_g_gradients(d_g, gy, zbuf, slot_cols, row_cols, g_table,
+                                            table_map, bias if ctx.biased else None)
             d_g = d_g.to(g_table.dtype)
             gz = torch.mul(gy, g_rows, out=product)  # its buffer again: one N×out fewer
         if gz is None:
@@ -299,35 +299,37 @@ class _MixedEpilogue(torch.autograd.Function):
 
 
 def _keep_zero_g_columns(z: torch.Tensor, g_table: torch.Tensor, rows: torch.Tensor):
-    """``(slot_cols, zbuf)``: per table row its first columns where g = 0, in column order
-    (table rows × capacity, ``out`` where unused), and each leading row's z in its table row's
-    columns (batch×T×capacity); empty when nothing is kept. The capacity is
+    """``(slot_cols, row_cols, zbuf)``: per table row its first columns where g = 0, in column
+    order (table rows × capacity, ``out`` where unused); each leading row's slot columns
+    (batch×capacity, unused ones clamped into range) and its z there (batch×T×capacity); all
+    empty when nothing is kept. The capacity is
     :func:`~edora_kernels.op_common.slot_capacity`'s for the composed path."""
     out_features = g_table.shape[1]
     capacity = min(slot_capacity(g_table, True, CPU_BACKEND), out_features)
     if capacity == 0:
-        return g_table.new_empty(0, dtype=torch.long), z.new_empty(0)
+        empty = g_table.new_empty(0, dtype=torch.long)
+        return empty, empty, z.new_empty(0)
     # a stable sort of "g ≠ 0" puts each row's zero columns first, in column order
     first = torch.sort((g_table != 0).to(torch.uint8), dim=1, stable=True).indices[:, :capacity]
     slot_cols = torch.where(g_table.gather(1, first) == 0, first, out_features)
-    return slot_cols, z.gather(2, _row_slot_index(slot_cols, rows, z))
+    row_cols = slot_cols.index_select(0, rows).clamp_max(out_features - 1)
+    return slot_cols, row_cols, z.gather(2, _over_tokens(row_cols, z))
 
 
-def _row_slot_index(slot_cols, rows, like: torch.Tensor) -> torch.Tensor:
-    """Each leading row's slot columns (unused ones clamped into range), expanded over its
-    tokens like ``like`` (batch×T×...), to gather those columns of z or gy."""
-    index = slot_cols.index_select(0, rows).clamp_max(like.shape[-1] - 1)
-    return index.unsqueeze(1).expand(like.shape[0], like.shape[1], -1)
+def _over_tokens(row_cols: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Each leading row's columns ``row_cols`` (batch×k) over the tokens of ``like``
+    (batch×T×...), to gather those columns of z or gy."""
+    return row_cols.unsqueeze(1).expand(like.shape[0], like.shape[1], -1)
 
 
-def _zero_g_gradients(d_g, gy, zbuf, slot_cols, g_table, rows, table_map, bias):
+def _zero_g_gradients(d_g, gy, zbuf, slot_cols, row_cols, g_table, table_map, bias):
     """``d_g`` with its g = 0 entries from the kept columns: each table row's Σ gy ⊙ (z − b)
     (``bias`` when z carries it) over its rows, NaN for a zero that had no slot."""
-    index = _row_slot_index(slot_cols, rows, gy)
     u = zbuf.to(d_g.dtype)
     if bias is not None:
-        u = u - bias.to(d_g.dtype)[index[:, 0]].unsqueeze(1)
-    sums = _per_table_row(table_map, torch.linalg.vecdot(gy.gather(2, index), u, dim=1))
+        u = u - bias.to(d_g.dtype).take(row_cols).unsqueeze(1)
+    sums = _per_table_row(table_map,
+                          torch.linalg.vecdot(gy.gather(2, _over_tokens(row_cols, gy)), u, dim=1))
     kept = torch.full((len(g_table), g_table.shape[1] + 1), torch.nan, dtype=d_g.dtype,
                       device=d_g.device).scatter_(1, slot_cols, sums)[:, :-1]
     return torch.where(g_table == 0, kept, d_g)
