@@ -50,7 +50,7 @@ from .export import merge_and_unload, unload
 from .install import install, positions
 from .integrations.peft import target_names
 from .layer import DEFAULT_ADAPTER, EDoRALinear, check_adapter_name
-from .mixed import RowAssignment, as_assignment, row_indices
+from .mixed import RowAssignment, as_assignment, row_indices, rows_this_forward
 from .model import apply_edora, check_weights, factorise
 
 CORES_FORMAT = "edora_kernels.adapter_cores"  # R and magnitude only, on a basis saved elsewhere
@@ -96,12 +96,13 @@ class TrainedHead(nn.Module):
     def forward(self, *args, **kwargs):
         if self.use_original:
             return self.original_module(*args, **kwargs)
-        if self.row_adapters is None:
+        rows = rows_this_forward(self)
+        if rows is None:
             return self.module_for(self.active_adapter)(*args, **kwargs)
         # Each row through its adapter's head (the base model's rows: the original); which
         # rows is read on the host, so the device is never waited on.
         x, rest = args[0], args[1:]
-        assignment = as_assignment(self.row_adapters)
+        assignment = as_assignment(rows)
         modules = [*map(self.module_for, self.adapter_names), self.original_module]
         selections: dict[int, list[int]] = {}
         for row, index in enumerate(assignment.values):
@@ -160,6 +161,7 @@ class EDoRAModel(nn.Module):
         self._adapter_basis: dict[str, str | None] = {DEFAULT_ADAPTER: None}
         self._basis_settings: dict[str | None, dict] = {None: _settings(config)}
         self._active = [DEFAULT_ADAPTER]
+        self._mixed_recorded = False  # whether some module holds rows to recompute
         self._wrap_heads(config)
         self.set_trainable(not config.inference_mode)
 
@@ -197,10 +199,17 @@ class EDoRAModel(nn.Module):
 
     @contextlib.contextmanager
     def _rows(self, adapter_names, args, kwargs):
+        # A forward that records a graph also sets the rows its recomputation under gradient
+        # checkpointing takes (mixed.rows_this_forward), mixed or not; a no-grad one leaves them.
+        records = torch.is_grad_enabled()
         if adapter_names is None:
             if len(self._active) > 1:
                 raise ValueError(f"adapters {self._active} are active together: pass "
                                  "adapter_names= (one per row) to say which row uses which")
+            if records and getattr(self, "_mixed_recorded", True):
+                for module in _row_switched(self.base_model):
+                    module.rows_to_recompute = None
+                self._mixed_recorded = False
             yield
             return
         if isinstance(adapter_names, str):
@@ -212,6 +221,9 @@ class EDoRAModel(nn.Module):
         modules = list(_row_switched(self.base_model))
         for module in modules:
             module.row_adapters = rows
+            if records:
+                module.rows_to_recompute = rows
+        self._mixed_recorded = records or getattr(self, "_mixed_recorded", True)
         try:
             yield
         finally:

@@ -24,6 +24,7 @@ from .mixed import (
     as_assignment,
     mixed_epilogue,
     row_tables,
+    rows_this_forward,
     serve_mixed,
 )
 from .norm import (
@@ -350,8 +351,9 @@ class EDoRALinear(nn.Module):
                     "unmerge() before training, or run under torch.no_grad() / freeze them")
             return self.base_layer(x)
         dropout = self.dropout if self.training else 0.0
-        if self.row_adapters is not None:
-            return self._mixed_forward(x, dropout)
+        rows = rows_this_forward(self)
+        if rows is not None:
+            return self._mixed_forward(x, dropout, rows)
         basis = self.basis_of(self.active_adapter)
         if self.kind.dense:
             return edora_linear(
@@ -379,12 +381,12 @@ class EDoRALinear(nn.Module):
         correction = y0 - y0_drop  # first: the epilogue may add into y0_drop in place
         return epilogue(y0_drop, x_drop) + correction
 
-    def _mixed_forward(self, x: torch.Tensor, dropout: float) -> torch.Tensor:
-        """Each leading row of ``x`` with its own adapter (``row_adapters``): one base pass for
+    def _mixed_forward(self, x: torch.Tensor, dropout: float, rows) -> torch.Tensor:
+        """Each leading row of ``x`` with its own adapter (``rows``): one base pass for
         the batch, the rank-r term and g per row (``edora_kernels.mixed``). Only the adapters
         the batch uses take part, however many the layer holds; adapters of another basis
         (``extra_bases``) take the rank-r term on their rows from it."""
-        assignment = as_assignment(self.row_adapters)
+        assignment = as_assignment(rows)
         if x.dim() < 2 or x.shape[0] != len(assignment):
             raise ValueError(f"{self._display_name()}: adapter_names gives {len(assignment)} "
                              f"rows but the input has shape {tuple(x.shape)} (batch first)")

@@ -62,6 +62,19 @@ class RowAssignment:
         return self._on_device[key]
 
 
+def rows_this_forward(module) -> RowAssignment | torch.Tensor | None:
+    """The rows ``module`` (a layer or head with ``row_adapters``) runs with in this forward:
+    ``row_adapters``, which EDoRAModel sets for one forward and clears after it. Gradient
+    checkpointing runs a forward again inside backward, after the clearing: that
+    recomputation takes ``rows_to_recompute``, which EDoRAModel sets at every forward that
+    records a graph (so not at a no-grad forward in between, a reference model's say)."""
+    rows = module.row_adapters
+    if (rows is None and not torch.compiler.is_compiling()
+            and torch._C._current_graph_task_id() != -1):  # run by backward: a recomputation
+        return getattr(module, "rows_to_recompute", None)
+    return rows
+
+
 def as_assignment(rows) -> RowAssignment:
     """``rows`` (a host tensor of adapter indices, or a RowAssignment already) as one."""
     return rows if isinstance(rows, RowAssignment) else RowAssignment(rows)

@@ -131,6 +131,33 @@ def test_a_mixed_batch_trains_each_adapter_on_its_own_rows_only():
     _check_multi_tenant_step(three_adapters(), NAMES)
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_mixed_batch_trains_under_gradient_checkpointing(reentrant):
+    """transformers' gradient checkpointing reruns each block's forward inside backward, after
+    EDoRAModel has cleared the rows: the recomputation runs every row with its adapter again
+    (either checkpoint flavour), so each adapter still gets exactly its own rows' gradient."""
+    model = three_adapters()
+    model.base_model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:  # its segments pass gradients only to inputs that need them
+        model.base_model.enable_input_require_grads()
+    _check_multi_tenant_step(model, NAMES)
+    # A no-grad forward between a step's forward and its backward (a reference pass, as DPO
+    # runs one) leaves the rows the recomputation takes
+    grads = []
+    for reference_pass in (False, True):
+        model.zero_grad()
+        model.set_adapter(["default", "a", "b"])
+        loss = F.cross_entropy(model(input_ids=IDS, adapter_names=NAMES).logits, LABELS)
+        if reference_pass:
+            with torch.no_grad():
+                model(input_ids=IDS[:2], adapter_names=[BASE_NAME, "b"])
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "nf4"])
 def test_layer_mixed_rows_against_the_float64_reference(kind):
     """One layer, every row against the dense reference with its adapter's R and m (a
