@@ -24,6 +24,7 @@ import weakref
 from typing import NamedTuple
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # n² is clamped here before the square root: a zero row stays finite instead of dividing by 0.
 NORM_SQ_FLOOR = 1e-24
@@ -176,11 +177,25 @@ class NormTermsCache:
         self._entry = None
 
 
+# Optimizers that update parameters in fused kernels (torch's fused AdamW, which transformers'
+# Trainer takes by default) leave the version counter where it was, so stamps cannot see their
+# writes: every optimizer step anywhere is counted here, and a value made from adapters' R and m
+# is kept within one step only (a step-post hook common to all torch optimizers).
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 class StampedEntries:
     """Values made from tensors that change in place (adapters' R and m), kept by key — the
     ``capacity`` latest keys — with those tensors' stamps and the norm terms they used, and
-    returned while every stamp and the terms are still the same. A copy or a pickle starts
-    empty, as :class:`NormTermsCache` does."""
+    returned while every stamp and the terms are still the same and no optimizer has stepped
+    since. A copy or a pickle starts empty, as :class:`NormTermsCache` does."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -190,15 +205,15 @@ class StampedEntries:
         """The value kept for ``key`` if it was made from these ``tensors`` unchanged and from
         ``terms``; else None."""
         entry = self._entries.get(key)
-        if entry is not None and entry[1] is terms and all(
-                _same(stamp, t) for stamp, t in zip(entry[0], tensors)):
+        if (entry is not None and entry[1] is terms and entry[3] == _optimizer_steps[0]
+                and all(_same(stamp, t) for stamp, t in zip(entry[0], tensors))):
             return entry[2]
         return None
 
     def put(self, key, tensors, terms, value) -> None:
         if key not in self._entries and len(self._entries) >= self.capacity:
             self._entries.pop(next(iter(self._entries)))
-        self._entries[key] = ([_stamp(t) for t in tensors], terms, value)
+        self._entries[key] = ([_stamp(t) for t in tensors], terms, value, _optimizer_steps[0])
 
     def clear(self) -> None:
         self._entries.clear()

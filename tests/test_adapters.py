@@ -296,6 +296,40 @@ def test_a_mixed_training_step_keeps_no_batch_by_out_tensor_beside_its_output(ba
     assert not any(t is x for t in kept)  # nor x: v = x Aᵀ (N×r) is what the rank term needs
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_a_fused_optimizer_step_refreshes_what_the_adapters_cache(training):
+    """torch's fused AdamW (transformers' Trainer default) writes R and m without moving their
+    version counters: the norms kept for a trained set of adapters and a served set's tables
+    are made again after any optimizer step, so the next batch matches a fresh computation."""
+    torch.manual_seed(0)
+    layer = EDoRALinear.from_linear(nn.Linear(37, 29), 3, seed=0)
+    for i in range(1, 4):
+        layer.add_adapter(f"user{i}", seed=i)
+    params = [p for name in layer.adapter_names for p in layer.adapter_weights(name)]
+    optimizer = torch.optim.AdamW(params, lr=0.1, fused=True)
+    x, rows = torch.randn(6, 5, 37), torch.tensor([2, 0, 3, 3, 1, 2])
+
+    def run():
+        layer.row_adapters = rows
+        try:
+            if training:
+                return layer(x)
+            with torch.no_grad():
+                return layer(x)
+        finally:
+            layer.row_adapters = None
+
+    run()  # fills the cache
+    versions = [p._version for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    assert [p._version for p in params] == versions  # what makes the cache blind to it
+    kept = run()
+    layer.refresh_norm_terms()
+    torch.testing.assert_close(kept, run(), rtol=0, atol=0)
+
+
 def test_a_mixed_step_whose_output_is_written_in_place_says_how_to_fix_it():
     """Backward reads y: an in-place write into it after forward is refused with the fix."""
     layer = EDoRALinear.from_linear(nn.Linear(8, 6), 2, seed=0)
