@@ -2,7 +2,7 @@
 training: ``torchrun`` for DDP and FSDP2, ``accelerate launch`` for Trainer. Not collected by
 pytest; the test compares what rank 0 writes with one process on the global batch.
 
-    torchrun --nproc_per_node 2 tests/distributed_worker.py step --modes ddp fsdp2 --out DIR
+    torchrun --nproc_per_node 2 tests/distributed_worker.py step --modes ddp fsdp2 mixed --out DIR
     accelerate launch --multi_gpu --num_processes 2 tests/distributed_worker.py trainer --out DIR
 
 Everything runs in float64 (CPU, gloo) so that sums split across ranks agree with the one-process
@@ -65,14 +65,41 @@ def trainable(model) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters() if p.requires_grad}
 
 
-def train_step(model, ids, labels) -> dict[str, torch.Tensor]:
+def train_step(model, ids, labels, **kwargs) -> dict[str, torch.Tensor]:
     """Loss on this process's rows, backward, one AdamW step; the gradients (whole)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model(input_ids=ids, labels=labels).loss.backward()
+    model(input_ids=ids, labels=labels, **kwargs).loss.backward()
     grads = {n.removeprefix("module."): whole(p.grad).cpu().clone()
              for n, p in model.named_parameters() if p.grad is not None}
     optimizer.step()
     return grads
+
+
+MIXED_NAMES = ["default", "b", "b", "__base__"]  # rank 1 of 2 has no row of "default"
+
+
+def mixed_model(device="cpu"):
+    """The EDoRA model with a second adapter "b" on the same basis, both training together."""
+    model = edora_model(device)
+    model.add_adapter("b", CONFIG)
+    model.set_adapter(["default", "b"])
+    with torch.no_grad():  # b's R and head moved off default's, as a trained b would be
+        for i, (name, p) in enumerate(model.named_parameters()):
+            if ".b." in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(50 + i),
+                                   dtype=p.dtype) * 0.3)
+    return model
+
+
+def run_mixed(out: str) -> None:
+    """A batch mixing adapters row by row under DDP: a rank whose rows leave an adapter out
+    gives it no gradient, so DDP needs find_unused_parameters=True (it says so itself)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ids, labels = batch()
+    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    model = torch.nn.parallel.DistributedDataParallel(mixed_model(), find_unused_parameters=True)
+    grads = train_step(model, ids[rows], labels[rows], adapter_names=MIXED_NAMES[rows])
+    torch.save({"grads": grads, "world": world}, os.path.join(out, f"mixed_rank{rank}.pt"))
 
 
 def shard(model, mode):
@@ -147,7 +174,7 @@ def run_trainer(out: str, resume: str | None, max_steps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=["step", "trainer"])
-    parser.add_argument("--modes", nargs="+", choices=["ddp", "fsdp2"], default=["ddp"])
+    parser.add_argument("--modes", nargs="+", choices=["ddp", "fsdp2", "mixed"], default=["ddp"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--compare", action="store_true")
@@ -163,8 +190,12 @@ def main() -> None:
         device = f"cuda:{torch.cuda.current_device()}"
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     try:
+        os.makedirs(args.out, exist_ok=True)
         for mode in args.modes:
-            run_step(mode, args.out, device, args.compare)
+            if mode == "mixed":
+                run_mixed(args.out)
+            else:
+                run_step(mode, args.out, device, args.compare)
         # Tear down together: rank 0 may still be comparing while rank 1 would already close
         # its connections (a gloo worker aborted once at such an uneven exit).
         dist.barrier()

@@ -18,7 +18,15 @@ pytest.importorskip("accelerate")
 if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-from distributed_worker import base_model, batch, edora_model, train_step, trainable  # noqa: E402
+from distributed_worker import (  # noqa: E402
+    MIXED_NAMES,
+    base_model,
+    batch,
+    edora_model,
+    mixed_model,
+    train_step,
+    trainable,
+)
 
 from edora_kernels import EDoRAModel  # noqa: E402
 
@@ -75,7 +83,7 @@ def launched(tmp_path_factory):
     """Each mode's run over 2 processes: rank -> what the worker wrote, and the output folder."""
     out = tmp_path_factory.mktemp("distributed")
     results = {}
-    _launch([*TORCHRUN, str(WORKER), "step", "--modes", *MODES, "--out", str(out)], out)
+    _launch([*TORCHRUN, str(WORKER), "step", "--modes", *MODES, "mixed", "--out", str(out)], out)
     for mode in MODES:
         results[mode] = {rank: torch.load(out / f"{mode}_rank{rank}.pt") for rank in (0, 1)}
     return results, out
@@ -92,6 +100,18 @@ def test_two_processes_match_one_process_on_the_global_batch(launched, one_proce
         _assert_same(result["state"], one_process["state"], atol=1e-12)
         # the adapter saved from rank 0, loaded into a fresh model under the same wrapper
         _assert_same(result["reloaded"], result["state"], atol=0)
+
+
+def test_a_batch_mixing_adapters_trains_under_ddp_as_one_process(launched):
+    """adapter_names= under DDP (find_unused_parameters=True: rank 1's rows leave "default"
+    out): every adapter's gradient equals one process on the global batch."""
+    results, out = launched
+    want = train_step(mixed_model(), *batch(), adapter_names=MIXED_NAMES)
+    assert len(want) == 2 * (8 * 2 + 1)  # R and m of 8 Conv1D layers and the score head, each
+    for rank in (0, 1):
+        got = torch.load(out / f"mixed_rank{rank}.pt")
+        assert got["world"] == 2
+        _assert_same(got["grads"], want, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", MODES)
