@@ -23,9 +23,9 @@ from .mixed import (
     RowTables,
     as_assignment,
     mixed_epilogue,
+    mixed_on_triton,
     row_tables,
     rows_this_forward,
-    serve_mixed,
 )
 from .norm import (
     NormTermsCache,
@@ -408,11 +408,11 @@ class EDoRALinear(nn.Module):
         parts = [self._basis_rows(members, assignment, x) for members in groups.values()]
         if len(parts) == 1 and dropout == 0.0:
             basis, tables, local, adapters = parts[0]
-            if self._serves_on_triton(x, tables, basis.rank):
-                return serve_mixed(x, None if self.kind.dense else base(x),
-                                   self._w0() if self.kind.dense else None, self.bias,
-                                   basis.A, basis.B, tables, basis.scaling,
-                                   *self._row_index(assignment, local, x))
+            if self._mixed_on_triton(x, basis.rank):
+                return mixed_on_triton(x, None if self.kind.dense else base(x),
+                                       self._w0() if self.kind.dense else None, self.bias,
+                                       basis.A, basis.B, tables, basis.scaling,
+                                       *self._row_index(assignment, local, x))
             if self.kind.dense:  # the base product inside the mixed step (one node)
                 return mixed_epilogue(None, x, self.bias, basis.A, basis.B, tables,
                                       basis.scaling, assignment.index(local, x.device),
@@ -473,6 +473,9 @@ class EDoRALinear(nn.Module):
         ``F.linear`` (no hook of the base layer holds it), so the epilogue adds into it."""
         if len(parts) == 1:
             basis, tables, local, _ = parts[0]
+            if self._mixed_on_triton(x, basis.rank):
+                return mixed_on_triton(x, y0, None, self.bias, basis.A, basis.B, tables,
+                                       basis.scaling, *self._row_index(assignment, local, x))
             return mixed_epilogue(y0, x, self.bias, basis.A, basis.B, tables, basis.scaling,
                                   assignment.index(local, x.device), own_y0=self.kind.dense)
         y = y0
@@ -480,10 +483,10 @@ class EDoRALinear(nn.Module):
             own = [i for i, index in enumerate(local) if index < adapters]
             where = assignment.index(own, x.device)
             x_own, own_local = x[where], [local[i] for i in own]
-            if self._serves_on_triton(x, tables, basis.rank):
-                rows_y = serve_mixed(x_own, y0[where], None, self.bias, basis.A, basis.B,
-                                     tables, basis.scaling,
-                                     *self._row_index(assignment, own_local, x_own))
+            if self._mixed_on_triton(x, basis.rank):
+                rows_y = mixed_on_triton(x_own, y0[where], None, self.bias, basis.A, basis.B,
+                                         tables, basis.scaling,
+                                         *self._row_index(assignment, own_local, x_own))
             else:
                 rows_y = mixed_epilogue(y0[where], x_own, self.bias, basis.A, basis.B, tables,
                                         basis.scaling, assignment.index(own_local, x.device),
@@ -491,14 +494,11 @@ class EDoRALinear(nn.Module):
             y = y.index_copy(0, where, rows_y)
         return y
 
-    def _serves_on_triton(self, x: torch.Tensor, tables: RowTables, rank: int) -> bool:
-        """Whether a mixed batch runs on the Triton kernels: the layer's backend resolves to
-        Triton for x and nothing needs gradients (training takes the composed path)."""
+    def _mixed_on_triton(self, x: torch.Tensor, rank: int) -> bool:
+        """Whether a mixed batch runs on the Triton kernels (serving or training): the layer's
+        backend resolves to Triton for x, outside torch.compile, for x's dtype and the rank."""
         from .backends import resolve
 
-        if torch.is_grad_enabled() and (x.requires_grad or tables.g.requires_grad
-                                        or tables.cores.requires_grad):
-            return False
         if torch.compiler.is_compiling() or resolve(self.backend, x.device) != "triton":
             return False
         from .backends.triton.configs import use_torch_path

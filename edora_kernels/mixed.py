@@ -14,8 +14,8 @@ and rows of the base model are ``y0`` itself, bit for bit (their core is 0 and t
 gradients a layer records two autograd nodes — the tables (:class:`_Tables`) and the epilogue
 (:class:`_MixedEpilogue`, which on a dense base runs the base product too) — and backward gives
 each adapter's R and m the gradient of its own rows only, reading W0 once more (dx), however
-many adapters the batch holds. Without them a Triton layer serves the batch in its fused
-kernels (:func:`serve_mixed`).
+many adapters the batch holds. A Triton layer runs the same step in its fused kernels
+(:func:`mixed_on_triton`), serving or training.
 """
 from __future__ import annotations
 
@@ -348,23 +348,75 @@ def _zero_g_gradients(d_g, gy, zbuf, slot_cols, row_cols, g_table, table_map, bi
     return torch.where(g_table == 0, kept, d_g)
 
 
-def serve_mixed(x: torch.Tensor, y0: torch.Tensor | None, weight: torch.Tensor | None,
-                bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, tables: RowTables,
-                scaling: float, rows: torch.Tensor, g_rows: torch.Tensor) -> torch.Tensor:
-    """The mixed batch of :func:`mixed_epilogue` (no autograd) on the Triton kernels: the
-    forward GEMM on ``weight`` (a dense base), or the epilogue pass over ``y0`` (any other
-    base). ``g_rows``: each token's row of the tables (int32, contiguous)."""
-    from .backends.triton.mixed import mixed_epilogue_forward, mixed_forward
-
-    cdt = compute_dtype(x.dtype)
-    x2 = x.reshape(-1, x.shape[-1])
-    t = _row_core_terms(x, A, tables.cores, rows, cdt)[1].reshape(-1, tables.cores.shape[-1])
-    sB = B.to(x.dtype) * scaling  # one rounding of s·B to x's dtype, as (s·B).to(x.dtype)
-    if y0 is None:
-        y = mixed_forward(x2, weight, bias, t, sB, tables.g, g_rows)
+def mixed_on_triton(x: torch.Tensor, y0: torch.Tensor | None, weight: torch.Tensor | None,
+                    bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
+                    tables: RowTables, scaling: float, rows: torch.Tensor,
+                    g_rows: torch.Tensor) -> torch.Tensor:
+    """The mixed batch of :func:`mixed_epilogue` on the Triton kernels: the forward GEMM on
+    ``weight`` (a dense base), or the epilogue pass over ``y0`` (any other base); ``rows``:
+    each leading row's row of the tables (int64), ``g_rows`` each token's (int32, contiguous).
+    With gradients one autograd node (:class:`_MixedOnTriton`) whose backward is the Triton
+    pre-pass and dx GEMM, each adapter's rows reaching only its table rows."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, y0, *tables)):
+        y = _MixedOnTriton.apply(x, y0, weight, bias, A, B, tables.cores, tables.g, rows,
+                                 g_rows, scaling)
     else:
-        y = mixed_epilogue_forward(y0.reshape(-1, y0.shape[-1]), bias, t, sB, tables.g, g_rows)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+        y = _triton_forward(x, y0, weight, bias, A, B, tables.cores, tables.g, rows, g_rows,
+                            scaling, train=False)[0]
+    return y.view(*x.shape[:-1], y.shape[-1])  # (a view made inside would be read-only)
+
+
+def _triton_forward(x, y0, weight, bias, A, B, cores, g_table, rows, g_rows, scaling, train):
+    """``(y, v, slots)`` of :func:`mixed_on_triton`: y (tokens × out), v = x Aᵀ (tokens × r, the
+    compute dtype) and, for a training step, the zero-g columns' slots (else None)."""
+    from .backends.triton import mixed as kernels
+
+    cdt, rank = compute_dtype(x.dtype), cores.shape[-1]
+    v, t = (u.reshape(-1, rank) for u in _row_core_terms(x, A, cores, rows, cdt)[:2])
+    sB = B.to(x.dtype) * scaling  # one rounding of s·B to x's dtype, as (s·B).to(x.dtype)
+    like = x.reshape(-1, x.shape[-1]) if y0 is None else y0.reshape(-1, y0.shape[-1])
+    slots = None
+    if train:  # as many slots as zeros on a CPU (the interpreter), ZERO_SLOTS on a GPU
+        capacity = min(slot_capacity(g_table, True, "triton"), g_table.shape[1])
+        slots = kernels.ZeroSlots.make(g_table, capacity, like)
+    if y0 is None:
+        y = kernels.mixed_forward(like, weight, bias, t, sB, g_table, g_rows, slots)
+    else:
+        y = kernels.mixed_epilogue_forward(like, bias, t, sB, g_table, g_rows, slots)
+    return y, v, slots
+
+
+class _MixedOnTriton(torch.autograd.Function):
+    """:func:`mixed_on_triton` with gradients. Forward keeps y (its output), v and the zero-g
+    columns of z, as the single-adapter step does; backward runs the pre-pass (gz = gy ⊙ g,
+    u = dv, each block's tᵀv and Σ gy ⊙ (y − b)) and, on a dense base, the dx GEMM."""
+
+    @staticmethod
+    def forward(ctx, x, y0, weight, bias, A, B, cores, g_table, rows, g_rows, scaling):
+        y, v, slots = _triton_forward(x, y0, weight, bias, A, B, cores, g_table, rows, g_rows,
+                                      scaling, train=True)
+        ctx.save_for_backward(weight, bias, A, B, cores, g_table, rows, g_rows, v, y, *slots)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        ctx.y0_shape = None if y0 is None else y0.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        from .backends.triton.mixed import ZeroSlots, mixed_backward
+
+        (weight, bias, A, B, cores, g_table, rows, g_rows, v, y,
+         *slots) = saved_tensors(ctx, "an EDoRA layer's mixed batch (adapter_names=)")
+        need = ctx.needs_input_grad
+        dy0, dx, d_cores, d_g = mixed_backward(
+            gy.reshape(y.shape).to(y.dtype).contiguous(), y, weight, bias, A, B, cores,
+            g_table, ZeroSlots(slots), v, rows, g_rows, ctx.scaling, need_dy0=need[1],
+            need_dx=need[0], need_cores=need[6], need_g=need[7])
+        if dx is not None:
+            dx = dx.reshape(ctx.x_shape)
+        if dy0 is not None:
+            dy0 = dy0.reshape(ctx.y0_shape)
+        return dx, dy0, None, None, None, None, d_cores, d_g, None, None, None
 
 
 def row_indices(adapter_names, known: list[str], batch: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     add_second_basis,
+    assert_close,
     check_served_mixed_batch,
     jitter_adapters,
     reference_row,
@@ -26,6 +27,7 @@ from edora_kernels import (
     get_edora_model,
 )
 from edora_kernels.adapter_io import edora_layers
+from edora_kernels.backends.triton.launch import kernel_name
 from edora_kernels.mixed import BASE_NAME
 from edora_kernels.reference import edora_linear_reference
 
@@ -1015,3 +1017,99 @@ def test_triton_serves_a_mixed_batch_in_one_launch(kind, in_f, out_f, rank, toke
     x = torch.randn(len(rows), tokens, in_f).to(dtype)
     check_served_mixed_batch(layer, rows, x, dtype)
     assert len(launches) == 1 + second and all(args["G_ROWS"] for args in launches)
+
+
+def _mixed_training_results(layer, rows, x, gy) -> list[torch.Tensor]:
+    """y, dx and every adapter's dR and dm of one mixed training step of ``layer``."""
+    layer.zero_grad()
+    x = x.clone().requires_grad_()
+    layer.row_adapters = rows
+    y = layer(x)
+    layer.row_adapters = None
+    y.backward(gy.to(y.dtype))
+    return [y, x.grad, *(p.grad for name in layer.adapter_names
+                         for p in layer.adapter_weights(name))]
+
+
+@pytest.mark.parametrize("kind, in_f, out_f, rank, tokens, second, dtype, zeros", [
+    ("linear", 37, 45, 1, 1, False, torch.float32, False),
+    ("linear", 64, 48, 3, 7, False, BF16, True),
+    ("linear", 40, 24, 16, 5, False, torch.float32, True),
+    ("linear", 37, 45, 3, 70, False, torch.float32, False),  # several row blocks per row
+    ("linear", 70, 66, 64, 3, False, torch.float32, False),
+    ("linear", 37, 45, 3, 2, True, BF16, False),  # a second basis: an epilogue per basis
+    ("nf4", 64, 48, 3, 7, False, torch.float32, True)])
+def test_triton_trains_a_mixed_batch_in_its_kernels(kind, in_f, out_f, rank, tokens, second,
+                                                    dtype, zeros, monkeypatch,
+                                                    interpreter_bf16_dot):
+    """Training (forward and backward) on the Triton backend: the forward GEMM (or epilogue
+    pass) with g per token, the pre-pass with each program on one row's adapter and the dx
+    GEMM, nothing else of batch×out size; y, dx and every adapter's dR and dm against the
+    float64 layer (a quantized base: against the composed fp32 path), with zero magnitudes in
+    two adapters (their dm included), odd shapes, r ∈ {1, 3, 16, 64}, base rows."""
+    from edora_kernels.backends.triton import mixed as triton_mixed
+
+    torch.manual_seed(0)
+    if kind == "nf4":
+        bnb = pytest.importorskip("bitsandbytes")
+        base = bnb.nn.Linear4bit(in_f, out_f, quant_type="nf4", compute_dtype=torch.float32)
+        base.load_state_dict(nn.Linear(in_f, out_f).state_dict())
+        base = base.to("cpu")
+    else:
+        base = nn.Linear(in_f, out_f, dtype=dtype)
+    layer = EDoRALinear.from_linear(base, rank, seed=0, backend="triton")
+    for name, seed in (("a", 1), ("b", 2)):
+        layer.add_adapter(name, seed=seed)
+    if second:
+        add_second_basis(layer, "c", rank=rank + 2, alpha=5.0, seed=4)
+    jitter_adapters(layer, 0.3)
+    if zeros:
+        with torch.no_grad():
+            layer.adapter_weights("default")[1][[0, 5]] = 0.0
+            layer.adapter_weights("a")[1][[3, 4, out_f - 1]] = 0.0
+    rows = torch.tensor([1, 0, 4, 2, 1, 3] if second else [1, 0, 3, 2, 1])
+    x = torch.randn(len(rows), tokens, in_f).to(dtype)
+    gy = torch.randn(len(rows), tokens, out_f)
+    if kind == "nf4":
+        expected_dtype, expected = dtype, copy.deepcopy(layer)
+    else:
+        expected_dtype, expected = torch.float64, copy.deepcopy(layer).double()
+    expected.backend = "torch"
+    want = _mixed_training_results(expected, rows, x.to(expected_dtype), gy)
+    kernels = []
+    monkeypatch.setattr(triton_mixed, "launch", lambda kernel, grid, **args:
+                        kernels.append(kernel_name(kernel)) or kernel[grid](**args))
+    got = _mixed_training_results(layer, rows, x, gy)
+    for i, (actual, reference) in enumerate(zip(got, want)):
+        assert_close(actual, reference.double(), dtype, f"result {i}")
+    if zeros:  # the zero columns' dm is a real gradient
+        assert (layer.adapter_weights("a")[1].grad[[3, 4]].abs() > 1e-6).all()
+    forward = "edora_fwd_kernel" if kind == "linear" and not second else "edora_epilogue_kernel"
+    backward = ["prepass_kernel"] + (["edora_dx_kernel"] if forward == "edora_fwd_kernel" else [])
+    assert kernels == [forward] * (1 + second) + backward * (1 + second)
+
+
+def test_zero_magnitudes_past_the_slots_get_nan_in_a_triton_mixed_step(monkeypatch):
+    """The Triton step keeps z for every token at the columns where some adapter's g is 0, up
+    to ZERO_SLOTS of them on a GPU: a zero past them gets dm = NaN for the adapters zero there,
+    and every other gradient is the one with room for all."""
+    torch.manual_seed(0)
+    layer = EDoRALinear.from_linear(nn.Linear(37, 29), 3, seed=0, backend="triton")
+    for i in range(1, 3):
+        layer.add_adapter(f"user{i}", seed=i)
+    jitter_adapters(layer, 0.3)
+    with torch.no_grad():
+        layer.adapter_weights("default")[1][[0, 5]] = 0.0
+        layer.adapter_weights("user2")[1][[3, 5]] = 0.0  # columns 0, 3, 5: two slots leave 5
+    x, gy = torch.randn(4, 5, 37), torch.randn(4, 5, 29)
+    results = {}
+    for capacity in (2, 3):
+        monkeypatch.setattr("edora_kernels.mixed.slot_capacity", lambda *args: capacity)
+        results[capacity] = _mixed_training_results(layer, torch.tensor([2, 0, 1, 2]), x, gy)
+    for name, (R_index, nan_columns) in {"default": (2, [5]), "user1": (4, []),
+                                         "user2": (6, [5])}.items():
+        dm = results[2][R_index + 1]
+        assert dm.isnan().nonzero().flatten().tolist() == nan_columns, name
+    for got, want in zip(results[2], results[3]):
+        finite = ~got.isnan()
+        torch.testing.assert_close(got[finite], want[finite], rtol=0, atol=0)

@@ -56,6 +56,10 @@ UNALIGNED = ("forward:unaligned", "dx:unaligned")
 # A batch mixing adapters (g a table, one row per token's adapter: a BLOCK_M×BLOCK_N load of g
 # in the epilogue), compiled with every candidate the autotuner may pick.
 MIXED = ("forward:mixed", "epilogue:mixed")
+# Training a mixed batch: the pre-pass on tables of g and R (each program on one leading row's
+# table row; writes gz) with every config at every padded rank, and the dx GEMM on gz (no g
+# in its main loop) with every candidate.
+MIXED_TRAINING = ("prepass:mixed", "dx:mixed")
 # The forward's TMA path on a persistent grid (sm_90 only): training (bias, slots) with every
 # TMA candidate of every dtype, inference without bias or slots, a batch mixing adapters. Its
 # signature does not depend on the adapters' dtype (v is fp32, s·P cast to x's dtype by the
@@ -140,7 +144,8 @@ def _problem_args(kernel: str, dtype: str, r_pad: int, config) -> tuple:
         args["TMA"] = kernel in TMA and _tma_chosen(x, w)
         fn = triton_fwd.edora_fwd_kernel.fn
     elif kernel.startswith("dx"):
-        args = triton_bwd.dx_args(e(M, N), saved.g, e(N, K), e(M, R), e(R, K, d=adapter), e(M, K))
+        args = triton_bwd.dx_args(e(M, N), None if kernel == "dx:mixed" else saved.g, e(N, K),
+                                  e(M, R), e(R, K, d=adapter), e(M, K))
         fn = triton_bwd.edora_dx_kernel.fn
     elif kernel.startswith("epilogue"):
         args = triton_epilogue.epilogue_args(e(M, N), saved.v, e(N), e(N, R), g,
@@ -156,10 +161,11 @@ def _problem_args(kernel: str, dtype: str, r_pad: int, config) -> tuple:
     elif kernel.startswith("prepass"):
         epilogue = kernel == "prepass:epilogue"
         parts = M // kw["BLOCK_M"]
+        rows = dict(mixed, tokens_per_row=64) if mixed else {}
         args = triton_bwd.prepass_args(
-            e(M, N), e(N, R), e(R, R, d=f32), e(M, N), e(N), saved, 0.5,
-            e(0) if epilogue else e(M, R), e(parts, R, R, d=f32), e(parts, N, d=f32),
-            e(M, N) if epilogue else e(0))
+            e(M, N), e(N, R), e(5, R, R, d=f32) if mixed else e(R, R, d=f32), e(M, N), e(N),
+            saved._replace(g=g), 0.5, e(0) if epilogue else e(M, R), e(parts, R, R, d=f32),
+            e(parts, N, d=f32), e(M, N) if epilogue or mixed else e(0), **rows)
         fn = triton_bwd.prepass_kernel
     elif kernel.startswith("finalize:") or kernel == "finalize":
         exact = kernel == "finalize"
@@ -223,6 +229,11 @@ def _jobs(arch: int):
         yield "forward:mixed", "bfloat16", 16, config
     for config in triton_configs.EPILOGUE_CONFIGS:
         yield "epilogue:mixed", "bfloat16", 16, config
+    for r_pad in R_PADS:
+        for config in _small_configs("prepass", r_pad):
+            yield "prepass:mixed", "bfloat16", r_pad, config
+    for config in triton_configs.gemm_candidates(arch, 2):
+        yield "dx:mixed", "bfloat16", 16, config
     if arch == triton_configs.TMA_ARCH:
         yield from _tma_jobs(arch)
 
@@ -406,7 +417,7 @@ def _tma_chosen(x, w) -> bool:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_variants_compile_without_spills(aot_rows, arch):
-    for variant in VARIANTS + UNALIGNED + MIXED:
+    for variant in VARIANTS + UNALIGNED + MIXED + MIXED_TRAINING:
         for r in _select(aot_rows, arch, variant, "bfloat16"):
             assert r["stack"] == 0 and r["local"] == 0, f"{_label(r)} spills: {r}"
             # Rows of 4095 bf16 elements cannot be copied asynchronously (cp.async needs at

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ... import op_common
 from .. import torch_backend
-from .common import RANK_CHUNK, add_lowrank, mainloop, store_tile, tile_coords
+from .common import RANK_CHUNK, add_lowrank, mainloop, mixed_args, store_tile, tile_coords
 from .configs import (
     GEMM_CONFIG_INTERPRET,
     GEMM_CONFIGS_SM80,
@@ -59,18 +59,30 @@ def prepass_kernel(
     # outputs: u = s·t·R (M×RANK, gy's dtype), dR partials (programs×RANK×RANK, fp32), column
     # partials (programs×K, fp32), gz = gy ⊙ g (M×K, gy's dtype)
     u_ptr, dr_part_ptr, cs_part_ptr, gz_ptr,
-    M, K, RANK, scaling,
+    # T tokens per leading row (all of them but in a mixed batch), K = out
+    T, K, RANK, scaling,
     stride_gym, stride_gyk, stride_bk, stride_br, stride_ym, stride_yk, stride_zm,
     stride_vm, stride_vr, stride_rr, stride_rc, stride_um, stride_ur, stride_gzm, stride_gzk,
+    # a batch mixing adapters: g and R are tables (one row, one core per adapter) and grow the
+    # table row of each token; a program's rows lie in one leading row, so take one table row
+    grow_ptr, stride_gk, stride_rk,
     RANK_PAD: tl.constexpr, NEED_U: tl.constexpr, NEED_DR: tl.constexpr,
     NEED_COLSUM: tl.constexpr, WRITE_GZ: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_SLOTS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, G_ROWS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # --- this program's rows
+    # --- this program's rows: a block of the batch, or of one leading row in a mixed batch
     pid = tl.program_id(0)
     row0 = (pid * BLOCK_M).to(tl.int64)
-    rows = M - row0
+    rows = T - row0
+    if G_ROWS:
+        blocks_per_row = tl.cdiv(T, BLOCK_M)
+        start = (pid % blocks_per_row) * BLOCK_M
+        row0 = (pid // blocks_per_row).to(tl.int64) * T + start
+        rows = T - start
+        table_row = tl.load(grow_ptr + row0).to(tl.int64)
+        g_ptr += table_row * stride_gk
+        r_ptr += table_row * stride_rk
     dtype = gy_ptr.dtype.element_ty
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -147,7 +159,8 @@ def edora_dx_kernel(
     stride_um, stride_ur,
     stride_ar, stride_an,
     stride_dxm, stride_dxn,
-    INPUT_PRECISION: tl.constexpr,
+    # SCALE_K: gy is scaled by g as it is loaded; else it is gz already (a mixed batch)
+    SCALE_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # --- this program's tile
@@ -162,7 +175,7 @@ def edora_dx_kernel(
                    g_ptr,                                                # k-scale = g
                    w_ptr + col0 * stride_wn, stride_wk, stride_wn,       # rhs = W0 (K × N)
                    rows, cols, K,
-                   True, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+                   SCALE_K, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
 
     # --- epilogue: dx = gz·W0 + u·A
     dx = add_lowrank(acc, u_ptr + row0 * stride_um, stride_um, stride_ur,      # L = u
@@ -268,9 +281,12 @@ def _sum_dR(tile, dr_part_ptr, norm_part_ptr, dr_ptr, RANK, PARTS, NORM_PARTS, s
 # Launchers
 # ------------------------------------------------------------------------------------------------
 
-def prepass_args(gy, B, R, y, bias, saved, scaling, u, dr_part, cs_part, gz) -> dict:
+def prepass_args(gy, B, R, y, bias, saved, scaling, u, dr_part, cs_part, gz, g_rows=None,
+                 tokens_per_row: int | None = None) -> dict:
     """Arguments of ``prepass_kernel`` except the block sizes; also used by the AOT checks.
-    Outputs that are not needed are empty tensors; their pointers are never dereferenced."""
+    Outputs that are not needed are empty tensors; their pointers are never dereferenced.
+    A mixed batch gives ``g_rows`` (each token's table row, int32), ``saved.g`` and ``R`` as
+    tables (adapters × out, adapters × r × r) and its ``tokens_per_row``."""
     (M, K), rank = gy.shape, B.shape[1]
     has_slots = saved.zbuf.shape[1] > 0
     need_u, need_dr, need_cs, write_gz = (t.numel() > 0 for t in (u, dr_part, cs_part, gz))
@@ -281,16 +297,18 @@ def prepass_args(gy, B, R, y, bias, saved, scaling, u, dr_part, cs_part, gz) -> 
         zbuf_ptr=saved.zbuf if has_slots else y, v_ptr=saved.v if need_dr else saved.g,
         r_ptr=R, u_ptr=u if need_u else gy, dr_part_ptr=dr_part if need_dr else spare,
         cs_part_ptr=cs_part if need_cs else spare, gz_ptr=gz if write_gz else gy,
-        M=M, K=K, RANK=rank, scaling=float(scaling),
+        T=M if tokens_per_row is None else tokens_per_row, K=K, RANK=rank,
+        scaling=float(scaling),
         stride_gym=gy.stride(0), stride_gyk=gy.stride(1),
         stride_bk=B.stride(0), stride_br=B.stride(1),
         stride_ym=y.stride(0), stride_yk=y.stride(1),
         stride_zm=saved.zbuf.stride(0) if has_slots else 0,
         stride_vm=saved.v.stride(0) if need_dr else 0,
         stride_vr=saved.v.stride(1) if need_dr else 0,
-        stride_rr=R.stride(0), stride_rc=R.stride(1),
+        stride_rr=R.stride(-2), stride_rc=R.stride(-1),
         stride_um=u.stride(0) if need_u else 0, stride_ur=u.stride(1) if need_u else 0,
         stride_gzm=gz.stride(0) if write_gz else 0, stride_gzk=gz.stride(1) if write_gz else 0,
+        **mixed_args(saved.g, g_rows), stride_rk=R.stride(0) if R.dim() == 3 else 0,
         RANK_PAD=r_pad(rank), NEED_U=need_u, NEED_DR=need_dr, NEED_COLSUM=need_cs,
         WRITE_GZ=write_gz, HAS_BIAS=bias is not None, HAS_SLOTS=has_slots,
         INPUT_PRECISION=input_precision(gy.dtype),
@@ -298,17 +316,18 @@ def prepass_args(gy, B, R, y, bias, saved, scaling, u, dr_part, cs_part, gz) -> 
 
 
 def dx_args(gy, g, weight, u, A, dx) -> dict:
-    """Arguments of ``edora_dx_kernel`` except the config's; also used by the AOT checks."""
+    """Arguments of ``edora_dx_kernel`` except the config's; also used by the AOT checks.
+    ``g`` None: ``gy`` is gz = gy ⊙ g already."""
     (M, K), N, rank = gy.shape, weight.shape[1], A.shape[0]
     return dict(
-        gy_ptr=gy, g_ptr=g, w_ptr=weight, u_ptr=u, a_ptr=A, dx_ptr=dx,
+        gy_ptr=gy, g_ptr=gy if g is None else g, w_ptr=weight, u_ptr=u, a_ptr=A, dx_ptr=dx,
         M=M, N=N, K=K, RANK=rank, M_BUCKET=m_bucket(M),
         stride_gym=gy.stride(0), stride_gyk=gy.stride(1),
         stride_wk=weight.stride(0), stride_wn=weight.stride(1),
         stride_um=u.stride(0), stride_ur=u.stride(1),
         stride_ar=A.stride(0), stride_an=A.stride(1),
         stride_dxm=dx.stride(0), stride_dxn=dx.stride(1),
-        INPUT_PRECISION=input_precision(gy.dtype),
+        SCALE_K=g is not None, INPUT_PRECISION=input_precision(gy.dtype),
     )
 
 

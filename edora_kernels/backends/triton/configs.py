@@ -303,16 +303,17 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def row_block(M: int, device: torch.device) -> int:
+def row_block(M: int, device: torch.device, leading_rows: int = 1) -> int:
     """Rows per program of the row-panel kernels (prologue's x·Aᵀ, the backward pre-pass): the
-    largest of ROW_BLOCKS that still gives every SM a program. A function of the token count
-    and the device only, so the pre-pass's partial sums (and dR, dm) are the same bits in every
-    run on a machine."""
+    largest of ROW_BLOCKS that still gives every SM a program, when each program's rows lie in
+    one of ``leading_rows`` leading rows of M tokens each (a mixed batch; 1: all tokens). A
+    function of the shape and the device only, so the pre-pass's partial sums (and dR, dm) are
+    the same bits in every run on a machine."""
     if device.type != "cuda":
         return ROW_BLOCKS[0]
     programs = ROW_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     for block in reversed(ROW_BLOCKS):
-        if cdiv(M, block) >= programs:
+        if leading_rows * cdiv(M, block) >= programs:
             return block
     return ROW_BLOCKS[0]
 
