@@ -145,6 +145,19 @@ def reference_row(layer, name: str, x):
                                   R.detach().double(), m.detach().double(), basis.scaling)
 
 
+def mixed_training_results(layer, rows, x, gy) -> list[torch.Tensor]:
+    """y, dx and every adapter's dR and dm of one mixed training step of ``layer`` (``rows``:
+    each leading row's adapter index) on ``x`` with output gradient ``gy``."""
+    layer.zero_grad()
+    x = x.clone().requires_grad_()
+    layer.row_adapters = rows
+    y = layer(x)
+    layer.row_adapters = None
+    y.backward(gy.to(y.dtype))
+    return [y, x.grad, *(p.grad for name in layer.adapter_names
+                         for p in layer.adapter_weights(name))]
+
+
 def check_served_mixed_batch(layer, rows: torch.Tensor, x: torch.Tensor, dtype: torch.dtype):
     """A batch mixing the layer's adapters (``rows``: each leading row's adapter index, the
     base model's being ``len(layer.adapter_names)``), served without grad on the layer's backend:

@@ -13,6 +13,7 @@ from helpers import (
     assert_close,
     check_served_mixed_batch,
     jitter_adapters,
+    mixed_training_results,
     reference_row,
     tiny_bert_classifier,
 )
@@ -1019,18 +1020,6 @@ def test_triton_serves_a_mixed_batch_in_one_launch(kind, in_f, out_f, rank, toke
     assert len(launches) == 1 + second and all(args["G_ROWS"] for args in launches)
 
 
-def _mixed_training_results(layer, rows, x, gy) -> list[torch.Tensor]:
-    """y, dx and every adapter's dR and dm of one mixed training step of ``layer``."""
-    layer.zero_grad()
-    x = x.clone().requires_grad_()
-    layer.row_adapters = rows
-    y = layer(x)
-    layer.row_adapters = None
-    y.backward(gy.to(y.dtype))
-    return [y, x.grad, *(p.grad for name in layer.adapter_names
-                         for p in layer.adapter_weights(name))]
-
-
 @pytest.mark.parametrize("kind, in_f, out_f, rank, tokens, second, dtype, zeros", [
     ("linear", 37, 45, 1, 1, False, torch.float32, False),
     ("linear", 64, 48, 3, 7, False, BF16, True),
@@ -1075,11 +1064,11 @@ def test_triton_trains_a_mixed_batch_in_its_kernels(kind, in_f, out_f, rank, tok
     else:
         expected_dtype, expected = torch.float64, copy.deepcopy(layer).double()
     expected.backend = "torch"
-    want = _mixed_training_results(expected, rows, x.to(expected_dtype), gy)
+    want = mixed_training_results(expected, rows, x.to(expected_dtype), gy)
     kernels = []
     monkeypatch.setattr(triton_mixed, "launch", lambda kernel, grid, **args:
                         kernels.append(kernel_name(kernel)) or kernel[grid](**args))
-    got = _mixed_training_results(layer, rows, x, gy)
+    got = mixed_training_results(layer, rows, x, gy)
     for i, (actual, reference) in enumerate(zip(got, want)):
         assert_close(actual, reference.double(), dtype, f"result {i}")
     if zeros:  # the zero columns' dm is a real gradient
@@ -1105,7 +1094,7 @@ def test_zero_magnitudes_past_the_slots_get_nan_in_a_triton_mixed_step(monkeypat
     results = {}
     for capacity in (2, 3):
         monkeypatch.setattr("edora_kernels.mixed.slot_capacity", lambda *args: capacity)
-        results[capacity] = _mixed_training_results(layer, torch.tensor([2, 0, 1, 2]), x, gy)
+        results[capacity] = mixed_training_results(layer, torch.tensor([2, 0, 1, 2]), x, gy)
     for name, (R_index, nan_columns) in {"default": (2, [5]), "user1": (4, []),
                                          "user2": (6, [5])}.items():
         dm = results[2][R_index + 1]

@@ -12,6 +12,7 @@ from helpers import (
     check_outputs,
     check_served_mixed_batch,
     jitter_adapters,
+    mixed_training_results,
     op_outputs,
     requires_cuda,
 )
@@ -21,7 +22,7 @@ from edora_kernels.backends.triton import configs as triton_configs
 from edora_kernels.backends.triton import epilogue_only as triton_epilogue
 from edora_kernels.backends.triton import fwd as triton_fwd
 from edora_kernels.backends.triton import mixed as triton_mixed
-from edora_kernels.backends.triton.launch import launch
+from edora_kernels.backends.triton.launch import kernel_name, launch
 from edora_kernels.mixed import RowAssignment
 from edora_kernels.norm import compute_norm_terms
 from edora_kernels.testing import make_case
@@ -238,6 +239,35 @@ def test_mixed_batch_over_two_bases_is_served_without_a_host_sync():
         finally:
             torch.cuda.set_sync_debug_mode(0)
             layer.row_adapters = None
+
+
+def test_mixed_training_in_the_kernels_matches_float64(monkeypatch):
+    """A bf16 mixed training step at 1024² r = 16 on the Triton kernels (the forward GEMM, the
+    pre-pass, the dx GEMM), with a zero magnitude in one adapter and base rows: y, dx and every
+    adapter's dR and dm against the same step of the float64 layer."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = EDoRALinear.from_linear(torch.nn.Linear(1024, 1024, device=DEVICE, dtype=BF16),
+                                    16, seed=0, backend="triton")
+    for i in (1, 2):
+        layer.add_adapter(f"user{i}", seed=i)
+    jitter_adapters(layer, 0.05)
+    with torch.no_grad():
+        layer.adapter_weights("user1")[1][[3, 700]] = 0.0
+    rows = torch.tensor([0, 3, 1, 2, 2, 0, 1, 3])
+    x = torch.randn(len(rows), 64, 1024, device=DEVICE)
+    gy = torch.randn(len(rows), 64, 1024, device=DEVICE)
+    exact = copy.deepcopy(layer).double()
+    exact.backend = "torch"
+    want = mixed_training_results(exact, rows, x.double(), gy)
+    kernels = []
+    monkeypatch.setattr(triton_mixed, "launch", lambda kernel, grid, **args:
+                        kernels.append(kernel_name(kernel)) or launch(kernel, grid, **args))
+    got = mixed_training_results(layer, rows, x.to(BF16), gy)
+    assert kernels == ["edora_fwd_kernel", "prepass_kernel", "edora_dx_kernel"]
+    for i, (actual, reference) in enumerate(zip(got, want)):
+        assert_close(actual, reference, BF16, f"result {i}")
 
 
 def test_mixed_training_batch_over_two_bases_gives_each_adapter_its_rows_gradient():
