@@ -388,19 +388,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _plan_adapters(args: argparse.Namespace) -> int:
-    """``plan --adapters``: a served mixed batch against one adapter, per shape, rank and K."""
+    """``plan --adapters``: a mixed batch served and trained against one adapter, per shape,
+    rank and K."""
     from .plan import format_mixed_plan, plan_mixed
 
     if args.backend != "triton":
-        args.error("argument --adapters: mixed batches are served by the triton backend")
-    plans = [plan_mixed(tokens, in_f, out_f, rank, count, dtype=args.dtype, device=args.device)
+        args.error("argument --adapters: mixed batches run on the triton backend")
+    plans = [plan_mixed(tokens, in_f, out_f, rank, count, dtype=args.dtype, device=args.device,
+                        training=training)
              for tokens in args.tokens for in_f, out_f in args.shapes for rank in args.ranks
-             for count in args.adapters]
+             for count in args.adapters for training in (False, True)]
     return _report_plans(
         args, plans, format_mixed_plan,
-        f"{'N':>6} {'in x out':>12} {'r':>4} {'K':>4} {'served vs one adapter':>22}",
-        lambda p: f"{p.adapters:>4} {p.ratio:>22.3f}",
-        lambda p: {"rows": p.rows, "adapters": p.adapters, "ratio_to_one_adapter": p.ratio})
+        f"{'N':>6} {'in x out':>12} {'r':>4} {'K':>4} {'mode':>8} {'launches':>8} "
+        f"{'vs one adapter':>14}",
+        lambda p: f"{p.adapters:>4} {'train' if p.training else 'serve':>8} "
+                  f"{len(p.launches):>8} {p.ratio:>14.3f}",
+        lambda p: {"rows": p.rows, "adapters": p.adapters, "training": p.training,
+                   "ratio_to_one_adapter": p.ratio})
 
 
 def _report_plans(args, plans, format_one, header: str, columns, record) -> int:

@@ -14,14 +14,15 @@ from .backends.triton.configs import cdiv
 
 # Dense peak FLOP/s by operand dtype (tensor cores; TF32 for fp32) and HBM bandwidth, from the
 # vendors' data sheets (SXM parts).
-# "fp32_simt": fp32 without TF32 (torch's default for matmul), what the initialiser computes in.
+# "fp32_simt": fp32 without TF32 (torch's default for matmul), what the initialiser computes in;
+# "fp64": the float64 tensor cores (the adapters' norms).
 DEVICES = {
     "h100": {"name": "NVIDIA H100 SXM", "bf16": 989e12, "fp16": 989e12, "fp32": 495e12,
-             "fp32_simt": 67e12, "hbm": 3.35e12},
+             "fp32_simt": 67e12, "fp64": 67e12, "hbm": 3.35e12},
     "h200": {"name": "NVIDIA H200 SXM", "bf16": 989e12, "fp16": 989e12, "fp32": 495e12,
-             "fp32_simt": 67e12, "hbm": 4.8e12},
+             "fp32_simt": 67e12, "fp64": 67e12, "hbm": 4.8e12},
     "a100": {"name": "NVIDIA A100 SXM", "bf16": 312e12, "fp16": 312e12, "fp32": 156e12,
-             "fp32_simt": 19.5e12, "hbm": 2.039e12},
+             "fp32_simt": 19.5e12, "fp64": 19.5e12, "hbm": 2.039e12},
 }
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ASSUMPTIONS = {
@@ -52,6 +53,7 @@ class Launch:
     flops: float
     bytes: float
     gemm: bool    # tensor-core bound at the GEMM efficiency, else streaming
+    operand: str = ""  # the DEVICES rate its FLOPs run at; "" for the plan's dtype
     seconds: float = 0.0
     bound: str = ""
 
@@ -193,11 +195,12 @@ def _cuda_step(s: _Shape, exact: bool) -> list[Launch]:
 
 @dataclass
 class MixedPlan(LayerCase):
-    """A served batch mixing ``adapters`` adapters (``edora_kernels.mixed`` on Triton) against
-    the same batch with one adapter: the launches of one layer's forward each."""
+    """A batch mixing ``adapters`` adapters on Triton, served (one layer's forward) or trained
+    (forward and backward), against the same batch with one adapter (``one``)."""
 
     adapters: int = 1
     rows: int = 1
+    training: bool = False
     launches: list[Launch] = field(default_factory=list)
     one: list[Launch] = field(default_factory=list)
 
@@ -206,48 +209,92 @@ class MixedPlan(LayerCase):
         return sum(x.seconds for x in self.launches) / sum(x.seconds for x in self.one)
 
 
+OPERAND_RATES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32_simt",
+                 "float64": "fp64"}
+
+
 def plan_mixed(tokens: int, in_features: int, out_features: int, rank: int, adapters: int,
                rows: int | None = None, dtype: str = "bf16", device: str = "h100",
-               assumptions: dict | None = None) -> MixedPlan:
-    """The forward launches of one layer serving ``tokens`` tokens in ``rows`` leading rows
-    (default: one per adapter) that mix ``adapters`` adapters on the Triton backend — after the
-    first layer, which also copies each row index to the device once per forward — and of the
-    same batch with one adapter (prologue and fused GEMM), timed by the roofline of
-    ``device``. The adapters' tables are kept while served: only their per-row gathers run."""
+               training: bool = False, assumptions: dict | None = None) -> MixedPlan:
+    """One layer of ``tokens`` tokens in ``rows`` leading rows (default: one per adapter, in
+    turn) mixing ``adapters`` adapters on the Triton backend — served, or with ``training`` a
+    forward and backward after an optimizer step (so every adapter's norms and tables are made
+    again) — against the same batch with one adapter (:func:`plan_step`'s launches: the
+    forward's, or all). The launches are the layer's own (:func:`mixed_step_on_meta`), each
+    timed by the roofline of ``device``."""
+    from .bench.launches import measure_launches, stub_kernels
+
+    rows = adapters if rows is None else rows
     one = plan_step("triton", tokens, in_features, out_features, rank, dtype, device,
                     assumptions=assumptions)
-    rows = adapters if rows is None else rows
-    s = _Shape(tokens, in_features, out_features, rank, ELEMENT_BYTES[dtype])
-    N, In, Out, r, e = s.N, s.In, s.Out, s.r, s.e
     plan = MixedPlan(device, dtype, tokens, in_features, out_features, rank, adapters=adapters,
-                     rows=rows)
-    plan.launches = [
-        Launch("aten::mm", "fwd", 2.0 * N * In * r, N * In * e + r * In * e + N * r * s.f32,
-               False),                                            # v = x Aᵀ, fp32 result
-        Launch("aten::index_select", "fwd", 0.0, 2 * rows * r * r * s.f32, False),  # cores[rows]
-        Launch("aten::bmm", "fwd", 2.0 * N * r * r,
-               2 * N * r * s.f32 + rows * r * r * s.f32, False),  # t = each row's core on v
-        Launch("aten::mul", "fwd", Out * r, 2 * Out * r * e, False),           # s·B
-        Launch("triton::edora_fwd_kernel", "fwd", 2.0 * N * In * Out + 2.0 * N * r * Out,
-               (N * In + Out * In + N * Out) * e + N * r * s.f32 + Out * r * e
-               + (adapters + 1) * Out * s.f32 + N * 4, True),     # + the g table, token rows
-    ]
+                     rows=rows, training=training)
+    with stub_kernels():
+        costs = measure_launches(mixed_step_on_meta(tokens, in_features, out_features, rank,
+                                                    adapters, rows, dtype, training))
+    plan.launches = [Launch(c.name, c.phase, c.flops, c.bytes, c.gemm,
+                            OPERAND_RATES[str(c.dtype).removeprefix("torch.")]
+                            if c.name.startswith("aten::") and c.gemm else "")
+                     for c in costs]
     a = {**ASSUMPTIONS, **(assumptions or {})}
     for launch in plan.launches:
         _time(launch, DEVICES[device], dtype, a, fused=True)
-    plan.one = [launch for launch in one.launches if launch.phase == "fwd"]
+    plan.one = one.launches if training else [x for x in one.launches if x.phase == "fwd"]
     return plan
+
+
+def mixed_step_on_meta(tokens: int, in_features: int, out_features: int, rank: int,
+                       adapters: int, rows: int, dtype: str, training: bool):
+    """An EDoRA layer on meta tensors (``backend="triton"``: run it under
+    ``bench.launches.stub_kernels``) holding ``adapters`` adapters and a batch of ``rows``
+    leading rows (row i: adapter i mod K); returns the step :func:`plan_mixed` times, run once
+    already (the norm terms made, the served tables kept, the row indices on the device, as
+    for every layer after a forward's first) — and for ``training`` with every R changed
+    since, as an optimizer step leaves them."""
+    import torch
+    from torch import nn
+
+    from .layer import EDoRALinear
+    from .mixed import RowAssignment
+
+    if tokens % rows:
+        raise ValueError(f"tokens ({tokens}) must be a multiple of rows ({rows})")
+    meta = dict(device="meta", dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16",
+                                                     "fp32": "float32"}[dtype]))
+    layer = EDoRALinear.from_factors(nn.Linear(in_features, out_features, **meta),
+                                     torch.empty(rank, in_features, **meta),
+                                     torch.empty(out_features, rank, **meta), backend="triton")
+    for i in range(1, adapters):
+        layer.add_adapter(f"adapter{i}")
+    x = torch.empty(rows, tokens // rows, in_features, **meta, requires_grad=training)
+    gy = torch.empty(rows, tokens // rows, out_features, **meta)
+    assignment = RowAssignment(torch.arange(rows) % adapters)
+
+    def step():
+        layer.row_adapters = assignment
+        if not training:
+            with torch.no_grad():
+                return layer(x)
+        layer(x).backward(gy)
+        for p in layer.parameters():  # as an optimizer step leaves them (with no launch here)
+            if p.requires_grad:
+                torch.autograd.graph.increment_version(p)
+                p.grad = None
+        x.grad = None
+
+    step()
+    return step
 
 
 def format_mixed_plan(plan: MixedPlan) -> str:
     dev = DEVICES[plan.device]
-    lines = [f"mixed batch served on triton, {dev['name']}, {plan.dtype}: N={plan.tokens} in "
+    what = "trained (forward and backward)" if plan.training else "served"
+    lines = [f"mixed batch {what} on triton, {dev['name']}, {plan.dtype}: N={plan.tokens} in "
              f"{plan.rows} rows, in={plan.in_features} out={plan.out_features} r={plan.rank}, "
-             f"K={plan.adapters} adapters", *_launch_table(plan.launches, phases=False)]
+             f"K={plan.adapters} adapters", *_launch_table(plan.launches, phases=plan.training)]
     one = sum(x.seconds for x in plan.one)
-    lines.append(f"  one adapter (prologue + fused GEMM): {one * 1e6:.1f} us")
-    lines.append(f"  predicted: {plan.ratio:.3f}x one adapter, {len(plan.launches)} launches "
-                 "(training a mixed batch runs torch ops: bench --adapters measures it)")
+    lines.append(f"  one adapter ({len(plan.one)} launches): {one * 1e6:.1f} us")
+    lines.append(f"  predicted: {plan.ratio:.3f}x one adapter, {len(plan.launches)} launches")
     return "\n".join(lines)
 
 
@@ -264,7 +311,7 @@ def _launch_table(launches: list[Launch], phases: bool) -> list[str]:
 
 def _time(launch: Launch, device: dict, dtype: str, a: dict, fused: bool) -> None:
     efficiency = a["fused_gemm_efficiency"] if fused else a["gemm_efficiency"]
-    compute = launch.flops / (device[dtype] * (efficiency if launch.gemm else
+    compute = launch.flops / (device[launch.operand or dtype] * (efficiency if launch.gemm else
                                                a["memory_efficiency"]))
     memory = launch.bytes / (device["hbm"] * a["memory_efficiency"])
     floor = a["min_kernel_us"] * 1e-6

@@ -64,6 +64,41 @@ def test_a_served_mixed_batch_costs_little_more_than_one_adapter(in_f, out_f):
         assert [launch.name for launch in many.launches][-1] == "triton::edora_fwd_kernel"
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_the_mixed_plan_times_the_launches_the_layer_issues(training):
+    """plan_mixed times the launches of the layer's own step (run on meta tensors): the same
+    names, in the same order, as count_launches counts on that step, none of them a host
+    sync; serving is the fused GEMM after three small launches, training adds the pre-pass
+    and the dx GEMM."""
+    from edora_kernels.bench.launches import count_launches, measure_launches, stub_kernels
+    from edora_kernels.plan import mixed_step_on_meta
+
+    with stub_kernels():
+        step = mixed_step_on_meta(64, 64, 48, 8, 8, 8, "bf16", training)
+        counted = count_launches(step)
+        measured = [cost.name for cost in measure_launches(step)]
+    assert counted.syncs == [] and counted.launches == measured
+    assert [launch.name for launch in plan_mixed(64, 64, 48, 8, 8, training=training).launches
+            ] == measured
+    kernels = [name for name in measured if name.startswith("triton::")]
+    assert kernels == ["triton::edora_fwd_kernel"] + (
+        ["triton::prepass_kernel", "triton::edora_dx_kernel"] if training else [])
+
+
+def test_a_trained_mixed_batch_moves_nothing_of_batch_size_outside_the_kernels():
+    """In a planned mixed training step at a LLaMA shape every pass over batch×out (y, gy, gz)
+    is in the Triton kernels: no ATen op outside them moves as much as one batch×out tensor,
+    the largest being x Aᵀ (one read of x, batch×in); the others work on the K adapters'
+    tables, N×r terms and the pre-pass's per-block partials."""
+    N, in_f, out_f, e = 8192, 4096, 11008, 2
+    plan = plan_mixed(N, in_f, out_f, 16, 64, training=True)
+    outside = [launch for launch in plan.launches if not launch.name.startswith("triton::")]
+    largest = max(outside, key=lambda launch: launch.bytes)
+    assert largest.bytes < N * out_f * e
+    assert largest.name == "aten::mm" and largest.flops == 2.0 * N * in_f * 16
+    assert 1.0 < plan.ratio < 2.0
+
+
 def test_frozen_gemms_are_compute_bound_at_the_assumed_efficiency():
     plan = plan_step("triton", 8192, 4096, 4096, 16, device="a100")
     gemm = plan.frozen[0]
@@ -84,12 +119,15 @@ def test_cli_plan_adapters(tmp_path, capsys):
                  "32", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "mixed batch served on triton" in text and "x one adapter" in text
+    assert "mixed batch trained (forward and backward) on triton" in text
     rows = json.loads(out.read_text())
-    assert [(r["adapters"], r["rows"], len(r["launches"])) for r in rows] == [(1, 1, 5),
-                                                                             (8, 8, 5)]
+    assert [(r["adapters"], r["rows"], r["training"]) for r in rows] == [
+        (1, 1, False), (1, 1, True), (8, 8, False), (8, 8, True)]
+    assert all(len(r["launches"]) == 5 for r in rows if not r["training"])
+    assert all(r["ratio_to_one_adapter"] > 1.0 for r in rows)
     with pytest.raises(SystemExit):
         main(["plan", "--adapters", "8", "--backend", "cuda"])
-    assert "served by the triton backend" in capsys.readouterr().err
+    assert "mixed batches run on the triton backend" in capsys.readouterr().err
 
 
 def test_cli_plan(tmp_path, capsys):

@@ -116,3 +116,86 @@ def _launches(event) -> list[str]:
         return [name]
     children = sorted(event.cpu_children, key=lambda e: e.time_range.start)
     return [launch for child in children for launch in _launches(child)]
+
+
+@dataclass
+class LaunchCost:
+    """One launch of a step with what it moves and computes, as :func:`measure_launches` sees
+    it: ``flops`` (matrix products only; 0 for a streaming op), ``bytes`` (every tensor it reads
+    or writes, once), whether it is a matrix product (``gemm``), the dtype of its operands and
+    whether autograd's backward issued it (``phase``)."""
+
+    name: str
+    phase: str
+    flops: float
+    bytes: float
+    gemm: bool
+    dtype: torch.dtype
+
+
+# Each Triton kernel's FLOPs from its launch arguments (every other kernel streams).
+TRITON_FLOPS = {
+    "edora_fwd_kernel": lambda a: 2.0 * a["M"] * a["N"] * (a["K"] + a["RANK"]),
+    "edora_dx_kernel": lambda a: 2.0 * a["M"] * a["N"] * (a["K"] + a["RANK"]),
+    "edora_epilogue_kernel": lambda a: 2.0 * a["M"] * a["N"] * a["RANK"],
+    "prepass_kernel": lambda a: 2.0 * a["gy_ptr"].shape[0] * a["RANK"] * (a["K"] + 2 * a["RANK"]),
+}
+GEMM_KERNELS = frozenset({"edora_fwd_kernel", "edora_dx_kernel"})
+# Ops a dispatch mode sees whole that the profiler counts as the one launch under them, and
+# the host-side scalars some ops wrap (no launch).
+DISPATCHED_AS = {"_to_copy": "copy_", "clone": "copy_", "full_like": "fill_", "full": "fill_",
+                 "new_full": "fill_", "new_ones": "fill_", "ones_like": "fill_",
+                 "zeros": "zero_", "zeros_like": "zero_", "new_zeros": "zero_"}
+NO_LAUNCH_DISPATCHED = frozenset({"scalar_tensor"})
+MATMULS = frozenset({"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_"})
+
+
+def measure_launches(step: Callable[[], object]) -> list[LaunchCost]:
+    """Run ``step`` (on meta tensors, under :func:`stub_kernels`) and return each launch with its
+    cost: ATen ops as a dispatch mode sees them (views and allocations skipped; a conversion is
+    one copy), Triton kernels from their arguments. Its names are :func:`count_launches`'s,
+    which ``tests/test_plan.py`` checks."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    costs: list[LaunchCost] = []
+
+    def phase() -> str:
+        return "bwd" if torch._C._current_graph_task_id() != -1 else "fwd"
+
+    def tensor_bytes(values) -> tuple[float, list[torch.Tensor]]:
+        tensors = {id(t): t for t in torch.utils._pytree.tree_leaves(values)
+                   if isinstance(t, torch.Tensor)}
+        return (float(sum(t.numel() * t.element_size() for t in tensors.values())),
+                list(tensors.values()))
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            op = func.overloadpacket.__name__
+            name = f"aten::{DISPATCHED_AS.get(op, op)}"
+            if name not in NO_KERNEL and op not in NO_LAUNCH_DISPATCHED:
+                moved, tensors = tensor_bytes((args, kwargs or {}, out))
+                flops = 0.0
+                if op in MATMULS:
+                    a, b = (t for t in tensors[-3:-1]) if op.startswith(("addmm", "baddbmm")) \
+                        else tensors[:2]
+                    flops = 2.0 * a.numel() * b.shape[-1]
+                costs.append(LaunchCost(name, phase(), flops, moved, op in MATMULS,
+                                        tensors[0].dtype))
+            return out
+
+    def recorded(kernel, grid, args):
+        name = triton_launch.kernel_name(kernel)
+        moved, tensors = tensor_bytes(args)
+        flops = TRITON_FLOPS.get(name, lambda a: 0.0)(args)
+        costs.append(LaunchCost(TRITON_PREFIX + name, phase(), flops, moved,
+                                name in GEMM_KERNELS, tensors[0].dtype))
+
+    previous = triton_launch.intercept
+    triton_launch.intercept = recorded
+    try:
+        with Mode():
+            step()
+    finally:
+        triton_launch.intercept = previous
+    return costs
