@@ -981,6 +981,26 @@ def test_bench_adapters_writes_each_provider_and_the_peft_refusal(tmp_path):
     assert all(float(r["p50"]) > 0 for r in rows if r["metric"] == "time_ms")
 
 
+def _triton_layer_with_adapters(kind, in_f, out_f, rank, dtype, second):
+    """A Triton layer on a dense ("linear", in ``dtype``) or nf4 base with adapters "default",
+    "a" and "b" (and "c" on a second basis if ``second``), all moved off their initial state."""
+    torch.manual_seed(0)
+    if kind == "nf4":
+        bnb = pytest.importorskip("bitsandbytes")
+        base = bnb.nn.Linear4bit(in_f, out_f, quant_type="nf4", compute_dtype=torch.float32)
+        base.load_state_dict(nn.Linear(in_f, out_f).state_dict())
+        base = base.to("cpu")
+    else:
+        base = nn.Linear(in_f, out_f, dtype=dtype)
+    layer = EDoRALinear.from_linear(base, rank, seed=0, backend="triton")
+    for name, seed in (("a", 1), ("b", 2)):
+        layer.add_adapter(name, seed=seed)
+    if second:
+        add_second_basis(layer, "c", rank=rank + 2, alpha=5.0, seed=4)
+    jitter_adapters(layer, 0.3)
+    return layer
+
+
 @pytest.mark.parametrize("kind, in_f, out_f, rank, tokens, second, dtype", [
     ("linear", 37, 45, 1, 1, False, torch.float32), ("linear", 64, 48, 3, 7, False, BF16),
     ("linear", 40, 24, 16, 5, False, torch.float32), ("linear", 37, 45, 3, 2, True, BF16),
@@ -996,20 +1016,7 @@ def test_triton_serves_a_mixed_batch_in_one_launch(kind, in_f, out_f, rank, toke
     in bf16 (the serving dtype; fp32 adapters)."""
     from edora_kernels.backends.triton import mixed as triton_mixed
 
-    torch.manual_seed(0)
-    if kind == "nf4":
-        bnb = pytest.importorskip("bitsandbytes")
-        base = bnb.nn.Linear4bit(in_f, out_f, quant_type="nf4", compute_dtype=torch.float32)
-        base.load_state_dict(nn.Linear(in_f, out_f).state_dict())
-        base = base.to("cpu")
-    else:
-        base = nn.Linear(in_f, out_f, dtype=dtype)
-    layer = EDoRALinear.from_linear(base, rank, seed=0, backend="triton")
-    for name, seed in (("a", 1), ("b", 2)):
-        layer.add_adapter(name, seed=seed)
-    if second:
-        add_second_basis(layer, "c", rank=rank + 2, alpha=5.0, seed=4)
-    jitter_adapters(layer, 0.3)
+    layer = _triton_layer_with_adapters(kind, in_f, out_f, rank, dtype, second)
     launches = []
     monkeypatch.setattr(triton_mixed, "launch",
                         lambda kernel, grid, **args: launches.append(args) or
@@ -1038,20 +1045,7 @@ def test_triton_trains_a_mixed_batch_in_its_kernels(kind, in_f, out_f, rank, tok
     two adapters (their dm included), odd shapes, r ∈ {1, 3, 16, 64}, base rows."""
     from edora_kernels.backends.triton import mixed as triton_mixed
 
-    torch.manual_seed(0)
-    if kind == "nf4":
-        bnb = pytest.importorskip("bitsandbytes")
-        base = bnb.nn.Linear4bit(in_f, out_f, quant_type="nf4", compute_dtype=torch.float32)
-        base.load_state_dict(nn.Linear(in_f, out_f).state_dict())
-        base = base.to("cpu")
-    else:
-        base = nn.Linear(in_f, out_f, dtype=dtype)
-    layer = EDoRALinear.from_linear(base, rank, seed=0, backend="triton")
-    for name, seed in (("a", 1), ("b", 2)):
-        layer.add_adapter(name, seed=seed)
-    if second:
-        add_second_basis(layer, "c", rank=rank + 2, alpha=5.0, seed=4)
-    jitter_adapters(layer, 0.3)
+    layer = _triton_layer_with_adapters(kind, in_f, out_f, rank, dtype, second)
     if zeros:
         with torch.no_grad():
             layer.adapter_weights("default")[1][[0, 5]] = 0.0

@@ -177,8 +177,8 @@ def measure_launches(step: Callable[[], object]) -> list[LaunchCost]:
                 moved, tensors = tensor_bytes((args, kwargs or {}, out))
                 flops = 0.0
                 if op in MATMULS:
-                    a, b = (t for t in tensors[-3:-1]) if op.startswith(("addmm", "baddbmm")) \
-                        else tensors[:2]
+                    # (input, mat1, mat2) or (mat1, mat2): the result comes after them
+                    a, b = tensors[1:3] if op.startswith(("addmm", "baddbmm")) else tensors[:2]
                     flops = 2.0 * a.numel() * b.shape[-1]
                 costs.append(LaunchCost(name, phase(), flops, moved, op in MATMULS,
                                         tensors[0].dtype))
