@@ -61,8 +61,8 @@ exec > >(tee -a "$LOG") 2>&1
 # Budgets in seconds. A step never runs past its own, so the run takes at most their sum (under
 # 5 minutes, printed first) plus a few seconds of preamble.
 GRACE=3
-B_INSTALL=15 B_INFO=10 B_CHECK=20 B_BENCH=60 B_TESTS=40 B_DROPOUT=15 B_COMPILE=30 B_INIT=25
-B_PLAN=10 B_HOST=10 B_DIST=25 B_TMA=15 B_ADAPTERS=15
+B_INSTALL=15 B_INFO=10 B_CHECK=15 B_BENCH=60 B_TESTS=40 B_DROPOUT=15 B_COMPILE=30 B_INIT=20
+B_PLAN=15 B_HOST=15 B_DIST=25 B_TMA=15 B_ADAPTERS=15
 if [ "${GPU_CHECK_BUILD_CUDA:-0}" = "1" ] && [ "$DRY_RUN" = 0 ]; then
     export EDORA_BUILD_CUDA=1
     B_INSTALL=150
