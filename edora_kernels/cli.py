@@ -653,8 +653,8 @@ def _add_plan(sub) -> None:
     p.add_argument("--json", help="also write the plans to this JSON file")
     p.add_argument("--adapters", type=_csv_list(_int_at_least(1), "adapter counts >= 1 like "
                                                 "1,8,64"),
-                   help="instead: a served batch mixing K adapters (one row each) against "
-                        "the same batch with one adapter, per K")
+                   help="instead: a batch mixing K adapters (one row each), served and "
+                        "trained, against the same batch with one adapter, per K")
     p.add_argument("--init-llama7b", action="store_true",
                    help="instead: the initialiser's predicted time for the 224 LLaMA-7B "
                         "matrices (the first of --ranks; --dtype is the model's)")

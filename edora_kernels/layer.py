@@ -20,12 +20,14 @@ from . import bases
 from .checks import check_rank
 from .mixed import (
     BASE_NAME,
+    KernelTables,
     RowTables,
     as_assignment,
     mixed_epilogue,
     mixed_on_triton,
     row_tables,
     rows_this_forward,
+    table_order,
 )
 from .norm import (
     NormTermsCache,
@@ -412,7 +414,7 @@ class EDoRALinear(nn.Module):
                 return mixed_on_triton(x, None if self.kind.dense else base(x),
                                        self._w0() if self.kind.dense else None, self.bias,
                                        basis.A, basis.B, tables, basis.scaling,
-                                       *self._row_index(assignment, local, x))
+                                       *self._row_index(assignment, local, x, tables))
             if self.kind.dense:  # the base product inside the mixed step (one node)
                 return mixed_epilogue(None, x, self.bias, basis.A, basis.B, tables,
                                       basis.scaling, assignment.index(local, x.device),
@@ -422,7 +424,9 @@ class EDoRALinear(nn.Module):
 
     def _basis_rows(self, members: list[int], assignment, x: torch.Tensor) -> tuple:
         """What one basis's rows of a mixed batch need: (basis, the tables of its adapters
-        ``members`` (indices in ``adapter_names``), each row's index in them on the host —
+        ``members`` (indices in ``adapter_names``) — or, for a Triton training step with
+        detached norms, the adapters' weights (:class:`~edora_kernels.mixed.KernelTables`),
+        from which the kernels form them —, each row's index in them on the host —
         ``len(members)``, the base row of the tables, for a row of another basis or of the
         base model; the tables hold that row only if some row takes it —, ``len(members)``)."""
         names = self.adapter_names
@@ -430,16 +434,30 @@ class EDoRALinear(nn.Module):
         basis = self.basis_of(used[0])
         position = {index: i for i, index in enumerate(members)}
         local = [position.get(i, len(members)) for i in assignment.values]
-        tables = self._row_tables(used, basis, compute_dtype(x.dtype), len(members) in local)
+        base_row = len(members) in local
+        weights = [p for name in used for p in self.adapter_weights(name)]
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in weights)
+        if training and self.detach_norm and self._mixed_on_triton(x, basis.rank):
+            # the kernels form the tables and norms themselves, in the step's first launch
+            tables = KernelTables(tuple(weights[0::2]), tuple(weights[1::2]),
+                                    self.norm_terms(basis=basis), base_row)
+        else:
+            tables = self._row_tables(used, basis, compute_dtype(x.dtype), base_row)
         return basis, tables, local, len(members)
 
     @staticmethod
-    def _row_index(assignment, local: list[int], x: torch.Tensor) -> tuple:
+    def _row_index(assignment, local: list[int], x: torch.Tensor, tables) -> tuple:
         """``local`` on x's device per leading row (int64) and per token (int32, for the
-        Triton kernels' table rows), made once per forward."""
+        Triton kernels' table rows), and with gradients the leading rows of each row of the
+        ``tables`` (int32, ``mixed.table_order``), made once per forward."""
         tokens = x[0].numel() // x.shape[-1] if x.shape[0] else 1
+        table_rows = (len(tables.cores) + tables.base_row if isinstance(tables, KernelTables)
+                      else len(tables.g))
+        order = None  # only a backward sums per table row
+        if torch.is_grad_enabled():
+            order = assignment.index(table_order(local, table_rows), x.device, dtype=torch.int32)
         return (assignment.index(local, x.device),
-                assignment.index(local, x.device, repeat=tokens, dtype=torch.int32))
+                assignment.index(local, x.device, repeat=tokens, dtype=torch.int32), order)
 
     def _row_tables(self, used: list[str], basis, cdt, base_row: bool) -> RowTables:
         """The tables of the adapters ``used`` (one basis), with the base model's row if
@@ -475,7 +493,8 @@ class EDoRALinear(nn.Module):
             basis, tables, local, _ = parts[0]
             if self._mixed_on_triton(x, basis.rank):
                 return mixed_on_triton(x, y0, None, self.bias, basis.A, basis.B, tables,
-                                       basis.scaling, *self._row_index(assignment, local, x))
+                                       basis.scaling,
+                                       *self._row_index(assignment, local, x, tables))
             return mixed_epilogue(y0, x, self.bias, basis.A, basis.B, tables, basis.scaling,
                                   assignment.index(local, x.device), own_y0=self.kind.dense)
         y = y0
@@ -486,7 +505,8 @@ class EDoRALinear(nn.Module):
             if self._mixed_on_triton(x, basis.rank):
                 rows_y = mixed_on_triton(x_own, y0[where], None, self.bias, basis.A, basis.B,
                                          tables, basis.scaling,
-                                         *self._row_index(assignment, own_local, x_own))
+                                         *self._row_index(assignment, own_local, x_own,
+                                                         tables))
             else:
                 rows_y = mixed_epilogue(y0[where], x_own, self.bias, basis.A, basis.B, tables,
                                         basis.scaling, assignment.index(own_local, x.device),

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .backends import CPU_BACKEND
 from .backends.torch_backend import mm_compute
-from .norm import TERMS_DTYPE, compute_dtype
+from .norm import TERMS_DTYPE, NormTerms, compute_dtype
 from .op_common import ELEMENTWISE_WORK, cpu_threads_for, saved_tensors, slot_capacity
 
 # The name PEFT uses for a row that runs the base model alone.
@@ -60,6 +60,15 @@ class RowAssignment:
                 host = host.pin_memory()
             self._on_device[key] = host.to(device, non_blocking=True)
         return self._on_device[key]
+
+
+def table_order(local: list[int], table_rows: int) -> list[int]:
+    """Each table row's leading rows, for sums per table row in a fixed order without a pass
+    over the others' rows: ``table_rows + 1`` offsets, then the leading rows (indices into
+    ``local``, each leading row's table row) sorted by table row, in batch order within one."""
+    order = sorted(range(len(local)), key=lambda i: local[i])  # stable: batch order within
+    counts = np.bincount(np.asarray(local, dtype=np.int64), minlength=table_rows)
+    return [0, *np.cumsum(counts[:table_rows]).tolist(), *order]
 
 
 def rows_this_forward(module) -> RowAssignment | torch.Tensor | None:
@@ -348,75 +357,119 @@ def _zero_g_gradients(d_g, gy, zbuf, slot_cols, row_cols, g_table, table_map, bi
     return torch.where(g_table == 0, kept, d_g)
 
 
+class KernelTables(NamedTuple):
+    """The adapters of a mixed Triton training step, whose tables the kernels form themselves
+    (:func:`mixed_on_triton`): each one's R (``cores``) and m (``magnitudes``), the layer's
+    float64 norm terms for its basis, and whether the tables end with the base model's row."""
+
+    cores: tuple
+    magnitudes: tuple
+    terms: NormTerms
+    base_row: bool
+
+
 def mixed_on_triton(x: torch.Tensor, y0: torch.Tensor | None, weight: torch.Tensor | None,
                     bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
-                    tables: RowTables, scaling: float, rows: torch.Tensor,
-                    g_rows: torch.Tensor) -> torch.Tensor:
-    """The mixed batch of :func:`mixed_epilogue` on the Triton kernels: the forward GEMM on
-    ``weight`` (a dense base), or the epilogue pass over ``y0`` (any other base); ``rows``:
-    each leading row's row of the tables (int64), ``g_rows`` each token's (int32, contiguous).
-    With gradients one autograd node (:class:`_MixedOnTriton`) whose backward is the Triton
-    pre-pass and dx GEMM, each adapter's rows reaching only its table rows."""
+                    adapters: RowTables | KernelTables, scaling: float, rows: torch.Tensor,
+                    g_rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The mixed batch of :func:`mixed_epilogue` on the Triton kernels: one prologue launch
+    (v = x Aᵀ, each token's t, s·B; given :class:`KernelTables`, the tables and norms too),
+    then the forward GEMM on ``weight`` (a dense base) or the epilogue pass over ``y0`` (any
+    other base); ``rows``: each leading row's row of the tables (int64), ``g_rows`` each
+    token's (int32, contiguous), ``order`` the leading rows of each table row (int32, from
+    :func:`table_order`). With gradients one autograd node (:class:`_MixedOnTriton`)
+    whose backward is the Triton pre-pass, dx GEMM and finalize, each adapter's rows reaching
+    only its own R and m (or table rows)."""
+    weights = (*adapters.cores, *adapters.magnitudes) if isinstance(
+        adapters, KernelTables) else tuple(adapters)
+    terms, base_row = (adapters.terms, adapters.base_row) if isinstance(
+        adapters, KernelTables) else (None, None)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, y0, *tables)):
-        y = _MixedOnTriton.apply(x, y0, weight, bias, A, B, tables.cores, tables.g, rows,
-                                 g_rows, scaling)
+                                       for t in (x, y0, *weights)):
+        y = _MixedOnTriton.apply(x, y0, weight, bias, A, B, scaling, rows, g_rows, order,
+                                 terms, base_row, *weights)
     else:
-        y = _triton_forward(x, y0, weight, bias, A, B, tables.cores, tables.g, rows, g_rows,
-                            scaling, train=False)[0]
+        y = _triton_forward(x, y0, weight, bias, A, B, scaling, rows, g_rows,
+                            _kernel_inputs(terms, base_row, weights), train=False)[0]
     return y.view(*x.shape[:-1], y.shape[-1])  # (a view made inside would be read-only)
 
 
-def _triton_forward(x, y0, weight, bias, A, B, cores, g_table, rows, g_rows, scaling, train):
-    """``(y, v, slots)`` of :func:`mixed_on_triton`: y (tokens × out), v = x Aᵀ (tokens × r, the
-    compute dtype) and, for a training step, the zero-g columns' slots (else None)."""
+def _kernel_inputs(terms, base_row, weights) -> dict:
+    """The prologue's keyword for the adapters: their R and m stacked (``gate``) when the
+    kernels form the tables, else the tables themselves."""
+    from .backends.triton.mixed import AdapterStack
+
+    if terms is None:
+        return {"tables": weights}
+    K = len(weights) // 2
+    return {"gate": AdapterStack(torch.stack(weights[:K]), torch.stack(weights[K:]), terms,
+                                 base_row)}
+
+
+def _triton_forward(x, y0, weight, bias, A, B, scaling, rows, g_rows, adapters: dict, train):
+    """``(y, prologue)`` of :func:`mixed_on_triton`: y (tokens × out) and what the prologue
+    made (:class:`~edora_kernels.backends.triton.mixed.Prologue`; for a training step the
+    zero-g columns' slots too)."""
     from .backends.triton import mixed as kernels
 
-    cdt, rank = compute_dtype(x.dtype), cores.shape[-1]
-    v, t = (u.reshape(-1, rank) for u in _row_core_terms(x, A, cores, rows, cdt)[:2])
-    sB = B.to(x.dtype) * scaling  # one rounding of s·B to x's dtype, as (s·B).to(x.dtype)
-    like = x.reshape(-1, x.shape[-1]) if y0 is None else y0.reshape(-1, y0.shape[-1])
-    slots = None
-    if train:  # as many slots as zeros on a CPU (the interpreter), ZERO_SLOTS on a GPU
-        capacity = min(slot_capacity(g_table, True, "triton"), g_table.shape[1])
-        slots = kernels.ZeroSlots.make(g_table, capacity, like)
+    flat = x.reshape(-1, x.shape[-1])
+    like = flat if y0 is None else y0.reshape(-1, y0.shape[-1])
+    # ZERO_SLOTS columns keep z: the kernels never read a count of zeros on the host
+    capacity = min(slot_capacity(B, True, "triton"), B.shape[0]) if train else 0
+    pro = kernels.mixed_prologue(flat, A, B, rows, scaling, like, capacity=capacity, **adapters)
     if y0 is None:
-        y = kernels.mixed_forward(like, weight, bias, t, sB, g_table, g_rows, slots)
+        y = kernels.mixed_forward(flat, weight, bias, pro, g_rows)
     else:
-        y = kernels.mixed_epilogue_forward(like, bias, t, sB, g_table, g_rows, slots)
-    return y, v, slots
+        y = kernels.mixed_epilogue_forward(like, bias, pro, g_rows)
+    return y, pro
 
 
 class _MixedOnTriton(torch.autograd.Function):
-    """:func:`mixed_on_triton` with gradients. Forward keeps y (its output), v and the zero-g
-    columns of z, as the single-adapter step does; backward runs the pre-pass (gz = gy ⊙ g,
-    u = dv, each block's tᵀv and Σ gy ⊙ (y − b)) and, on a dense base, the dx GEMM."""
+    """:func:`mixed_on_triton` with gradients. Forward keeps y (its output), v, the tables (and
+    the norms) and the zero-g columns of z, as the single-adapter step does; backward runs the
+    pre-pass (gz = gy ⊙ g, u = dv, each block's tᵀv and Σ gy ⊙ (y − b)), on a dense base the
+    dx GEMM, and the finalize."""
 
     @staticmethod
-    def forward(ctx, x, y0, weight, bias, A, B, cores, g_table, rows, g_rows, scaling):
-        y, v, slots = _triton_forward(x, y0, weight, bias, A, B, cores, g_table, rows, g_rows,
-                                      scaling, train=True)
-        ctx.save_for_backward(weight, bias, A, B, cores, g_table, rows, g_rows, v, y, *slots)
+    def forward(ctx, x, y0, weight, bias, A, B, scaling, rows, g_rows, order, terms, base_row,
+                *weights):
+        adapters = _kernel_inputs(terms, base_row, weights)
+        y, pro = _triton_forward(x, y0, weight, bias, A, B, scaling, rows, g_rows, adapters,
+                                 train=True)
+        ms = adapters["gate"].ms if terms is not None else None
+        ctx.save_for_backward(weight, bias, A, B, pro.cores, pro.g, pro.n, ms, rows, g_rows,
+                              order, pro.v, y, *pro.slots)
         ctx.scaling, ctx.x_shape = scaling, x.shape
         ctx.y0_shape = None if y0 is None else y0.shape
+        ctx.adapters = len(weights) // 2 if terms is not None else None
+        ctx.dR_dtype = weights[0].dtype
         return y
 
     @staticmethod
     def backward(ctx, gy):
         from .backends.triton.mixed import ZeroSlots, mixed_backward
 
-        (weight, bias, A, B, cores, g_table, rows, g_rows, v, y,
+        (weight, bias, A, B, cores, g_table, n, ms, rows, g_rows, order, v, y,
          *slots) = saved_tensors(ctx, "an EDoRA layer's mixed batch (adapter_names=)")
-        need = ctx.needs_input_grad
+        need, first = ctx.needs_input_grad, 12  # the adapters' tensors from here on
+        K = ctx.adapters
+        need_cores, need_g = ((any(need[first:first + K]), any(need[first + K:]))
+                              if K is not None else need[first:first + 2])
         dy0, dx, d_cores, d_g = mixed_backward(
             gy.reshape(y.shape).to(y.dtype).contiguous(), y, weight, bias, A, B, cores,
-            g_table, ZeroSlots(slots), v, rows, g_rows, ctx.scaling, need_dy0=need[1],
-            need_dx=need[0], need_cores=need[6], need_g=need[7])
+            g_table, n, ms, ZeroSlots(slots), v, rows, g_rows, order, ctx.scaling,
+            need_dy0=need[1],
+            need_dx=need[0], need_cores=need_cores, need_g=need_g, dR_dtype=ctx.dR_dtype)
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
         if dy0 is not None:
             dy0 = dy0.reshape(ctx.y0_shape)
-        return dx, dy0, None, None, None, None, d_cores, d_g, None, None, None
+        if K is None:
+            grads = (d_cores, d_g)
+        else:  # each adapter's own R and m
+            grads = (*(d_cores.unbind(0) if need_cores else (None,) * K),
+                     *(d_g.unbind(0) if need_g else (None,) * K))
+        return dx, dy0, *(None,) * (first - 2), *grads
 
 
 def row_indices(adapter_names, known: list[str], batch: int) -> torch.Tensor:

@@ -15,14 +15,15 @@ from .backends.triton.configs import cdiv
 # Dense peak FLOP/s by operand dtype (tensor cores; TF32 for fp32) and HBM bandwidth, from the
 # vendors' data sheets (SXM parts).
 # "fp32_simt": fp32 without TF32 (torch's default for matmul), what the initialiser computes in;
-# "fp64": the float64 tensor cores (the adapters' norms).
+# "fp64": the float64 tensor cores (the adapters' norms in torch); "fp64_simt": float64 FMAs
+# without them (the norms in the mixed prologue's rank-1 updates).
 DEVICES = {
     "h100": {"name": "NVIDIA H100 SXM", "bf16": 989e12, "fp16": 989e12, "fp32": 495e12,
-             "fp32_simt": 67e12, "fp64": 67e12, "hbm": 3.35e12},
+             "fp32_simt": 67e12, "fp64": 67e12, "fp64_simt": 34e12, "hbm": 3.35e12},
     "h200": {"name": "NVIDIA H200 SXM", "bf16": 989e12, "fp16": 989e12, "fp32": 495e12,
-             "fp32_simt": 67e12, "fp64": 67e12, "hbm": 4.8e12},
+             "fp32_simt": 67e12, "fp64": 67e12, "fp64_simt": 34e12, "hbm": 4.8e12},
     "a100": {"name": "NVIDIA A100 SXM", "bf16": 312e12, "fp16": 312e12, "fp32": 156e12,
-             "fp32_simt": 19.5e12, "fp64": 19.5e12, "hbm": 2.039e12},
+             "fp32_simt": 19.5e12, "fp64": 19.5e12, "fp64_simt": 9.7e12, "hbm": 2.039e12},
 }
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ASSUMPTIONS = {
@@ -234,7 +235,7 @@ def plan_mixed(tokens: int, in_features: int, out_features: int, rank: int, adap
                                                     adapters, rows, dtype, training))
     plan.launches = [Launch(c.name, c.phase, c.flops, c.bytes, c.gemm,
                             OPERAND_RATES[str(c.dtype).removeprefix("torch.")]
-                            if c.name.startswith("aten::") and c.gemm else "")
+                            if c.name.startswith("aten::") and c.gemm else c.operand)
                      for c in costs]
     a = {**ASSUMPTIONS, **(assumptions or {})}
     for launch in plan.launches:

@@ -345,7 +345,9 @@ def test_tma_forward_serves_a_mixed_batch(tma_forward):
     sB = torch.randn(out_f, rank, generator=gen)
     g_table = torch.rand(3, out_f, generator=gen) + 0.5
     g_rows = torch.randint(0, 3, (M,), generator=gen, dtype=torch.int32)
-    y = triton_mixed.mixed_forward(x, weight, bias, t, sB, g_table, g_rows)
+    prologue = triton_mixed.Prologue(v=None, t=t, sB=sB, cores=None, g=g_table, n=None,
+                                     slots=None)
+    y = triton_mixed.mixed_forward(x, weight, bias, prologue, g_rows)
     d = torch.float64
     z = x.to(d) @ weight.to(d).T + t.to(d) @ sB.to(d).T
     assert_close(y, g_table.to(d)[g_rows.long()] * z + bias.to(d), torch.float32, "mixed y")

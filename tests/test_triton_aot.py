@@ -8,8 +8,9 @@ bundled ``cuobjdump --dump-resource-usage`` then reports registers, spills and s
 - the two GEMMs (forward, dx) and the epilogue kernel: every candidate the prune filter may
   keep, per architecture and dtype (the rank is a runtime loop bound there); on sm_90 also the
   forward's TMA path (descriptors made on the device, a persistent grid);
-- the small kernels (prologue, pre-pass, finalize): their one config at every padded rank and
-  row-block height they can be launched with, every optional part switched on.
+- the small kernels (prologue, pre-pass, finalize, a mixed batch's prologue): their one config
+  at every padded rank and row-block height they can be launched with, every optional part
+  switched on.
 
 The compiles run in two worker processes (one per architecture) started from this file without
 TRITON_INTERPRET: under the interpreter ``@triton.jit`` yields interpreted functions, which
@@ -33,6 +34,7 @@ from edora_kernels.backends.triton import bwd as triton_bwd
 from edora_kernels.backends.triton import configs as triton_configs
 from edora_kernels.backends.triton import epilogue_only as triton_epilogue
 from edora_kernels.backends.triton import fwd as triton_fwd
+from edora_kernels.backends.triton import mixed as triton_mixed
 from edora_kernels.backends.triton import prologue as triton_prologue
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +45,7 @@ ARCHS = (80, 90)
 # fp32 runs in the kernels only where torch allows TF32 (else on the torch path).
 DTYPES = ("bfloat16", "float16", "float32")
 GEMM_KERNELS = ("forward", "dx")
-SMALL_KERNELS = ("prologue", "prepass", "finalize", "finalize_exact")
+SMALL_KERNELS = ("prologue", "prepass", "finalize", "finalize_exact", "mixed_prologue")
 KERNELS = (*GEMM_KERNELS, "epilogue", *SMALL_KERNELS)
 # The other specialisations the launchers produce, compiled once (bf16, first candidate):
 # inference forward without bias or slots, a transposed x (no unit stride), fp32 factors on a
@@ -57,9 +59,12 @@ UNALIGNED = ("forward:unaligned", "dx:unaligned")
 # in the epilogue), compiled with every candidate the autotuner may pick.
 MIXED = ("forward:mixed", "epilogue:mixed")
 # Training a mixed batch: the pre-pass on tables of g and R (each program on one leading row's
-# table row; writes gz) with every config at every padded rank, and the dx GEMM on gz (no g
-# in its main loop) with every candidate.
-MIXED_TRAINING = ("prepass:mixed", "dx:mixed")
+# table row; writes gz) with every config at every padded rank, the dx GEMM on gz (no g in its
+# main loop) with every candidate, the finalize per table row (from the adapters' m and n, or
+# from a g table), the slots program (over the gate's flags or a g table) and the mixed
+# prologue given the tables (serving; no gate programs).
+MIXED_TRAINING = ("prepass:mixed", "dx:mixed", "finalize:mixed", "finalize:mixed-tables",
+                  "mixed_slots", "mixed_slots:table", "mixed_prologue:tables")
 # The forward's TMA path on a persistent grid (sm_90 only): training (bias, slots) with every
 # TMA candidate of every dtype, inference without bias or slots, a batch mixing adapters. Its
 # signature does not depend on the adapters' dtype (v is fp32, s·P cast to x's dtype by the
@@ -90,7 +95,7 @@ def _specialize(fn, args: dict):
     """
     import torch
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-             torch.float64: "fp64", torch.int32: "i32"}
+             torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64"}
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(fn.params):
         name, value = param.name, args[param.name]
@@ -158,6 +163,30 @@ def _problem_args(kernel: str, dtype: str, r_pad: int, config) -> tuple:
             saved.P, e(N, R), saved.n, saved.g, saved.slots, e(slots + 1, d=i32), saved.v,
             slots, kw["BLOCK_O"])
         fn = triton_prologue.prologue_kernel
+    elif kernel.startswith("mixed_prologue"):
+        # 8 leading rows of 32 tokens; 5 adapters and the base row
+        gate = kernel == "mixed_prologue"
+        cores, table = e(6, R, R, d=f32), e(6, N, d=f32)
+        args = triton_mixed.mixed_prologue_args(
+            e(M, K), e(R, K, d=adapter), e(N, R), e(8, d=torch.int64), 0.5,
+            e(5, R, R, d=f32) if gate else cores, e(5, N, d=f32) if gate else table,
+            terms if gate else None, e(N, R), e(5, N, d=f64), table, cores, e(1, N, d=i32),
+            e(M, R, d=f32), e(M, R, d=f32), True, kw["BLOCK_O"])
+        fn = triton_mixed.mixed_prologue_kernel
+    elif kernel.startswith("mixed_slots"):
+        zeros = e(6, N, d=f32) if kernel.endswith(":table") else e(1, N, d=i32)
+        args = triton_mixed.slots_args(zeros, e(N, d=i32), e(slots + 1, d=i32), slots)
+        fn = triton_mixed.mixed_slots_kernel
+    elif kernel.startswith("finalize:mixed"):
+        # 8 leading rows of one part each; 5 adapters (m and n), or a g table of 6 rows
+        tables = kernel.endswith("-tables")
+        rows = 6 if tables else 5
+        args = triton_bwd.finalize_args(
+            saved._replace(n=None if tables else e(5, N, d=f64)), e(rows, N, d=f32), e(N, R),
+            None, 0.5, e(8, N, d=f32), e(8, R, R, d=f32), e(rows, N, d=f32),
+            e(rows, R, R, d=f32), e(8, R, R, d=f32), False, kw["BLOCK_O"],
+            order=e(6 + 1 + 8, d=i32), table_rows=6, per_row=1)
+        fn = triton_bwd.finalize_kernel
     elif kernel.startswith("prepass"):
         epilogue = kernel == "prepass:epilogue"
         parts = M // kw["BLOCK_M"]
@@ -185,6 +214,12 @@ def _small_configs(kernel: str, r_pad: int, dtype: str = "bfloat16"):
     import triton
     if kernel == "prologue":
         return [triton_configs.prologue_config(b) for b in triton_configs.ROW_BLOCKS]
+    if kernel == "mixed_prologue":
+        configs = {c.kwargs["BLOCK_M"]: c for c in (
+            triton_configs.mixed_prologue_config(b, r_pad) for b in triton_configs.ROW_BLOCKS)}
+        return list(configs.values())
+    if kernel.startswith("mixed_slots"):
+        return [triton.Config({}, num_warps=4)]
     if kernel.startswith("prepass"):
         elt = 4 if dtype == "float32" else 2
         configs = {triton_configs.prepass_config(b, r_pad, elt).kwargs["BLOCK_M"]:
@@ -208,7 +243,7 @@ def _jobs(arch: int):
                 yield kernel, dtype, 16, config
         for config in triton_configs.EPILOGUE_CONFIGS:
             yield "epilogue", dtype, 16, config
-        for kernel in ("prologue", "prepass"):
+        for kernel in ("prologue", "prepass", "mixed_prologue"):
             for r_pad in R_PADS:
                 for config in _small_configs(kernel, r_pad, dtype):
                     yield kernel, dtype, r_pad, config
@@ -234,6 +269,12 @@ def _jobs(arch: int):
             yield "prepass:mixed", "bfloat16", r_pad, config
     for config in triton_configs.gemm_candidates(arch, 2):
         yield "dx:mixed", "bfloat16", 16, config
+    for r_pad in R_PADS:
+        for variant in ("finalize:mixed", "finalize:mixed-tables", "mixed_prologue:tables"):
+            for config in _small_configs(variant.split(":")[0], r_pad):
+                yield variant, "bfloat16", r_pad, config
+    for variant in ("mixed_slots", "mixed_slots:table"):
+        yield variant, "bfloat16", 16, _small_configs(variant, 16)[0]
     if arch == triton_configs.TMA_ARCH:
         yield from _tma_jobs(arch)
 
@@ -440,7 +481,7 @@ def test_every_candidate_config_compiled(aot_rows, aot_csv):
                     key = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps,
                            c.num_stages)
                     assert key in tiles, f"sm_{arch} {kernel} {dtype}: {key} not compiled"
-            for kernel in ("prologue", "prepass"):
+            for kernel in ("prologue", "prepass", "mixed_prologue"):
                 compiled = {r["r_pad"] for r in _select(aot_rows, arch, kernel, dtype)}
                 assert compiled == set(R_PADS), f"sm_{arch} {kernel} {dtype}: {compiled}"
     with aot_csv.open() as f:

@@ -31,7 +31,7 @@ NO_KERNEL = frozenset(f"aten::{op}" for op in (
 # Composite ATen ops: they launch what the ops under them launch (a no-op conversion nothing).
 COMPOSITE = frozenset(f"aten::{op}" for op in (
     "to", "_to_copy", "contiguous", "clone", "reshape", "flatten", "matmul", "linear",
-    "zeros", "zeros_like", "ones", "ones_like", "full", "full_like", "new_zeros", "new_ones",
+    "zeros", "zeros_like", "ones", "ones_like", "full_like", "new_zeros", "new_ones",
     "new_full", "linalg_vecdot", "einsum", "dropout", "tensordot",
 ))
 # ATen ops that make the host wait for the device (data-dependent results or shapes).
@@ -110,6 +110,8 @@ def _launches(event) -> list[str]:
     name = event.name
     if name.startswith(TRITON_PREFIX):
         return [name]
+    if name == "aten::full":  # an allocation and its fill (which meta tensors skip)
+        return ["aten::fill_"]
     if name in NO_KERNEL:
         return []
     if name.startswith("aten::") and name not in COMPOSITE:
@@ -123,7 +125,8 @@ class LaunchCost:
     """One launch of a step with what it moves and computes, as :func:`measure_launches` sees
     it: ``flops`` (matrix products only; 0 for a streaming op), ``bytes`` (every tensor it reads
     or writes, once), whether it is a matrix product (``gemm``), the dtype of its operands and
-    whether autograd's backward issued it (``phase``)."""
+    whether autograd's backward issued it (``phase``); a Triton kernel whose FLOPs run at
+    another rate than the step's dtype names it (``operand``, a key of ``plan.DEVICES``)."""
 
     name: str
     phase: str
@@ -131,6 +134,7 @@ class LaunchCost:
     bytes: float
     gemm: bool
     dtype: torch.dtype
+    operand: str = ""
 
 
 # Each Triton kernel's FLOPs from its launch arguments (every other kernel streams).
@@ -139,7 +143,11 @@ TRITON_FLOPS = {
     "edora_dx_kernel": lambda a: 2.0 * a["M"] * a["N"] * (a["K"] + a["RANK"]),
     "edora_epilogue_kernel": lambda a: 2.0 * a["M"] * a["N"] * a["RANK"],
     "prepass_kernel": lambda a: 2.0 * a["gy_ptr"].shape[0] * a["RANK"] * (a["K"] + 2 * a["RANK"]),
+    # the gate's float64 rank-1 updates (P = B R, P G) of every adapter; v = x Aᵀ beside them
+    # streams x (memory-bound at these ranks)
+    "mixed_prologue_kernel": lambda a: 4.0 * a["GATE"] * a["ADAPTERS"] * a["OUT"] * a["RANK"] ** 2,
 }
+TRITON_OPERANDS = {"mixed_prologue_kernel": "fp64_simt"}
 GEMM_KERNELS = frozenset({"edora_fwd_kernel", "edora_dx_kernel"})
 # Ops a dispatch mode sees whole that the profiler counts as the one launch under them, and
 # the host-side scalars some ops wrap (no launch).
@@ -189,7 +197,8 @@ def measure_launches(step: Callable[[], object]) -> list[LaunchCost]:
         moved, tensors = tensor_bytes(args)
         flops = TRITON_FLOPS.get(name, lambda a: 0.0)(args)
         costs.append(LaunchCost(TRITON_PREFIX + name, phase(), flops, moved,
-                                name in GEMM_KERNELS, tensors[0].dtype))
+                                name in GEMM_KERNELS, tensors[0].dtype,
+                                TRITON_OPERANDS.get(name, "")))
 
     previous = triton_launch.intercept
     triton_launch.intercept = recorded

@@ -189,37 +189,51 @@ def edora_dx_kernel(
 @triton.jit
 def finalize_kernel(
     # inputs: column partials (PARTS×K), dR partials (PARTS×RANK×RANK), m, n (float64), slots;
-    # for the norm's share: B (K×RANK), P and C (K×RANK, float64), G (RANK×RANK, float64)
-    cs_part_ptr, dr_part_ptr, m_ptr, n_ptr, slot_ptr, b_ptr, p_ptr, c_ptr, gram_ptr,
-    # outputs: dm (K), dR (RANK×RANK), the norm's share per column program (programs×RANK×RANK)
+    # for the norm's share: B (K×RANK), P and C (K×RANK, float64), G (RANK×RANK, float64);
+    # in a MIXED batch the leading rows of each table row (``order``, int32: ORDER_BASE offsets,
+    # then the leading rows in table-row order) and m and n as tables
+    cs_part_ptr, dr_part_ptr, m_ptr, n_ptr, slot_ptr, b_ptr, p_ptr, c_ptr, gram_ptr, order_ptr,
+    # outputs: dm (K), dR (RANK×RANK), the norm's share per column program (programs×RANK×RANK);
+    # a table of each per table row in a mixed batch
     dm_ptr, dr_ptr, norm_part_ptr,
-    K, RANK, PARTS, COLUMN_PROGRAMS, scaling,
+    K, RANK, PARTS, PER_ROW, ORDER_BASE, BLOCKS_O, COLUMN_PROGRAMS, scaling,
     stride_bk, stride_br, stride_pk, stride_pr, stride_ck, stride_cr, stride_gr, stride_gc,
-    stride_drr, stride_drc,
+    stride_drr, stride_drc, stride_mt, stride_nt, stride_dmt, stride_drt,
     NEED_DM: tl.constexpr, NEED_DR: tl.constexpr, EXACT: tl.constexpr,
-    HAS_SLOTS: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_O: tl.constexpr,
-    DR_TILE: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, HAS_N: tl.constexpr, MIXED: tl.constexpr,
+    RANK_PAD: tl.constexpr, BLOCK_O: tl.constexpr, DR_TILE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < COLUMN_PROGRAMS:
-        # --- S = Σ gy ⊙ z for this program's columns, from the column partials
-        offs_o = pid * BLOCK_O + tl.arange(0, BLOCK_O)
+        # --- S = Σ gy ⊙ z for this program's columns (of its table row's parts), from the
+        # column partials
+        table_row, block = 0, pid
+        if MIXED:  # a program per table row and block of columns
+            table_row, block = pid // BLOCKS_O, pid % BLOCKS_O
+        offs_o = block * BLOCK_O + tl.arange(0, BLOCK_O)
         col_mask = offs_o < K
-        colsum = tl.zeros((BLOCK_O,), dtype=tl.float64)
-        for p in range(0, PARTS):
-            colsum += tl.load(cs_part_ptr + p * K + offs_o, mask=col_mask, other=0.0)
-        m = tl.load(m_ptr + offs_o, mask=col_mask, other=1.0).to(tl.float64)
-        n = tl.load(n_ptr + offs_o, mask=col_mask, other=1.0)
+        colsum = _sum_parts(tl.zeros((BLOCK_O,), dtype=tl.float64), cs_part_ptr, offs_o, col_mask,
+                            K, order_ptr, table_row, PARTS, PER_ROW, ORDER_BASE, MIXED)
+        m = tl.load(m_ptr + table_row * stride_mt + offs_o, mask=col_mask, other=1.0)
+        m = m.to(tl.float64)
+        n = tl.full((BLOCK_O,), 1.0, tl.float64)
+        if HAS_N:
+            n = tl.load(n_ptr + table_row * stride_nt + offs_o, mask=col_mask, other=1.0)
         inv_n = 1.0 / n
         S = colsum * n / tl.where(m == 0, 1.0, m)  # colsum = g ⊙ S
         if HAS_SLOTS:
             slot = tl.load(slot_ptr + offs_o, mask=col_mask, other=-1)
             S = tl.where(slot >= 0, colsum, S)  # these columns summed gy ⊙ z itself
-            S = tl.where(slot == SLOT_FULL, NAN, S)
+            # no z kept: no honest number (one adapter's zeros take all its SLOT_FULL columns;
+            # a table's slots are the union over its rows)
+            if MIXED:
+                S = tl.where((m == 0) & (slot < 0), NAN, S)
+            else:
+                S = tl.where(slot == SLOT_FULL, NAN, S)
         if NEED_DM:
             # float64 → fp32 → the parameter's dtype (the interpreter cannot cast float64 to bf16)
             dm = (S * inv_n).to(tl.float32).to(dm_ptr.dtype.element_ty)
-            tl.store(dm_ptr + offs_o, dm, mask=col_mask)
+            tl.store(dm_ptr + table_row * stride_dmt + offs_o, dm, mask=col_mask)
         if EXACT:
             # --- ∂L/∂P_j through the norm, (∂L/∂n_j / n_j)·(s C_j + s² (P G)_j), with
             # ∂L/∂n_j = −m_j S_j / n_j²; this block's share of dR is Bᵀ of it
@@ -244,8 +258,12 @@ def finalize_kernel(
                 row = tl.sum(b_a.to(tl.float64)[:, None] * grad_P, axis=0)
                 tl.store(share + a * RANK + offs_r, row, mask=rank_mask)
     elif NEED_DR:
-        _sum_dR(pid - COLUMN_PROGRAMS, dr_part_ptr, norm_part_ptr, dr_ptr, RANK, PARTS, 0,
-                scaling, stride_drr, stride_drc, DR_TILE)
+        # --- one tile of one table row's dR
+        tile = pid - COLUMN_PROGRAMS
+        tiles = tl.cdiv(RANK, DR_TILE) * tl.cdiv(RANK, DR_TILE)
+        _sum_dR(tile % tiles, dr_part_ptr, norm_part_ptr, dr_ptr + (tile // tiles) * stride_drt,
+                order_ptr, tile // tiles, RANK, PARTS, PER_ROW, ORDER_BASE, 0, scaling,
+                stride_drr, stride_drc, MIXED, DR_TILE)
 
 
 @triton.jit
@@ -254,22 +272,43 @@ def finalize_exact_kernel(
     stride_drr, stride_drc, DR_TILE: tl.constexpr,
 ):
     """dR = s·Σ tᵀv + the norm's share, once every column program has written its share."""
-    _sum_dR(tl.program_id(0), dr_part_ptr, norm_part_ptr, dr_ptr, RANK, PARTS, NORM_PARTS,
-            scaling, stride_drr, stride_drc, DR_TILE)
+    _sum_dR(tl.program_id(0), dr_part_ptr, norm_part_ptr, dr_ptr, dr_ptr, 0, RANK, PARTS, 1, 0,
+            NORM_PARTS, scaling, stride_drr, stride_drc, False, DR_TILE)
 
 
 @triton.jit
-def _sum_dR(tile, dr_part_ptr, norm_part_ptr, dr_ptr, RANK, PARTS, NORM_PARTS, scaling,
-            stride_drr, stride_drc, DR_TILE: tl.constexpr):
-    """One DR_TILE × DR_TILE block of ``dR = s·Σ_p partial_p + Σ_q norm_share_q`` in float64."""
+def _sum_parts(acc, part_ptr, offsets, mask, part_size, order_ptr, table_row, PARTS, PER_ROW,
+               ORDER_BASE, MIXED: tl.constexpr):
+    """``acc`` plus the partials at ``offsets`` of every part, in part order (float64); in a
+    MIXED batch of the parts of ``table_row``'s leading rows only (from ``order``: no pass over
+    the others)."""
+    if MIXED:
+        first = tl.load(order_ptr + table_row)
+        last = tl.load(order_ptr + table_row + 1)
+        for i in range(first, last):
+            leading = tl.load(order_ptr + ORDER_BASE + i).to(tl.int64)
+            for j in range(0, PER_ROW):
+                part = leading * PER_ROW + j
+                acc += tl.load(part_ptr + part * part_size + offsets, mask=mask, other=0.0)
+    else:
+        for p in range(0, PARTS):
+            acc += tl.load(part_ptr + p * part_size + offsets, mask=mask, other=0.0)
+    return acc
+
+
+@triton.jit
+def _sum_dR(tile, dr_part_ptr, norm_part_ptr, dr_ptr, order_ptr, table_row, RANK, PARTS,
+            PER_ROW, ORDER_BASE, NORM_PARTS, scaling, stride_drr, stride_drc,
+            MIXED: tl.constexpr, DR_TILE: tl.constexpr):
+    """One DR_TILE × DR_TILE block of ``dR = s·Σ_p partial_p + Σ_q norm_share_q`` in float64;
+    in a MIXED batch over the parts of ``table_row`` only."""
     tiles = tl.cdiv(RANK, DR_TILE)
     offs_i = (tile // tiles) * DR_TILE + tl.arange(0, DR_TILE)
     offs_j = (tile % tiles) * DR_TILE + tl.arange(0, DR_TILE)
     mask = (offs_i[:, None] < RANK) & (offs_j[None, :] < RANK)
     offsets = offs_i[:, None] * RANK + offs_j[None, :]
-    acc = tl.zeros((DR_TILE, DR_TILE), dtype=tl.float64)
-    for p in range(0, PARTS):
-        acc += tl.load(dr_part_ptr + p * RANK * RANK + offsets, mask=mask, other=0.0)
+    acc = _sum_parts(tl.zeros((DR_TILE, DR_TILE), dtype=tl.float64), dr_part_ptr, offsets, mask,
+                     RANK * RANK, order_ptr, table_row, PARTS, PER_ROW, ORDER_BASE, MIXED)
     acc *= scaling
     for q in range(0, NORM_PARTS):
         acc += tl.load(norm_part_ptr + q * RANK * RANK + offsets, mask=mask, other=0.0)
@@ -332,27 +371,42 @@ def dx_args(gy, g, weight, u, A, dx) -> dict:
 
 
 def finalize_args(saved, magnitude, B, terms, scaling, cs_part, dr_part, dm, dR, norm_part,
-                  exact, block_o: int) -> dict:
-    """Arguments of ``finalize_kernel`` except the config's; also used by the AOT checks."""
+                  exact, block_o: int, order=None, table_rows: int = 1,
+                  per_row: int = 1) -> dict:
+    """Arguments of ``finalize_kernel`` except the config's; also used by the AOT checks. A
+    mixed batch gives the leading rows of each of its ``table_rows`` (``order``, int32, from
+    ``mixed.table_order``) and each leading row's ``per_row`` parts; ``magnitude``,
+    ``saved.n`` (None: n = 1, for a g table as the magnitude), ``dm`` and ``dR`` then have a
+    row per table row (the first ones: a gate's adapters come before the base row)."""
     K, rank = B.shape
     need_dm, need_dr = dm.numel() > 0, dR.numel() > 0
-    column_programs = cdiv(K, block_o) if (need_dm or exact) else 0
+    table = order is not None
+    rows_out = magnitude.shape[0] if table else 1
+    column_programs = rows_out * cdiv(K, block_o) if (need_dm or exact) else 0
+    n = saved.n if saved.n is not None else magnitude
     # The norm's share reads P, C and G; without it their pointers are never dereferenced.
-    P, C, G = (saved.P, terms.C, terms.G) if exact else (saved.n[:1, None],) * 3
+    P, C, G = (saved.P, terms.C, terms.G) if exact else (n.view(-1)[:1, None],) * 3
     return dict(
-        cs_part_ptr=cs_part, dr_part_ptr=dr_part, m_ptr=magnitude, n_ptr=saved.n,
-        slot_ptr=saved.slots if saved.slots.numel() else saved.n, b_ptr=B, p_ptr=saved.P,
-        c_ptr=C, gram_ptr=G, dm_ptr=dm if need_dm else saved.n,
-        dr_ptr=dR if need_dr else saved.n, norm_part_ptr=norm_part if exact else dr_part,
+        cs_part_ptr=cs_part, dr_part_ptr=dr_part, m_ptr=magnitude, n_ptr=n,
+        slot_ptr=saved.slots if saved.slots.numel() else n, b_ptr=B, p_ptr=P,
+        c_ptr=C, gram_ptr=G, order_ptr=order if table else n,
+        dm_ptr=dm if need_dm else n, dr_ptr=dR if need_dr else n,
+        norm_part_ptr=norm_part if exact else dr_part,
         K=K, RANK=rank, PARTS=cs_part.shape[0] if cs_part.numel() else dr_part.shape[0],
-        COLUMN_PROGRAMS=column_programs, scaling=float(scaling),
+        PER_ROW=per_row, ORDER_BASE=table_rows + 1, BLOCKS_O=cdiv(K, block_o),
+        COLUMN_PROGRAMS=column_programs,
+        scaling=float(scaling),
         stride_bk=B.stride(0), stride_br=B.stride(1),
         stride_pk=P.stride(0), stride_pr=P.stride(1),
         stride_ck=C.stride(0), stride_cr=C.stride(1), stride_gr=G.stride(0),
         stride_gc=G.stride(1),
-        stride_drr=dR.stride(0) if need_dr else 0, stride_drc=dR.stride(1) if need_dr else 0,
+        stride_drr=dR.stride(-2) if need_dr else 0, stride_drc=dR.stride(-1) if need_dr else 0,
+        stride_mt=magnitude.stride(0) if table else 0,
+        stride_nt=n.stride(0) if table else 0,
+        stride_dmt=dm.stride(0) if table and need_dm else 0,
+        stride_drt=dR.stride(0) if table and need_dr else 0,
         NEED_DM=need_dm, NEED_DR=need_dr, EXACT=exact, HAS_SLOTS=saved.slots.numel() > 0,
-        RANK_PAD=r_pad(rank),
+        HAS_N=saved.n is not None, MIXED=table, RANK_PAD=r_pad(rank),
     )
 
 

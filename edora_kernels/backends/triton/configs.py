@@ -71,6 +71,13 @@ def prologue_config(block_m: int) -> triton.Config:
                          num_stages=2)
 
 
+def mixed_prologue_config(block_m: int, r_pad: int) -> triton.Config:
+    """The prologue's config for a batch mixing adapters: its row programs also hold t's
+    chunks and their operands beside v, so at r_pad = 128 they keep to 32 rows (64 spilled 8 B
+    at fp32 on sm_80 under triton 3.6; measured ahead of time)."""
+    return prologue_config(min(block_m, 32) if r_pad >= 128 else block_m)
+
+
 def prepass_config(block_m: int, r_pad: int, elt_size: int) -> triton.Config:
     """block_m rows per program (at most 32 once a row of t holds 256 bytes of operands, 16
     from 512: the t tile and its operand fragments then leave no registers for the streamed
