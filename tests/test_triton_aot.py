@@ -169,7 +169,8 @@ def _problem_args(kernel: str, dtype: str, r_pad: int, config) -> tuple:
         cores, table = e(6, R, R, d=f32), e(6, N, d=f32)
         args = triton_mixed.mixed_prologue_args(
             e(M, K), e(R, K, d=adapter), e(N, R), e(8, d=torch.int64), 0.5,
-            e(5, R, R, d=f32) if gate else cores, e(5, N, d=f32) if gate else table,
+            e(5, R, R, d=f32) if gate else cores, e(5, R, R, d=f64) if gate else None,
+            e(5, N, d=f32) if gate else table,
             terms if gate else None, e(N, R), e(5, N, d=f64), table, cores, e(1, N, d=i32),
             e(M, R, d=f32), e(M, R, d=f32), True, kw["BLOCK_O"])
         fn = triton_mixed.mixed_prologue_kernel

@@ -52,9 +52,9 @@ SLOTS_BLOCK = 1024  # columns per step of the slots program
 
 @triton.jit
 def mixed_prologue_kernel(
-    # column inputs: B (OUT×RANK); with GATE the adapters' R (ADAPTERS×RANK×RANK) and m
-    # (ADAPTERS×OUT), G = A Aᵀ (RANK×RANK), C = W0 Aᵀ (OUT×RANK) and c0 (OUT), all float64
-    b_ptr, rs_ptr, ms_ptr, gram_ptr, c_ptr, c0_ptr,
+    # column inputs: B (OUT×RANK); with GATE the adapters' R and R G (ADAPTERS×RANK×RANK,
+    # G = A Aᵀ) and m (ADAPTERS×OUT), C = W0 Aᵀ (OUT×RANK) and c0 (OUT), all float64 but R, m
+    b_ptr, rs_ptr, rg_ptr, ms_ptr, c_ptr, c0_ptr,
     # column outputs: s·B (OUT×RANK contiguous, x's dtype); with GATE each adapter's n
     # (ADAPTERS×OUT, float64), the tables g ((ADAPTERS + BASE_ROW)×OUT) and R (the same rows ×
     # RANK×RANK, contiguous), and a zero wherever some adapter's m is zero in flags (OUT,
@@ -65,7 +65,7 @@ def mixed_prologue_kernel(
     # outputs v = x Aᵀ and t = v Rᵀ with the token's R (M×RANK each)
     x_ptr, a_ptr, rows_ptr, src_ptr, v_ptr, t_ptr,
     OUT, T, IN, RANK, ADAPTERS, SOURCE_ROWS, BLOCKS_O, COLUMN_PROGRAMS, scaling,
-    stride_bo, stride_br, stride_rsk, stride_rsr, stride_rsc, stride_msk, stride_gr, stride_gc,
+    stride_bo, stride_br, stride_rsk, stride_rsr, stride_rsc, stride_msk, stride_rgk,
     stride_co, stride_cr, stride_nk, stride_gk, stride_xm, stride_xk, stride_ar, stride_ak,
     stride_sk, stride_sr, stride_sc, stride_vm, stride_tm,
     RANK_PAD: tl.constexpr, GATE: tl.constexpr, BASE_ROW: tl.constexpr,
@@ -88,21 +88,19 @@ def mixed_prologue_kernel(
                      (b.to(tl.float32) * scaling).to(sb_ptr.dtype.element_ty), mask=tile_mask)
         if GATE:
             r_k = rs_ptr + k.to(tl.int64) * stride_rsk
-            # P = B R and P G in float64, one rank-1 update per rank (no portable float64
-            # dot); P G takes P's columns from registers (a masked row sum each)
+            rg_k = rg_ptr + k.to(tl.int64) * stride_rgk
+            # P = B R and P G = B (R G) in float64, one rank-1 update each per rank (no
+            # portable float64 dot; R G is made before the launch, so no column of P is needed)
             P = tl.zeros((BLOCK_O, RANK_PAD), dtype=tl.float64)
-            for j in range(0, RANK):
-                b_j = tl.load(b_ptr + offs_o * stride_bo + j * stride_br, mask=row_mask,
-                              other=0.0)
-                r_j = tl.load(r_k + j * stride_rsr + offs_r * stride_rsc, mask=rank_mask,
-                              other=0.0)
-                P += b_j.to(tl.float64)[:, None] * r_j.to(tl.float64)[None, :]
             PG = tl.zeros((BLOCK_O, RANK_PAD), dtype=tl.float64)
             for j in range(0, RANK):
-                p_j = tl.sum(tl.where(offs_r[None, :] == j, P, 0.0), axis=1)
-                g_j = tl.load(gram_ptr + j * stride_gr + offs_r * stride_gc, mask=rank_mask,
+                b_j = tl.load(b_ptr + offs_o * stride_bo + j * stride_br, mask=row_mask,
+                              other=0.0).to(tl.float64)[:, None]
+                r_j = tl.load(r_k + j * stride_rsr + offs_r * stride_rsc, mask=rank_mask,
                               other=0.0)
-                PG += p_j[:, None] * g_j[None, :]
+                rg_j = tl.load(rg_k + j * RANK + offs_r, mask=rank_mask, other=0.0)
+                P += b_j * r_j.to(tl.float64)[None, :]
+                PG += b_j * rg_j[None, :]
             # n² = c0 + 2s·rowsum(P ⊙ C) + s²·rowsum(PG ⊙ P), clamped; g = m / n
             C = tl.load(c_ptr + offs_o[:, None] * stride_co + offs_r[None, :] * stride_cr,
                         mask=tile_mask, other=0.0)
@@ -192,7 +190,7 @@ def mixed_slots_kernel(
 class AdapterStack(NamedTuple):
     """What :func:`mixed_prologue` needs to form a training step's tables itself: the adapters'
     R (K×r×r) and m (K×out), stacked, the layer's float64 norm terms, and whether the tables
-    end with the base model's row."""
+    end with the base model's row. The prologue makes R G (float64) from them first."""
 
     Rs: torch.Tensor
     ms: torch.Tensor
@@ -258,8 +256,10 @@ def mixed_prologue(x, A, B, rows, scaling, y_like, *, gate: AdapterStack | None 
     T = M // max(len(rows), 1)
     config = mixed_prologue_config(row_block(T, x.device, len(rows)), r_pad(rank))
     kw = config.kwargs
-    args = mixed_prologue_args(x, A, B, rows, scaling, source, ms, terms, sB, n, g, cores, flags,
-                               v, t, gate is not None and gate.base_row, kw["BLOCK_O"])
+    # R G for the norms' P G = B (R G): one float64 product over all adapters
+    RG = torch.matmul(source.to(torch.float64), terms.G) if terms is not None else None
+    args = mixed_prologue_args(x, A, B, rows, scaling, source, RG, ms, terms, sB, n, g, cores,
+                               flags, v, t, gate is not None and gate.base_row, kw["BLOCK_O"])
     programs = args["COLUMN_PROGRAMS"] + len(rows) * cdiv(T, kw["BLOCK_M"])
     if programs:
         launch(mixed_prologue_kernel, (programs,), **args, **kw, num_warps=config.num_warps,
@@ -268,20 +268,21 @@ def mixed_prologue(x, A, B, rows, scaling, y_like, *, gate: AdapterStack | None 
     return Prologue(v, t, sB, cores, g, n, slots)
 
 
-def mixed_prologue_args(x, A, B, rows, scaling, source, ms, terms, sB, n, g, cores, flags, v, t,
-                        base_row: bool, block_o: int) -> dict:
+def mixed_prologue_args(x, A, B, rows, scaling, source, RG, ms, terms, sB, n, g, cores, flags,
+                        v, t, base_row: bool, block_o: int) -> dict:
     """Arguments of ``mixed_prologue_kernel`` except the config's; also used by the AOT checks.
-    ``terms`` None: no gate (``source`` is the cores table, ``n``, ``ms`` and ``flags`` are
-    not read), else ``source`` and ``ms`` are the adapters' stacked R and m."""
+    ``terms`` None: no gate (``source`` is the cores table; ``RG``, ``n``, ``ms`` and
+    ``flags`` are not read), else ``source`` and ``ms`` are the adapters' stacked R and m and
+    ``RG`` their R G (contiguous, float64)."""
     (M, width), (out, rank) = x.shape, B.shape
     gate = terms is not None
     adapters = source.shape[0] if gate else 1
     blocks_o = cdiv(out, block_o)
     unused = g  # pointers the launch never dereferences, typed like a real one
-    G, C, c0 = (terms.G, terms.C, terms.c0) if gate else (unused,) * 3
-    n, flags = (n, flags) if gate else (unused, unused)
+    C, c0 = (terms.C, terms.c0) if gate else (unused,) * 2
+    RG, n, flags = (RG, n, flags) if gate else (source, unused, unused)
     return dict(
-        b_ptr=B, rs_ptr=source, ms_ptr=ms, gram_ptr=G, c_ptr=C, c0_ptr=c0,
+        b_ptr=B, rs_ptr=source, rg_ptr=RG, ms_ptr=ms, c_ptr=C, c0_ptr=c0,
         sb_ptr=sB, n_ptr=n, g_ptr=g, cores_ptr=cores, flag_ptr=flags,
         x_ptr=x, a_ptr=A, rows_ptr=rows, src_ptr=source, v_ptr=v, t_ptr=t,
         OUT=out, T=M // max(len(rows), 1), IN=width, RANK=rank, ADAPTERS=adapters,
@@ -289,7 +290,7 @@ def mixed_prologue_args(x, A, B, rows, scaling, source, ms, terms, sB, n, g, cor
         scaling=float(scaling),
         stride_bo=B.stride(0), stride_br=B.stride(1), stride_rsk=source.stride(0),
         stride_rsr=source.stride(1), stride_rsc=source.stride(2), stride_msk=ms.stride(0),
-        stride_gr=G.stride(0), stride_gc=G.stride(-1), stride_co=C.stride(0),
+        stride_rgk=RG.stride(0), stride_co=C.stride(0),
         stride_cr=C.stride(-1), stride_nk=n.stride(0), stride_gk=g.stride(0),
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=A.stride(0),
         stride_ak=A.stride(1), stride_sk=source.stride(0), stride_sr=source.stride(1),
