@@ -23,7 +23,7 @@ from edora_kernels.backends.triton import epilogue_only as triton_epilogue
 from edora_kernels.backends.triton import fwd as triton_fwd
 from edora_kernels.backends.triton import mixed as triton_mixed
 from edora_kernels.backends.triton.launch import launch
-from edora_kernels.norm import compute_norm_terms
+from edora_kernels.norm import adapter_norms, compute_norm_terms
 from edora_kernels.op_common import SLOT_NONE
 from edora_kernels.testing import make_case
 from edora_kernels.tolerances import TOLERANCE, normalised_error
@@ -461,3 +461,63 @@ def test_interpreter_uses_one_fixed_config():
     for kernel in (triton_fwd.edora_fwd_kernel, triton_bwd.edora_dx_kernel,
                    triton_epilogue.edora_epilogue_kernel):
         assert isinstance(kernel, triton.runtime.Autotuner) and len(kernel.configs) == 1
+
+
+def _zero_slot_reference(zeros: torch.Tensor, capacity: int) -> tuple[torch.Tensor, ...]:
+    """The slots and slot index of the columns with a zero in some row of ``zeros``, by the
+    torch ops the single-adapter path uses."""
+    slots = op_common.zero_slots(zeros.abs().amin(0), capacity)
+    taken = (slots >= 0).sum(dtype=torch.int32).unsqueeze(0)
+    return slots, torch.cat([taken, op_common.slot_columns(slots, capacity).to(torch.int32)])
+
+
+@pytest.mark.parametrize("capacity", [16, 40])
+def test_mixed_slots_program_numbers_the_union_of_zeros(capacity):
+    """The slots program over several rows and more than one step of columns (out > 1024),
+    with zeros on both sides of each step's edge and, at capacity 16, more zeros than slots:
+    the same slots and index as op_common.zero_slots and slot_columns on the rows' minimum."""
+    gen = torch.Generator().manual_seed(5)
+    out = 2 * triton_mixed.SLOTS_BLOCK + 37
+    table = torch.rand(3, out, generator=gen) + 0.5
+    for row, cols in ((0, [0, 1023, 1024, 2047, out - 1]), (1, [5, 1023, 1500]),
+                      (2, list(range(2048, 2068)))):
+        table[row, cols] = 0.0
+    expected = _zero_slot_reference(table, capacity)
+    got = triton_mixed.ZeroSlots.make(table, capacity, torch.empty(4, out))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert got[2].shape == (4, capacity)
+
+
+@pytest.mark.parametrize("base_row", [True, False])
+def test_mixed_prologue_forms_every_adapters_tables(base_row):
+    """One launch forms K adapters' norms (float64, as adapter_norms), their g and cores
+    tables (and the base model's row: g = 1, core 0), s·B, v = x Aᵀ and each leading row's
+    t = R v; the slots program then numbers the columns where any adapter's m is 0."""
+    gen = torch.Generator().manual_seed(11)
+    K, in_f, out_f, r, s, T = 3, 37, 45, 5, 0.75, 3  # out spans three 16-row gate blocks
+    W0, A = torch.randn(out_f, in_f, generator=gen), torch.randn(r, in_f, generator=gen)
+    B = torch.randn(out_f, r, generator=gen)
+    Rs, ms = torch.randn(K, r, r, generator=gen), torch.rand(K, out_f, generator=gen) + 0.5
+    ms[0, [2, 40]] = 0.0
+    ms[2, [40, 44]] = 0.0
+    terms = compute_norm_terms(W0, A)
+    rows = torch.tensor([2, K, 0, 1] if base_row else [2, 0, 0, 1])
+    x = torch.randn(len(rows) * T, in_f, generator=gen)
+    pro = triton_mixed.mixed_prologue(
+        x, A, B, rows, s, x, capacity=16,
+        gate=triton_mixed.AdapterStack(Rs, ms, terms, base_row))
+    n = adapter_norms(terms, B, Rs, s)
+    torch.testing.assert_close(pro.n, n, rtol=1e-12, atol=0)
+    torch.testing.assert_close(pro.g[:K], (ms.double() / n).float(), rtol=2e-7, atol=0)
+    assert torch.equal(pro.cores[:K], Rs)
+    assert pro.g.shape[0] == pro.cores.shape[0] == K + base_row
+    if base_row:
+        assert torch.equal(pro.g[K], torch.ones(out_f)) and not pro.cores[K].any()
+    assert torch.equal(pro.sB, (B * s).to(x.dtype))
+    v = x.double() @ A.double().T
+    assert_close(pro.v, v, torch.float32, "v")
+    cores = torch.cat([Rs, torch.zeros(1, r, r)]).double()
+    t = torch.einsum("ntr,nqr->ntq", v.view(len(rows), T, r), cores[rows]).reshape(-1, r)
+    assert_close(pro.t, t, torch.float32, "t")
+    expected = _zero_slot_reference(ms, 16)
+    assert torch.equal(pro.slots[0], expected[0]) and torch.equal(pro.slots[1], expected[1])
