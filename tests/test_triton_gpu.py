@@ -64,12 +64,13 @@ requires_hopper = pytest.mark.skipif(not _on_hopper(), reason="the TMA path runs
 @pytest.fixture
 def forward_launches(monkeypatch):
     """The TMA flag of each forward GEMM launch (training and serving), with the TMA path
-    switched on."""
+    switched on; the mixed prologue and slots launches beside it are not recorded."""
     monkeypatch.setenv(triton_configs.TMA_ENV, "1")
     launches = []
 
     def record(kernel, grid, **args):
-        launches.append(args["TMA"])
+        if kernel_name(kernel) == "edora_fwd_kernel":
+            launches.append(args["TMA"])
         launch(kernel, grid, **args)
 
     monkeypatch.setattr(triton_fwd, "launch", record)
@@ -242,9 +243,10 @@ def test_mixed_batch_over_two_bases_is_served_without_a_host_sync():
 
 
 def test_mixed_training_in_the_kernels_matches_float64(monkeypatch):
-    """A bf16 mixed training step at 1024² r = 16 on the Triton kernels (the forward GEMM, the
-    pre-pass, the dx GEMM), with a zero magnitude in one adapter and base rows: y, dx and every
-    adapter's dR and dm against the same step of the float64 layer."""
+    """A bf16 mixed training step at 1024² r = 16 on the Triton kernels (the mixed prologue and
+    slots, the forward GEMM, the pre-pass, the dx GEMM, the finalize), with a zero magnitude in
+    one adapter and base rows: y, dx and every adapter's dR and dm against the same step of the
+    float64 layer."""
     import copy
 
     torch.manual_seed(0)
@@ -265,7 +267,8 @@ def test_mixed_training_in_the_kernels_matches_float64(monkeypatch):
     monkeypatch.setattr(triton_mixed, "launch", lambda kernel, grid, **args:
                         kernels.append(kernel_name(kernel)) or launch(kernel, grid, **args))
     got = mixed_training_results(layer, rows, x.to(BF16), gy)
-    assert kernels == ["edora_fwd_kernel", "prepass_kernel", "edora_dx_kernel"]
+    assert kernels == ["mixed_prologue_kernel", "mixed_slots_kernel", "edora_fwd_kernel",
+                       "prepass_kernel", "edora_dx_kernel", "finalize_kernel"]
     for i, (actual, reference) in enumerate(zip(got, want)):
         assert_close(actual, reference, BF16, f"result {i}")
 
@@ -294,9 +297,9 @@ def test_mixed_training_batch_over_two_bases_gives_each_adapter_its_rows_gradien
 
 
 def test_mixed_adapter_batch_served_by_the_fused_forward(forward_launches):
-    """A batch mixing 8 adapters and base rows, bf16 at a real size: the Triton serve path (one
-    GEMM launch, g per token from a table) against the composed path in fp32 and the float64
-    reference row by row."""
+    """A batch mixing 8 adapters and base rows, bf16 at a real size: the Triton serve path (the
+    mixed prologue, then one GEMM launch with g per token from a table) against the composed
+    path in fp32 and the float64 reference row by row."""
     torch.manual_seed(0)
     base = torch.nn.Linear(4096, 4096, device=DEVICE, dtype=BF16)
     layer = EDoRALinear.from_linear(base, 16, seed=0, backend="triton")
