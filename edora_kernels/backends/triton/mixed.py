@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import norm, op_common
+from ... import op_common
 from ...norm import NormTerms, compute_dtype
 from ...op_common import Saved
 from .bwd import (
@@ -43,8 +43,8 @@ from .configs import (
 from .epilogue_only import edora_epilogue_kernel, epilogue_args
 from .fwd import edora_fwd_kernel, fwd_args, fwd_grid
 from .launch import launch
+from .prologue import row_norm
 
-NORM_SQ_FLOOR = tl.constexpr(norm.NORM_SQ_FLOOR)
 SLOT_FULL = tl.constexpr(op_common.SLOT_FULL)
 SLOT_NONE = tl.constexpr(op_common.SLOT_NONE)
 SLOTS_BLOCK = 1024  # columns per step of the slots program
@@ -101,13 +101,10 @@ def mixed_prologue_kernel(
                 rg_j = tl.load(rg_k + j * RANK + offs_r, mask=rank_mask, other=0.0)
                 P += b_j * r_j.to(tl.float64)[None, :]
                 PG += b_j * rg_j[None, :]
-            # n² = c0 + 2s·rowsum(P ⊙ C) + s²·rowsum(PG ⊙ P), clamped; g = m / n
+            # the norm, g = m / n
             C = tl.load(c_ptr + offs_o[:, None] * stride_co + offs_r[None, :] * stride_cr,
                         mask=tile_mask, other=0.0)
-            c0 = tl.load(c0_ptr + offs_o, mask=row_mask, other=0.0)
-            n_sq = (c0 + (2.0 * scaling) * tl.sum(P * C, axis=1)
-                    + (scaling * scaling) * tl.sum(PG * P, axis=1))
-            n = tl.sqrt(tl.maximum(n_sq, NORM_SQ_FLOOR))
+            n = row_norm(P, PG, C, tl.load(c0_ptr + offs_o, mask=row_mask, other=0.0), scaling)
             m = tl.load(ms_ptr + k * stride_msk + offs_o, mask=row_mask, other=1.0)
             tl.store(n_ptr + k * stride_nk + offs_o, n, mask=row_mask)
             tl.store(g_ptr + k * stride_gk + offs_o,

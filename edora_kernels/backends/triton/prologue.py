@@ -25,6 +25,14 @@ SLOT_NONE = tl.constexpr(op_common.SLOT_NONE)
 
 
 @triton.jit
+def row_norm(P, PG, C, c0, scaling):
+    """n = ‖W0 + s·B R A‖ per row from P = B R, P G and the terms C, c0 (float64 tiles):
+    ``n² = c0 + 2s·rowsum(P ⊙ C) + s²·rowsum(PG ⊙ P)``, clamped at NORM_SQ_FLOOR."""
+    n_sq = c0 + (2.0 * scaling) * tl.sum(P * C, axis=1) + (scaling * scaling) * tl.sum(PG * P, 1)
+    return tl.sqrt(tl.maximum(n_sq, NORM_SQ_FLOOR))
+
+
+@triton.jit
 def _gate(
     pid,
     b_ptr, r_ptr, gram_ptr, c_ptr, c0_ptr, m_ptr,
@@ -65,8 +73,7 @@ def _gate(
     C = tl.load(c_ptr + offs_o[:, None] * stride_co + offs_r[None, :] * stride_cr,
                 mask=tile_mask, other=0.0)
     c0 = tl.load(c0_ptr + offs_o, mask=row_mask, other=0.0)
-    n_sq = c0 + (2.0 * scaling) * tl.sum(P * C, axis=1) + (scaling * scaling) * tl.sum(PG * P, 1)
-    n = tl.sqrt(tl.maximum(n_sq, NORM_SQ_FLOOR))
+    n = row_norm(P, PG, C, c0, scaling)
     m = tl.load(m_ptr + offs_o, mask=row_mask, other=1.0).to(tl.float64)
     tl.store(n_ptr + offs_o, n, mask=row_mask)
     tl.store(g_ptr + offs_o, (m / n).to(g_ptr.dtype.element_ty), mask=row_mask)
