@@ -73,10 +73,9 @@ def prologue_config(block_m: int) -> triton.Config:
 
 def mixed_prologue_config(block_m: int, r_pad: int) -> triton.Config:
     """The prologue's config for a batch mixing adapters: its row programs also hold t's
-    chunks and their operands beside v, and its gate programs two float64 tiles more than one
-    adapter's, so from r_pad = 64 they take 32 rows (measured ahead of time under triton 3.6:
-    64 rows spilled 8 B at fp32 on sm_80 at r_pad = 128, 16 rows left an 8 B stack frame at
-    bf16 on sm_90 at r_pad = 64)."""
+    chunks and their operands beside v, so from r_pad = 64 they take 32 rows (measured ahead
+    of time under triton 3.6: 64 rows spilled 8 B at fp32 on sm_80 at r_pad = 128, 16 rows left
+    an 8 B stack frame at bf16 on sm_90 at r_pad = 64)."""
     return prologue_config(32 if r_pad >= 64 else block_m)
 
 
