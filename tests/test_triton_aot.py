@@ -91,7 +91,8 @@ def _specialize(fn, args: dict):
     """(signature, constexprs, attrs) as the JIT derives them from these arguments.
 
     Tensors: pointer type, 16-byte divisibility when aligned. Ints: 1 becomes the constexpr 1,
-    multiples of 16 get divisibility 16. Floats: fp32. Constexpr parameters: their values.
+    multiples of 16 get divisibility 16, except for the kernel's ``do_not_specialize`` ones.
+    Floats: fp32. Constexpr parameters: their values.
     """
     import torch
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
@@ -99,8 +100,9 @@ def _specialize(fn, args: dict):
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(fn.params):
         name, value = param.name, args[param.name]
+        plain = param.do_not_specialize  # typed by its value, nothing more
         if param.is_constexpr or (isinstance(value, int) and not isinstance(value, bool)
-                                  and value == 1):
+                                  and value == 1 and not plain):
             signature[name], constexprs[name] = "constexpr", value
             continue
         if isinstance(value, torch.Tensor):
@@ -110,7 +112,7 @@ def _specialize(fn, args: dict):
             signature[name], aligned = "u1", False
         elif isinstance(value, int):
             signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-            aligned = value % 16 == 0
+            aligned = value % 16 == 0 and not plain
         elif isinstance(value, float):
             signature[name], aligned = "fp32", False
         else:

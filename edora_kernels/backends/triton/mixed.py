@@ -50,7 +50,10 @@ SLOT_NONE = tl.constexpr(op_common.SLOT_NONE)
 SLOTS_BLOCK = 1024  # columns per step of the slots program
 
 
-@triton.jit
+# The batch's make-up (how many adapters take part, whether base rows do, tokens per row)
+# changes from batch to batch: those ints are not specialised on, so a new mix reuses the
+# compiled kernel (the JIT would otherwise compile again for a 1 or a multiple of 16).
+@triton.jit(do_not_specialize=["T", "ADAPTERS", "SOURCE_ROWS", "COLUMN_PROGRAMS"])
 def mixed_prologue_kernel(
     # column inputs: B (OUT×RANK); with GATE the adapters' R and R G (ADAPTERS×RANK×RANK,
     # G = A Aᵀ) and m (ADAPTERS×OUT), C = W0 Aᵀ (OUT×RANK) and c0 (OUT), all float64 but R, m
@@ -153,7 +156,7 @@ def mixed_prologue_kernel(
                        BLOCK_M, RANK_CHUNK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS"])
 def mixed_slots_kernel(
     # input: ROWS×OUT values, a column zero in any row taking a slot (the prologue's flags,
     # or a g table); outputs: slots (OUT, int32) and the slot index (1 + SLOTS, int32: how
