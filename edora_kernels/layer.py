@@ -440,7 +440,7 @@ class EDoRALinear(nn.Module):
         if training and self.detach_norm and self._mixed_on_triton(x, basis.rank):
             # the kernels form the tables and norms themselves, in the step's first launch
             tables = KernelTables(tuple(weights[0::2]), tuple(weights[1::2]),
-                                    self.norm_terms(basis=basis), base_row)
+                                  self.norm_terms(basis=basis), base_row)
         else:
             tables = self._row_tables(used, basis, compute_dtype(x.dtype), base_row)
         return basis, tables, local, len(members)
