@@ -380,10 +380,11 @@ def mixed_on_triton(x: torch.Tensor, y0: torch.Tensor | None, weight: torch.Tens
     :func:`table_order`). With gradients one autograd node (:class:`_MixedOnTriton`)
     whose backward is the Triton pre-pass, dx GEMM and finalize, each adapter's rows reaching
     only its own R and m (or table rows)."""
-    weights = (*adapters.cores, *adapters.magnitudes) if isinstance(
-        adapters, KernelTables) else tuple(adapters)
-    terms, base_row = (adapters.terms, adapters.base_row) if isinstance(
-        adapters, KernelTables) else (None, None)
+    if isinstance(adapters, KernelTables):
+        weights = (*adapters.cores, *adapters.magnitudes)
+        terms, base_row = adapters.terms, adapters.base_row
+    else:
+        weights, terms, base_row = tuple(adapters), None, None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, y0, *weights)):
         y = _MixedOnTriton.apply(x, y0, weight, bias, A, B, scaling, rows, g_rows, order,
