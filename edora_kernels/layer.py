@@ -27,7 +27,6 @@ from .mixed import (
     mixed_on_triton,
     row_tables,
     rows_this_forward,
-    table_order,
 )
 from .norm import (
     NormTermsCache,
@@ -442,30 +441,30 @@ class EDoRALinear(nn.Module):
             tables = KernelTables(tuple(weights[0::2]), tuple(weights[1::2]),
                                   self.norm_terms(basis=basis), base_row)
         else:
-            tables = self._row_tables(used, basis, compute_dtype(x.dtype), base_row)
+            tables = self._row_tables(used, weights, not training, basis,
+                                      compute_dtype(x.dtype), base_row)
         return basis, tables, local, len(members)
 
     @staticmethod
     def _row_index(assignment, local: list[int], x: torch.Tensor, tables) -> tuple:
         """``local`` on x's device per leading row (int64) and per token (int32, for the
         Triton kernels' table rows), and with gradients the leading rows of each row of the
-        ``tables`` (int32, ``mixed.table_order``), made once per forward."""
+        ``tables`` (int32, ``RowAssignment.table_order``), made once per forward."""
         tokens = x[0].numel() // x.shape[-1] if x.shape[0] else 1
         table_rows = (len(tables.cores) + tables.base_row if isinstance(tables, KernelTables)
                       else len(tables.g))
         order = None  # only a backward sums per table row
         if torch.is_grad_enabled():
-            order = assignment.index(table_order(local, table_rows), x.device, dtype=torch.int32)
+            order = assignment.table_order(local, table_rows, x.device)
         return (assignment.index(local, x.device),
                 assignment.index(local, x.device, repeat=tokens, dtype=torch.int32), order)
 
-    def _row_tables(self, used: list[str], basis, cdt, base_row: bool) -> RowTables:
-        """The tables of the adapters ``used`` (one basis), with the base model's row if
-        ``base_row``. Served adapters (nothing needs a gradient) keep theirs while their R and
-        m and the norm terms stay the same: a batch served again gathers from them, nothing
-        stacked or divided."""
-        weights = [p for name in used for p in self.adapter_weights(name)]
-        serving = not (torch.is_grad_enabled() and any(p.requires_grad for p in weights))
+    def _row_tables(self, used: list[str], weights: list, serving: bool, basis, cdt,
+                    base_row: bool) -> RowTables:
+        """The tables of the adapters ``used`` (one basis; ``weights`` their R and m in turn),
+        with the base model's row if ``base_row``. Served adapters (``serving``: nothing needs
+        a gradient) keep theirs while their R and m and the norm terms stay the same: a batch
+        served again gathers from them, nothing stacked or divided."""
         key = (tuple(used), cdt, base_row)
         terms = None if torch.compiler.is_compiling() else self.norm_terms(basis=basis)
         if serving and terms is not None:

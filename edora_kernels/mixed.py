@@ -61,8 +61,17 @@ class RowAssignment:
             self._on_device[key] = host.to(device, non_blocking=True)
         return self._on_device[key]
 
+    def table_order(self, local: list[int], table_rows: int, device: torch.device) -> torch.Tensor:
+        """:func:`_table_order` of ``local`` (each leading row's table row) on ``device``
+        (int32), computed and copied once per forward however many layers ask."""
+        key = ("order", tuple(local), table_rows, device)
+        if key not in self._on_device:
+            self._on_device[key] = self.index(_table_order(local, table_rows), device,
+                                              dtype=torch.int32)
+        return self._on_device[key]
 
-def table_order(local: list[int], table_rows: int) -> list[int]:
+
+def _table_order(local: list[int], table_rows: int) -> list[int]:
     """Each table row's leading rows, for sums per table row in a fixed order without a pass
     over the others' rows: ``table_rows + 1`` offsets, then the leading rows (indices into
     ``local``, each leading row's table row) sorted by table row, in batch order within one."""
@@ -377,7 +386,7 @@ def mixed_on_triton(x: torch.Tensor, y0: torch.Tensor | None, weight: torch.Tens
     then the forward GEMM on ``weight`` (a dense base) or the epilogue pass over ``y0`` (any
     other base); ``rows``: each leading row's row of the tables (int64), ``g_rows`` each
     token's (int32, contiguous), ``order`` the leading rows of each table row (int32, from
-    :func:`table_order`). With gradients one autograd node (:class:`_MixedOnTriton`)
+    :meth:`RowAssignment.table_order`). With gradients one autograd node (:class:`_MixedOnTriton`)
     whose backward is the Triton pre-pass, dx GEMM and finalize, each adapter's rows reaching
     only its own R and m (or table rows)."""
     if isinstance(adapters, KernelTables):

@@ -40,6 +40,8 @@ SYNC_OPS = frozenset(f"aten::{op}" for op in (
     "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim", "equal", "allclose",
     "repeat_interleave", "masked_scatter", "_assert_async",
 ))
+# ATen ops whose kernel meta tensors skip: counted as the launch a GPU makes under them.
+COUNTED_AS = {"aten::full": "aten::fill_"}  # an allocation and its fill
 TRITON_PREFIX = "triton::"
 
 
@@ -110,8 +112,8 @@ def _launches(event) -> list[str]:
     name = event.name
     if name.startswith(TRITON_PREFIX):
         return [name]
-    if name == "aten::full":  # an allocation and its fill (which meta tensors skip)
-        return ["aten::fill_"]
+    if name in COUNTED_AS:
+        return [COUNTED_AS[name]]
     if name in NO_KERNEL:
         return []
     if name.startswith("aten::") and name not in COMPOSITE:

@@ -375,7 +375,7 @@ def finalize_args(saved, magnitude, B, terms, scaling, cs_part, dr_part, dm, dR,
                   per_row: int = 1) -> dict:
     """Arguments of ``finalize_kernel`` except the config's; also used by the AOT checks. A
     mixed batch gives the leading rows of each of its ``table_rows`` (``order``, int32, from
-    ``mixed.table_order``) and each leading row's ``per_row`` parts; ``magnitude``,
+    ``RowAssignment.table_order``) and each leading row's ``per_row`` parts; ``magnitude``,
     ``saved.n`` (None: n = 1, for a g table as the magnitude), ``dm`` and ``dR`` then have a
     row per table row (the first ones: a gate's adapters come before the base row)."""
     K, rank = B.shape

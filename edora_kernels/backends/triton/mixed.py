@@ -337,7 +337,7 @@ def mixed_backward(gy, y, weight, bias, A, B, cores, g_table, n, ms, slots: Zero
     """The backward of a mixed training step: ``(dy0, dx, d_cores, d_g)``, the ones not needed
     None. gy and y: M×out over ``len(rows)`` leading rows of equal length; ``rows`` each
     leading row's table row (int64), ``g_rows`` each token's (int32), ``order`` each table
-    row's leading rows (``mixed.table_order``); ``cores`` and ``g_table`` the tables. The
+    row's leading rows (``RowAssignment.table_order``); ``cores`` and ``g_table`` the tables. The
     pre-pass (each program on one leading row's tokens: gz = gy ⊙ g, u = s·(gz B) R, the
     block's tᵀv and column sums of gy ⊙ (y − b)), then with ``weight`` (a dense base) the dx
     GEMM on gz — without (a base layer's y0) gz is dy0 and the rank-r share of dx one small
