@@ -1,6 +1,8 @@
 """The cost model (edora_kernels.plan): its launch list is the one the backend issues, and its
 predictions move the way the roofline says they must."""
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 from edora_kernels import EDoRALinear
 from edora_kernels.bench.launches import count_launches, stub_kernels
 from edora_kernels.cli import main
-from edora_kernels.plan import DEVICES, plan_mixed, plan_step
+from edora_kernels.plan import ASSUMPTIONS, DEVICES, plan_mixed, plan_step
 
 LLAMA = [(4096, 4096), (4096, 11008), (11008, 4096)]
 
@@ -184,3 +186,31 @@ def test_the_init_plan_has_the_chunks_apply_edora_makes(monkeypatch):
         assert chunk.bytes == chunk.matrices * out_f * in_f * (2 + 4 + 4 * reads)
         floor = chunk.bytes / (DEVICES["h100"]["hbm"] * ASSUMPTIONS["memory_efficiency"])
         assert chunk.seconds > floor
+
+
+def test_the_design_notes_floor_table_is_the_models():
+    """docs/DESIGN.md §4 tabulates the plan's floor (x read once more forward, gy and y
+    backward, the rank term in both GEMMs, one dependent launch each way) beside the
+    predictions: both columns recomputed here from ASSUMPTIONS and plan_step."""
+    a = ASSUMPTIONS
+    design = (Path(__file__).resolve().parents[1] / "docs" / "DESIGN.md").read_text()
+    section = design.split("**The floor of this plan.**")[1].split("\n\n")[1]
+    rows = re.findall(r"\| (\d+) × (\d+) \| (\d+) \| \**([\d.]+)\** \| ([\d.]+) \| "
+                      r"([\d.]+) / ([\d.]+) \|", section)
+    assert len(rows) == 4
+    h100, N, e = DEVICES["h100"], 8192, 2
+    tensor = h100["bf16"] * a["gemm_efficiency"]
+    stream = h100["hbm"] * a["memory_efficiency"]
+    for in_f, out_f, r, fwd_floor, step_floor, fwd, step in rows:
+        in_f, out_f, r = int(in_f), int(out_f), int(r)
+        gemm = 2 * N * in_f * out_f / tensor
+        forward = gemm + N * in_f * e / stream + 2 * N * r * out_f / tensor + a["gap_us"] * 1e-6
+        backward = gemm + 2 * N * out_f * e / stream + 2 * N * r * in_f / tensor \
+            + a["gap_us"] * 1e-6
+        assert float(fwd_floor) == round(forward / gemm, 3)
+        assert float(step_floor) == round((forward + backward) / (2 * gemm), 3)
+        plan = plan_step("triton", N, in_f, out_f, r)
+        assert (float(fwd), float(step)) == (round(plan.forward_ratio, 3),
+                                             round(plan.step_ratio, 3))
+        assert plan.forward_ratio >= forward / gemm and plan.step_ratio >= \
+            (forward + backward) / (2 * gemm)
