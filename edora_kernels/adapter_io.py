@@ -47,6 +47,14 @@ def edora_layers(model: nn.Module) -> dict[str, EDoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, EDoRALinear)}
 
 
+def within_edora_layers(model: nn.Module) -> set[str]:
+    """The names of the modules inside EDoRA layers (their base layers, their adapters'):
+    never targets of another adaptation, whose adapter would sit where no forward runs it."""
+    layers = [name + "." for name in edora_layers(model)]
+    return {n for n, _ in model.named_modules(remove_duplicate=False)
+            if any(n.startswith(layer) for layer in layers)}
+
+
 # --- saving ------------------------------------------------------------------------------------
 
 def edora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -103,6 +111,11 @@ def write_adapter_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor]
                        layer_configs: dict[str, dict]) -> None:
     """The file :func:`save_edora` writes: ``tensors`` (A, B, R, magnitude by layer) and the
     per-layer configs (:func:`layer_config`) in its metadata."""
+    empty = [k for k, v in tensors.items() if v.device.type == "meta"]
+    if empty:
+        raise ValueError(f"{path}: {quote(empty[:4])}{' …' if len(empty) > 4 else ''} are on "
+                         "the meta device and hold no values yet: materialise the model "
+                         "(to_empty, then load its weights and adapter) before saving")
     save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, os.fspath(path), metadata={
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "edora_config": json.dumps({"layers": layer_configs})})

@@ -41,6 +41,8 @@ def weight_digest(layer: nn.Module) -> str:
     stamped = bases.stamped_weight(layer.base_layer, layer.kind)
     if stamped.device.type == "meta":
         return "meta"
+    if getattr(layer, "merged", False):  # the W0 merge() folded the adapter into
+        return layer._digest_before_merge
     cached = getattr(layer, "_weight_digest", None)
     if is_sharded(stamped):  # FSDP2: a frozen W0 keeps the digest it had when whole
         if cached is None:
@@ -52,6 +54,12 @@ def weight_digest(layer: nn.Module) -> str:
     digest = _digest(layer.base_weight())
     layer._weight_digest = (stamp, digest)
     return digest
+
+
+def keep_digest(layer: nn.Module, digest: str) -> None:
+    """``digest`` stands for ``layer``'s W0 as it is now: unmerge() restores W0 from what
+    merge() kept, to rounding (~1e-8), and the base model is the one the digest names."""
+    layer._weight_digest = (_stamp(bases.stamped_weight(layer.base_layer, layer.kind)), digest)
 
 
 def fingerprint(layers: dict[str, nn.Module], *, init: str, split: str = "u",

@@ -25,6 +25,8 @@ import dataclasses
 import importlib.util
 import json
 import os
+import threading
+import weakref
 
 import torch
 from safetensors import safe_open
@@ -69,6 +71,102 @@ def _row_switched(module: nn.Module):
             yield from _row_switched(child)
 
 
+def _checkpoint_owners(module: nn.Module):
+    """The modules in ``module`` that transformers gives a gradient-checkpointing function
+    (those with a ``gradient_checkpointing`` flag), not walking into EDoRA layers."""
+    if hasattr(module, "gradient_checkpointing"):
+        yield module
+    if not isinstance(module, EDoRALinear):
+        for child in module.children():
+            yield from _checkpoint_owners(child)
+
+
+class _RecomputeWithItsRows:
+    """A module's gradient-checkpointing function, wrapped so that the recomputation inside
+    backward runs the module's EDoRA layers and heads with the rows of the forward that
+    recorded it. A step may record several forwards, each with its own ``adapter_names``,
+    before one backward (a contrastive loss); ``rows_to_recompute`` alone holds the last."""
+
+    def __init__(self, checkpoint, owner: nn.Module) -> None:
+        self.checkpoint, self.owner = checkpoint, owner
+
+    def __call__(self, function, *args, **kwargs):
+        modules = list(_row_switched(self.owner))
+        rows = modules[0].row_adapters if modules else None  # this forward's, None unmixed
+
+        def run(*inner_args, **inner_kwargs):
+            if torch._C._current_graph_task_id() == -1:  # the forward itself
+                return function(*inner_args, **inner_kwargs)
+            before = [getattr(m, "rows_to_recompute", None) for m in modules]
+            for module in modules:
+                module.rows_to_recompute = rows
+            try:
+                return function(*inner_args, **inner_kwargs)
+            finally:
+                for module, previous in zip(modules, before):
+                    module.rows_to_recompute = previous
+
+        return self.checkpoint(run, *args, **kwargs)
+
+
+# The keyword inputs whose first dimension is the batch, looked at before the others (a
+# broadcast position_ids of batch 1 may come first).
+BATCH_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "pixel_values",
+                "input_features", "input_values")
+
+
+def _batch_size(args, kwargs, adapter_names) -> int:
+    """The batch a forward's inputs hold: the first dimension of its first positional tensor,
+    else of the first of BATCH_INPUTS given, else of any tensor (else the names' count)."""
+    candidates = [*args, *(kwargs.get(k) for k in BATCH_INPUTS), *kwargs.values()]
+    for value in candidates:
+        if isinstance(value, torch.Tensor) and value.dim():
+            return value.shape[0]
+    return len(adapter_names)
+
+
+def _tensors(output):
+    """The tensors in a model's output (a tensor, a dict such as ModelOutput, a tuple)."""
+    if isinstance(output, torch.Tensor):
+        yield output
+    elif isinstance(output, dict):
+        for value in output.values():
+            yield from _tensors(value)
+    elif isinstance(output, (tuple, list)):
+        for value in output:
+            yield from _tensors(value)
+
+
+def _map_tensors(output, function):
+    """``output`` with ``function`` applied to each of its tensors (dicts in place, so a
+    ModelOutput keeps its class and attributes)."""
+    if isinstance(output, torch.Tensor):
+        return function(output)
+    if isinstance(output, dict):
+        for key, value in output.items():
+            output[key] = _map_tensors(value, function)
+        return output
+    if type(output) in (tuple, list):
+        return type(output)(_map_tensors(value, function) for value in output)
+    return output
+
+
+# One forward at a time per model: the rows of a forward live on the model's layers for its
+# duration (as PEFT's adapter_names do), so concurrent forwards from threads are serialised
+# instead of reading each other's rows. Kept beside the model, not in it: a lock does not
+# pickle or deep-copy.
+_FORWARD_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _one_forward_at_a_time(model: nn.Module):
+    with _LOCKS_GUARD:
+        lock = _FORWARD_LOCKS.get(model)
+        if lock is None:
+            lock = _FORWARD_LOCKS[model] = threading.RLock()
+    return lock
+
+
 class TrainedHead(nn.Module):
     """A head EDoRA trains and saves with the adapter (PEFT's ``modules_to_save``): a trainable
     copy per adapter beside the frozen original, which runs instead while the adapter is
@@ -102,7 +200,7 @@ class TrainedHead(nn.Module):
         # Each row through its adapter's head (the base model's rows: the original); which
         # rows is read on the host, so the device is never waited on.
         x, rest = args[0], args[1:]
-        assignment = as_assignment(rows)
+        assignment = as_assignment(rows, x, f"head {type(self.original_module).__name__}")
         modules = [*map(self.module_for, self.adapter_names), self.original_module]
         selections: dict[int, list[int]] = {}
         for row, index in enumerate(assignment.values):
@@ -190,18 +288,27 @@ class EDoRAModel(nn.Module):
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The model's forward; ``adapter_names`` (one per row, ``"__base__"`` for the base
         model) runs every row with its own adapter in one pass."""
-        with self._rows(adapter_names, args, kwargs):
-            return self.base_model(*args, **kwargs)
+        with _one_forward_at_a_time(self), self._rows(adapter_names, args, kwargs) as mixed:
+            output = self.base_model(*args, **kwargs)
+        if mixed and torch.is_grad_enabled():
+            output = self._differentiable(output)
+        return output
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        with self._rows(adapter_names, args, kwargs):
+        """The model's ``generate``; ``adapter_names`` as in :meth:`forward`, one per input
+        row (beams and returned sequences take their row's adapter)."""
+        with _one_forward_at_a_time(self), self._rows(adapter_names, args, kwargs,
+                                                      repeats=True):
             return self.base_model.generate(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _rows(self, adapter_names, args, kwargs):
-        # A forward that records a graph also sets the rows its recomputation under gradient
-        # checkpointing takes (mixed.rows_this_forward), mixed or not; a no-grad one leaves them.
+    def _rows(self, adapter_names, args, kwargs, repeats: bool = False):
+        """Set the rows of one forward (yields whether it is a mixed one). A forward that
+        records a graph also sets the rows its recomputation under gradient checkpointing
+        takes (mixed.rows_this_forward), mixed or not; a no-grad one leaves them."""
         records = torch.is_grad_enabled()
+        if records:
+            self._recompute_with_their_rows()
         if adapter_names is None:
             if len(self._active) > 1:
                 raise ValueError(f"adapters {self._active} are active together: pass "
@@ -210,14 +317,14 @@ class EDoRAModel(nn.Module):
                 for module in _row_switched(self.base_model):
                     module.rows_to_recompute = None
                 self._mixed_recorded = False
-            yield
+            yield False
             return
         if isinstance(adapter_names, str):
             raise TypeError("adapter_names must be a list with one adapter name per row, got "
                             f"the string {adapter_names!r}")
-        inputs = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-        batch = inputs[0].shape[0] if inputs and inputs[0].dim() else len(adapter_names)
-        rows = RowAssignment(row_indices(adapter_names, self.adapter_names(), batch))
+        batch = _batch_size(args, kwargs, adapter_names)
+        rows = RowAssignment(row_indices(adapter_names, self.adapter_names(), batch),
+                             repeats=repeats)
         modules = list(_row_switched(self.base_model))
         for module in modules:
             module.row_adapters = rows
@@ -225,10 +332,37 @@ class EDoRAModel(nn.Module):
                 module.rows_to_recompute = rows
         self._mixed_recorded = records or getattr(self, "_mixed_recorded", True)
         try:
-            yield
+            yield True
         finally:
             for module in modules:
                 module.row_adapters = None
+
+    def _recompute_with_their_rows(self) -> None:
+        """Wrap each gradient-checkpointing function of the model (transformers'
+        ``_gradient_checkpointing_func``, set by ``gradient_checkpointing_enable``) so that
+        its recomputation runs with the rows of the forward that recorded it
+        (:class:`_RecomputeWithItsRows`), once per function set."""
+        owners = getattr(self, "_checkpoint_owners", None)
+        if owners is None:
+            owners = self._checkpoint_owners = list(_checkpoint_owners(self.base_model))
+        for owner in owners:
+            function = owner.__dict__.get("_gradient_checkpointing_func")
+            if function is not None and not isinstance(function, _RecomputeWithItsRows):
+                owner._gradient_checkpointing_func = _RecomputeWithItsRows(function, owner)
+
+    def _differentiable(self, output):
+        """``output`` of a mixed batch, its floating tensors tied to a zero-valued anchor when
+        none of them depends on a trained parameter (every row ``"__base__"`` or of an adapter
+        that does not train) while the model trains some: autograd would refuse their
+        backward, and a Trainer step on such a batch would stop. Backward then runs and leaves
+        every gradient None, as for an adapter a mixed batch leaves out."""
+        tensors = [t for t in _tensors(output) if t.is_floating_point()]
+        if any(t.requires_grad for t in tensors) or not tensors or not any(
+                p.requires_grad for p in self.base_model.parameters()):
+            return output
+        anchor = torch.zeros((), device=tensors[0].device, requires_grad=True)
+        return _map_tensors(output, lambda t: t + anchor.to(t.dtype)
+                            if t.is_floating_point() else t)
 
     def __getattr__(self, name):
         try:
@@ -252,6 +386,13 @@ class EDoRAModel(nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         return list(self._active)
+
+    def only_active_adapter(self, what: str) -> str:
+        """The active adapter, for ``what`` that takes one; a ValueError when several are."""
+        if len(self._active) > 1:
+            raise ValueError(f"{what} takes one adapter, and {self._active} are active: "
+                             "set_adapter(name) the one to use first")
+        return self._active[0]
 
     @property
     def active_adapter(self) -> str:
@@ -328,8 +469,8 @@ class EDoRAModel(nn.Module):
                 raise ValueError(
                     f"adapter {adapter_name!r}: {field}={getattr(config, field)!r} differs from "
                     f"its basis ({field}={getattr(reference, field)!r}); adapters on one "
-                    "basis share their layers and settings (an adapter of another rank or "
-                    "initialisation gets a basis of its own)")
+                    "basis share their layers and settings (an adapter of another rank, "
+                    "initialisation or seed gets a basis of its own)")
         if config.target_modules is None:
             return  # the basis's layers
         layers = set(edora_layers(self.base_model))
@@ -345,7 +486,7 @@ class EDoRAModel(nn.Module):
         """Make ``adapter_name`` the one forward uses and the one that trains; a list makes
         several trainable together, for batches with ``adapter_names`` (multi-tenant
         training)."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        names = [adapter_name] if isinstance(adapter_name, str) else [*dict.fromkeys(adapter_name)]
         known = self.adapter_names()
         unknown = [n for n in names if n not in known]
         if not names or unknown:
@@ -401,7 +542,7 @@ class EDoRAModel(nn.Module):
         adding it if the model does not hold it: Trainer's resume path, and the hot swap of a
         served adapter. Only R and m (and heads) are read when the model holds the adapter's
         basis — no W0 read, no factorisation, other adapters untouched. An adapter trained on
-        the same base model with other basis settings (rank, alpha, init, seed) brings its
+        the same base model with other basis settings (rank, init, seed) brings its
         basis from the saved tree (its own file, the tree's root or a sibling adapter's
         directory) as a second basis; one of another base model, or whose basis the tree does
         not carry, is refused naming the first difference."""
@@ -539,6 +680,7 @@ class EDoRAModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """The base model with the active adapter merged and its heads (PEFT's meaning)."""
+        self.only_active_adapter("merge_and_unload")
         _unwrap_heads(self.base_model, trained=True)
         return merge_and_unload(self.base_model)
 
@@ -629,25 +771,33 @@ class EDoRAModel(nn.Module):
         recorded (a different base model is refused, naming the first layer whose W0
         differs); frozen and in eval mode unless ``is_trainable``. More adapters of the tree:
         :meth:`load_adapter`."""
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"{directory}: not a directory (from_pretrained takes the "
+                                    "directory save_pretrained wrote)")
         basis_dir = _basis_directory(directory)
         root_config = _read_config(basis_dir)
         load_edora_state_dict(model, os.path.join(basis_dir, WEIGHTS_NAME))
-        wrapped = cls(model, _without_basis(root_config), apply=False)
-        saved = root_config.basis
-        if saved is not None:  # the file's A and B were made with the settings it records
-            wrapped._basis_settings[None] = {k: saved.get(k) for k in ("init", "split", "seed")}
-        why = None if saved is None else basis.difference(saved, wrapped.basis_fingerprint())
-        if why is not None:
+        try:
+            wrapped = cls(model, _without_basis(root_config), apply=False)
+            saved = root_config.basis
+            if saved is not None:  # the file's A and B were made with the settings it records
+                wrapped._basis_settings[None] = {k: saved.get(k)
+                                                 for k in ("init", "split", "seed")}
+            own = wrapped.basis_fingerprint()
+            why = None if saved is None else basis.difference(saved, own)
+            if why is not None:
+                raise ValueError(
+                    f"{basis_dir}: the adapter was trained on basis {saved['digest']}, not on "
+                    f"the one this model and the file make ({own['digest']}): {why}. Load it "
+                    "into the base model it was trained on")
+            if os.path.samefile(basis_dir, directory) and adapter_name == DEFAULT_ADAPTER:
+                _load_heads(model, directory, wrapped.heads(), DEFAULT_ADAPTER)
+            else:
+                wrapped.load_adapter(directory, adapter_name, is_trainable=is_trainable)
+                wrapped.set_adapter(adapter_name)
+        except BaseException:
             unload(model)  # refused: the model as it came
-            raise ValueError(
-                f"{basis_dir}: the adapter was trained on basis {saved['digest']}, not on the "
-                f"one this model and the file make ({wrapped.basis_fingerprint()['digest']}): "
-                f"{why}. Load it into the base model it was trained on")
-        if os.path.samefile(basis_dir, directory) and adapter_name == DEFAULT_ADAPTER:
-            _load_heads(model, directory, wrapped.heads(), DEFAULT_ADAPTER)
-        else:
-            wrapped.load_adapter(directory, adapter_name, is_trainable=is_trainable)
-            wrapped.set_adapter(adapter_name)
+            raise
         wrapped.set_trainable(is_trainable)
         if not is_trainable:
             wrapped.eval()

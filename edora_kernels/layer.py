@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import bases
+from . import basis as basis_digest
 from .checks import check_rank
 from .mixed import (
     BASE_NAME,
@@ -364,7 +365,7 @@ class EDoRALinear(nn.Module):
         bases.prepare_base(self.base_layer, self.kind)
         terms = self.norm_terms(basis=basis)
         return self._through_epilogue(x, dropout, self.base_layer, lambda y0, x_in: (
-            edora_epilogue(y0, x_in, self.bias, basis.A, basis.B, R, magnitude, basis.scaling,
+            edora_epilogue(y0, x_in, self._bias(y0), basis.A, basis.B, R, magnitude, basis.scaling,
                            norm_terms=terms, detach_norm=self.detach_norm,
                            backend=self.backend)))
 
@@ -387,10 +388,7 @@ class EDoRALinear(nn.Module):
         the batch, the rank-r term and g per row (``edora_kernels.mixed``). Only the adapters
         the batch uses take part, however many the layer holds; adapters of another basis
         (``extra_bases``) take the rank-r term on their rows from it."""
-        assignment = as_assignment(rows)
-        if x.dim() < 2 or x.shape[0] != len(assignment):
-            raise ValueError(f"{self._display_name()}: adapter_names gives {len(assignment)} "
-                             f"rows but the input has shape {tuple(x.shape)} (batch first)")
+        assignment = as_assignment(rows, x, self._display_name())
         if self.merged:
             raise RuntimeError(f"{self._display_name()} is merged; unmerge() before a batch "
                                "with adapter_names")
@@ -410,8 +408,9 @@ class EDoRALinear(nn.Module):
         if len(parts) == 1 and dropout == 0.0:
             basis, tables, local, adapters = parts[0]
             if self._mixed_on_triton(x, basis.rank):
-                return mixed_on_triton(x, None if self.kind.dense else base(x),
-                                       self._w0() if self.kind.dense else None, self.bias,
+                y0 = None if self.kind.dense else base(x)
+                return mixed_on_triton(x, y0, self._w0() if self.kind.dense else None,
+                                       self._bias(x if y0 is None else y0),
                                        basis.A, basis.B, tables, basis.scaling,
                                        *self._row_index(assignment, local, x, tables))
             if self.kind.dense:  # the base product inside the mixed step (one node)
@@ -491,10 +490,10 @@ class EDoRALinear(nn.Module):
         if len(parts) == 1:
             basis, tables, local, _ = parts[0]
             if self._mixed_on_triton(x, basis.rank):
-                return mixed_on_triton(x, y0, None, self.bias, basis.A, basis.B, tables,
+                return mixed_on_triton(x, y0, None, self._bias(y0), basis.A, basis.B, tables,
                                        basis.scaling,
                                        *self._row_index(assignment, local, x, tables))
-            return mixed_epilogue(y0, x, self.bias, basis.A, basis.B, tables, basis.scaling,
+            return mixed_epilogue(y0, x, self._bias(y0), basis.A, basis.B, tables, basis.scaling,
                                   assignment.index(local, x.device), own_y0=self.kind.dense)
         y = y0
         for basis, tables, local, adapters in parts:
@@ -502,16 +501,22 @@ class EDoRALinear(nn.Module):
             where = assignment.index(own, x.device)
             x_own, own_local = x[where], [local[i] for i in own]
             if self._mixed_on_triton(x, basis.rank):
-                rows_y = mixed_on_triton(x_own, y0[where], None, self.bias, basis.A, basis.B,
+                rows_y = mixed_on_triton(x_own, y0[where], None, self._bias(y0), basis.A, basis.B,
                                          tables, basis.scaling,
                                          *self._row_index(assignment, own_local, x_own,
                                                          tables))
             else:
-                rows_y = mixed_epilogue(y0[where], x_own, self.bias, basis.A, basis.B, tables,
+                rows_y = mixed_epilogue(y0[where], x_own, self._bias(y0), basis.A, basis.B, tables,
                                         basis.scaling, assignment.index(own_local, x.device),
                                         own_y0=True)
             y = y.index_copy(0, where, rows_y)
         return y
+
+    def _bias(self, y0: torch.Tensor) -> torch.Tensor | None:
+        """The base's bias in the dtype of its output ``y0``: a quantized base computes (and
+        holds its bias) in its compute dtype and casts its output back to the input's, as
+        bitsandbytes' 4-bit layer does with bf16 compute and fp32 activations."""
+        return None if self.bias is None else self.bias.to(y0.dtype)
 
     def _mixed_on_triton(self, x: torch.Tensor, rank: int) -> bool:
         """Whether a mixed batch runs on the Triton kernels (serving or training): the layer's
@@ -652,6 +657,9 @@ class EDoRALinear(nn.Module):
         n, V = self._norm_and_direction()
         self._merge_snapshot = (R.detach().clone(), magnitude.detach().clone(), n,
                                 self.basis_of(self.active_adapter))
+        # W0's digest before its bits change: the fingerprint of the base the adapter was
+        # trained on, merged or unmerged again (a file saved then loads into that base)
+        self._digest_before_merge = basis_digest.weight_digest(self)
         self._w0().copy_((magnitude.to(n.dtype) / n).unsqueeze(1) * V)
         self.merged = True
 
@@ -663,6 +671,7 @@ class EDoRALinear(nn.Module):
         self._w0().copy_(self.base_weight())
         self._merge_snapshot = None
         self.merged = False
+        basis_digest.keep_digest(self, self._digest_before_merge)
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -711,10 +720,11 @@ class EDoRALinear(nn.Module):
 
 
 def refresh_norm_terms(module: nn.Module) -> int:
-    """Drop the cached norm terms of every EDoRA layer in ``module`` (itself included), so the
-    next forward recomputes them. Needed only after writes the version counter cannot see:
-    ``layer.weight.data.mul_(…)``, ``.data.copy_``, in-place initialisers run on ``.data``, writes
-    through a numpy view. Returns how many layers were refreshed."""
+    """Drop the cached norm terms of every EDoRA layer in ``module`` (itself included), and the
+    norms and g tables mixed batches keep, so the next forward recomputes them. Needed only
+    after writes the version counter cannot see: ``layer.weight.data.mul_(…)`` (or R's, m's),
+    ``.data.copy_``, in-place initialisers run on ``.data``, writes through a numpy view.
+    Returns how many layers were refreshed."""
     layers = [m for m in module.modules() if isinstance(m, EDoRALinear)]
     for layer in layers:
         layer.refresh_norm_terms()

@@ -41,12 +41,28 @@ class RowAssignment:
     device are made once per forward — from pinned memory, without blocking — and reused by
     every layer after the first."""
 
-    def __init__(self, rows: torch.Tensor) -> None:
+    def __init__(self, rows: torch.Tensor, *, repeats: bool = False) -> None:
         self.values: list[int] = rows.tolist()
+        self.repeats = repeats
         self._on_device: dict[tuple, torch.Tensor] = {}
+        self._repeated: dict[int, RowAssignment] = {}
 
     def __len__(self) -> int:
         return len(self.values)
+
+    def for_batch(self, batch: int) -> RowAssignment | None:
+        """The assignment for a module whose input has ``batch`` leading rows: this one, or
+        with ``repeats`` (set by ``generate``: beams and returned sequences repeat each row k
+        times in place, the encoder of an encoder-decoder model sees the rows once) each row's
+        adapter k times; None when the batch does not fit."""
+        if batch == len(self):
+            return self
+        if not (self.repeats and self.values and batch % len(self) == 0):
+            return None
+        k = batch // len(self)
+        if k not in self._repeated:
+            self._repeated[k] = RowAssignment(torch.tensor(self.values).repeat_interleave(k))
+        return self._repeated[k]
 
     def index(self, values: list[int], device: torch.device, *, repeat: int = 1,
               dtype: torch.dtype = torch.long) -> torch.Tensor:
@@ -93,9 +109,16 @@ def rows_this_forward(module) -> RowAssignment | torch.Tensor | None:
     return rows
 
 
-def as_assignment(rows) -> RowAssignment:
-    """``rows`` (a host tensor of adapter indices, or a RowAssignment already) as one."""
-    return rows if isinstance(rows, RowAssignment) else RowAssignment(rows)
+def as_assignment(rows, x: torch.Tensor, where: str) -> RowAssignment:
+    """``rows`` (a host tensor of adapter indices, or a RowAssignment already) as the
+    assignment of the leading rows of ``x``, the input of the module ``where``; a ValueError
+    when they do not fit."""
+    assignment = rows if isinstance(rows, RowAssignment) else RowAssignment(rows)
+    fitted = assignment.for_batch(x.shape[0]) if x.dim() >= 2 else None
+    if fitted is None:
+        raise ValueError(f"{where}: adapter_names gives {len(assignment)} rows but the input "
+                         f"has shape {tuple(x.shape)} (batch first)")
+    return fitted
 
 
 class RowTables(NamedTuple):

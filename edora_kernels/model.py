@@ -23,6 +23,7 @@ from .adapter_io import (  # noqa: F401 (they lived here: edora_kernels.model.sa
     edora_state_dict,
     load_edora_state_dict,
     save_edora,
+    within_edora_layers,
 )
 from .checks import (
     check_finite_number,
@@ -84,6 +85,12 @@ def _find_targets(model: nn.Module, target_modules) -> list[tuple[list[str], nn.
     already = [names[0] for names, m in selected if isinstance(m, EDoRALinear)]
     if already:
         raise ValueError(f"modules {quote(already)} are already EDoRALinear")
+    inside = within_edora_layers(model)
+    nested = [n for names, _ in selected for n in names if n in inside]
+    if nested:
+        raise ValueError(f"target_modules {target_modules!r} selected {quote(nested)}, inside "
+                         "EDoRA layers (their base layers); an adapter there would never run: "
+                         "narrow the pattern")
     other = [bases.unsupported(names[0], m) for names, m in selected
              if bases.kind_of(m) is None]
     if other:

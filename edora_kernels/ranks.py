@@ -201,7 +201,8 @@ def suggest_ranks(curves: list[LayerCurve], *, energy: float | None = None,
         for c in curves:
             reached = next((r for r, s in enumerate(c.share, 1) if s >= energy), None)
             ranks[c.name] = reached or len(c.share)
-            if reached is None:
+            # a curve measured to full rank holds all of it (its last share rounds below 1)
+            if reached is None and len(c.share) < min(c.in_features, c.out_features):
                 short.append(c.name)
         return RankAdvice(curves, ranks, f"{measure} ≥ {energy:g}", measure, target_modules,
                           short)

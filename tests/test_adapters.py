@@ -161,6 +161,123 @@ def test_a_mixed_batch_trains_under_gradient_checkpointing(reentrant):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_two_mixed_forwards_before_one_backward_under_gradient_checkpointing(reentrant):
+    """A contrastive step records two forwards, each with its own rows, then one backward:
+    each checkpointed block recomputes with the rows of the forward that recorded it."""
+    second = ["b", "default", BASE_NAME, "a", "b", "a"]
+
+    def step(model):
+        model.train()  # transformers checkpoints in training mode only
+        model.zero_grad()
+        model.set_adapter(["default", "a", "b"])
+        first = F.cross_entropy(model(input_ids=IDS, adapter_names=NAMES).logits, LABELS)
+        other = F.cross_entropy(model(input_ids=IDS.flip(0), adapter_names=second).logits,
+                                LABELS)
+        (first + 2 * other).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    expected = step(three_adapters())
+    model = three_adapters()
+    model.base_model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        model.base_model.enable_input_require_grads()
+    checkpointed = step(model)
+    assert sorted(checkpointed) == sorted(expected)
+    for key, grad in expected.items():
+        torch.testing.assert_close(checkpointed[key], grad, rtol=0, atol=1e-12, msg=key)
+
+
+def test_a_batch_of_base_rows_only_trains_as_a_step_without_adapter_gradients():
+    """A batch whose rows all run the base model (a small batch of a multi-tenant data set)
+    still backpropagates, every adapter's gradient left None, and its outputs are the base
+    model's."""
+    model = three_adapters()
+    model.train()
+    model.set_adapter(["default", "a", "b"])
+    out = model(input_ids=IDS[:2], adapter_names=[BASE_NAME] * 2, labels=LABELS[:2])
+    out.loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    model.set_adapter("default")
+    with model.disable_adapter():
+        base = model(input_ids=IDS[:2], labels=LABELS[:2])
+    assert torch.equal(out.logits, base.logits) and torch.equal(out.loss, base.loss)
+    # frozen: no anchor, outputs as the base model gives them
+    model.set_trainable(False)
+    assert not model(input_ids=IDS[:2], adapter_names=[BASE_NAME] * 2).logits.requires_grad
+
+
+def test_the_batch_is_read_from_the_inputs_that_hold_it():
+    """A broadcast position_ids (batch 1) given first does not hide the batch of input_ids."""
+    model = three_adapters()
+    with torch.no_grad():
+        expected = model(input_ids=IDS, adapter_names=NAMES).logits
+        positions = torch.arange(IDS.shape[1])[None]
+        got = model(position_ids=positions, input_ids=IDS, adapter_names=NAMES).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_threads_sharing_a_model_each_get_their_own_rows():
+    """Forwards from two threads on one model, each with its own adapter_names, interleave
+    without reading each other's rows (one forward at a time per model)."""
+    import threading
+
+    model = three_adapters()
+    batches = [(IDS[:3], NAMES[:3]), (IDS[3:], ["a", "a", BASE_NAME])]
+    with torch.no_grad():
+        expected = [model(input_ids=ids, adapter_names=names).logits for ids, names in batches]
+    wrong = []
+
+    def serve(i):
+        ids, names = batches[i]
+        for _ in range(20):
+            with torch.no_grad():
+                got = model(input_ids=ids, adapter_names=names).logits
+            if not torch.equal(got, expected[i]):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
+
+
+def _tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=2, pad_token_id=0)
+    return transformers.LlamaForCausalLM(config).double().eval()
+
+
+@pytest.mark.parametrize("settings", [{"num_beams": 2}, {"num_beams": 3,
+                                                          "num_return_sequences": 2}])
+def test_generate_gives_beams_and_returned_sequences_their_rows_adapter(settings):
+    """generate repeats each input row for its beams and returned sequences: every copy runs
+    with its row's adapter, as the row generated alone with that adapter does."""
+    model = get_edora_model(_tiny_llama(), EDoRAConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                       seed=0))
+    model.add_adapter("a", EDoRAConfig(r=4, target_modules=["q_proj", "v_proj"], seed=1))
+    _perturb(model, ["default", "a"])
+    prompts = torch.randint(1, 61, (3, 5), generator=torch.Generator().manual_seed(2))
+    names = ["a", BASE_NAME, "default"]
+    kwargs = dict(max_new_tokens=6, do_sample=False, **settings)
+    mixed = model.generate(input_ids=prompts, adapter_names=names, **kwargs)
+    copies = settings.get("num_return_sequences", 1)
+    assert mixed.shape[0] == 3 * copies
+    for i, name in enumerate(names):
+        if name == BASE_NAME:
+            with model.disable_adapter():
+                alone = model.generate(input_ids=prompts[i:i + 1], **kwargs)
+        else:
+            model.set_adapter(name)
+            alone = model.generate(input_ids=prompts[i:i + 1], **kwargs)
+        assert torch.equal(mixed[i * copies:(i + 1) * copies], alone), name
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "nf4"])
 def test_layer_mixed_rows_against_the_float64_reference(kind):
     """One layer, every row against the dense reference with its adapter's R and m (a
@@ -941,9 +1058,13 @@ def test_adapter_api_refusals():
         model.delete_adapter("default")
     with pytest.raises(ValueError, match="3 names for a batch of 6 rows"):
         model(input_ids=IDS, adapter_names=["x"] * 3)
-    model.set_adapter(["default", "x"])
+    model.set_adapter(["default", "x", "default"])
+    assert model.active_adapters == ["default", "x"]
     with pytest.raises(ValueError, match="active together: pass adapter_names"):
         model(input_ids=IDS)
+    with pytest.raises(ValueError, match=r"merge_and_unload takes one adapter, and "
+                                         r"\['default', 'x'\] are active"):
+        model.merge_and_unload()
     with pytest.raises(TypeError, match="one adapter name per row"):
         model(input_ids=IDS, adapter_names="x")
 

@@ -235,6 +235,51 @@ def test_disable_adapter_runs_the_original_heads_bit_exactly():
         assert not torch.equal(model(input_ids=IDS).logits, plain)
 
 
+def test_from_pretrained_names_a_missing_directory_and_leaves_the_model(tmp_path):
+    get_edora_model(classifier(), CONFIG).save_pretrained(tmp_path)
+    for missing in (tmp_path / "checkpoint-500", tmp_path / "adapter_model.safetensors"):
+        model = classifier()
+        with pytest.raises(FileNotFoundError, match="not a directory"):
+            EDoRAModel.from_pretrained(model, missing)
+        assert not any(isinstance(m, EDoRALinear) for m in model.modules())
+
+
+def test_a_refused_base_is_named_with_both_digests(tmp_path):
+    trained = get_edora_model(classifier(), CONFIG)
+    trained.save_pretrained(tmp_path)
+    other = classifier(seed=1)
+    ours = get_edora_model(classifier(seed=1), CONFIG).basis_fingerprint()["digest"]
+    saved = trained.basis_fingerprint()["digest"]
+    with pytest.raises(ValueError, match=f"basis {saved}, not on the one this model and the "
+                                         f"file make \\({ours}\\)"):
+        EDoRAModel.from_pretrained(other, tmp_path)
+    assert not any(isinstance(m, EDoRALinear) for m in other.modules())
+
+
+def test_an_adapter_saved_merged_or_after_unmerge_loads_into_its_base(tmp_path):
+    """merge() and unmerge() restore W0 to rounding only; the adapter is still the one trained
+    on the pristine base, and its file says so."""
+    model = get_edora_model(classifier(), CONFIG)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, EDoRALinear):
+                layer.R.normal_(0, 0.3)
+    layers = [m for m in model.modules() if isinstance(m, EDoRALinear)]
+    for layer in layers:
+        layer.merge()
+    model.save_pretrained(tmp_path / "merged")
+    for layer in layers:
+        layer.unmerge()
+    model.save_pretrained(tmp_path / "unmerged")
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+    for saved in ("merged", "unmerged"):
+        restored = EDoRAModel.from_pretrained(classifier(), tmp_path / saved)
+        with torch.no_grad():
+            torch.testing.assert_close(restored(input_ids=IDS).logits, expected, rtol=0,
+                                       atol=1e-6)
+
+
 def test_from_pretrained_returns_an_eval_model_unless_trainable(tmp_path):
     model = get_edora_model(classifier(), CONFIG)
     model.train()

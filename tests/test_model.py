@@ -153,6 +153,10 @@ def test_applying_twice_is_refused(base):
     model, _ = edora_copy(base)
     with pytest.raises(ValueError, match="already EDoRALinear"):
         apply_edora(model, ["query"], RANK, progress=False)
+    # nor may a second adaptation reach inside an EDoRA layer: an adapter on its base layer
+    # would never run
+    with pytest.raises(ValueError, match=r"query\.base_layer'?.*inside EDoRA layers"):
+        apply_edora(model, r".*query\.base_layer", RANK, progress=False)
 
 
 def test_non_finite_weight_is_named(base):

@@ -162,6 +162,9 @@ def test_energy_rule_takes_the_smallest_rank_that_reaches_it():
     assert advice.ranks == {"a": 2, "b": 3} and advice.short == ["b"]
     assert advice.config() == {"r": 2, "rank_pattern": {"b": 3}, "target_modules": r"(.*\.)?(a|b)"}
     assert advice.trainable() == 4 + 10 + 9 + 10
+    # a curve measured to full rank holds everything, though its last share rounds below 1
+    full = suggest_ranks([curve("c", [0.6, 0.9, 0.999999999], out=3)], energy=1.0)
+    assert full.ranks == {"c": 3} and full.short == []
 
 
 def test_budget_rule_spends_at_most_the_budget_and_matches_the_best_choice():

@@ -27,11 +27,13 @@ def _matches(name: str, patterns, field: str) -> bool:
 
 def _linear_names(model: nn.Module, adapted: bool = False) -> list[str]:
     """The modules of ``model`` EDoRA can wrap (``edora_kernels.bases``), or has wrapped."""
-    from ..layer import EDoRALinear
+    from ..adapter_io import edora_layers, within_edora_layers
 
     if adapted:
-        return [n for n, m in model.named_modules() if isinstance(m, EDoRALinear)]
-    return [n for n, m in model.named_modules() if n and bases.kind_of(m) is not None]
+        return list(edora_layers(model))
+    inside = within_edora_layers(model)
+    return [n for n, m in model.named_modules()
+            if n and n not in inside and bases.kind_of(m) is not None]
 
 
 def target_names(model: nn.Module, config, kind: str = "LoraConfig", *,
