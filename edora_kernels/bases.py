@@ -10,6 +10,8 @@ bitsandbytes module once that library is imported):
   ``torchao_int8``: an ``nn.Linear`` whose weight torchao replaced by an int8 weight-only tensor.
   The base layer's own forward gives ``y0 = base(x)`` and the epilogue op adds the adapter; W0
   is dequantized only to compute the norm terms (once, and again only when the base changes).
+  An 8-bit layer with ``has_fp16_weights`` (bitsandbytes' default) keeps a float weight that
+  every forward quantizes afresh: W0 is that weight.
 
 Anything else is refused, naming the module, its type, its weight's type and the kinds above
 (``SUPPORTED``).
@@ -111,18 +113,27 @@ def dense_weight(module: nn.Module, kind: Kind) -> torch.Tensor:
     return module.weight.T if kind is CONV1D else module.weight
 
 
+def _float_8bit(module: nn.Module, kind: Kind) -> bool:
+    """A bitsandbytes 8-bit layer with ``has_fp16_weights``: its weight stays float and every
+    forward quantizes it afresh (never stored as int8)."""
+    return kind is BNB_8BIT and module.state.has_fp16_weights
+
+
 def stamped_weight(module: nn.Module, kind: Kind) -> torch.Tensor:
     """A plain tensor whose storage and version change whenever W0 does (what the norm cache
     stamps): the weight, or the quantized data beneath it."""
     if kind.dense:
         return dense_weight(module, kind)
+    if _float_8bit(module, kind):
+        return module.weight  # not .data: that has its own version counter
     if kind is TORCHAO_INT8:
         return module.weight.qdata
     return module.weight.data  # bitsandbytes: the packed or int8 data
 
 
 def dequantized_weight(module: nn.Module, kind: Kind) -> torch.Tensor:
-    """W0 (out×in) as a dense tensor: a view for dense bases, dequantized otherwise."""
+    """W0 (out×in) as a dense tensor: a view for dense bases, the weight itself for a float
+    8-bit one, dequantized otherwise."""
     weight = module.weight
     if kind.dense:
         return dense_weight(module, kind)
@@ -135,6 +146,13 @@ def dequantized_weight(module: nn.Module, kind: Kind) -> torch.Tensor:
         if _cpu_packed(weight):  # on copies: the layer keeps its layout
             data, state = _standard_layout(data.clone(), copy.deepcopy(state))
         return bnb_f.dequantize_4bit(data, state)
+    if _float_8bit(module, kind):
+        return weight
+    if weight.dtype != torch.int8:
+        # Not quantized yet (never moved to a device): its first forward quantizes it, from
+        # fp16 as here, and W0 is what that gives.
+        data, scales, _ = bnb_f.int8_vectorwise_quant(weight.data.to(torch.float16))
+        return bnb_f.int8_vectorwise_dequant(data, scales)
     # The row scales move from the weight to the layer's state at its first forward.
     scales = weight.SCB if weight.SCB is not None else module.state.SCB
     return bnb_f.int8_vectorwise_dequant(weight.data, scales)
@@ -179,15 +197,15 @@ def weight_dtype(module: nn.Module, kind: Kind) -> torch.dtype:
         return module.weight.dtype
     if kind is BNB_4BIT:
         return module.compute_dtype or torch.float32
-    if kind is TORCHAO_INT8:
+    if kind is TORCHAO_INT8 or _float_8bit(module, kind):
         return module.weight.dtype
     return module.bias.dtype if module.bias is not None else torch.float32
 
 
 def rebuilt(module: nn.Module, kind: Kind, weight: torch.Tensor) -> nn.Module:
     """A new base layer of ``module``'s kind holding ``weight`` (out×in, dense) as W0 and the
-    same bias: Linear and Conv1D exactly, quantized kinds quantized again (a fresh
-    quantization error, of the scheme's size)."""
+    same bias: Linear and Conv1D exactly, quantized kinds quantized again with the base's own
+    settings (a fresh quantization error, of the scheme's size)."""
     bias = None if module.bias is None else module.bias.detach()
     in_f, out_f = weight.shape[1], weight.shape[0]
     device = weight.device
@@ -209,14 +227,26 @@ def rebuilt(module: nn.Module, kind: Kind, weight: torch.Tensor) -> nn.Module:
         return linear
     import bitsandbytes as bnb
 
+    # Built on meta and given the new weight on the CPU: moving it to a device quantizes it.
     if kind is BNB_4BIT:
+        old = module.weight
+        scheme = {"compress_statistics": old.compress_statistics, "quant_type": old.quant_type,
+                  "quant_storage": old.quant_storage}
         new = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None,
-                                compute_dtype=module.compute_dtype,
-                                quant_type=module.weight.quant_type,
-                                quant_storage=module.weight.quant_storage, device="cpu")
+                                compute_dtype=module.compute_dtype, device="meta", **scheme)
+        new.weight = bnb.nn.Params4bit(weight.detach().to("cpu", torch.float32),
+                                       requires_grad=False, blocksize=old.blocksize,
+                                       module=new, **scheme)
+        # As the wrapped base (prepare_base): no bf16 re-layout, which bitsandbytes 0.50
+        # would also undo wrongly when saving an unnested weight.
+        new.support_avx512bf16_for_cpu = module.support_avx512bf16_for_cpu
     else:
-        new = bnb.nn.Linear8bitLt(in_f, out_f, bias=bias is not None, has_fp16_weights=False,
-                                  threshold=module.state.threshold, device="cpu")
-    new.load_state_dict({"weight": weight.detach().to("cpu", torch.float32),
-                         **({} if bias is None else {"bias": bias.cpu()})}, strict=False)
-    return new.to(device)  # moving the fresh weight to a device quantizes it
+        fp16_weights = module.state.has_fp16_weights
+        new = bnb.nn.Linear8bitLt(in_f, out_f, bias=bias is not None,
+                                  has_fp16_weights=fp16_weights,
+                                  threshold=module.state.threshold, device="meta")
+        new.weight = bnb.nn.Int8Params(weight.detach().cpu(), requires_grad=False,
+                                       has_fp16_weights=fp16_weights)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.cpu().clone(), requires_grad=False)
+    return new.to(device)

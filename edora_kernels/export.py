@@ -26,10 +26,11 @@ from .install import install, positions
 
 
 def _replace_all(model: nn.Module, build) -> nn.Module:
-    """Every EDoRA layer (at every name it is registered under) replaced by ``build(layer)``;
-    all are built before the model changes."""
+    """Every EDoRA layer (at every name it is registered under) replaced by ``build(layer)``,
+    in the layer's training mode (a fresh layer starts in training mode, in which an 8-bit
+    bitsandbytes layer computes differently); all are built before the model changes."""
     where = positions(model)
-    install(model, [(where[id(layer)], build(layer))
+    install(model, [(where[id(layer)], build(layer).train(layer.training))
                     for layer in edora_layers(model).values()])
     return model
 
@@ -83,12 +84,21 @@ def export_peft_dora(model: nn.Module, directory: str | os.PathLike, *,
     ``rank_pattern`` / ``alpha_pattern`` under their exact names. Keys follow PEFT's layout
     for a model wrapped as ``base_model.model``. Given an ``EDoRAModel``, its base model is
     exported with its trained heads as PEFT ``modules_to_save`` and its ``task_type``. Each
-    layer's active adapter is exported.
+    layer's active adapter is exported. ``fan_in_fan_out`` is set when any layer is a GPT-2
+    ``Conv1D``; PEFT sets it per layer by the layer's type, so Conv1D and ``nn.Linear`` layers
+    (GPT-2's ``lm_head``) mix. Nothing is written unless everything can be.
     """
     from .edora_model import EDoRAModel  # the wrapper imports this module
 
+    for name, value in (("base_model_name_or_path", base_model_name_or_path),
+                        ("task_type", task_type)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"export_peft_dora: {name} must be a str or None, got "
+                            f"{type(value).__name__}")
+
     heads: dict[str, nn.Module] = {}
     if isinstance(model, EDoRAModel):
+        model.only_active_adapter("export_peft_dora")
         heads = {name: head.module_for(head.active_adapter)
                  for name, head in model.heads().items()}
         task_type = task_type or model.edora_config.task_type
@@ -115,19 +125,15 @@ def export_peft_dora(model: nn.Module, directory: str | os.PathLike, *,
     for name, head in heads.items():  # PEFT stores a modules_to_save copy under its own name
         for key, value in head.state_dict().items():
             tensors[f"base_model.model.{name}.{key}"] = value.detach().contiguous()
-    os.makedirs(directory, exist_ok=True)
-    save_file({k: v.cpu() for k, v in tensors.items()},
-              os.path.join(directory, "adapter_model.safetensors"))
-    conv1d = {layer.kind is bases.CONV1D for layer in layers.values()}
-    if len(conv1d) > 1:
-        raise ValueError("layers mix GPT-2 Conv1D and other bases: PEFT's fan_in_fan_out is one "
-                         "setting per adapter")
     config = {"peft_type": "LORA", "task_type": task_type, "r": rank, "lora_alpha": alpha,
               "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
               "target_modules": exact_names(sorted(layers)),
               "use_dora": True, "lora_dropout": 0.0, "bias": "none",
-              "fan_in_fan_out": conv1d == {True},
+              "fan_in_fan_out": any(layer.kind is bases.CONV1D for layer in layers.values()),
               "modules_to_save": sorted(heads) or None,
               "base_model_name_or_path": base_model_name_or_path}
+    os.makedirs(directory, exist_ok=True)
+    save_file({k: v.cpu() for k, v in tensors.items()},
+              os.path.join(directory, "adapter_model.safetensors"))
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)

@@ -1065,6 +1065,8 @@ def test_adapter_api_refusals():
     with pytest.raises(ValueError, match=r"merge_and_unload takes one adapter, and "
                                          r"\['default', 'x'\] are active"):
         model.merge_and_unload()
+    with pytest.raises(ValueError, match="export_peft_dora takes one adapter"):
+        export_peft_dora(model, "never-written")
     with pytest.raises(TypeError, match="one adapter name per row"):
         model(input_ids=IDS, adapter_names="x")
 

@@ -45,7 +45,7 @@ def _conv1d():
     return conv
 
 
-def _bnb(quant):
+def _bnb(quant, moved=True):
     bnb = pytest.importorskip("bitsandbytes")
     dense = _dense()
     if quant == "int8":
@@ -53,7 +53,9 @@ def _bnb(quant):
     else:
         layer = bnb.nn.Linear4bit(IN, OUT, quant_type=quant, compute_dtype=torch.float32)
     layer.load_state_dict(dense.state_dict())
-    return layer.to("cpu")  # moving the weight to a device quantizes it
+    # moving the weight to a device quantizes it; an 8-bit layer never moved quantizes itself
+    # at its first forward
+    return layer.to("cpu") if moved else layer
 
 
 def _torchao():
@@ -64,7 +66,10 @@ def _torchao():
 
 
 BASES = {"conv1d": _conv1d, "nf4": lambda: _bnb("nf4"), "fp4": lambda: _bnb("fp4"),
-         "int8": lambda: _bnb("int8"), "torchao_int8": _torchao}
+         "int8": lambda: _bnb("int8"), "int8_unmoved": lambda: _bnb("int8", moved=False),
+         "torchao_int8": _torchao}
+KIND_NAMES = {"conv1d": "conv1d", "nf4": "bnb_4bit", "fp4": "bnb_4bit", "int8": "bnb_8bit",
+              "int8_unmoved": "bnb_8bit", "torchao_int8": "torchao_int8"}
 
 
 def _trained(layer):
@@ -79,8 +84,7 @@ def _trained(layer):
 def test_against_the_float64_reference(kind, detach_norm):
     layer = _trained(EDoRALinear.from_linear(BASES[kind](), RANK, seed=0,
                                              detach_norm=detach_norm))
-    assert layer.kind.name == kind.replace("nf4", "bnb_4bit").replace("fp4", "bnb_4bit") \
-        .replace("int8", "bnb_8bit").replace("torchao_bnb_8bit", "torchao_int8")
+    assert layer.kind.name == KIND_NAMES[kind]
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(3, 7, IN, generator=gen).requires_grad_()
     y = layer(x)
@@ -95,6 +99,30 @@ def test_against_the_float64_reference(kind, detach_norm):
     for name, got, want in zip(("dx", "dR", "dm"), grads,
                                torch.autograd.grad(expected, d, gy.double())):
         assert_close(got, want, torch.float32, f"{kind} {name}")
+
+
+def test_a_4bit_base_computing_in_bf16_takes_fp32_activations():
+    """The QLoRA set-up: a 4-bit base with bf16 compute (bitsandbytes then holds its bias in
+    bf16 and casts its output back to the input's fp32); the epilogue takes the bias in the
+    output's dtype. y = g ⊙ (y0 − b + s·x Aᵀ Rᵀ Bᵀ) + b with y0 the base's own output."""
+    bnb = pytest.importorskip("bitsandbytes")
+    base = bnb.nn.Linear4bit(IN, OUT, quant_type="nf4", compute_dtype=torch.bfloat16)
+    base.load_state_dict(_dense().state_dict())
+    layer = _trained(EDoRALinear.from_linear(base.to("cpu"), RANK, seed=0))
+    x = torch.randn(3, IN, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    y = layer(x)
+    assert y.dtype == torch.float32 and layer.bias.dtype == torch.bfloat16
+    f64 = [t.detach().double() for t in (layer.base_weight(), layer.bias, layer.A, layer.B,
+                                         layer.R, layer.magnitude, x)]
+    w0, b, A, B, R, m, x64 = f64
+    delta = layer.scaling * B @ R @ A
+    g = m / (w0 + delta).norm(dim=1)
+    with torch.no_grad():
+        y0 = base(x).double()
+    expected = g * (y0 - b + x64 @ delta.T) + b
+    torch.testing.assert_close(y.detach().double(), expected, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert x.grad is not None and layer.R.grad is not None
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
@@ -151,6 +179,62 @@ def test_reload_is_exact_and_merge_keeps_the_kind(kind, tmp_path):
         assert error < 1e-5
     else:  # quantized again: a fresh quantization error, of the size the base itself has
         assert error <= 2 * dense_error + quantization_error + 1e-5
+
+
+def test_bnb_8bit_float_weights_against_the_float64_dense_computation():
+    """bitsandbytes' default 8-bit layer (``has_fp16_weights=True``) keeps its float weight and
+    quantizes it afresh at every forward: W0 is that weight (it was once read as int8 data and
+    came out ~1/1000 of it), the norm and the merge use it, and the merge gives a layer of the
+    same state."""
+    bnb = pytest.importorskip("bitsandbytes")
+    dense = _dense()
+    base = bnb.nn.Linear8bitLt(IN, OUT)
+    base.load_state_dict(dense.state_dict())
+    base = base.to("cpu")
+    x = torch.randn(5, IN, generator=torch.Generator().manual_seed(2))
+    base(x)  # leaves the scales of its on-the-fly quantization in the layer's state
+    layer = _trained(EDoRALinear.from_linear(base, RANK, seed=0))
+    assert torch.equal(layer.base_weight(), dense.weight)
+    y = layer(x)
+    W, b, x64 = dense.weight.double(), dense.bias.double(), x.double()
+    A, B, R, m = (t.detach().double() for t in (layer.A, layer.B, layer.R, layer.magnitude))
+    V = W + layer.scaling * B @ R @ A
+    g = m / V.norm(dim=1)
+    # the dense formula, plus the base's own quantization error (its output against x Wᵀ + b)
+    base_error = base(x).double() - (x64 @ W.T + b)
+    assert_close(y, g * (x64 @ V.T) + b + g * base_error, torch.float32, "y")
+
+    merged = merge_and_unload(nn.Sequential(layer))[0]
+    assert type(merged) is bnb.nn.Linear8bitLt and merged.state.has_fp16_weights
+    assert merged.weight.dtype == dense.weight.dtype
+    assert_close(merged.weight, g.unsqueeze(1) * V, torch.float32, "merged weight")
+
+
+@pytest.mark.parametrize("quant_type, blocksize, nested, storage, compute", [
+    ("fp4", 128, False, torch.uint8, torch.float32),
+    ("nf4", 256, True, torch.bfloat16, torch.bfloat16)])
+def test_merge_quantizes_again_with_the_base_4bit_settings(quant_type, blocksize, nested,
+                                                           storage, compute):
+    """The merged 4-bit layer holds the merged weight quantized exactly as the base was: its
+    quant type, block size, nesting, storage and compute dtype (not bitsandbytes' defaults)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    functional = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(0)
+    dense = nn.Linear(256, 64)
+    scheme = {"quant_type": quant_type, "compress_statistics": nested, "quant_storage": storage}
+    base = bnb.nn.Linear4bit(256, 64, compute_dtype=compute, **scheme)
+    base.weight = bnb.nn.Params4bit(dense.weight.detach().clone(), requires_grad=False,
+                                    blocksize=blocksize, module=base, **scheme)
+    base.bias = nn.Parameter(dense.bias.detach().clone(), requires_grad=False)
+    layer = _trained(EDoRALinear.from_linear(base.to("cpu"), RANK, seed=0))
+    expected = functional.quantize_4bit(layer.merged_weight().float(), blocksize=blocksize,
+                                        **scheme)
+    merged = merge_and_unload(nn.Sequential(layer))[0]
+    state = merged.weight.quant_state
+    assert (state.quant_type, state.blocksize, state.nested) == (quant_type, blocksize, nested)
+    assert merged.weight.dtype == storage and merged.compute_dtype == compute
+    assert torch.equal(functional.dequantize_4bit(merged.weight.data, state),
+                       functional.dequantize_4bit(*expected))
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8", "torchao_int8"])

@@ -102,3 +102,60 @@ def test_export_loads_in_stock_peft_with_the_same_outputs(tmp_path):
     assert peft_model.peft_config["default"].use_dora
     with torch.no_grad():
         torch.testing.assert_close(peft_model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_rebuilt_layers_keep_the_model_training_mode(training):
+    """A rebuilt layer (merge_and_unload; unload of a merged layer) is in the mode of the layer
+    it replaces, not a fresh layer's training mode (in which an 8-bit bitsandbytes layer
+    computes differently)."""
+    model = trained().train(training)
+    merge_and_unload(model)
+    assert all(m.training == training for m in model.modules())
+    model = trained().train(training)
+    model.encoder["query"].merge()
+    unload(model)
+    assert all(m.training == training for m in model.modules())
+
+
+def _mixed_model(which):
+    """A base model whose targets mix GPT-2 Conv1D and nn.Linear layers, in either order: the
+    targets, an input, and the output to compare."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    if which == "gpt2":  # Conv1D layers, then the nn.Linear lm_head
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=16)).eval()
+        return (model, ["c_attn", "lm_head"], torch.randint(0, 100, (2, 8), generator=gen),
+                lambda out: out.logits)
+    model = nn.Sequential(nn.Linear(16, 12), transformers.pytorch_utils.Conv1D(12, 12),
+                          nn.Linear(12, 5))
+    return model, ["0", "1", "2"], torch.randn(3, 16, generator=gen), lambda out: out
+
+
+@pytest.mark.parametrize("which", ["gpt2", "linear_first"])
+def test_export_mixing_conv1d_and_linear_layers(which, tmp_path):
+    """GPT-2 Conv1D and nn.Linear layers (GPT-2's lm_head) in one adapter: fan_in_fan_out is
+    written for the Conv1D layers and stock PEFT sets it per layer by the layer's type."""
+    peft = pytest.importorskip("peft")
+    model, targets, x, output = _mixed_model(which)
+    apply_edora(model, targets, 4, seed=0, progress=False)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, EDoRALinear):
+                layer.R.normal_(0, 0.3)
+                layer.magnitude.mul_(1.1)
+        expected = output(model(x))
+    export_peft_dora(model, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(_mixed_model(which)[0], tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(output(peft_model(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_refusal_writes_nothing(tmp_path):
+    from pathlib import Path
+
+    with pytest.raises(TypeError, match="base_model_name_or_path must be a str"):
+        export_peft_dora(trained(), tmp_path / "out", base_model_name_or_path=Path("base"))
+    assert not (tmp_path / "out").exists()
