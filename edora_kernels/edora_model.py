@@ -160,6 +160,8 @@ _LOCKS_GUARD = threading.Lock()
 
 
 def _one_forward_at_a_time(model: nn.Module):
+    if torch.compiler.is_compiling():  # dynamo cannot trace a lock (fullgraph would fail)
+        return contextlib.nullcontext()
     with _LOCKS_GUARD:
         lock = _FORWARD_LOCKS.get(model)
         if lock is None:

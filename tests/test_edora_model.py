@@ -350,3 +350,13 @@ def test_import_loads_no_optional_library():
 def test_the_peft_subclass_appears_once_peft_is_imported():
     model = get_edora_model(classifier(), CONFIG)
     assert isinstance(model, EDoRAModel) and isinstance(model, peft.PeftModel)
+
+
+def test_the_wrapped_model_compiles_whole():
+    """torch.compile(fullgraph=True) traces EDoRAModel's forward (its per-model lock is not
+    taken while compiling: dynamo cannot trace one)."""
+    model = get_edora_model(classifier(), CONFIG)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=IDS).logits, model(input_ids=IDS).logits,
+                                   rtol=0, atol=0)
