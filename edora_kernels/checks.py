@@ -263,10 +263,19 @@ def check_pattern(name: str, pattern, value_check) -> dict:
     return dict(pattern)
 
 
-def pattern_value(module_name: str, pattern: dict, default):
+def pattern_value(module_names: str | list[str], pattern: dict, default):
     """PEFT's rule for ``rank_pattern`` and ``alpha_pattern``: the value of the first key (in
-    order) that matches the end of the module name at a "." boundary, else ``default``."""
+    order) that matches the end of the module name at a "." boundary, else ``default``; for a
+    module registered under several names, of the first key that matches any of them."""
+    names = [module_names] if isinstance(module_names, str) else module_names
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if any(re.match(rf"(.*\.)?({key})$", name) for name in names):
             return value
     return default
+
+
+def check_seed(seed) -> None:
+    """``seed``: None or an int torch's generators take (an adapter's R is drawn from seed + 1)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not -2**63 <= seed <= 2**64 - 2):
+        raise ValueError(f"seed must be None or an int in [-2**63, 2**64 - 2], got {seed!r}")

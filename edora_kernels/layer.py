@@ -18,7 +18,7 @@ from torch import nn
 
 from . import bases
 from . import basis as basis_digest
-from .checks import check_rank
+from .checks import check_rank, check_seed
 from .mixed import (
     BASE_NAME,
     KernelTables,
@@ -221,6 +221,7 @@ class EDoRALinear(nn.Module):
     def initialise(self, A: torch.Tensor, B: torch.Tensor, *, seed: int | None = None) -> None:
         """Set the factors, draw R (std ``sigma``) and start m at ‖W0 + s·B R A‖, so that g = 1
         and the layer starts as its base."""
+        check_seed(seed)
         shapes = {"A": (self.rank, self.in_features), "B": (self.out_features, self.rank)}
         for name, t in (("A", A), ("B", B)):
             if tuple(t.shape) != shapes[name]:

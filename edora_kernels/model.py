@@ -29,6 +29,7 @@ from .checks import (
     check_finite_number,
     check_pattern,
     check_rank,
+    check_seed,
     check_target_modules,
     matches_target,
     pattern_value,
@@ -181,13 +182,14 @@ def apply_edora(
     the model is left unchanged. Returns an :class:`EDoRASummary`.
     """
     check_rank(rank)
+    check_seed(seed)
     rank_pattern = check_pattern("rank_pattern", rank_pattern, _check_pattern_rank)
     alpha_pattern = check_pattern("alpha_pattern", alpha_pattern, check_finite_number)
     layer_options = LayerOptions.from_kwargs("apply_edora", alpha=alpha, **options)
     _check_budget(memory_budget_bytes)
     targets = _find_targets(model, target_modules)
-    ranks = {id(m): pattern_value(names[0], rank_pattern, rank) for names, m in targets}
-    alphas = {id(m): float(pattern_value(names[0], alpha_pattern, layer_options.alpha))
+    ranks = {id(m): pattern_value(names, rank_pattern, rank) for names, m in targets}
+    alphas = {id(m): float(pattern_value(names, alpha_pattern, layer_options.alpha))
               for names, m in targets}
     check_weights(targets, ranks)
 
@@ -219,10 +221,12 @@ def factorise(targets: list[tuple[list[str], nn.Module]], ranks: dict[int, int],
     factors (copy them to keep them)."""
     groups: dict[tuple, list[tuple[list[str], nn.Module]]] = {}
     for names, module in targets:
-        groups.setdefault(_group_key(module), []).append((names, module))
+        # random factors are drawn at their rank's scale (U(±1/√r)): one rank per batch
+        rank_of_group = ranks[id(module)] if init == "random" else None
+        groups.setdefault((*_group_key(module), rank_of_group), []).append((names, module))
     gen = None if seed is None else torch.Generator().manual_seed(seed)
     with tqdm(total=len(targets), desc="EDoRA init", unit="layer", disable=not progress) as bar:
-        for (shape, dtype, device), members in groups.items():
+        for (shape, dtype, device, _), members in groups.items():
             # One batched call per chunk at the chunk's largest rank: a layer of a smaller
             # rank takes the leading singular directions of it.
             top = max(ranks[id(m)] for _, m in members)

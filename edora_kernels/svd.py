@@ -30,7 +30,7 @@ import numbers
 
 import torch
 
-from .checks import check_init, check_rank, check_split
+from .checks import check_init, check_rank, check_seed, check_split
 from .norm import compute_dtype
 from .op_common import cpu_threads_for
 
@@ -168,6 +168,7 @@ def randomized_svd(
         oversample = default_oversample(rank)
     _check_nonnegative_int("oversample", oversample)
     _check_nonnegative_int("n_iter", n_iter)
+    check_seed(seed)
     _check_matrix(W, rank, finite=False)
     Wc = W.detach().to(compute_dtype(W.dtype))
     *batch, m, n = Wc.shape
@@ -227,6 +228,7 @@ def edora_factors(
     """
     check_init(init)
     check_split(split)
+    check_seed(seed)
     _check_matrix(W, rank, finite=init != "rsvd")  # randomized_svd checks its sketch instead
     Wc = W.detach().to(compute_dtype(W.dtype))
     *batch, m, n = Wc.shape

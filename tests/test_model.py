@@ -159,6 +159,17 @@ def test_applying_twice_is_refused(base):
         apply_edora(model, r".*query\.base_layer", RANK, progress=False)
 
 
+def test_patterns_reach_a_module_registered_under_two_names():
+    """PEFT's pattern rule over every name of a shared module: a key matching its second name
+    gives it that rank and alpha."""
+    model = nn.Module()
+    model.a = nn.Linear(16, 12)
+    model.b = model.a
+    apply_edora(model, ["b"], 4, rank_pattern={"b": 2}, alpha_pattern={"b": 3.0},
+                progress=False)
+    assert model.a is model.b and (model.b.rank, model.b.alpha) == (2, 3.0)
+
+
 def test_non_finite_weight_is_named(base):
     model = copy.deepcopy(base)
     with torch.no_grad():

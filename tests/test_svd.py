@@ -207,6 +207,8 @@ def test_non_contiguous_input_matches_contiguous():
     (dict(oversample=-1), "oversample must be an int >= 0"),
     (dict(n_iter=-1), "n_iter must be an int >= 0"),
     (dict(n_iter=1.5), "n_iter must be an int >= 0"),
+    (dict(seed=1.5), r"seed must be None or an int"),
+    (dict(seed=2 ** 70), r"seed must be None or an int"),
 ])
 def test_argument_errors(bad, match):
     kwargs = {"rank": 4, **bad}
@@ -319,6 +321,19 @@ def test_random_init_draws_the_papers_distributions():
         assert abs(t.mean().item()) < 0.03 * bound
     again, _ = edora_factors(W, rank, init="random", seed=0)
     assert torch.equal(A, again)
+
+
+def test_random_init_draws_each_layer_at_its_own_rank():
+    """Layers of one shape with other ranks (rank_pattern) are drawn at their own scale, not
+    sliced from a draw at the largest rank."""
+    from edora_kernels.model import apply_edora
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    apply_edora(model, ["0", "1"], 32, rank_pattern={"0": 2}, init="random", seed=0,
+                progress=False)
+    for layer, rank in ((model[0], 2), (model[1], 32)):
+        assert layer.rank == rank
+        assert 0.9 * rank ** -0.5 < layer.A.abs().max() <= rank ** -0.5
 
 
 @pytest.mark.parametrize("rank", [1, 2, 4, 8, 16, 32, 64])
