@@ -20,7 +20,7 @@ from torch import nn
 
 from . import bases
 from .checks import check_rank, quote
-from .distributed import copy_whole, main_process, whole
+from .distributed import copy_whole, main_process, sharded_registered, whole
 from .install import install, positions
 from .layer import EDoRALinear, freeze_all_but_adapters
 from .options import LayerOptions
@@ -100,6 +100,7 @@ def save_edora(model: nn.Module, path: str | os.PathLike, *,
     ``state_dict``, ``model``'s state dict gathered already (accelerate's ``get_state_dict``):
     the adapter's tensors are then taken from it and nothing is communicated.
     """
+    sharded_registered(model)
     tensors = adapter_tensors(model, state_dict)
     if not main_process(is_main_process):
         return

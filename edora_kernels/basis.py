@@ -32,12 +32,17 @@ def _digest(t: torch.Tensor) -> str:
     flat = t.detach().contiguous().reshape(-1)
     step = max(1, _CHUNK_BYTES // max(flat.element_size(), 1))
     for chunk in flat.split(step):
-        h.update(chunk.cpu().view(torch.uint8).numpy().tobytes())
+        # a copy: a numpy view of W0's own storage would pin it (FSDP2 frees and regrows the
+        # storage of an unsharded parameter)
+        h.update(chunk.to("cpu", copy=True).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def weight_digest(layer: nn.Module) -> str:
-    """The digest of ``layer``'s W0, cached on the layer while W0 keeps its stamp."""
+def weight_digest(layer: nn.Module, gathered: torch.Tensor | None = None) -> str:
+    """The digest of ``layer``'s W0, cached on the layer while W0 keeps its stamp. A sharded
+    W0 (FSDP2) whose digest is not cached is gathered (a collective), or taken from
+    ``gathered``, the base weight from a state dict the caller gathered (not cached: every rank
+    keeps the same cache, so later collectives still match)."""
     stamped = bases.stamped_weight(layer.base_layer, layer.kind)
     if stamped.device.type == "meta":
         return "meta"
@@ -45,6 +50,8 @@ def weight_digest(layer: nn.Module) -> str:
         return layer._digest_before_merge
     cached = getattr(layer, "_weight_digest", None)
     if is_sharded(stamped):  # FSDP2: a frozen W0 keeps the digest it had when whole
+        if cached is None and gathered is not None and layer.kind.dense:
+            return _digest(gathered.T if layer.kind is bases.CONV1D else gathered)
         if cached is None:
             layer._weight_digest = (None, _digest(whole(layer.base_weight())))
         return layer._weight_digest[1]
@@ -63,14 +70,16 @@ def keep_digest(layer: nn.Module, digest: str) -> None:
 
 
 def fingerprint(layers: dict[str, nn.Module], *, init: str, split: str = "u",
-                seed: int | None, ranks: dict[str, int] | None = None) -> dict:
+                seed: int | None, ranks: dict[str, int] | None = None,
+                state_dict: dict[str, torch.Tensor] | None = None) -> dict:
     """The basis of ``layers`` (name → EDoRA layer) as a JSON-able dict: the settings, each
     layer's W0 digest, shape, dtype and rank (``ranks[name]``, else the layer's own), and one
     ``digest`` over all of it."""
-    ranks = ranks or {}
+    ranks, state = ranks or {}, state_dict or {}
     per_layer = {name: {"shape": [layer.out_features, layer.in_features],
                         "dtype": str(bases.weight_dtype(layer.base_layer, layer.kind)),
-                        "rank": ranks.get(name, layer.rank), "weight": weight_digest(layer)}
+                        "rank": ranks.get(name, layer.rank),
+                        "weight": weight_digest(layer, state.get(f"{name}.base_layer.weight"))}
                  for name, layer in sorted(layers.items())}
     settings = {"version": VERSION, "init": init, "split": split, "seed": seed}
     h = hashlib.sha256(repr((sorted(settings.items()),

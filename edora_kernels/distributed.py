@@ -20,6 +20,16 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
+def sharded_registered(model: torch.nn.Module) -> None:
+    """Have FSDP2's sharded parameters registered on every module it wraps in ``model``: after
+    a forward that no backward follows (an evaluation) a module keeps its unsharded ones
+    registered, whose memory FSDP2 frees, and a read would see freed storage. ``reshard()`` is
+    local (no communication)."""
+    for module in model.modules():
+        if any(c.__name__ == "FSDPModule" for c in type(module).__mro__):
+            module.reshard()
+
+
 def copy_whole(target: torch.Tensor, value: torch.Tensor) -> None:
     """``target.copy_(value)`` where ``value`` is the whole tensor and ``target`` may be one
     rank's shard of it (every rank holds ``value``: no communication)."""

@@ -47,7 +47,7 @@ from .adapter_io import (
 )
 from .checks import exact_names, matches_target, pattern_value, quote
 from .config import EDoRAConfig
-from .distributed import copy_whole, main_process, whole
+from .distributed import copy_whole, main_process, sharded_registered, whole
 from .export import merge_and_unload, unload
 from .install import install, positions
 from .integrations.peft import target_names
@@ -169,6 +169,26 @@ def _one_forward_at_a_time(model: nn.Module):
     return lock
 
 
+class EDoRATuner(nn.Module):
+    """``EDoRAModel.base_model``, as PEFT's tuner (``LoraModel``) is ``PeftModel.base_model``:
+    the adapted model as ``.model``, every other attribute and the call passed on to it.
+    transformers reaches a PEFT model's model as ``base_model.model`` (Trainer's label
+    smoothing, which shifts labels for causal LMs by its class name; NEFTune)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+
 class TrainedHead(nn.Module):
     """A head EDoRA trains and saves with the adapter (PEFT's ``modules_to_save``): a trainable
     copy per adapter beside the frozen original, which runs instead while the adapter is
@@ -253,7 +273,7 @@ class EDoRAModel(nn.Module):
             apply_edora(model, exact_names(names), config.r, seed=config.seed, progress=False,
                         rank_pattern=config.rank_pattern, alpha_pattern=config.alpha_pattern,
                         **vars(options))
-        self.base_model = model
+        self.base_model = EDoRATuner(model)
         self.edora_config = config
         self._configs = {DEFAULT_ADAPTER: config}
         # Each adapter's basis: None for the model's own, else a key of the layers'
@@ -274,16 +294,16 @@ class EDoRAModel(nn.Module):
     def _wrap_heads(self, config: EDoRAConfig) -> None:
         """Wrap the heads ``config`` names that are not wrapped yet (each with a copy for every
         adapter the model holds)."""
-        where = positions(self.base_model)
+        where = positions(self.get_base_model())
         wrapped = []
-        for name in _head_names(self.base_model, config.heads()):
-            module = self.base_model.get_submodule(name)
+        for name in _head_names(self.get_base_model(), config.heads()):
+            module = self.get_base_model().get_submodule(name)
             if not isinstance(module, TrainedHead):
                 head = TrainedHead(module)
                 for adapter in self.adapter_names()[1:]:
                     head.add_adapter(adapter)
                 wrapped.append((where[id(module)], head))
-        install(self.base_model, wrapped)
+        install(self.get_base_model(), wrapped)
 
     # --- pass-through -------------------------------------------------------------------------
 
@@ -291,7 +311,7 @@ class EDoRAModel(nn.Module):
         """The model's forward; ``adapter_names`` (one per row, ``"__base__"`` for the base
         model) runs every row with its own adapter in one pass."""
         with _one_forward_at_a_time(self), self._rows(adapter_names, args, kwargs) as mixed:
-            output = self.base_model(*args, **kwargs)
+            output = self.get_base_model()(*args, **kwargs)
         if mixed and torch.is_grad_enabled():
             output = self._differentiable(output)
         return output
@@ -301,7 +321,7 @@ class EDoRAModel(nn.Module):
         row (beams and returned sequences take their row's adapter)."""
         with _one_forward_at_a_time(self), self._rows(adapter_names, args, kwargs,
                                                       repeats=True):
-            return self.base_model.generate(*args, **kwargs)
+            return self.get_base_model().generate(*args, **kwargs)
 
     @contextlib.contextmanager
     def _rows(self, adapter_names, args, kwargs, repeats: bool = False):
@@ -316,7 +336,7 @@ class EDoRAModel(nn.Module):
                 raise ValueError(f"adapters {self._active} are active together: pass "
                                  "adapter_names= (one per row) to say which row uses which")
             if records and getattr(self, "_mixed_recorded", True):
-                for module in _row_switched(self.base_model):
+                for module in _row_switched(self.get_base_model()):
                     module.rows_to_recompute = None
                 self._mixed_recorded = False
             yield False
@@ -327,7 +347,7 @@ class EDoRAModel(nn.Module):
         batch = _batch_size(args, kwargs, adapter_names)
         rows = RowAssignment(row_indices(adapter_names, self.adapter_names(), batch),
                              repeats=repeats)
-        modules = list(_row_switched(self.base_model))
+        modules = list(_row_switched(self.get_base_model()))
         for module in modules:
             module.row_adapters = rows
             if records:
@@ -346,7 +366,7 @@ class EDoRAModel(nn.Module):
         (:class:`_RecomputeWithItsRows`), once per function set."""
         owners = getattr(self, "_checkpoint_owners", None)
         if owners is None:
-            owners = self._checkpoint_owners = list(_checkpoint_owners(self.base_model))
+            owners = self._checkpoint_owners = list(_checkpoint_owners(self.get_base_model()))
         for owner in owners:
             function = owner.__dict__.get("_gradient_checkpointing_func")
             if function is not None and not isinstance(function, _RecomputeWithItsRows):
@@ -360,7 +380,7 @@ class EDoRAModel(nn.Module):
         every gradient None, as for an adapter a mixed batch leaves out."""
         tensors = [t for t in _tensors(output) if t.is_floating_point()]
         if any(t.requires_grad for t in tensors) or not tensors or not any(
-                p.requires_grad for p in self.base_model.parameters()):
+                p.requires_grad for p in self.get_base_model().parameters()):
             return output
         anchor = torch.zeros((), device=tensors[0].device, requires_grad=True)
         return _map_tensors(output, lambda t: t + anchor.to(t.dtype)
@@ -370,10 +390,11 @@ class EDoRAModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.base_model, name)
+            return getattr(self.get_base_model(), name)
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model
+        """The adapted model itself (``base_model.model``, as in PEFT)."""
+        return self.base_model.model
 
     # --- adapters (PEFT's multi-adapter API) ----------------------------------------------------
 
@@ -424,7 +445,7 @@ class EDoRAModel(nn.Module):
         if all(getattr(config, f) == getattr(self.edora_config, f)
                for f in ("r", "rank_pattern", "init")):
             return None, None
-        layers = edora_layers(self.base_model)
+        layers = edora_layers(self.get_base_model())
         merged = [name for name, layer in layers.items() if layer.merged]
         if merged:
             raise RuntimeError(f"layers {merged[:4]} are merged; unmerge() before adding an "
@@ -447,7 +468,7 @@ class EDoRAModel(nn.Module):
     def _add_on_basis(self, adapter_name: str, config: EDoRAConfig, key: str | None) -> None:
         """Add ``adapter_name`` (fresh R and m) on the basis ``key`` in every layer, with its
         heads."""
-        for layer in edora_layers(self.base_model).values():
+        for layer in edora_layers(self.get_base_model()).values():
             layer.add_adapter(adapter_name, seed=config.seed, basis=key)
         for head in self.heads().values():
             head.add_adapter(adapter_name)
@@ -475,9 +496,10 @@ class EDoRAModel(nn.Module):
                     "initialisation or seed gets a basis of its own)")
         if config.target_modules is None:
             return  # the basis's layers
-        layers = set(edora_layers(self.base_model))
-        wanted = set(target_names(self.base_model, config, "EDoRAConfig", adapted=True))
-        outside = target_names(self.base_model, config, "EDoRAConfig")  # wrappable, not wrapped
+        model = self.get_base_model()
+        layers = set(edora_layers(model))
+        wanted = set(target_names(model, config, "EDoRAConfig", adapted=True))
+        outside = target_names(model, config, "EDoRAConfig")  # wrappable, not wrapped
         if wanted != layers or outside:
             raise ValueError(
                 f"adapter {adapter_name!r} targets other layers than the model's basis (not in "
@@ -494,7 +516,7 @@ class EDoRAModel(nn.Module):
         if not names or unknown:
             raise ValueError(f"no adapter {unknown or names!r} in this model (its adapters: "
                              f"{known})")
-        for layer in edora_layers(self.base_model).values():
+        for layer in edora_layers(self.get_base_model()).values():
             layer.set_active_adapter(names[0])
         for head in self.heads().values():
             head.active_adapter = names[0]
@@ -511,7 +533,7 @@ class EDoRAModel(nn.Module):
         if adapter_name not in self._configs:
             raise ValueError(f"no adapter {adapter_name!r} in this model (its adapters: "
                              f"{self.adapter_names()})")
-        for layer in edora_layers(self.base_model).values():
+        for layer in edora_layers(self.get_base_model()).values():
             layer.delete_adapter(adapter_name)
         for head in self.heads().values():
             del head.extra_trained[adapter_name]
@@ -532,11 +554,12 @@ class EDoRAModel(nn.Module):
                              f"{self.adapter_names()})")
         return self._fingerprint(self._adapter_basis[adapter_name])
 
-    def _fingerprint(self, key: str | None) -> dict:
-        layers = edora_layers(self.base_model)
+    def _fingerprint(self, key: str | None, state_dict=None) -> dict:
+        layers = edora_layers(self.get_base_model())
         ranks = None if key is None else {n: layer.extra_bases[key].rank
                                           for n, layer in layers.items()}
-        return basis.fingerprint(layers, **self._basis_settings[key], ranks=ranks)
+        return basis.fingerprint(layers, **self._basis_settings[key], ranks=ranks,
+                                 state_dict=state_dict)
 
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default", *,
                      is_trainable: bool = False, **_ignored) -> None:
@@ -558,14 +581,16 @@ class EDoRAModel(nn.Module):
                 f"{directory}: the adapter was trained on basis {config.basis['digest']}, not "
                 f"the one {DEFAULT_ADAPTER!r} holds ({self.basis_fingerprint()['digest']}); "
                 "load it under another name")
-        # PEFT's rule: an adapter loaded without is_trainable is for inference only.
-        config = dataclasses.replace(config, basis=None, inference_mode=not is_trainable)
         added = adapter_name not in self._configs or replacing
+        # PEFT's rule: an adapter added without is_trainable is for inference only; loading into
+        # an adapter the model holds (Trainer's load_best_model_at_end) keeps it as it was.
+        inference = not is_trainable if added else self._configs[adapter_name].inference_mode
+        config = dataclasses.replace(config, basis=None, inference_mode=inference)
         if added:
             if not replacing:
                 check_adapter_name(adapter_name, self.adapter_names())
             self._check_same_basis_settings(adapter_name, config, key)
-        layers = edora_layers(self.base_model)
+        layers = edora_layers(self.get_base_model())
         if new_basis is not None:
             ranks = {n: A.shape[0] for n, (A, _, _) in new_basis[1].items()}
         else:
@@ -581,7 +606,7 @@ class EDoRAModel(nn.Module):
             self._add_on_basis(adapter_name, config, key)
         _copy_cores(layers, state, adapter_name)
         try:
-            _load_heads(self.base_model, directory, self.heads(), adapter_name)
+            _load_heads(self.get_base_model(), directory, self.heads(), adapter_name)
         except ValueError:
             if added:  # no half-loaded adapter, no orphaned basis
                 self.delete_adapter(adapter_name)
@@ -626,7 +651,7 @@ class EDoRAModel(nn.Module):
 
     def _add_basis(self, key: str, settings: dict, factors: dict) -> None:
         """A second basis in every layer: ``factors`` by layer name, checked already."""
-        for name, layer in edora_layers(self.base_model).items():
+        for name, layer in edora_layers(self.get_base_model()).items():
             layer.add_basis(key, *factors[name])
         self._basis_settings[key] = settings
 
@@ -634,7 +659,8 @@ class EDoRAModel(nn.Module):
 
     def heads(self) -> dict[str, TrainedHead]:
         """The trained heads by name."""
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, TrainedHead)}
+        return {n: m for n, m in self.get_base_model().named_modules()
+                if isinstance(m, TrainedHead)}
 
     def head_names(self) -> list[str]:
         return list(self.heads())
@@ -650,9 +676,9 @@ class EDoRAModel(nn.Module):
         inference only)."""
         trainable = [name for name in self._active if getattr(self, "_trainable", True)
                      and not self._configs[name].inference_mode]
-        for p in self.base_model.parameters():
+        for p in self.get_base_model().parameters():
             p.requires_grad_(False)
-        for layer in edora_layers(self.base_model).values():
+        for layer in edora_layers(self.get_base_model()).values():
             for name in trainable:
                 for p in layer.adapter_weights(name):
                     p.requires_grad_(True)
@@ -661,7 +687,7 @@ class EDoRAModel(nn.Module):
                 head.module_for(name).requires_grad_(True)
 
     def print_trainable_parameters(self) -> None:
-        params = list(self.base_model.parameters())
+        params = list(self.get_base_model().parameters())
         trainable = sum(p.numel() for p in params if p.requires_grad)
         total = sum(p.numel() for p in params)
         print(f"trainable params: {trainable:,} || all params: {total:,} || "
@@ -671,7 +697,7 @@ class EDoRAModel(nn.Module):
     def disable_adapter(self):
         """Run the base model inside the block: W0 alone in every EDoRA layer and the original
         heads — bit-exactly the model before EDoRA."""
-        switches = [*edora_layers(self.base_model).values(), *self.heads().values()]
+        switches = [*edora_layers(self.get_base_model()).values(), *self.heads().values()]
         for module in switches:
             _set_disabled(module, True)
         try:
@@ -683,13 +709,13 @@ class EDoRAModel(nn.Module):
     def merge_and_unload(self) -> nn.Module:
         """The base model with the active adapter merged and its heads (PEFT's meaning)."""
         self.only_active_adapter("merge_and_unload")
-        _unwrap_heads(self.base_model, trained=True)
-        return merge_and_unload(self.base_model)
+        _unwrap_heads(self.get_base_model(), trained=True)
+        return merge_and_unload(self.get_base_model())
 
     def unload(self) -> nn.Module:
         """The base model as it was: W0 and the original heads."""
-        _unwrap_heads(self.base_model, trained=False)
-        return unload(self.base_model)
+        _unwrap_heads(self.get_base_model(), trained=False)
+        return unload(self.get_base_model())
 
     # --- files --------------------------------------------------------------------------------
 
@@ -707,24 +733,26 @@ class EDoRAModel(nn.Module):
         pass ``state_dict``, this model's state dict gathered already (Trainer does): the
         default adapter's tensors are then read from it and nothing is communicated.
         """
+        sharded_registered(self)
         names = self.adapter_names() if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self._configs]
         if unknown:
             raise ValueError(f"selected_adapters {unknown} are not adapters of this model "
                              f"(its adapters: {self.adapter_names()})")
         if state_dict is not None:  # this wrapper's keys, or the base model's
-            state_dict = {k.removeprefix("base_model."): v for k, v in state_dict.items()}
-        layers = edora_layers(self.base_model)
+            state_dict = {k.removeprefix("base_model.model."): v for k, v in state_dict.items()}
+        layers = edora_layers(self.get_base_model())
         # A second basis is written once, with the first adapter written on it.
         carrier = {}
         for name in names:
             carrier.setdefault(self._adapter_basis[name], name)
-        fingerprints = {key: self._fingerprint(key) for key in carrier}
+        # (sharded W0s' digests from a given state dict: no collective)
+        fingerprints = {key: self._fingerprint(key, state_dict) for key in carrier}
         written = {}  # adapter -> (tensors, heads), gathered on every rank first
         for name in names:
             key = self._adapter_basis[name]
             if name == DEFAULT_ADAPTER:
-                tensors = adapter_tensors(self.base_model, state_dict)
+                tensors = adapter_tensors(self.get_base_model(), state_dict)
             else:
                 tensors = _adapter_tensors(layers, name, with_basis=carrier[key] == name)
             written[name] = (tensors, self._head_tensors(name, state_dict))
@@ -739,7 +767,7 @@ class EDoRAModel(nn.Module):
                 json.dump(config.to_dict(), f, indent=2)
             path = os.path.join(where, WEIGHTS_NAME)
             if name == DEFAULT_ADAPTER:
-                save_edora(self.base_model, path, state_dict=tensors, is_main_process=True)
+                save_edora(self.get_base_model(), path, state_dict=tensors, is_main_process=True)
             elif carrier[key] == name:  # the save_edora format, with its basis
                 write_adapter_file(path, tensors, {
                     n: layer_config(layer, layer.basis_of(name)) for n, layer in layers.items()})

@@ -108,7 +108,9 @@ def shard(model, mode):
     if mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.base_model.transformer.h:
+        # the last block stays in the root group: FSDP2 keeps its parameters unsharded after
+        # a forward no backward follows, which a save must not read
+        for block in model.base_model.transformer.h[:-1]:
             fully_shard(block)
         return fully_shard(model)
     return model
@@ -129,8 +131,26 @@ def run_step(mode: str, out: str, device: str, compare: bool) -> None:
         if rank == 0:
             model.module.save_pretrained(adapter_dir)
     else:  # FSDP2 gathers the shards: every rank calls, rank 0 writes
+        with torch.no_grad():  # an evaluation first
+            model.eval()(ids[rows])
+        model.train()
+        # a state dict gathered by the caller (as Trainer does): rank 0 alone saves from it,
+        # with no collective (the W0 digests come from it)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        gathered = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                         cpu_offload=True))
+        if rank == 0:
+            model.save_pretrained(adapter_dir + "_gathered", state_dict=gathered)
         model.save_pretrained(adapter_dir)
     dist.barrier()
+    if mode == "fsdp2" and rank == 0:
+        from safetensors.torch import load_file
+
+        for file in ("adapter_model.safetensors", "modules_to_save.safetensors"):
+            a = load_file(os.path.join(adapter_dir, file))
+            b = load_file(os.path.join(adapter_dir + "_gathered", file))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
     resumed = shard(edora_model(device), mode)
     (resumed.module if mode == "ddp" else resumed).load_adapter(adapter_dir, is_trainable=True)
     reloaded = trainable(resumed)

@@ -130,7 +130,7 @@ def test_adapter_saved_from_rank_0_reloads_in_one_process(launched, mode):
     with torch.no_grad():
         for name, t in trained.named_buffers():
             if name.endswith((".A", ".B")):
-                t.copy_(saved[name.removeprefix("base_model.")])
+                t.copy_(saved[name.removeprefix("base_model.model.")])
         for name, p in trained.named_parameters():
             if name in results[mode][0]["state"]:
                 p.copy_(results[mode][0]["state"][name])

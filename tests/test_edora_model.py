@@ -74,7 +74,7 @@ def test_save_pretrained_from_a_gathered_state_dict_and_only_on_the_main_process
     model.save_pretrained(tmp_path / "plain")
     # the wrapper's own keys (Trainer) and the base model's keys both work
     for name, state in [("wrapper", model.state_dict()),
-                        ("base", model.base_model.state_dict())]:
+                        ("base", model.get_base_model().state_dict())]:
         given = {k: v.clone() for k, v in state.items()}
         model.save_pretrained(tmp_path / name, state_dict=given, is_main_process=True)
         for file in ("adapter_model.safetensors", "modules_to_save.safetensors"):
@@ -217,7 +217,7 @@ def test_task_heads_join_modules_to_save_as_in_peft():
     assert sorted(model.head_names()) == ["bert.pooler", "classifier"]
     trainable = {n.split(".trained_module")[0] for n, p in model.named_parameters()
                  if p.requires_grad and "trained_module" in n}
-    assert trainable == {"base_model.bert.pooler", "base_model.classifier"}
+    assert trainable == {"base_model.model.bert.pooler", "base_model.model.classifier"}
 
 
 def test_disable_adapter_runs_the_original_heads_bit_exactly():
@@ -360,3 +360,50 @@ def test_the_wrapped_model_compiles_whole():
     with torch.no_grad():
         torch.testing.assert_close(compiled(input_ids=IDS).logits, model(input_ids=IDS).logits,
                                    rtol=0, atol=0)
+
+
+def test_trainer_reaches_the_model_where_peft_keeps_it(tmp_path):
+    """transformers reaches a PEFT model's model as ``base_model.model``: Trainer's label
+    smoothing shifts a causal LM's labels by that model's class name, NEFTune hooks its input
+    embeddings. EDoRAModel lays itself out the same way."""
+    from transformers.integrations.neftune import activate_neftune
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2))
+    model = get_edora_model(llama, EDoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert model.base_model.model is llama is model.get_base_model()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1,
+                                          report_to=[], use_cpu=True)
+    trainer = transformers.Trainer(model=model, args=args)
+    ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(1))
+    loss = trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
+    expected = LabelSmoother(0.1)(model(input_ids=ids), ids, shift_labels=True)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    activate_neftune(model, 5.0).remove()
+
+
+def test_loading_into_the_trained_adapter_keeps_it_trainable(tmp_path):
+    """Trainer's load_best_model_at_end loads the best checkpoint into "default" without
+    is_trainable: the adapter keeps training, as PEFT's does (an adapter the load adds is for
+    inference unless is_trainable)."""
+    model = get_edora_model(classifier(), CONFIG)
+    before = [n for n, p in model.named_parameters() if p.requires_grad]
+    model.save_pretrained(tmp_path)
+    model.load_adapter(tmp_path, "default")
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == before
+    model.load_adapter(tmp_path, "other")
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".other." in n)
+
+
+def test_all_linear_leaves_the_task_heads_to_modules_to_save():
+    """PEFT's "all-linear" with a task type adapts no head it trains whole (the classifier)."""
+    lora = peft.LoraConfig(r=2, lora_alpha=8, target_modules="all-linear", task_type="SEQ_CLS")
+    model = get_edora_model(classifier(), EDoRAConfig.from_lora_config(lora))
+    reference = peft.get_peft_model(classifier(), lora)
+    peft_layers = {n.removeprefix("base_model.model.") for n, m in reference.named_modules()
+                   if hasattr(m, "lora_A")}
+    ours = {n for n, m in model.get_base_model().named_modules() if isinstance(m, EDoRALinear)}
+    assert ours == peft_layers and not any("classifier" in n for n in ours)

@@ -48,7 +48,7 @@ def test_per_layer_ranks_as_peft_assigns_them_from_the_same_lora_config():
     peft_layers = {n.removeprefix("base_model.model."): (m.r["default"], m.lora_alpha["default"])
                    for n, m in reference.named_modules() if hasattr(m, "lora_A")}
     model = get_edora_model(tiny_bert_classifier(), EDoRAConfig.from_lora_config(lora))
-    ours = {n.removeprefix("base_model."): v for n, v in _ranks(model).items()}
+    ours = {n.removeprefix("base_model.model."): v for n, v in _ranks(model).items()}
     assert ours == peft_layers
     assert len(set(r for r, _ in ours.values())) == 4  # 2, 4, 6 and 8: the patterns did work
 

@@ -25,6 +25,13 @@ def _matches(name: str, patterns, field: str) -> bool:
     return matches_target(name, check_target_modules(patterns, field))
 
 
+def _within(name: str, patterns, field: str) -> bool:
+    """Whether ``name`` or a module it sits in matches ``patterns`` (a head, or the copies
+    EDoRAModel keeps inside a wrapped head)."""
+    parts = name.split(".")
+    return any(_matches(".".join(parts[:i]), patterns, field) for i in range(1, len(parts) + 1))
+
+
 def _linear_names(model: nn.Module, adapted: bool = False) -> list[str]:
     """The modules of ``model`` EDoRA can wrap (``edora_kernels.bases``), or has wrapped."""
     from ..adapter_io import edora_layers, within_edora_layers
@@ -47,10 +54,13 @@ def target_names(model: nn.Module, config, kind: str = "LoraConfig", *,
         raise ValueError(f"{kind}.target_modules is None; name the modules to adapt "
                          "(PEFT would infer them from the model type, EDoRA does not)")
     if targets == "all-linear":
-        # PEFT's meaning: every linear layer except the output head.
+        # PEFT's meaning: every linear layer except the output head and the heads trained
+        # whole (modules_to_save and the task type's).
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        heads = config.heads() if hasattr(config, "heads") else []
         names = [n for n in _linear_names(model, adapted)
-                 if model.get_submodule(n) is not head]
+                 if model.get_submodule(n) is not head
+                 and not _within(n, heads, f"{kind}.modules_to_save")]
     else:
         names = [n for n in _linear_names(model, adapted)
                  if _matches(n, targets, f"{kind}.target_modules")]
