@@ -19,8 +19,8 @@ from typing import NoReturn
 import torch
 
 from . import __version__, backend_info
-from .backends import NAMES
-from .bench.io import check_csv, csv_path, default_device, device_name
+from .backends import ENV_VAR, NAMES
+from .bench.io import check_csv, csv_path, default_device, device_name, write_atomically
 from .bench.results import BenchError
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
@@ -43,7 +43,22 @@ def cmd_info(_args: argparse.Namespace) -> int:
     for name, state in backend_info().items():
         mark = "yes" if state["available"] else "no "
         print(f"  {name:<7} {mark}  {state['reason']}")
+    try:
+        auto = _auto_backend()
+    except (ValueError, RuntimeError) as err:
+        print(f"edora-kernels info: error: {err}", file=sys.stderr)
+        return 1
+    print(f"auto          {auto} on {default_device()}"
+          + (f" ({ENV_VAR}={os.environ[ENV_VAR]})" if ENV_VAR in os.environ else ""))
     return 0
+
+
+def _auto_backend() -> str:
+    """What backend='auto' runs on this device, ``EDORA_BACKEND`` applied: every layer's forward
+    raises what this raises."""
+    from .backends import resolve
+
+    return resolve("auto", default_device())
 
 
 class _Parser(argparse.ArgumentParser):
@@ -359,17 +374,49 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
+# plan: unset flags take these, after _check_plan has refused those that do not apply.
+PLAN_DEFAULTS = {"shapes": [(4096, 4096), (4096, 11008), (11008, 4096)], "ranks": [16, 64],
+                 "tokens": [8192], "backend": "triton"}
+PLAN_NOT_FOR = {"--init-llama7b": ("shapes", "tokens", "backend", "exact_norm"),
+                "--adapters": ("exact_norm",)}
 
+
+def _check_plan(args: argparse.Namespace) -> None:
+    """Flags that the chosen plan would ignore, and a --json path that cannot be written:
+    refused before any work."""
+    what = "--init-llama7b" if args.init_llama7b else "--adapters" if args.adapters else None
+    for key in PLAN_NOT_FOR.get(what, ()):
+        if getattr(args, key) not in (None, False):
+            args.error(f"--{key.replace('_', '-')} does not apply to {what}")
+    for key, value in PLAN_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.json is not None:
+        path = Path(args.json)
+        if path.is_dir():
+            args.error(f"argument --json: {path} is a directory, expected a file path")
+        _writable_dir(args, "--json", path.parent)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import format_init_plan, format_plan, plan_init, plan_step
 
+    _check_plan(args)
     if args.init_llama7b:
         from .bench.init import LLAMA_BLOCK, LLAMA_BLOCKS
 
         shapes: dict[tuple[int, int], int] = {}
         for shape in LLAMA_BLOCK.values():
             shapes[shape] = shapes.get(shape, 0) + LLAMA_BLOCKS
-        print(format_init_plan(plan_init(shapes, args.ranks[0], args.dtype, args.device)))
+        smallest = min(min(shape) for shape in shapes)
+        _check_rank(args, args.ranks[0], smallest, "the LLaMA-7B matrices")
+        plan = plan_init(shapes, args.ranks[0], args.dtype, args.device)
+        print(format_init_plan(plan))
+        if args.json:
+            _write_plan_json(args, {"device": plan.device, "dtype": plan.dtype,
+                                    "rank": plan.rank, "matrices": plan.matrices,
+                                    "seconds": plan.seconds,
+                                    "chunks": [vars(chunk) for chunk in plan.chunks]})
         return 0
     for rank in args.ranks:
         for in_f, out_f in args.shapes:
@@ -385,6 +432,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         lambda p: f"{len(p.launches):>8} {p.forward_ratio:>8.3f} {p.step_ratio:>8.3f}",
         lambda p: {"backend": p.backend, "exact_norm": p.exact_norm,
                    "forward_ratio": p.forward_ratio, "step_ratio": p.step_ratio})
+
+
+def _write_plan_json(args: argparse.Namespace, payload) -> None:
+    import json
+
+    write_atomically(args.json, (json.dumps(payload, indent=1) + "\n").encode())
+    print(f"wrote {args.json}")
 
 
 def _plan_adapters(args: argparse.Namespace) -> int:
@@ -411,8 +465,6 @@ def _plan_adapters(args: argparse.Namespace) -> int:
 def _report_plans(args, plans, format_one, header: str, columns, record) -> int:
     """Each plan's table, then one line per plan (its shape and ``columns(plan)``) under
     ``header``; with ``--json``, each plan's shape, ``record(plan)`` and launches."""
-    import json
-
     for plan in plans:
         print(format_one(plan) + "\n")
     print(header)
@@ -420,11 +472,10 @@ def _report_plans(args, plans, format_one, header: str, columns, record) -> int:
         print(f"{p.tokens:>6} {f'{p.in_features}x{p.out_features}':>12} {p.rank:>4} "
               + columns(p))
     if args.json:
-        rows = [{"device": p.device, "dtype": p.dtype, "tokens": p.tokens, "in": p.in_features,
-                 "out": p.out_features, "rank": p.rank, **record(p),
-                 "launches": [vars(launch) for launch in p.launches]} for p in plans]
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-        print(f"wrote {args.json}")
+        _write_plan_json(args, [{"device": p.device, "dtype": p.dtype, "tokens": p.tokens,
+                                 "in": p.in_features, "out": p.out_features, "rank": p.rank,
+                                 **record(p), "launches": [vars(launch) for launch in p.launches]}
+                                for p in plans])
     return 0
 
 
@@ -432,8 +483,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .selfcheck import format_report, run_checks
 
     try:
+        _auto_backend()  # a bad EDORA_BACKEND fails every layer though each backend passes
         results = run_checks(default_device(), args.backends)
-    except (ValueError, RuntimeError) as err:  # a named backend that is unknown or cannot run
+    except (ValueError, RuntimeError) as err:  # a backend that is unknown or cannot run
         print(f"edora-kernels check: error: {err}", file=sys.stderr)
         return 2
     print(format_report(results))
@@ -635,29 +687,32 @@ def _add_plan(sub) -> None:
         "a measurement (bench/gpu_check.sh measures).")
     p.set_defaults(func=cmd_plan, error=p.error)
     p.add_argument("--shapes", type=_csv_list(_shape, "shapes INxOUT,... like 4096x11008"),
-                   default=[(4096, 4096), (4096, 11008), (11008, 4096)],
                    help="layer shapes as INxOUT,... (default: the LLaMA-7B layers)")
     p.add_argument("--ranks", type=_csv_list(_int_at_least(1), "ranks >= 1 like 16,64"),
-                   default=[16, 64], help="adapter ranks (default: 16,64)")
+                   help="adapter ranks (default: 16,64)")
     p.add_argument("--tokens", type=_csv_list(_int_at_least(1), "token counts >= 1"),
-                   default=[8192], help="N, the flattened leading dims of x (default: 8192)")
+                   help="N, the flattened leading dims of x (default: 8192)")
     p.add_argument("--dtype", type=_one(_choice(tuple(ELEMENT_BYTES)),
                                         f"one of {', '.join(ELEMENT_BYTES)}"),
                    default="bf16", help="the layer's dtype (default: bf16)")
     p.add_argument("--device", type=_one(_choice(tuple(DEVICES)), f"one of {', '.join(DEVICES)}"),
                    default="h100", help="the GPU whose data sheet times the launches")
     p.add_argument("--backend", type=_one(_choice(BACKENDS), f"one of {', '.join(BACKENDS)}"),
-                   default="triton", help="the backend whose launches are listed")
+                   help="the backend whose launches are listed (default: triton)")
     p.add_argument("--exact-norm", action="store_true",
                    help="detach_norm=False: the norm's share of dR (one more small launch)")
-    p.add_argument("--json", help="also write the plans to this JSON file")
-    p.add_argument("--adapters", type=_csv_list(_int_at_least(1), "adapter counts >= 1 like "
-                                                "1,8,64"),
-                   help="instead: a batch mixing K adapters (one row each), served and "
-                        "trained, against the same batch with one adapter, per K")
-    p.add_argument("--init-llama7b", action="store_true",
-                   help="instead: the initialiser's predicted time for the 224 LLaMA-7B "
-                        "matrices (the first of --ranks; --dtype is the model's)")
+    p.add_argument("--json", help="also write the plans to this JSON file (its folder is "
+                   "created if missing)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--adapters", type=_csv_list(_int_at_least(1), "adapter counts >= 1 like "
+                                                   "1,8,64"),
+                      help="instead: a batch mixing K adapters (one row each), served and "
+                           "trained, against the same batch with one adapter, per K (triton "
+                           "only; no --exact-norm)")
+    what.add_argument("--init-llama7b", action="store_true",
+                      help="instead: the initialiser's predicted time for the 224 LLaMA-7B "
+                           "matrices (the first of --ranks; --dtype is the model's; --shapes, "
+                           "--tokens, --backend and --exact-norm do not apply)")
 
 
 OMP_POLICY = "OMP_WAIT_POLICY"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import io
 import json
+import math
 import os
 import re
 from collections import Counter, defaultdict
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 
 from . import bases
 from .bench.io import write_atomically
-from .checks import check_rank
+from .checks import check_rank, check_target_modules
 from .svd import randomized_svd
 
 DEFAULT_MAX_RANK = 64
@@ -41,6 +42,8 @@ DEFAULT_MAX_RANK = 64
 EXACT_UP_TO = 1024
 # Rows per Gram block of the gradient norm: bounds its memory at 2 · 2048² float64 numbers.
 GRAM_BLOCK = 2048
+# Summed shares closer than this count as equal: the budget rule is exact to it.
+TIE = 1e-9
 
 
 @dataclass
@@ -186,9 +189,8 @@ def suggest_ranks(curves: list[LayerCurve], *, energy: float | None = None,
                   budget: int | None = None, measure: str = "share",
                   target_modules=None) -> RankAdvice:
     """Ranks per layer: with ``energy``, the smallest r whose share reaches it (the largest
-    measured where none does); with ``budget``, ranks that maximise the summed share with
-    Σ r_l² + out_l ≤ budget, grown greedily by share gained per trainable number (shares are
-    concave in r and a step's cost 2r + 1 grows, so the greedy order is each layer's own)."""
+    measured where none does); with ``budget``, the ranks of the largest summed share with
+    Σ r_l² + out_l ≤ budget: the best mix, not a greedy one (``_ranks_for_budget``)."""
     if not curves:
         raise ValueError("no layers to choose ranks for")
     if (energy is None) == (budget is None):
@@ -211,33 +213,91 @@ def suggest_ranks(curves: list[LayerCurve], *, energy: float | None = None,
 
 
 def _ranks_for_budget(curves: list[LayerCurve], budget) -> dict[str, int]:
+    """The ranks of the largest summed share with Σ r_l² + out_l ≤ ``budget``, exact to
+    ``TIE`` (a multiple-choice knapsack: growing the best share per number first leaves budget
+    unspent that another mix uses). A price λ per trainable number, the lowest at which every
+    layer's best rank under it fits, gives a choice (raised by ``_fill``) and the bound
+    λ·spare + Σ_l max_r (share_l(r) − λ·cost(r)) on every choice's summed share; a choice
+    beating the first falls short of the bound by at most the gap between the two, in slacks
+    (each layer's max minus its term). The layers are then added one at a time, keeping per
+    total cost the partial choice holding the most, within the gap: about a second for a
+    7B model's 224 layers at max_rank 64."""
     if isinstance(budget, bool) or not isinstance(budget, int):
         raise TypeError(f"budget must be an int (trainable numbers), got {budget!r}")
     floor = sum(1 + c.out_features for c in curves)
     if budget < floor:
         raise ValueError(f"budget {budget:,} is below the least any adapter of these "
                          f"{len(curves)} layers needs (r = 1 everywhere: {floor:,})")
-    ranks = {c.name: 1 for c in curves}
-    spent = floor
-    heap = []
+    spare = budget - floor  # what ranks above 1 may add: r² − 1 a layer
+    longest = max(len(c.share) for c in curves)
+    share = torch.full((len(curves), longest), -math.inf, dtype=torch.float64)
+    for i, c in enumerate(curves):
+        share[i, :len(c.share)] = torch.tensor(c.share, dtype=torch.float64)
+    cost = torch.arange(1, longest + 1, dtype=torch.float64) ** 2 - 1  # exact: whole numbers
 
-    def push(c):
-        r = ranks[c.name]
-        if r < len(c.share):
-            gain = c.share[r] - c.share[r - 1]
-            heapq.heappush(heap, (-gain / (2 * r + 1), c.name, c))
+    def fits(price: float) -> bool:
+        return int(cost[(share - price * cost).argmax(1)].sum()) <= spare
 
-    for c in curves:
-        push(c)
+    low, price = 0.0, 1.0  # at 1 no step gains what it costs: r = 1 everywhere fits
+    for _ in range(60):
+        mid = (low + price) / 2
+        low, price = (low, mid) if fits(mid) else (mid, price)
+    best, pick = (share - price * cost).max(1)  # argmax and max: the first, smallest rank
+    pick = _fill(share, cost, pick, spare)
+    # The bound minus the feasible choice's share: what a better choice's slacks sum to at most.
+    gap = float(price * spare + best.sum() - share.gather(1, pick[:, None]).sum())
+    if gap <= TIE:
+        return {c.name: int(r) + 1 for c, r in zip(curves, pick)}
+    slack = best[:, None] - (share - price * cost)
+    spent = torch.zeros(1, dtype=torch.float64)
+    held = torch.zeros(1, dtype=torch.float64)
+    lost = torch.zeros(1, dtype=torch.float64)
+    steps = []
+    for i in range(len(curves)):
+        options = (slack[i] <= gap + TIE).nonzero().flatten()
+        c = spent[:, None] + cost[options]
+        v = held[:, None] + share[i, options]
+        s = lost[:, None] + slack[i, options]
+        parent, option = ((c <= spare) & (s <= gap + TIE)).nonzero(as_tuple=True)
+        # By cost, the most share first at each, keeping what holds more than all cheaper ones.
+        order = v[parent, option].argsort(descending=True, stable=True)
+        order = order[c[parent, option][order].argsort(stable=True)]
+        parent, option = parent[order], option[order]
+        v = v[parent, option]
+        more = v > torch.cat([v.new_full((1,), -math.inf), v.cummax(0).values[:-1]])
+        parent, option = parent[more], option[more]
+        spent, held, lost = c[parent, option], v[more], s[parent, option]
+        steps.append((parent, options[option]))
+    ranks, state = {}, len(spent) - 1  # kept shares rise with cost: the last holds the most
+    for c, (parent, option) in zip(reversed(curves), reversed(steps)):
+        ranks[c.name] = int(option[state]) + 1
+        state = int(parent[state])
+    return {c.name: ranks[c.name] for c in curves}
+
+
+def _fill(share: torch.Tensor, cost: torch.Tensor, pick: torch.Tensor, spare: int) -> torch.Tensor:
+    """``pick`` (rank indices) raised a step at a time while one fits in ``spare``, the most
+    share per number first: the priced choice leaves budget unspent where several layers' steps
+    cost the same price."""
+    pick = pick.clone()
+    left = spare - int(cost[pick].sum())
+    heap: list[tuple[float, int, int]] = []
+
+    def push(i: int) -> None:
+        r = int(pick[i])
+        if r + 1 < share.shape[1] and share[i, r + 1] > -math.inf:
+            step = int(cost[r + 1] - cost[r])
+            heapq.heappush(heap, (-float(share[i, r + 1] - share[i, r]) / step, i, step))
+
+    for i in range(len(pick)):
+        push(i)
     while heap:
-        _, name, c = heapq.heappop(heap)
-        step = 2 * ranks[name] + 1
-        if spent + step > budget:
-            continue  # a cheaper step elsewhere may still fit
-        ranks[name] += 1
-        spent += step
-        push(c)
-    return ranks
+        _, i, step = heapq.heappop(heap)
+        if step <= left:  # else a cheaper step elsewhere may still fit
+            pick[i] += 1
+            left -= step
+            push(i)
+    return pick
 
 
 # --- the advisor from the weights -------------------------------------------------------------
@@ -282,8 +342,12 @@ def _energy(W: torch.Tensor, max_rank: int) -> list[float]:
 def _targets(model: nn.Module, target_modules, exclude_modules) -> list[str]:
     from .integrations.peft import target_names
 
+    # Checked here to name the arguments as given (target_names names a config's fields).
+    check_target_modules(target_modules, "target_modules")
+    if exclude_modules:
+        check_target_modules(exclude_modules, "exclude_modules")
     spec = SimpleNamespace(target_modules=target_modules, exclude_modules=exclude_modules)
-    names = target_names(model, spec, "target_modules")
+    names = target_names(model, spec)
     if not names:
         raise ValueError(f"target_modules {target_modules!r} selected no layer of "
                          f"{type(model).__name__}")
@@ -293,55 +357,80 @@ def _targets(model: nn.Module, target_modules, exclude_modules) -> list[str]:
 def _directory_layers(directory: Path, target_modules, exclude_modules):
     """The target layers of a model directory: sizes from the module tree built on the meta
     device, and a reader per layer that loads only its matrix."""
-    if not (directory / "config.json").is_file():
+    config_file = directory / "config.json"
+    if not config_file.is_file():
         raise ValueError(f"{directory} is not a Hugging Face model directory (no config.json)")
     files = _safetensors_files(directory)
     import transformers
-    from safetensors import safe_open
 
-    config = transformers.AutoConfig.from_pretrained(directory)
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as err:  # not JSON, or a model type this transformers lacks
+        raise ValueError(f"{config_file}: {str(err).splitlines()[0]}") from None
     architecture = getattr(transformers, (config.architectures or [""])[0], None)
     with torch.device("meta"):
         model = (architecture(config) if architecture is not None
                  else transformers.AutoModel.from_config(config))
     prefix = getattr(model, "base_model_prefix", "")
+    # A tied weight (an output head tied to the input embeddings) is saved under one name only.
+    owners = defaultdict(list)
+    for key, param in model.named_parameters(remove_duplicate=False):
+        owners[id(param)].append(key.removesuffix(".weight"))
     sizes, read = {}, {}
     for name in _targets(model, target_modules, exclude_modules):
         module = model.get_submodule(name)
         kind = bases.kind_of(module)
-        key = _checkpoint_key(name, files, prefix)
+        key = _checkpoint_key(name, owners[id(module.weight)], files, prefix)
+        if not files[key].is_file():  # found before any matrix is read
+            raise ValueError(f"{files[key]} is missing: the sharded index puts {key} in it")
         sizes[name] = bases.features(module, kind)
 
         def load(key=key, transpose=kind is bases.CONV1D):
-            with safe_open(files[key], framework="pt") as f:
-                W = f.get_tensor(key)
+            W = _read_safetensors(files[key], lambda f: f.get_tensor(key))
             return W.T if transpose else W
         read[name] = load
     return sizes, read
+
+
+def _read_safetensors(path: Path, read: Callable):
+    """``read(f)`` on the safetensors file ``path``; a file that cannot be read is a ValueError
+    naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return read(f)
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from None
 
 
 def _safetensors_files(directory: Path) -> dict[str, Path]:
     """Every tensor name of the checkpoint → the file holding it."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{index} is not a sharded index (JSON with a 'weight_map'): "
+                             f"{type(err).__name__} {err}") from None
         return {key: directory / file for key, file in weight_map.items()}
     single = directory / "model.safetensors"
     if not single.is_file():
         raise ValueError(f"{directory} has no model.safetensors (nor a sharded index); the "
                          "advisor reads safetensors only (save_pretrained writes them)")
-    from safetensors import safe_open
-
-    with safe_open(single, framework="pt") as f:
-        return {key: single for key in f.keys()}
+    return _read_safetensors(single, lambda f: dict.fromkeys(f.keys(), single))
 
 
-def _checkpoint_key(name: str, files: dict[str, Path], prefix: str) -> str:
-    """The checkpoint's key of module ``name``'s weight, with or without the model's
-    ``base_model_prefix`` (a task model saved from its base, or the other way round)."""
-    candidates = [f"{name}.weight"]
-    if prefix:
-        candidates += [f"{prefix}.{name}.weight", f"{name}.weight".removeprefix(f"{prefix}.")]
+def _checkpoint_key(name: str, owners: list[str], files: dict[str, Path], prefix: str) -> str:
+    """The checkpoint's key of module ``name``'s weight, under its own name or that of a module
+    sharing it (``owners``), with or without the model's ``base_model_prefix`` (a task model
+    saved from its base, or the other way round)."""
+    candidates = []
+    for owner in dict.fromkeys([name, *owners]):
+        candidates.append(f"{owner}.weight")
+        if prefix:
+            candidates += [f"{prefix}.{owner}.weight",
+                           f"{owner}.weight".removeprefix(f"{prefix}.")]
     for key in candidates:
         if key in files:
             return key

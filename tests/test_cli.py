@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -306,6 +307,30 @@ def test_check_rejects_an_unknown_backend(capsys):
     assert "unknown backend" in capsys.readouterr().err
 
 
+def test_a_bad_edora_backend_is_reported_where_it_is_read(monkeypatch, capsys):
+    """EDORA_BACKEND replaces backend='auto' in every layer: info and check say what is wrong
+    with it, and so does the layer's forward."""
+    from edora_kernels import EDoRALinear
+
+    monkeypatch.setenv("EDORA_BACKEND", "torch")
+    assert main(["info"]) == 0
+    assert "auto          torch on " in capsys.readouterr().out
+    monkeypatch.setenv("EDORA_BACKEND", "foo")
+    message = ("EDORA_BACKEND='foo' is not a backend; expected one of auto, torch, triton, cuda "
+               "(or unset)")
+    assert main(["info"]) == 1
+    assert capsys.readouterr().err == f"edora-kernels info: error: {message}\n"
+    assert main(["check", "--backends", "torch"]) == 2
+    assert capsys.readouterr().err == f"edora-kernels check: error: {message}\n"
+    layer = EDoRALinear.from_linear(torch.nn.Linear(16, 8), rank=2, seed=0)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        layer(torch.randn(3, 16))
+    if not torch.cuda.is_available():  # a backend that cannot run here, named by the variable
+        monkeypatch.setenv("EDORA_BACKEND", "cuda")
+        with pytest.raises(RuntimeError, match="EDORA_BACKEND=cuda: backend 'cuda' is not usable"):
+            layer(torch.randn(3, 16))
+
+
 @pytest.mark.skipif(not HAS_PEFT or importlib.util.find_spec("transformers") is None,
                     reason="needs peft and transformers")
 def test_bench_model_step(tmp_path):
@@ -420,6 +445,20 @@ def test_plot_rejects_bad_results(tmp_path, capsys, name, content, message):
     err = _one_line_error(capsys, ["plot", str(path)])
     assert err.startswith("edora-kernels plot: error: argument results: ") and message in err
     assert not path.with_suffix(".png").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_plot_rejects_a_ratio_that_is_not_finite(bench_dir, tmp_path, capsys, value):
+    (path,) = bench_dir.glob("bench_*.csv")
+    rows = _read_csv(path)
+    row = next(r for r in rows if r["metric"].startswith("ratio_to_"))
+    row["p80"] = value
+    bad = tmp_path / "bench.csv"
+    append_rows(bad, rows)
+    err = _one_line_error(capsys, ["plot", str(bad)])
+    assert (f"argument results: {bad}: {row['metric']} of {row['provider']} on {row['x']} "
+            f"{row['mode']}: p80 is {value}, not a finite number") in err
+    assert not bad.with_suffix(".png").exists()
 
 
 def test_plot_rejects_an_out_that_is_not_png(bench_dir, tmp_path, capsys):

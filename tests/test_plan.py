@@ -153,6 +153,45 @@ def test_cli_plan(tmp_path, capsys):
     assert "rank 32 exceeds" in capsys.readouterr().err
 
 
+def test_cli_plan_json_into_a_new_folder(tmp_path, capsys):
+    out = tmp_path / "new" / "folder" / "plan.json"
+    assert main(["plan", "--shapes", "64x48", "--ranks", "4", "--json", str(out)]) == 0
+    assert [r["rank"] for r in json.loads(out.read_text())] == [4]
+    with pytest.raises(SystemExit) as info:
+        main(["plan", "--shapes", "64x48", "--ranks", "4", "--json", str(tmp_path)])
+    assert info.value.code == 2
+    assert f"argument --json: {tmp_path} is a directory" in capsys.readouterr().err
+
+
+def test_cli_init_plan_writes_its_json(tmp_path, capsys):
+    out = tmp_path / "init.json"
+    assert main(["plan", "--init-llama7b", "--ranks", "32", "--json", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert (plan["rank"], plan["matrices"]) == (32, 224)
+    assert sum(c["matrices"] for c in plan["chunks"]) == 224
+    assert f"{plan['seconds']:.2f} s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--init-llama7b", "--ranks", "4097"],
+     "argument --ranks: rank 4097 exceeds min(in, out) = 4096 of the LLaMA-7B matrices"),
+    (["--init-llama7b", "--shapes", "64x48"], "--shapes does not apply to --init-llama7b"),
+    (["--init-llama7b", "--tokens", "8"], "--tokens does not apply to --init-llama7b"),
+    (["--init-llama7b", "--backend", "cuda"], "--backend does not apply to --init-llama7b"),
+    (["--init-llama7b", "--exact-norm"], "--exact-norm does not apply to --init-llama7b"),
+    (["--init-llama7b", "--adapters", "8"], "argument --adapters: not allowed with argument "
+                                            "--init-llama7b"),
+    (["--adapters", "1", "--shapes", "64x48", "--ranks", "4", "--exact-norm"],
+     "--exact-norm does not apply to --adapters"),
+])
+def test_cli_plan_refuses_what_it_would_ignore(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main(["plan", *argv, "--json", str(tmp_path / "plan.json")])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == f"edora-kernels plan: error: {message}\n"
+    assert not (tmp_path / "plan.json").exists()
+
+
 def test_the_init_plan_has_the_chunks_apply_edora_makes(monkeypatch):
     """The initialiser's plan batches the 224 LLaMA-7B matrices as apply_edora does (counted on
     meta weights: no memory), and each chunk streams its weights the passes randomized_svd

@@ -3,6 +3,7 @@ equals the dense formula, the suggestions obey their rule, and the command write
 EDoRAConfig reads, whole or not at all."""
 import itertools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -177,7 +178,39 @@ def test_budget_rule_spends_at_most_the_budget_and_matches_the_best_choice():
                    for combo in itertools.product(range(1, 5), repeat=3)
                    if sum(r * r + 5 for r in combo) <= budget)
         got = sum(c.at(advice.ranks[c.name]) for c in curves)
-        assert got >= best - 0.05, (budget, advice.ranks, got, best)  # within one greedy step
+        assert got == pytest.approx(best, abs=1e-12), (budget, advice.ranks)
+
+
+def best_by_cost(curves, budget) -> float:
+    """The most summed share within ``budget``, by a dynamic programme over every total cost."""
+    spare = budget - sum(1 + c.out_features for c in curves)
+    held = [0.0] + [-math.inf] * spare  # the most share at exactly this cost above r = 1
+    for c in curves:
+        held = [max(held[b - r * r + 1] + s if r * r - 1 <= b else -math.inf
+                    for r, s in enumerate(c.share, 1)) for b in range(spare + 1)]
+    return max(held)
+
+
+@pytest.mark.parametrize("concave", [True, False], ids=["energy-like", "gradient-like"])
+def test_budget_rule_finds_the_best_mix_where_a_greedy_does_not(concave):
+    """Growing the best share per number first leaves budget that another mix holds more with
+    (such a greedy misses the best in 4 of these 40 cases with concave curves, in 24 of 40 with
+    curves that are not, as gradient shares need not be)."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        curves = []
+        for i in range(10):
+            gains = torch.rand(int(torch.randint(1, 12, (), generator=gen)), generator=gen,
+                               dtype=torch.float64) ** 3
+            gains = gains.sort(descending=True).values if concave else gains
+            share = (gains.cumsum(0) / (2 * gains.sum())).tolist()
+            curves.append(curve(f"l{i}", share, out=int(torch.randint(1, 9, (), generator=gen))))
+        floor = sum(1 + c.out_features for c in curves)
+        for budget in torch.randint(floor, floor + 400, (5,), generator=gen).tolist():
+            advice = suggest_ranks(curves, budget=budget)
+            assert advice.trainable() <= budget
+            got = sum(c.at(advice.ranks[c.name]) for c in curves)
+            assert got == pytest.approx(best_by_cost(curves, budget), abs=1e-9)
 
 
 def test_bad_rules_are_refused_by_name():
@@ -203,7 +236,8 @@ def test_the_command_writes_a_config_that_edora_reads(tmp_path, capsys):
     assert (out / "ranks_bert.png").stat().st_size > 1000
     assert len(set(chosen.values())) > 1
     edora = get_edora_model(tiny_bert_classifier(), config)
-    got = {n: m.rank for n, m in edora.base_model.named_modules() if isinstance(m, EDoRALinear)}
+    got = {n: m.rank for n, m in edora.get_base_model().named_modules()
+           if isinstance(m, EDoRALinear)}
     assert got == chosen
     assert sum(r * r + 48 * ("intermediate" in n) + 32 * ("intermediate" not in n)
                for n, r in got.items()) <= 900
@@ -243,3 +277,67 @@ def test_the_command_names_what_is_wrong(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["ranks", str(tmp_path / "bert"), "--energy", "0.5", "--budget", "9"])
     assert "not allowed with" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tied", ["gpt2", "llama"])
+def test_a_head_tied_to_the_embeddings_is_read_from_them(tmp_path, tied):
+    """save_pretrained writes a tied weight once, under the embeddings' name."""
+    if tied == "gpt2":
+        model = tiny_gpt2()
+    else:
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=16, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, vocab_size=30, tie_word_embeddings=True))
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    model.save_pretrained(tmp_path)
+    from_directory, = weight_energy(tmp_path, ["lm_head"], max_rank=8, progress=False)
+    from_model, = weight_energy(model, ["lm_head"], max_rank=8, progress=False)
+    assert from_directory == from_model
+
+
+def _broken(directory: Path, how: str) -> str:
+    """Break the checkpoint saved in ``directory``; the file the error must name."""
+    if how == "corrupt weights":
+        (directory / "model.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"garbage!")
+        return str(directory / "model.safetensors")
+    if how == "config not JSON":
+        (directory / "config.json").write_text("{not json")
+        return str(directory / "config.json")
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    shard = directory / index["weight_map"]["bert.encoder.layer.1.attention.self.query.weight"]
+    if how == "missing shard":
+        shard.unlink()
+        return str(shard)
+    if how == "corrupt shard":
+        shard.write_bytes(b"\x10" + b"\0" * 7 + b"garbage!")
+        return str(shard)
+    (directory / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    return str(directory / "model.safetensors.index.json")
+
+
+@pytest.mark.parametrize("how", ["corrupt weights", "config not JSON", "missing shard",
+                                 "corrupt shard", "index without weight_map"])
+def test_a_broken_checkpoint_is_one_line_naming_the_file(tmp_path, capsys, how):
+    sharded = how not in ("corrupt weights", "config not JSON")
+    tiny_bert_classifier().save_pretrained(tmp_path / "bert",
+                                           **({"max_shard_size": "20KB"} if sharded else {}))
+    path = _broken(tmp_path / "bert", how)
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(["ranks", str(tmp_path / "bert"), "--energy", "0.5", "--out",
+                 str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err  # after the progress bar, for a shard read on the way
+    assert "Traceback" not in err and err.endswith("\n")
+    assert err.splitlines()[-1].startswith("edora-kernels ranks: error: ") and path in err
+
+
+@pytest.mark.parametrize("flag", ["--target-modules", "--exclude-modules"])
+def test_a_bad_pattern_is_named_once(tmp_path, capsys, flag):
+    tiny_bert_classifier().save_pretrained(tmp_path / "bert")
+    capsys.readouterr()
+    assert main(["ranks", str(tmp_path / "bert"), "--energy", "0.5", flag, "[", "--out",
+                 str(tmp_path / "o")]) == 1
+    name = flag.removeprefix("--").replace("-", "_")
+    assert capsys.readouterr().err == (f"edora-kernels ranks: error: {name} '[' is not a valid "
+                                       "regular expression: unterminated character set at "
+                                       "position 0\n")

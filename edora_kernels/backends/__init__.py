@@ -126,20 +126,32 @@ def _usable_on(name: str, device: torch.device) -> str | None:
     return f"it needs tensors on {' or '.join(backend.devices)}, got tensors on {device}"
 
 
+def env_choice() -> str:
+    """What ``EDORA_BACKEND`` puts in place of 'auto' ('auto' when unset); a ValueError naming
+    the variable when it holds no backend name."""
+    name = os.environ.get(ENV_VAR, "auto")
+    if name not in CHOICES:
+        raise ValueError(f"{ENV_VAR}={name!r} is not a backend; expected one of "
+                         f"{', '.join(CHOICES)} (or unset)")
+    return name
+
+
 def resolve(name: str, device: torch.device) -> str:
     """The concrete backend for ``name`` ('auto' or a backend) on ``device``.
 
     ``EDORA_BACKEND`` replaces 'auto'. An explicit choice that cannot run raises, saying why.
     """
-    if name == "auto":
-        name = os.environ.get(ENV_VAR, "auto")
+    by_env = name == "auto"
+    if by_env:
+        name = env_choice()
     if name == "auto":
         if device.type != "cuda":
             return CPU_BACKEND
         return next(b for b in AUTO_ORDER if _usable_on(b, device) is None)
     reason = _usable_on(name, device)
     if reason is not None:
-        raise RuntimeError(f"backend {name!r} is not usable: {reason}")
+        raise RuntimeError(f"{f'{ENV_VAR}={name}: ' if by_env else ''}backend {name!r} is not "
+                           f"usable: {reason}")
     return name
 
 

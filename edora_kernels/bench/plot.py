@@ -4,6 +4,7 @@ per provider with its p20-p80 range. Exactly one run, so that a figure shows the
 table beside it quotes: a CSV holds every run on its device, told apart by ``timestamp``."""
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,7 +16,7 @@ def ratio_rows(path: str | Path, run: str | None = None) -> list[dict]:
     """The ratio rows of one run, what ``plot_rows`` draws: from a run's JSON (``*.json``) or a
     bench CSV, the run whose timestamp is ``run`` (as in the rows or in the JSON's file name)
     or by default the latest with ratio rows. ValueError when the file is not a bench CSV or
-    JSON or has no such run, OSError when it cannot be read."""
+    JSON, has no such run or a ratio of it is not finite, OSError when it cannot be read."""
     read = read_json_rows if Path(path).suffix.lower() == ".json" else read_rows
     rows = [r for r in read(path) if r["metric"].startswith("ratio_to_")]
     if not rows:
@@ -26,7 +27,13 @@ def ratio_rows(path: str | Path, run: str | None = None) -> list[dict]:
     if chosen is None:
         raise ValueError(f"{path} has no run {run!r} with ratio_to_* rows; its runs: "
                          f"{', '.join(runs)}")
-    return [r for r in rows if r["timestamp"] == chosen]
+    chosen_rows = [r for r in rows if r["timestamp"] == chosen]
+    for r in chosen_rows:
+        for key in ("p50", "p20", "p80"):
+            if not math.isfinite(r[key]):  # no bar to draw, nor an axis to draw it on
+                raise ValueError(f"{path}: {r['metric']} of {r['provider']} on {r['x']} "
+                                 f"{r['mode']}: {key} is {r[key]}, not a finite number")
+    return chosen_rows
 
 
 def plot_rows(rows: list[dict], out: str | Path) -> Path:
