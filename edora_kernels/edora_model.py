@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 from . import basis
 from .adapter_io import (
@@ -61,24 +62,24 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 HEADS_NAME = "modules_to_save.safetensors"
 
 
-def _row_switched(module: nn.Module):
-    """The EDoRA layers and trained heads in ``module`` (itself included), not walking into a
-    layer: its children are its base and its adapters, a thousand modules at 64 adapters."""
-    if isinstance(module, (EDoRALinear, TrainedHead)):
-        yield module
+def _outside_layers(module: nn.Module):
+    """``module`` and its modules, not walking into an EDoRA layer: its children are its base
+    and its adapters, a thousand modules at 64 adapters."""
+    yield module
     if not isinstance(module, EDoRALinear):
         for child in module.children():
-            yield from _row_switched(child)
+            yield from _outside_layers(child)
+
+
+def _row_switched(module: nn.Module):
+    """The EDoRA layers and trained heads in ``module`` (itself included)."""
+    return (m for m in _outside_layers(module) if isinstance(m, (EDoRALinear, TrainedHead)))
 
 
 def _checkpoint_owners(module: nn.Module):
     """The modules in ``module`` that transformers gives a gradient-checkpointing function
-    (those with a ``gradient_checkpointing`` flag), not walking into EDoRA layers."""
-    if hasattr(module, "gradient_checkpointing"):
-        yield module
-    if not isinstance(module, EDoRALinear):
-        for child in module.children():
-            yield from _checkpoint_owners(child)
+    (those with a ``gradient_checkpointing`` flag)."""
+    return (m for m in _outside_layers(module) if hasattr(m, "gradient_checkpointing"))
 
 
 class _RecomputeWithItsRows:
@@ -123,32 +124,6 @@ def _batch_size(args, kwargs, adapter_names) -> int:
         if isinstance(value, torch.Tensor) and value.dim():
             return value.shape[0]
     return len(adapter_names)
-
-
-def _tensors(output):
-    """The tensors in a model's output (a tensor, a dict such as ModelOutput, a tuple)."""
-    if isinstance(output, torch.Tensor):
-        yield output
-    elif isinstance(output, dict):
-        for value in output.values():
-            yield from _tensors(value)
-    elif isinstance(output, (tuple, list)):
-        for value in output:
-            yield from _tensors(value)
-
-
-def _map_tensors(output, function):
-    """``output`` with ``function`` applied to each of its tensors (dicts in place, so a
-    ModelOutput keeps its class and attributes)."""
-    if isinstance(output, torch.Tensor):
-        return function(output)
-    if isinstance(output, dict):
-        for key, value in output.items():
-            output[key] = _map_tensors(value, function)
-        return output
-    if type(output) in (tuple, list):
-        return type(output)(_map_tensors(value, function) for value in output)
-    return output
 
 
 # One forward at a time per model: the rows of a forward live on the model's layers for its
@@ -378,13 +353,14 @@ class EDoRAModel(nn.Module):
         that does not train) while the model trains some: autograd would refuse their
         backward, and a Trainer step on such a batch would stop. Backward then runs and leaves
         every gradient None, as for an adapter a mixed batch leaves out."""
-        tensors = [t for t in _tensors(output) if t.is_floating_point()]
+        tensors = [t for t in tree_leaves(output)
+                   if isinstance(t, torch.Tensor) and t.is_floating_point()]
         if any(t.requires_grad for t in tensors) or not tensors or not any(
                 p.requires_grad for p in self.get_base_model().parameters()):
             return output
         anchor = torch.zeros((), device=tensors[0].device, requires_grad=True)
-        return _map_tensors(output, lambda t: t + anchor.to(t.dtype)
-                            if t.is_floating_point() else t)
+        return tree_map(lambda t: t + anchor.to(t.dtype)
+                        if isinstance(t, torch.Tensor) and t.is_floating_point() else t, output)
 
     def __getattr__(self, name):
         try:
